@@ -1,0 +1,13 @@
+//! Test and development infrastructure.
+//!
+//! - [`pg`]: a private PostgreSQL server in a temp directory. `rack-dev
+//!   db-run` and `rack-dev run-all` run one in the foreground; tests get one
+//!   per test process.
+//! - [`TestDatabase`]: a fresh database for one test, cloned from a template
+//!   that was created once per process from `schema/dbinit.sql`.
+
+pub mod pg;
+mod test_db;
+
+pub use pg::{PgError, PgServer};
+pub use test_db::TestDatabase;

@@ -1,0 +1,225 @@
+//! The datastore: a connection pool and one method per database operation.
+//!
+//! Every mutation runs in a `SERIALIZABLE` transaction through
+//! [`DataStore::transaction_retry`], which retries serialization failures a
+//! bounded number of times with jittered back-off. That is the only isolation
+//! level CockroachDB offers and the one that makes the generation
+//! compare-and-swap safe under concurrent Nexus instances.
+
+mod sled;
+mod trust_root;
+mod tuf;
+
+use super::schema_version::{self, SchemaError};
+use common::Generation;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::bb8::{Pool, PooledConnection, RunError};
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
+use scoped_futures::ScopedBoxFuture;
+use std::time::Duration;
+
+pub use tuf::{TufRepoInsertResult, TufRepoPage};
+
+/// Attempts of one transaction before giving up on serialization conflicts.
+const TRANSACTION_ATTEMPTS: u32 = 10;
+const POOL_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataStoreError {
+    #[error("{kind} {key} not found")]
+    NotFound { kind: &'static str, key: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("the artifact generation moved from {expected} to {found}; read it again and retry")]
+    GenerationMoved {
+        expected: Generation,
+        found: Generation,
+    },
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("no database connection available")]
+    Unavailable(#[source] RunError),
+    #[error("database operation {operation} failed")]
+    Query {
+        operation: &'static str,
+        #[source]
+        source: DieselError,
+    },
+    #[error("database operation {operation} gave up after {attempts} serialization conflicts")]
+    TooManyRetries {
+        operation: &'static str,
+        attempts: u32,
+    },
+}
+
+/// What a transaction body returns: either a database error (retried if it is
+/// a serialization failure) or a decision to abort with a datastore error.
+#[derive(Debug)]
+pub(crate) enum TxnError {
+    Db(DieselError),
+    Abort(DataStoreError),
+}
+
+impl From<DieselError> for TxnError {
+    fn from(error: DieselError) -> Self {
+        TxnError::Db(error)
+    }
+}
+
+impl From<DataStoreError> for TxnError {
+    fn from(error: DataStoreError) -> Self {
+        TxnError::Abort(error)
+    }
+}
+
+type DbPool = Pool<AsyncPgConnection>;
+
+/// Settings of the connection pool.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub max_connections: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_connections: 16,
+        }
+    }
+}
+
+pub struct DataStore {
+    pool: DbPool,
+}
+
+impl DataStore {
+    /// Connects and checks that the schema is at exactly the version this
+    /// Nexus needs. This is how Nexus starts.
+    pub async fn connect(url: &str, config: &PoolConfig) -> Result<DataStore, DataStoreError> {
+        let datastore = Self::connect_unchecked(url, config).await?;
+        let version = {
+            let mut conn = datastore.connection().await?;
+            schema_version::read_version(&mut conn)
+                .await
+                .map_err(|source| DataStoreError::Query {
+                    operation: "read_schema_version",
+                    source,
+                })?
+        };
+        schema_version::check_version(version.as_deref())?;
+        Ok(datastore)
+    }
+
+    /// Connects without looking at the schema, for tools that repair it.
+    pub async fn connect_unchecked(
+        url: &str,
+        config: &PoolConfig,
+    ) -> Result<DataStore, DataStoreError> {
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+        let pool = Pool::builder()
+            .max_size(config.max_connections)
+            .connection_timeout(POOL_CONNECTION_TIMEOUT)
+            // Let the first checkout report the connection error, rather than
+            // failing here without a cause.
+            .min_idle(Some(0))
+            .build_unchecked(manager);
+        let datastore = DataStore { pool };
+        // Fail fast, with the real cause, if the database is unreachable.
+        datastore.connection().await?;
+        Ok(datastore)
+    }
+
+    pub(crate) async fn connection(
+        &self,
+    ) -> Result<PooledConnection<'_, AsyncPgConnection>, DataStoreError> {
+        self.pool.get().await.map_err(DataStoreError::Unavailable)
+    }
+
+    /// Runs `body` in a `SERIALIZABLE` transaction, retrying it on
+    /// serialization failures. `body` may run several times, so it must not
+    /// have effects outside the transaction.
+    pub(crate) async fn transaction_retry<'a, T, F>(
+        &self,
+        operation: &'static str,
+        body: F,
+    ) -> Result<T, DataStoreError>
+    where
+        // A boxed future that is `Send` by its type: with plain async closures
+        // the compiler cannot prove `Send` for every connection lifetime.
+        F: for<'c> Fn(&'c mut AsyncPgConnection) -> ScopedBoxFuture<'a, 'c, Result<T, TxnError>>,
+    {
+        let mut conn = self.connection().await?;
+        let query_error = |source| DataStoreError::Query { operation, source };
+        for attempt in 1..=TRANSACTION_ATTEMPTS {
+            conn.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+                .await
+                .map_err(query_error)?;
+            let outcome = match body(&mut conn).await {
+                Ok(value) => conn
+                    .batch_execute("COMMIT")
+                    .await
+                    .map(|()| value)
+                    .map_err(TxnError::Db),
+                Err(error) => {
+                    conn.batch_execute("ROLLBACK").await.map_err(query_error)?;
+                    Err(error)
+                }
+            };
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err(TxnError::Abort(error)) => return Err(error),
+                Err(TxnError::Db(error)) if is_serialization_failure(&error) => {
+                    // After a failed COMMIT PostgreSQL has already ended the
+                    // transaction; a ROLLBACK then only warns.
+                    let _ = conn.batch_execute("ROLLBACK").await;
+                    let jitter = rand::random::<u64>() % (5 * u64::from(attempt));
+                    tokio::time::sleep(Duration::from_millis(1 + jitter)).await;
+                }
+                Err(TxnError::Db(source)) => {
+                    return Err(DataStoreError::Query { operation, source });
+                }
+            }
+        }
+        Err(DataStoreError::TooManyRetries {
+            operation,
+            attempts: TRANSACTION_ATTEMPTS,
+        })
+    }
+}
+
+fn is_serialization_failure(error: &DieselError) -> bool {
+    matches!(
+        error,
+        DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _)
+    )
+}
+
+/// Unique-constraint violations name their constraint; the datastore turns the
+/// ones it expects into conflicts that say what collided.
+fn violated_constraint(error: &DieselError) -> Option<&str> {
+    match error {
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+            info.constraint_name()
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use test_harness::TestDatabase;
+
+    /// A datastore on a fresh database of the test's own. The database is
+    /// returned too, to keep its URL at hand.
+    pub async fn datastore() -> (TestDatabase, DataStore) {
+        let db = TestDatabase::new().await;
+        let datastore = DataStore::connect(db.url(), &PoolConfig::default())
+            .await
+            .unwrap();
+        (db, datastore)
+    }
+}

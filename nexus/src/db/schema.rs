@@ -1,0 +1,74 @@
+//! Diesel's picture of `schema/dbinit.sql`. Kept by hand; the datastore tests
+//! run every query against the real schema, so a mismatch fails them.
+
+diesel::table! {
+    db_metadata (singleton) {
+        singleton -> Bool,
+        version -> Text,
+        time_modified -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    sled (id) {
+        id -> Uuid,
+        time_created -> Timestamptz,
+        time_modified -> Timestamptz,
+        serial -> Text,
+        ip -> Text,
+        port -> Int4,
+        repo_depot_port -> Int4,
+        time_expunged -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    tuf_repo (id) {
+        id -> Uuid,
+        time_created -> Timestamptz,
+        sha256 -> Text,
+        system_version -> Text,
+        file_name -> Text,
+        time_pruned -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    tuf_artifact (id) {
+        id -> Uuid,
+        name -> Text,
+        version -> Text,
+        kind -> Text,
+        sha256 -> Text,
+        size -> Int8,
+        time_created -> Timestamptz,
+        generation_added -> Int8,
+    }
+}
+
+diesel::table! {
+    tuf_repo_artifact (tuf_repo_id, tuf_artifact_id) {
+        tuf_repo_id -> Uuid,
+        tuf_artifact_id -> Uuid,
+    }
+}
+
+diesel::table! {
+    tuf_trust_root (id) {
+        id -> Uuid,
+        time_created -> Timestamptz,
+        time_deleted -> Nullable<Timestamptz>,
+        root_role -> Jsonb,
+    }
+}
+
+diesel::table! {
+    tuf_generation (singleton) {
+        singleton -> Bool,
+        generation -> Int8,
+    }
+}
+
+diesel::joinable!(tuf_repo_artifact -> tuf_repo (tuf_repo_id));
+diesel::joinable!(tuf_repo_artifact -> tuf_artifact (tuf_artifact_id));
+diesel::allow_tables_to_appear_in_same_query!(tuf_repo, tuf_artifact, tuf_repo_artifact);

@@ -1,0 +1,72 @@
+-- Version 1.0.0: the first released schema. Sleds, TUF repositories, their
+-- artifacts, trust roots and the artifact generation counter.
+
+CREATE TABLE db_metadata (
+    singleton BOOL PRIMARY KEY CHECK (singleton),
+    version TEXT NOT NULL,
+    time_modified TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE sled (
+    id UUID PRIMARY KEY,
+    time_created TIMESTAMPTZ NOT NULL,
+    time_modified TIMESTAMPTZ NOT NULL,
+    serial TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    port INT4 NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    repo_depot_port INT4 NOT NULL CHECK (repo_depot_port BETWEEN 1 AND 65535),
+    time_expunged TIMESTAMPTZ,
+    CONSTRAINT sled_serial_key UNIQUE (serial)
+);
+
+CREATE TABLE tuf_repo (
+    id UUID PRIMARY KEY,
+    time_created TIMESTAMPTZ NOT NULL,
+    sha256 TEXT NOT NULL CHECK (sha256 ~ '^[0-9a-f]{64}$'),
+    system_version TEXT NOT NULL,
+    file_name TEXT NOT NULL,
+    time_pruned TIMESTAMPTZ,
+    CONSTRAINT tuf_repo_sha256_key UNIQUE (sha256),
+    CONSTRAINT tuf_repo_system_version_key UNIQUE (system_version)
+);
+
+CREATE INDEX tuf_repo_by_time_created ON tuf_repo (time_created, id);
+
+CREATE TABLE tuf_artifact (
+    id UUID PRIMARY KEY,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sha256 TEXT NOT NULL CHECK (sha256 ~ '^[0-9a-f]{64}$'),
+    size INT8 NOT NULL CHECK (size >= 0),
+    time_created TIMESTAMPTZ NOT NULL,
+    generation_added INT8 NOT NULL CHECK (generation_added >= 1),
+    CONSTRAINT tuf_artifact_name_version_kind_key UNIQUE (name, version, kind)
+);
+
+CREATE INDEX tuf_artifact_by_sha256 ON tuf_artifact (sha256);
+
+CREATE TABLE tuf_repo_artifact (
+    tuf_repo_id UUID NOT NULL REFERENCES tuf_repo (id),
+    tuf_artifact_id UUID NOT NULL REFERENCES tuf_artifact (id),
+    PRIMARY KEY (tuf_repo_id, tuf_artifact_id)
+);
+
+CREATE INDEX tuf_repo_artifact_by_artifact ON tuf_repo_artifact (tuf_artifact_id);
+
+CREATE TABLE tuf_trust_root (
+    id UUID PRIMARY KEY,
+    time_created TIMESTAMPTZ NOT NULL,
+    time_deleted TIMESTAMPTZ,
+    root_role JSONB NOT NULL
+);
+
+CREATE TABLE tuf_generation (
+    singleton BOOL PRIMARY KEY CHECK (singleton),
+    generation INT8 NOT NULL CHECK (generation >= 1)
+);
+
+INSERT INTO tuf_generation (singleton, generation) VALUES (TRUE, 1);
+
+INSERT INTO db_metadata (singleton, version, time_modified)
+    VALUES (TRUE, '1.0.0', now());
