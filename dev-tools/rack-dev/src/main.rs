@@ -1,1 +1,104 @@
-fn main() {}
+//! `rack-dev`: run and develop the rack on one machine.
+//!
+//! - `db-run`: a private PostgreSQL server with the current schema, in the
+//!   foreground until Ctrl-C.
+//! - `db-upgrade`: bring an existing database to the schema this build needs.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use nexus::db::schema_version::{self, SCHEMA_VERSION, UpgradeOutcome};
+use std::io::Write;
+use test_harness::PgServer;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The database that `db-run` creates and Nexus uses.
+const DATABASE_NAME: &str = "rack";
+
+#[derive(Parser)]
+#[command(about = "Run and develop the rack control plane on one machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a private PostgreSQL server with the current schema and keep it
+    /// running until Ctrl-C (or SIGTERM); then stop it and delete its data.
+    DbRun,
+    /// Initialize an empty database, or apply the migrations an older one
+    /// lacks, each in its own transaction.
+    DbUpgrade {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::DbRun => db_run().await,
+        Command::DbUpgrade { database_url } => db_upgrade(&database_url).await,
+    }
+}
+
+async fn db_run() -> anyhow::Result<()> {
+    // Listen before starting, so a signal during start-up is not lost.
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut server = PgServer::start().await.context("starting PostgreSQL")?;
+    let url = server
+        .create_database(DATABASE_NAME)
+        .await
+        .context("creating the rack database")?;
+    upgrade(&url).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "PostgreSQL is running with schema version {SCHEMA_VERSION}."
+    )?;
+    writeln!(out, "  database URL: {url}")?;
+    writeln!(out, "  server log:   {}", server.log_path().display())?;
+    writeln!(
+        out,
+        "Press Ctrl-C to stop it; its data directory is deleted then."
+    )?;
+    out.flush()?;
+    drop(out);
+
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    server.stop();
+    println!("PostgreSQL stopped and its data directory removed.");
+    Ok(())
+}
+
+async fn db_upgrade(url: &str) -> anyhow::Result<()> {
+    match upgrade(url).await? {
+        UpgradeOutcome::Initialized => {
+            println!("initialized an empty database at version {SCHEMA_VERSION}")
+        }
+        UpgradeOutcome::Migrated { from, applied } => {
+            println!(
+                "upgraded from {from} to {SCHEMA_VERSION}: applied {}",
+                applied.join(", ")
+            )
+        }
+        UpgradeOutcome::AlreadyCurrent => {
+            println!("already at version {SCHEMA_VERSION}; nothing to do")
+        }
+    }
+    Ok(())
+}
+
+async fn upgrade(url: &str) -> anyhow::Result<UpgradeOutcome> {
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    schema_version::upgrade(&mut conn)
+        .await
+        .with_context(|| format!("upgrading the schema of {url}"))
+}

@@ -150,6 +150,12 @@ impl PgServer {
         format!("postgresql://postgres@127.0.0.1:{}/{dbname}", self.port)
     }
 
+    /// Creates an empty database and returns its URL.
+    pub async fn create_database(&self, name: &str) -> Result<String, PgError> {
+        execute(&self.url("postgres"), &format!("CREATE DATABASE {name}")).await?;
+        Ok(self.url(name))
+    }
+
     /// The server's own log file (inside its temp directory).
     pub fn log_path(&self) -> PathBuf {
         self.dir().join("postgres.log")
@@ -448,4 +454,25 @@ fn reap_leftovers() {
         }
         let _ = fs::remove_dir_all(entry.path());
     }
+}
+
+/// Runs `sql` (one or more statements) on a fresh connection, closed after.
+pub(crate) async fn execute(url: &str, sql: &str) -> Result<(), PgError> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|source| PgError::Sql {
+            context: format!("connecting to {url}"),
+            source,
+        })?;
+    let connection = tokio::spawn(connection);
+    let result = client
+        .batch_execute(sql)
+        .await
+        .map_err(|source| PgError::Sql {
+            context: format!("running SQL on {url}"),
+            source,
+        });
+    drop(client);
+    let _ = connection.await;
+    result
 }

@@ -7,7 +7,7 @@
 //! `atexit` hook, which runs however the test binary exits, including after a
 //! failed test.
 
-use crate::pg::{PgError, PgServer};
+use crate::pg::{PgServer, execute};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -104,27 +104,6 @@ async fn start_server() -> Result<ServerUrls, String> {
 extern "C" fn stop_server_at_exit() {
     let server = SERVER.lock().unwrap_or_else(|e| e.into_inner()).take();
     drop(server);
-}
-
-/// Runs `sql` (one or more statements) on a fresh connection, closed after.
-async fn execute(url: &str, sql: &str) -> Result<(), PgError> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(|source| PgError::Sql {
-            context: format!("connecting to {url}"),
-            source,
-        })?;
-    let connection = tokio::spawn(connection);
-    let result = client
-        .batch_execute(sql)
-        .await
-        .map_err(|source| PgError::Sql {
-            context: format!("running SQL on {url}"),
-            source,
-        });
-    drop(client);
-    let _ = connection.await;
-    result
 }
 
 fn chain(error: &dyn std::error::Error) -> String {
