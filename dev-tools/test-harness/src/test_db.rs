@@ -8,6 +8,7 @@
 //! failed test.
 
 use crate::pg::{PgServer, execute};
+use common::error_chain;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -72,9 +73,9 @@ impl TestDatabase {
             }
             None => format!("CREATE DATABASE {name}"),
         };
-        execute(&urls.admin, &sql)
-            .await
-            .unwrap_or_else(|error| panic!("creating test database {name}: {}", chain(&error)));
+        execute(&urls.admin, &sql).await.unwrap_or_else(|error| {
+            panic!("creating test database {name}: {}", error_chain(&error))
+        });
         TestDatabase {
             url: format!("{}{name}", urls.prefix),
             name,
@@ -83,7 +84,7 @@ impl TestDatabase {
 }
 
 async fn start_server() -> Result<ServerUrls, String> {
-    let server = PgServer::start().await.map_err(|e| chain(&e))?;
+    let server = PgServer::start().await.map_err(|e| error_chain(&e))?;
     let urls = ServerUrls {
         admin: server.url("postgres"),
         prefix: server.url(""),
@@ -94,25 +95,19 @@ async fn start_server() -> Result<ServerUrls, String> {
 
     execute(&urls.admin, &format!("CREATE DATABASE {TEMPLATE}"))
         .await
-        .map_err(|e| chain(&e))?;
+        .map_err(|e| error_chain(&e))?;
     execute(&format!("{}{TEMPLATE}", urls.prefix), DBINIT_SQL)
         .await
-        .map_err(|e| format!("applying schema/dbinit.sql to the template: {}", chain(&e)))?;
+        .map_err(|e| {
+            format!(
+                "applying schema/dbinit.sql to the template: {}",
+                error_chain(&e)
+            )
+        })?;
     Ok(urls)
 }
 
 extern "C" fn stop_server_at_exit() {
     let server = SERVER.lock().unwrap_or_else(|e| e.into_inner()).take();
     drop(server);
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

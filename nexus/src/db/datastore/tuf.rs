@@ -104,6 +104,21 @@ impl DataStore {
             })
     }
 
+    /// Unpruned repositories, newest first.
+    pub async fn tuf_repo_list_unpruned(&self) -> Result<Vec<TufRepo>, DataStoreError> {
+        let mut conn = self.connection().await?;
+        tuf_repo::table
+            .filter(tuf_repo::time_pruned.is_null())
+            .order((tuf_repo::time_created.desc(), tuf_repo::id.desc()))
+            .select(TufRepo::as_select())
+            .load(&mut conn)
+            .await
+            .map_err(|source| DataStoreError::Query {
+                operation: "tuf_repo_list_unpruned",
+                source,
+            })
+    }
+
     /// Marks a repository pruned, if the generation is still `expected` (the
     /// one the caller based its decision on). Returns the new generation.
     pub async fn tuf_repo_mark_pruned(

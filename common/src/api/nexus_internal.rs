@@ -1,0 +1,89 @@
+//! Nexus's internal API: background tasks and sled registration. Listens on
+//! an internal address only; operators use the external API.
+
+use crate::bgtask::BackgroundTask;
+use dropshot::{
+    HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path, RequestContext, TypedBody,
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use uuid::Uuid;
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct BackgroundTaskPathParam {
+    pub bgtask_name: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct BackgroundTasksActivateRequest {
+    pub bgtask_names: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct BackgroundTaskSwitchRequest {
+    pub enabled: bool,
+    /// Who is flipping the switch, for the record (omdb sends user@host).
+    pub changed_by: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct SledAgentPathParam {
+    pub sled_id: Uuid,
+}
+
+/// What a sled agent tells Nexus about itself when it registers.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct SledAgentInfo {
+    pub serial: String,
+    pub ip: IpAddr,
+    /// Port of the sled-agent API.
+    pub port: u16,
+    /// Port of the repo depot.
+    pub repo_depot_port: u16,
+}
+
+#[dropshot::api_description]
+pub trait NexusInternalApi {
+    type Context;
+
+    /// Every background task, by name.
+    #[endpoint { method = GET, path = "/bgtasks" }]
+    async fn bgtask_list(
+        rqctx: RequestContext<Self::Context>,
+    ) -> Result<HttpResponseOk<BTreeMap<String, BackgroundTask>>, HttpError>;
+
+    /// One background task.
+    #[endpoint { method = GET, path = "/bgtasks/view/{bgtask_name}" }]
+    async fn bgtask_view(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<BackgroundTaskPathParam>,
+    ) -> Result<HttpResponseOk<BackgroundTask>, HttpError>;
+
+    /// Activates the named tasks. If any name is unknown, the answer is 404
+    /// and no task is activated.
+    #[endpoint { method = POST, path = "/bgtasks/activate" }]
+    async fn bgtask_activate(
+        rqctx: RequestContext<Self::Context>,
+        body: TypedBody<BackgroundTasksActivateRequest>,
+    ) -> Result<HttpResponseUpdatedNoContent, HttpError>;
+
+    /// Enables or disables a task in this Nexus until it restarts (the config
+    /// file sets the state at start-up). A disabled task's activations do no
+    /// work and say so in their details.
+    #[endpoint { method = PUT, path = "/bgtasks/switch/{bgtask_name}" }]
+    async fn bgtask_switch(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<BackgroundTaskPathParam>,
+        body: TypedBody<BackgroundTaskSwitchRequest>,
+    ) -> Result<HttpResponseOk<BackgroundTask>, HttpError>;
+
+    /// Registers a sled agent, or updates its addresses.
+    #[endpoint { method = PUT, path = "/sled-agents/{sled_id}" }]
+    async fn sled_agent_put(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<SledAgentPathParam>,
+        body: TypedBody<SledAgentInfo>,
+    ) -> Result<HttpResponseUpdatedNoContent, HttpError>;
+}

@@ -1,0 +1,157 @@
+//! `tuf_repo_pruner`: keeps the `nkeep` newest repositories (by upload time)
+//! and marks older ones pruned, at most one per activation.
+//!
+//! Algorithm: read the generation, then list the unpruned repositories; if
+//! there are more than `nkeep`, mark the oldest pruned *on condition that the
+//! generation is still the one read first*.
+//!
+//! Races: an upload, an unprune or another Nexus's pruner may change the set
+//! of live repositories between our two reads and our write. Every such change
+//! bumps the generation, so the conditional mark fails and we report
+//! `generation_moved` and try again at the next activation, with fresh data.
+//! Two pruners can therefore never both prune on the same picture, and a
+//! repository that was just re-uploaded (unpruned) is not pruned on a stale
+//! view of its age. Pruning only marks rows: `tuf_artifact_replication`
+//! removes the artifacts from the sleds once the new config reaches them.
+
+use crate::background::driver::BackgroundTask;
+use crate::db::{DataStore, DataStoreError};
+use common::bgtask::details::{TufRepoPrunerOutcome, TufRepoPrunerStatus};
+use futures::future::BoxFuture;
+use std::sync::Arc;
+
+pub struct TufRepoPruner {
+    datastore: Arc<DataStore>,
+    nkeep: u32,
+}
+
+impl TufRepoPruner {
+    pub fn new(datastore: Arc<DataStore>, nkeep: u32) -> TufRepoPruner {
+        TufRepoPruner { datastore, nkeep }
+    }
+
+    async fn prune_one(&self) -> Result<TufRepoPrunerOutcome, DataStoreError> {
+        let generation = self.datastore.tuf_generation_get().await?;
+        let unpruned = self.datastore.tuf_repo_list_unpruned().await?;
+        let Some(oldest) = unpruned.get(self.nkeep as usize..).and_then(<[_]>::last) else {
+            return Ok(TufRepoPrunerOutcome::NothingToPrune {
+                unpruned: unpruned.len() as u32,
+            });
+        };
+        match self
+            .datastore
+            .tuf_repo_mark_pruned(oldest.id, generation)
+            .await
+        {
+            Ok(generation) => Ok(TufRepoPrunerOutcome::Pruned {
+                repo_id: oldest.id,
+                system_version: oldest.system_version.clone(),
+                generation,
+            }),
+            Err(DataStoreError::GenerationMoved { expected, found }) => {
+                Ok(TufRepoPrunerOutcome::GenerationMoved { expected, found })
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+impl BackgroundTask for TufRepoPruner {
+    fn activate<'a>(&'a mut self, log: &'a slog::Logger) -> BoxFuture<'a, serde_json::Value> {
+        Box::pin(async move {
+            let outcome = self.prune_one().await.unwrap_or_else(|error| {
+                let message = crate::error_chain(&error);
+                slog::warn!(log, "pruning failed"; "error" => &message);
+                TufRepoPrunerOutcome::Error { message }
+            });
+            if let TufRepoPrunerOutcome::Pruned {
+                system_version,
+                generation,
+                ..
+            } = &outcome
+            {
+                slog::info!(log, "pruned repository"; "system_version" => system_version, "generation" => %generation);
+            }
+            serde_json::to_value(TufRepoPrunerStatus {
+                nkeep: self.nkeep,
+                outcome,
+            })
+            .expect("serializable")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::datastore::test_support::datastore;
+    use crate::db::model::{TufArtifactDescription, TufRepoDescription};
+    use common::{ArtifactHash, ArtifactId, Generation};
+
+    fn repo(version: &str) -> TufRepoDescription {
+        let byte = version
+            .bytes()
+            .fold(0u8, |acc, b| acc.wrapping_mul(31).wrapping_add(b));
+        TufRepoDescription {
+            system_version: version.into(),
+            sha256: ArtifactHash([byte; 32]),
+            file_name: format!("{version}.zip"),
+            artifacts: vec![TufArtifactDescription {
+                id: ArtifactId {
+                    name: format!("os-{version}"),
+                    version: version.into(),
+                    kind: "os".into(),
+                },
+                sha256: ArtifactHash([byte.wrapping_add(1); 32]),
+                size: 10,
+            }],
+        }
+    }
+
+    fn outcome(value: serde_json::Value) -> TufRepoPrunerOutcome {
+        serde_json::from_value::<TufRepoPrunerStatus>(value)
+            .unwrap()
+            .outcome
+    }
+
+    #[tokio::test]
+    async fn prunes_the_oldest_beyond_nkeep_one_per_activation() {
+        let (_db, datastore) = datastore().await;
+        let datastore = Arc::new(datastore);
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let mut pruner = TufRepoPruner::new(datastore.clone(), 2);
+        for version in ["1.0.0", "2.0.0"] {
+            datastore.tuf_repo_insert(&repo(version)).await.unwrap();
+        }
+        assert_eq!(
+            outcome(pruner.activate(&log).await),
+            TufRepoPrunerOutcome::NothingToPrune { unpruned: 2 }
+        );
+
+        for version in ["3.0.0", "4.0.0"] {
+            datastore.tuf_repo_insert(&repo(version)).await.unwrap();
+        }
+        let first = outcome(pruner.activate(&log).await);
+        assert!(
+            matches!(&first, TufRepoPrunerOutcome::Pruned { system_version, generation, .. }
+                if system_version == "1.0.0" && *generation == Generation::new(6)),
+            "{first:?}"
+        );
+        let second = outcome(pruner.activate(&log).await);
+        assert!(
+            matches!(&second, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "2.0.0")
+        );
+        assert_eq!(
+            outcome(pruner.activate(&log).await),
+            TufRepoPrunerOutcome::NothingToPrune { unpruned: 2 }
+        );
+        let live: Vec<String> = datastore
+            .tuf_repo_list_unpruned()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.system_version)
+            .collect();
+        assert_eq!(live, ["4.0.0", "3.0.0"]);
+    }
+}

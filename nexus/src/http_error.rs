@@ -1,0 +1,51 @@
+//! How datastore and driver errors become HTTP errors. The message the client
+//! sees names the problem and the thing it concerns; 500s keep the cause chain
+//! in the server log only.
+
+use crate::background::driver::DriverError;
+use crate::db::DataStoreError;
+use common::error::unavailable;
+use common::error_chain;
+use dropshot::{ClientErrorStatusCode, HttpError};
+
+impl From<DataStoreError> for HttpError {
+    fn from(error: DataStoreError) -> HttpError {
+        let message = error_chain(&error);
+        match error {
+            DataStoreError::NotFound { .. } => HttpError::for_client_error(
+                Some("NOT_FOUND".into()),
+                ClientErrorStatusCode::NOT_FOUND,
+                message,
+            ),
+            DataStoreError::Conflict(_) => HttpError::for_client_error(
+                Some("CONFLICT".into()),
+                ClientErrorStatusCode::CONFLICT,
+                message,
+            ),
+            DataStoreError::GenerationMoved { .. } => HttpError::for_client_error(
+                Some("GENERATION_MOVED".into()),
+                ClientErrorStatusCode::CONFLICT,
+                message,
+            ),
+            DataStoreError::InvalidInput(_) => {
+                HttpError::for_bad_request(Some("INVALID_INPUT".into()), message)
+            }
+            DataStoreError::Unavailable(_) | DataStoreError::Schema(_) => unavailable(message),
+            DataStoreError::Query { .. } | DataStoreError::TooManyRetries { .. } => {
+                HttpError::for_internal_error(message)
+            }
+        }
+    }
+}
+
+impl From<DriverError> for HttpError {
+    fn from(error: DriverError) -> HttpError {
+        match error {
+            DriverError::UnknownTask { .. } => HttpError::for_client_error(
+                Some("UNKNOWN_BACKGROUND_TASK".into()),
+                ClientErrorStatusCode::NOT_FOUND,
+                error.to_string(),
+            ),
+        }
+    }
+}
