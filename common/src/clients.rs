@@ -6,8 +6,12 @@ pub mod nexus_internal {
     progenitor::generate_api!(
         spec = "../openapi/nexus-internal.json",
         derives = [schemars::JsonSchema, PartialEq],
+        map_type = std::collections::BTreeMap,
         replace = {
             BackgroundTask = crate::bgtask::BackgroundTask,
+            BackgroundTaskSwitchRequest = crate::api::nexus_internal::BackgroundTaskSwitchRequest,
+            BackgroundTasksActivateRequest = crate::api::nexus_internal::BackgroundTasksActivateRequest,
+            SledAgentInfo = crate::api::nexus_internal::SledAgentInfo,
         },
     );
 }

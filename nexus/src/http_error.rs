@@ -30,7 +30,9 @@ impl From<DataStoreError> for HttpError {
             DataStoreError::InvalidInput(_) => {
                 HttpError::for_bad_request(Some("INVALID_INPUT".into()), message)
             }
-            DataStoreError::Unavailable(_) | DataStoreError::Schema(_) => unavailable(message),
+            DataStoreError::Unavailable { .. }
+            | DataStoreError::Schema(_)
+            | DataStoreError::Connect { .. } => unavailable(message),
             DataStoreError::Query { .. } | DataStoreError::TooManyRetries { .. } => {
                 HttpError::for_internal_error(message)
             }

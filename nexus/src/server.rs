@@ -18,7 +18,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("connecting to the database")]
+    #[error(transparent)]
     Database(#[from] DataStoreError),
     #[error("starting the internal API server on {address}: {message}")]
     InternalApi {

@@ -11,12 +11,14 @@ mod trust_root;
 mod tuf;
 
 use super::schema_version::{self, SchemaError};
+use bb8::ErrorSink;
 use common::Generation;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::bb8::{Pool, PooledConnection, RunError};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, PoolError};
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use scoped_futures::ScopedBoxFuture;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use tuf::{TufRepoInsertResult, TufRepoPage};
@@ -40,8 +42,16 @@ pub enum DataStoreError {
     },
     #[error(transparent)]
     Schema(#[from] SchemaError),
-    #[error("no database connection available")]
-    Unavailable(#[source] RunError),
+    #[error("connecting to the database at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "no database connection available within {POOL_CONNECTION_TIMEOUT:?} (last connection error: {last_error})"
+    )]
+    Unavailable { last_error: String },
     #[error("database operation {operation} failed")]
     Query {
         operation: &'static str,
@@ -93,6 +103,22 @@ impl Default for PoolConfig {
 
 pub struct DataStore {
     pool: DbPool,
+    last_connection_error: LastConnectionError,
+}
+
+/// Remembers why the pool last failed to connect: bb8 itself only reports
+/// that it timed out, which does not tell an operator what is wrong.
+#[derive(Clone, Debug, Default)]
+struct LastConnectionError(Arc<Mutex<Option<String>>>);
+
+impl ErrorSink<PoolError> for LastConnectionError {
+    fn sink(&self, error: PoolError) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+    }
+
+    fn boxed_clone(&self) -> Box<dyn ErrorSink<PoolError>> {
+        Box::new(self.clone())
+    }
 }
 
 impl DataStore {
@@ -118,24 +144,46 @@ impl DataStore {
         url: &str,
         config: &PoolConfig,
     ) -> Result<DataStore, DataStoreError> {
+        // Fail fast, with the real cause, if the database is unreachable.
+        // (tokio-postgres directly: diesel flattens the cause into a string.)
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(|source| DataStoreError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+        drop(client);
+        let _ = connection.await;
+        let last_connection_error = LastConnectionError::default();
         let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
         let pool = Pool::builder()
             .max_size(config.max_connections)
             .connection_timeout(POOL_CONNECTION_TIMEOUT)
-            // Let the first checkout report the connection error, rather than
-            // failing here without a cause.
             .min_idle(Some(0))
+            .error_sink(Box::new(last_connection_error.clone()))
             .build_unchecked(manager);
-        let datastore = DataStore { pool };
-        // Fail fast, with the real cause, if the database is unreachable.
-        datastore.connection().await?;
-        Ok(datastore)
+        Ok(DataStore {
+            pool,
+            last_connection_error,
+        })
     }
 
     pub(crate) async fn connection(
         &self,
     ) -> Result<PooledConnection<'_, AsyncPgConnection>, DataStoreError> {
-        self.pool.get().await.map_err(DataStoreError::Unavailable)
+        self.pool.get().await.map_err(|error| {
+            let last_error = match error {
+                RunError::User(error) => error.to_string(),
+                RunError::TimedOut => self
+                    .last_connection_error
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "none recorded; every connection is in use".to_string()),
+            };
+            DataStoreError::Unavailable { last_error }
+        })
     }
 
     /// Runs `body` in a `SERIALIZABLE` transaction, retrying it on

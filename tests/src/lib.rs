@@ -1,0 +1,82 @@
+//! Set-up shared by the end-to-end tests.
+
+use camino::Utf8Path;
+use common::clients::nexus_internal;
+use nexus::config::Config;
+use nexus::server::Server;
+use std::path::PathBuf;
+use test_harness::TestDatabase;
+
+/// A Nexus running in this process against a fresh database of its own, with
+/// its real HTTP servers on free loopback ports.
+pub struct TestNexus {
+    pub db: TestDatabase,
+    pub server: Server,
+}
+
+impl TestNexus {
+    pub async fn start() -> TestNexus {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the test config after `adjust` changed it.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestNexus {
+        let db = TestDatabase::new().await;
+        let mut config = test_config(db.url());
+        adjust(&mut config);
+        let server = Server::start(&config, test_log())
+            .await
+            .expect("test Nexus starts");
+        TestNexus { db, server }
+    }
+
+    pub fn internal_url(&self) -> String {
+        format!("http://{}", self.server.internal_address())
+    }
+
+    pub fn internal_client(&self) -> nexus_internal::Client {
+        nexus_internal::Client::new(&self.internal_url())
+    }
+}
+
+/// The shipped config (`smf/nexus/config.toml`) on loopback port 0, with task
+/// periods long enough that only explicit activations run during a test.
+pub fn test_config(database_url: &str) -> Config {
+    let path = Utf8Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../smf/nexus/config.toml"
+    ));
+    let mut config = Config::from_file(path).expect("the shipped config parses");
+    config.database.url = database_url.to_string();
+    config.internal_api.listen = "127.0.0.1:0".parse().unwrap();
+    config.background_tasks.tuf_repo_pruner.period_secs = 3600;
+    config
+}
+
+/// Warnings and errors go to stderr, where a failing test shows them.
+pub fn test_log() -> slog::Logger {
+    use slog::Drain;
+    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+    let drain = slog_term::FullFormat::new(decorator)
+        .build()
+        .filter_level(slog::Level::Warning)
+        .fuse();
+    slog::Logger::root(drain, slog::o!())
+}
+
+/// A workspace binary, built by `cargo test --workspace` before any test runs.
+pub fn binary(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p {name}` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}

@@ -1,0 +1,103 @@
+//! The `nexus` binary as an operator starts it.
+
+use integration_tests::binary;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use test_harness::TestDatabase;
+
+fn shipped_config() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../smf/nexus/config.toml"
+    ))
+    .unwrap()
+    .replace("127.0.0.1:12221", "127.0.0.1:0")
+}
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs nexus to completion, expecting it to refuse to start.
+fn refusal(config: &std::path::Path, database_url: &str) -> String {
+    let output = Command::new(binary("nexus"))
+        .arg("--config")
+        .arg(config)
+        .args(["--database-url", database_url])
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "nexus started when it should have refused: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn nexus_refuses_a_database_without_the_current_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &shipped_config());
+    let db = TestDatabase::empty().await;
+    let stderr = refusal(&config, db.url());
+    assert!(
+        stderr.contains("no schema") && stderr.contains("rack-dev db-upgrade"),
+        "{stderr}"
+    );
+
+    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(nexus::db::schema_version::MIGRATIONS[0].up_sql)
+        .await
+        .unwrap();
+    let stderr = refusal(&config, db.url());
+    assert!(
+        stderr.contains("version 1.0.0, older than version 2.0.0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn nexus_names_the_bad_config_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = shipped_config().replace("nkeep = 3", "nkeep = 3\nkeep_forever = true");
+    let config = write_config(&dir, &text);
+    let stderr = refusal(&config, "postgresql://unused");
+    assert!(
+        stderr.contains("keep_forever") && stderr.contains(config.to_str().unwrap()),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn nexus_serves_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &shipped_config());
+    let db = TestDatabase::new().await;
+    let mut child = Command::new(binary("nexus"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--database-url", db.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("nexus prints its address").unwrap();
+    let url = first
+        .strip_prefix("nexus internal API: ")
+        .expect("the address line")
+        .to_string();
+    let client = common::clients::nexus_internal::Client::new(&url);
+    let tasks = client.bgtask_list().await.unwrap().into_inner();
+    assert!(tasks.contains_key("tuf_repo_pruner"));
+
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "nexus exited with {status} on SIGTERM");
+}
