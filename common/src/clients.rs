@@ -15,3 +15,22 @@ pub mod nexus_internal {
         },
     );
 }
+
+pub mod sled_agent {
+    progenitor::generate_api!(
+        spec = "../openapi/sled-agent.json",
+        derives = [schemars::JsonSchema, PartialEq],
+        map_type = std::collections::BTreeMap,
+        replace = {
+            ArtifactConfig = crate::ArtifactConfig,
+            ArtifactCopyFromDepotBody = crate::api::sled_agent::ArtifactCopyFromDepotBody,
+            ArtifactHash = crate::ArtifactHash,
+            ArtifactListResponse = crate::api::sled_agent::ArtifactListResponse,
+            ArtifactPutResponse = crate::api::sled_agent::ArtifactPutResponse,
+            Generation = crate::Generation,
+            M2State = crate::api::sled_agent::M2State,
+            M2StateRequest = crate::api::sled_agent::M2StateRequest,
+            SledInventory = crate::api::sled_agent::SledInventory,
+        },
+    );
+}

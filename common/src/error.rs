@@ -15,14 +15,20 @@ pub fn error_chain(error: &dyn Error) -> String {
     text
 }
 
-/// A 503 whose message the client sees (dropshot's own `for_unavail` hides
-/// it): the caller should know which dependency is down.
-pub fn unavailable(message: String) -> dropshot::HttpError {
+/// A 5xx error whose message the client sees (dropshot's own helpers hide
+/// it): the caller should know which dependency failed, and how.
+///
+/// Panics if `status` is not an error status: callers pass constants.
+pub fn server_error(status: http::StatusCode, code: &str, message: String) -> dropshot::HttpError {
     dropshot::HttpError {
-        status_code: dropshot::ErrorStatusCode::SERVICE_UNAVAILABLE,
-        error_code: Some("UNAVAILABLE".to_string()),
+        status_code: dropshot::ErrorStatusCode::from_status(status).expect("an error status"),
+        error_code: Some(code.to_string()),
         internal_message: message.clone(),
         external_message: message,
         headers: None,
     }
+}
+
+pub fn unavailable(message: String) -> dropshot::HttpError {
+    server_error(http::StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
 }

@@ -1,0 +1,166 @@
+//! The sled agent's API (one per sled, internal address) and its repo depot
+//! (a separate server on its own port, from which other sleds copy).
+
+use crate::{ArtifactConfig, ArtifactHash, Generation};
+use dropshot::{
+    Body, HttpError, HttpResponseAccepted, HttpResponseOk, HttpResponseUpdatedNoContent, Path,
+    Query, RequestContext, StreamingBody, TypedBody,
+};
+use http::Response;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// The `error_code` of a 409 from a sled agent that holds a different
+/// artifact config generation than the request assumed.
+pub const CONFIG_GENERATION: &str = "CONFIG_GENERATION";
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct ArtifactPathParam {
+    pub sha256: ArtifactHash,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct ArtifactQueryParam {
+    /// The artifact config generation the caller based this request on; it
+    /// must be the sled's current one.
+    pub generation: Generation,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct ArtifactListResponse {
+    pub generation: Generation,
+    /// For each artifact of the current config that the sled holds, on how
+    /// many healthy M.2 devices.
+    pub list: BTreeMap<ArtifactHash, usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct ArtifactPutResponse {
+    /// Healthy M.2 datasets the write was attempted on.
+    pub datasets: usize,
+    pub successful_writes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct ArtifactCopyFromDepotBody {
+    /// Base URL of another sled's repo depot, e.g. `http://127.0.0.1:12346`.
+    pub depot_base_url: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct ArtifactCopyFromDepotResponse {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum M2State {
+    Healthy,
+    /// Present but unusable: skipped by reads and writes.
+    Failed,
+    /// Pulled from the sled: skipped by reads and writes.
+    Removed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct M2Inventory {
+    pub slot: u32,
+    pub state: M2State,
+    pub path: String,
+    pub used_bytes: u64,
+    pub quota_bytes: u64,
+    /// Artifact files on the device (of the current config or not).
+    pub artifacts: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct SledInventory {
+    pub sled_id: Uuid,
+    pub serial: String,
+    pub artifact_generation: Generation,
+    pub m2: Vec<M2Inventory>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct M2PathParam {
+    pub slot: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct M2StateRequest {
+    pub state: M2State,
+}
+
+#[dropshot::api_description]
+pub trait SledAgentApi {
+    type Context;
+
+    /// The artifact config this sled enforces. A sled that never received
+    /// one reports generation 0 and no artifacts.
+    #[endpoint { method = GET, path = "/artifacts-config" }]
+    async fn artifact_config_get(
+        rqctx: RequestContext<Self::Context>,
+    ) -> Result<HttpResponseOk<ArtifactConfig>, HttpError>;
+
+    /// Replaces the artifact config if its generation is newer; the same
+    /// generation with the same artifacts is a no-op. Anything else is 409
+    /// `CONFIG_GENERATION`. Artifacts outside the new config are deleted.
+    #[endpoint { method = PUT, path = "/artifacts-config" }]
+    async fn artifact_config_put(
+        rqctx: RequestContext<Self::Context>,
+        body: TypedBody<ArtifactConfig>,
+    ) -> Result<HttpResponseUpdatedNoContent, HttpError>;
+
+    /// The artifacts of the current config that this sled holds.
+    #[endpoint { method = GET, path = "/artifacts" }]
+    async fn artifact_list(
+        rqctx: RequestContext<Self::Context>,
+    ) -> Result<HttpResponseOk<ArtifactListResponse>, HttpError>;
+
+    /// Stores an artifact on every healthy M.2. The body's SHA-256 must be
+    /// the one in the path; otherwise nothing is stored.
+    #[endpoint { method = PUT, path = "/artifacts/{sha256}" }]
+    async fn artifact_put(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+        query: Query<ArtifactQueryParam>,
+        body: StreamingBody,
+    ) -> Result<HttpResponseOk<ArtifactPutResponse>, HttpError>;
+
+    /// Starts copying an artifact from another sled's repo depot. Answers 202
+    /// once the source has answered; the copy goes on in the background.
+    /// Beyond the sled's copy concurrency limit: 503 with `Retry-After`.
+    #[endpoint { method = POST, path = "/artifacts/{sha256}/copy-from-depot" }]
+    async fn artifact_copy_from_depot(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+        query: Query<ArtifactQueryParam>,
+        body: TypedBody<ArtifactCopyFromDepotBody>,
+    ) -> Result<HttpResponseAccepted<ArtifactCopyFromDepotResponse>, HttpError>;
+
+    #[endpoint { method = GET, path = "/inventory" }]
+    async fn inventory(
+        rqctx: RequestContext<Self::Context>,
+    ) -> Result<HttpResponseOk<SledInventory>, HttpError>;
+
+    /// Simulation only: fail, remove or restore an M.2 device.
+    #[endpoint { method = PUT, path = "/sim/m2/{slot}" }]
+    async fn sim_m2_set_state(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<M2PathParam>,
+        body: TypedBody<M2StateRequest>,
+    ) -> Result<HttpResponseUpdatedNoContent, HttpError>;
+}
+
+#[dropshot::api_description]
+pub trait RepoDepotApi {
+    type Context;
+
+    /// Streams an artifact, with `Content-Length`; honours a single
+    /// `Range: bytes=START-[END]` with 206.
+    #[endpoint { method = GET, path = "/artifact/sha256/{sha256}" }]
+    async fn artifact_get_by_sha256(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+    ) -> Result<Response<Body>, HttpError>;
+}

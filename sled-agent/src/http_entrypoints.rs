@@ -1,0 +1,169 @@
+//! The sled-agent API and the repo depot: thin adapters from HTTP to the
+//! artifact store.
+
+use crate::range::{self, RangeDecision};
+use crate::store::{ArtifactStore, StoreError};
+use common::api::sled_agent::{
+    ArtifactCopyFromDepotBody, ArtifactCopyFromDepotResponse, ArtifactListResponse, ArtifactPathParam,
+    ArtifactPutResponse, ArtifactQueryParam, CONFIG_GENERATION, M2PathParam, M2StateRequest, RepoDepotApi,
+    SledAgentApi, SledInventory,
+};
+use common::error::server_error;
+use common::{ArtifactConfig, error_chain};
+use dropshot::{
+    Body, ClientErrorStatusCode, HttpError, HttpResponseAccepted, HttpResponseOk,
+    HttpResponseUpdatedNoContent, Path, Query, RequestContext, StreamingBody, TypedBody,
+};
+use futures::TryStreamExt;
+use http::{Response, StatusCode, header};
+use http_body::Frame;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use uuid::Uuid;
+
+/// What the handlers share.
+pub struct SledContext {
+    pub sled_id: Uuid,
+    pub serial: String,
+    pub store: Arc<ArtifactStore>,
+}
+
+/// Seconds a caller refused for the copy limit should wait.
+const COPY_RETRY_AFTER_SECS: u32 = 1;
+
+impl From<StoreError> for HttpError {
+    fn from(error: StoreError) -> HttpError {
+        let message = error_chain(&error);
+        let client = |code: &str, status| HttpError::for_client_error(Some(code.to_string()), status, message.clone());
+        let server = |code: &str, status: StatusCode| server_error(status, code, message.clone());
+        match error {
+            StoreError::GenerationMismatch { .. } | StoreError::ConfigRefused { .. } | StoreError::ConfigChanged { .. } => {
+                client(CONFIG_GENERATION, ClientErrorStatusCode::CONFLICT)
+            }
+            StoreError::NotInConfig { .. } => client("NOT_IN_CONFIG", ClientErrorStatusCode::BAD_REQUEST),
+            StoreError::HashMismatch { .. } => client("HASH_MISMATCH", ClientErrorStatusCode::BAD_REQUEST),
+            StoreError::Body { .. } => client("BAD_BODY", ClientErrorStatusCode::BAD_REQUEST),
+            StoreError::NotFound { .. } | StoreError::NoSuchSlot { .. } => {
+                client("NOT_FOUND", ClientErrorStatusCode::NOT_FOUND)
+            }
+            StoreError::QuotaExceeded { .. } => server("QUOTA_EXCEEDED", StatusCode::INSUFFICIENT_STORAGE),
+            StoreError::TooManyCopies { .. } => server("TOO_MANY_COPIES", StatusCode::SERVICE_UNAVAILABLE)
+                .with_header(header::RETRY_AFTER, COPY_RETRY_AFTER_SECS.to_string())
+                .expect("a valid header"),
+            StoreError::NoHealthyM2 { .. } => server("NO_HEALTHY_M2", StatusCode::SERVICE_UNAVAILABLE),
+            StoreError::SourceUnreachable { .. } | StoreError::SourceStatus { .. } | StoreError::SourceResume { .. } => {
+                server("DEPOT", StatusCode::BAD_GATEWAY)
+            }
+            StoreError::AllWritesFailed { .. } | StoreError::Io { .. } => server("STORAGE", StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+}
+
+pub enum SledAgentImpl {}
+
+impl SledAgentApi for SledAgentImpl {
+    type Context = Arc<SledContext>;
+
+    async fn artifact_config_get(rqctx: RequestContext<Self::Context>) -> Result<HttpResponseOk<ArtifactConfig>, HttpError> {
+        Ok(HttpResponseOk(rqctx.context().store.config().await))
+    }
+
+    async fn artifact_config_put(
+        rqctx: RequestContext<Self::Context>,
+        body: TypedBody<ArtifactConfig>,
+    ) -> Result<HttpResponseUpdatedNoContent, HttpError> {
+        rqctx.context().store.put_config(body.into_inner()).await?;
+        Ok(HttpResponseUpdatedNoContent())
+    }
+
+    async fn artifact_list(rqctx: RequestContext<Self::Context>) -> Result<HttpResponseOk<ArtifactListResponse>, HttpError> {
+        Ok(HttpResponseOk(rqctx.context().store.list().await))
+    }
+
+    async fn artifact_put(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+        query: Query<ArtifactQueryParam>,
+        body: StreamingBody,
+    ) -> Result<HttpResponseOk<ArtifactPutResponse>, HttpError> {
+        let hash = path.into_inner().sha256;
+        let generation = query.into_inner().generation;
+        let response = rqctx.context().store.put(hash, generation, body.into_stream()).await?;
+        Ok(HttpResponseOk(response))
+    }
+
+    async fn artifact_copy_from_depot(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+        query: Query<ArtifactQueryParam>,
+        body: TypedBody<ArtifactCopyFromDepotBody>,
+    ) -> Result<HttpResponseAccepted<ArtifactCopyFromDepotResponse>, HttpError> {
+        let hash = path.into_inner().sha256;
+        let generation = query.into_inner().generation;
+        let source = body.into_inner().depot_base_url;
+        rqctx.context().store.copy_from_depot(hash, generation, &source).await?;
+        Ok(HttpResponseAccepted(ArtifactCopyFromDepotResponse {}))
+    }
+
+    async fn inventory(rqctx: RequestContext<Self::Context>) -> Result<HttpResponseOk<SledInventory>, HttpError> {
+        let context = rqctx.context();
+        Ok(HttpResponseOk(SledInventory {
+            sled_id: context.sled_id,
+            serial: context.serial.clone(),
+            artifact_generation: context.store.config().await.generation,
+            m2: context.store.m2s().iter().map(|m2| m2.inventory()).collect(),
+        }))
+    }
+
+    async fn sim_m2_set_state(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<M2PathParam>,
+        body: TypedBody<M2StateRequest>,
+    ) -> Result<HttpResponseUpdatedNoContent, HttpError> {
+        rqctx.context().store.set_m2_state(path.into_inner().slot, body.into_inner().state).await?;
+        Ok(HttpResponseUpdatedNoContent())
+    }
+}
+
+pub enum RepoDepotImpl {}
+
+impl RepoDepotApi for RepoDepotImpl {
+    type Context = Arc<SledContext>;
+
+    async fn artifact_get_by_sha256(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+    ) -> Result<Response<Body>, HttpError> {
+        let hash = path.into_inner().sha256;
+        let (mut file, length) = rqctx.context().store.open_artifact(&hash).await?;
+        let range_header = rqctx.request.headers().get(header::RANGE).and_then(|value| value.to_str().ok());
+        let (status, start, end) = match range::decide(range_header, length) {
+            RangeDecision::Whole => (StatusCode::OK, 0, length.saturating_sub(1)),
+            RangeDecision::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end),
+            RangeDecision::Unsatisfiable => {
+                return Err(HttpError::for_client_error(
+                    Some("RANGE_NOT_SATISFIABLE".into()),
+                    ClientErrorStatusCode::RANGE_NOT_SATISFIABLE,
+                    format!("artifact {hash} has {length} bytes; the requested range starts beyond them"),
+                )
+                .with_header(header::CONTENT_RANGE, format!("bytes */{length}"))
+                .expect("a valid header"));
+            }
+        };
+        let count = if length == 0 { 0 } else { end - start + 1 };
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|error| HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}")))?;
+        let stream = tokio_util::io::ReaderStream::new(file.take(count)).map_ok(Frame::data);
+        let mut response = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::CONTENT_LENGTH, count);
+        if status == StatusCode::PARTIAL_CONTENT {
+            response = response.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{length}"));
+        }
+        response
+            .body(Body::wrap(http_body_util::StreamBody::new(stream)))
+            .map_err(|error| HttpError::for_internal_error(format!("building the response for {hash}: {error}")))
+    }
+}

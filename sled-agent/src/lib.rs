@@ -1,0 +1,23 @@
+//! The sled agent, on simulated hardware with real storage: each M.2 device
+//! is a directory. It keeps an artifact store on every healthy M.2, enforces
+//! the artifact config generation it was given, serves its artifacts to other
+//! sleds from its repo depot, and registers itself with Nexus.
+//!
+//! Invariants (tested in `store::tests` and `tests/`):
+//! - no partially written or wrong-hash file is ever visible under an
+//!   artifact's name: writes go to a temp file, are hashed as they stream,
+//!   and are renamed into place only when the hash matches;
+//! - the config generation never goes back, across restarts too: the ledger
+//!   is written atomically to every healthy M.2 and the highest valid copy
+//!   wins at start-up;
+//! - files outside the current config are deleted when the config changes
+//!   and at start-up.
+
+pub mod config;
+pub mod http_entrypoints;
+mod ledger;
+mod range;
+pub mod registration;
+pub mod server;
+pub mod storage;
+pub mod store;

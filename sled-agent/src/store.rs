@@ -1,0 +1,581 @@
+//! The artifact store: content-addressed files on every healthy M.2, the
+//! config that says which artifacts belong, and copies from other sleds'
+//! depots.
+//!
+//! Writing (PUT and copy share one path): the body streams into a
+//! random-named temp file in `artifacts/tmp/` on each healthy M.2, hashed as
+//! it goes. Each chunk is reserved against the device's quota before it is
+//! written. A device that fails, fills up or errors mid-write drops out; the
+//! others carry on. At the end the hash must match the name; then each temp
+//! file is fsynced and renamed into place. A partial or wrong file is
+//! therefore never visible under an artifact's name, and two writers of the
+//! same hash can only ever rename identical, verified bytes over each other.
+//!
+//! Config changes and commits exclude each other (the config lock), so the
+//! delete reconciler can never race a rename of an artifact it just deleted
+//! from the config.
+
+use crate::config::CopyConfig;
+use crate::ledger;
+use crate::storage::{M2, QuotaExceeded};
+use bytes::Bytes;
+use camino::Utf8PathBuf;
+use common::api::sled_agent::{ArtifactListResponse, ArtifactPutResponse, M2State};
+use common::{ArtifactConfig, ArtifactHash, Generation, error_chain};
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Mutex, RwLock, Semaphore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the sled holds artifact config generation {current}; the request is for generation {requested}")]
+    GenerationMismatch { requested: Generation, current: Generation },
+    #[error("artifact {hash} is not in the sled's artifact config (generation {generation})")]
+    NotInConfig { hash: ArtifactHash, generation: Generation },
+    #[error("artifact config generation {offered} refused: the sled holds generation {current}{detail}")]
+    ConfigRefused { offered: Generation, current: Generation, detail: &'static str },
+    #[error("no healthy M.2 device to {action}")]
+    NoHealthyM2 { action: &'static str },
+    #[error("artifact {hash} does not fit on any M.2")]
+    QuotaExceeded {
+        hash: ArtifactHash,
+        #[source]
+        source: QuotaExceeded,
+    },
+    #[error("artifact {expected}: the data received has sha256 {actual} ({bytes} bytes); nothing was stored")]
+    HashMismatch { expected: ArtifactHash, actual: ArtifactHash, bytes: u64 },
+    #[error("artifact {hash}: every M.2 write failed: {errors}")]
+    AllWritesFailed { hash: ArtifactHash, errors: String },
+    #[error("artifact {hash}: the artifact config changed during the write and no longer includes it")]
+    ConfigChanged { hash: ArtifactHash },
+    #[error("artifact {hash}: reading the data failed after {bytes} bytes: {message}")]
+    Body { hash: ArtifactHash, bytes: u64, message: String },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: Utf8PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("this sled already runs {limit} copies, its limit; retry later")]
+    TooManyCopies { limit: usize },
+    #[error("depot {url} could not be reached")]
+    SourceUnreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("depot {url} answered {status}")]
+    SourceStatus { url: String, status: u16 },
+    #[error("depot {url} did not resume at byte {offset}: {detail}")]
+    SourceResume { url: String, offset: u64, detail: String },
+    #[error("artifact {hash} is not on any healthy M.2 of this sled")]
+    NotFound { hash: ArtifactHash },
+    #[error("this sled has no M.2 in slot {slot} (it has {count})")]
+    NoSuchSlot { slot: u32, count: usize },
+}
+
+pub struct ArtifactStore {
+    log: slog::Logger,
+    m2s: Vec<Arc<M2>>,
+    config: RwLock<ArtifactConfig>,
+    /// Serializes renames into place, so that "did the file exist" and the
+    /// quota accounting that depends on it agree.
+    commit: Mutex<()>,
+    copy_permits: Arc<Semaphore>,
+    copy: CopyConfig,
+    http: reqwest::Client,
+}
+
+impl ArtifactStore {
+    /// Opens the store: removes temp leftovers, loads the newest ledger,
+    /// re-hashes every stored artifact (`verify_workers` at a time) deleting
+    /// corrupt ones, and deletes artifacts outside the config.
+    pub async fn open(
+        log: slog::Logger,
+        m2s: Vec<Arc<M2>>,
+        copy: CopyConfig,
+        verify_workers: usize,
+    ) -> Result<ArtifactStore, StoreError> {
+        for m2 in &m2s {
+            let removed = m2.prepare().map_err(|source| StoreError::Io {
+                what: "preparing the artifact dataset of",
+                path: m2.root().to_owned(),
+                source,
+            })?;
+            if removed > 0 {
+                slog::info!(log, "removed temp files of unfinished writes"; "slot" => m2.slot, "count" => removed);
+            }
+        }
+        let (config, problems) = ledger::load(&m2s);
+        for problem in problems {
+            slog::warn!(log, "artifact config ledger"; "problem" => problem);
+        }
+        verify_all(&log, &m2s, verify_workers).await;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(copy.read_timeout_secs))
+            .build()
+            .expect("a plain HTTP client builds");
+        let store = ArtifactStore {
+            log,
+            copy_permits: Arc::new(Semaphore::new(copy.max_concurrent)),
+            copy,
+            http,
+            commit: Mutex::new(()),
+            config: RwLock::new(config.clone()),
+            m2s,
+        };
+        for m2 in store.healthy() {
+            store.adopt(&m2, &config)?;
+        }
+        slog::info!(store.log, "artifact store open"; "generation" => %config.generation, "artifacts" => config.artifacts.len());
+        Ok(store)
+    }
+
+    pub fn m2s(&self) -> &[Arc<M2>] {
+        &self.m2s
+    }
+
+    fn healthy(&self) -> Vec<Arc<M2>> {
+        self.m2s.iter().filter(|m2| m2.is_healthy()).cloned().collect()
+    }
+
+    pub async fn config(&self) -> ArtifactConfig {
+        self.config.read().await.clone()
+    }
+
+    /// Accepts a newer config (returns true), ignores the same one (false),
+    /// refuses anything else.
+    pub async fn put_config(&self, offered: ArtifactConfig) -> Result<bool, StoreError> {
+        let mut config = self.config.write().await;
+        if offered == *config {
+            return Ok(false);
+        }
+        if offered.generation <= config.generation {
+            let detail = if offered.generation == config.generation { " with a different set of artifacts" } else { "" };
+            return Err(StoreError::ConfigRefused { offered: offered.generation, current: config.generation, detail });
+        }
+        let healthy = self.healthy();
+        if healthy.is_empty() {
+            return Err(StoreError::NoHealthyM2 { action: "record the artifact config on" });
+        }
+        let mut written = 0;
+        for m2 in &healthy {
+            match ledger::write_one(m2, &offered) {
+                Ok(()) => written += 1,
+                Err(error) => slog::warn!(self.log, "writing the config ledger failed"; "slot" => m2.slot, "error" => %error),
+            }
+        }
+        if written == 0 {
+            return Err(StoreError::NoHealthyM2 { action: "write the artifact config ledger to" });
+        }
+        *config = offered;
+        for m2 in &healthy {
+            self.delete_unreferenced(m2, &config);
+        }
+        slog::info!(self.log, "accepted artifact config"; "generation" => %config.generation, "artifacts" => config.artifacts.len());
+        Ok(true)
+    }
+
+    pub async fn list(&self) -> ArtifactListResponse {
+        let config = self.config.read().await;
+        let healthy = self.healthy();
+        let list = config
+            .artifacts
+            .iter()
+            .filter_map(|hash| {
+                let copies = healthy.iter().filter(|m2| m2.artifact_path(hash).is_file()).count();
+                (copies > 0).then_some((*hash, copies))
+            })
+            .collect();
+        ArtifactListResponse { generation: config.generation, list }
+    }
+
+    /// Opens the artifact on the first healthy M.2 that has it.
+    pub async fn open_artifact(&self, hash: &ArtifactHash) -> Result<(tokio::fs::File, u64), StoreError> {
+        for m2 in self.healthy() {
+            if let Ok(file) = tokio::fs::File::open(m2.artifact_path(hash)).await {
+                let length = file.metadata().await.map_err(|source| StoreError::Io {
+                    what: "reading the size of",
+                    path: m2.artifact_path(hash),
+                    source,
+                })?;
+                return Ok((file, length.len()));
+            }
+        }
+        Err(StoreError::NotFound { hash: *hash })
+    }
+
+    /// Stores the body under `hash` on every healthy M.2.
+    pub async fn put<S, E>(&self, hash: ArtifactHash, generation: Generation, body: S) -> Result<ArtifactPutResponse, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::error::Error,
+    {
+        self.check_request(&hash, generation).await?;
+        let mut write = self.begin_write(hash)?;
+        let mut body = std::pin::pin!(body);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|error| StoreError::Body { hash, bytes: write.bytes, message: error_chain(&error) })?;
+            write.write(&chunk).await?;
+        }
+        self.commit(write).await
+    }
+
+    /// Starts copying `hash` from another sled's depot. Returns once the
+    /// source has answered; the copy finishes in the background.
+    pub async fn copy_from_depot(self: &Arc<Self>, hash: ArtifactHash, generation: Generation, depot_base_url: &str) -> Result<(), StoreError> {
+        self.check_request(&hash, generation).await?;
+        let permit = self
+            .copy_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| StoreError::TooManyCopies { limit: self.copy.max_concurrent })?;
+        let url = format!("{}/artifact/sha256/{hash}", depot_base_url.trim_end_matches('/'));
+        let response = self.fetch(&url, 0).await?;
+        let write = self.begin_write(hash)?;
+        let store = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match store.download(write, response, &url).await {
+                Ok(outcome) => slog::info!(store.log, "copied artifact"; "hash" => %hash, "from" => &url,
+                    "successful_writes" => outcome.successful_writes),
+                Err(error) => slog::warn!(store.log, "copy failed"; "hash" => %hash, "from" => &url,
+                    "error" => error_chain(&error)),
+            }
+        });
+        Ok(())
+    }
+
+    /// Fails, removes or restores an M.2. A restored device gets the current
+    /// config ledger and loses artifacts that left the config meanwhile.
+    pub async fn set_m2_state(&self, slot: u32, state: M2State) -> Result<(), StoreError> {
+        let m2 = self
+            .m2s
+            .iter()
+            .find(|m2| m2.slot == slot)
+            .ok_or(StoreError::NoSuchSlot { slot, count: self.m2s.len() })?;
+        let config = self.config.write().await;
+        let before = m2.set_state(state);
+        if state == M2State::Healthy && before != M2State::Healthy {
+            self.adopt(m2, &config)?;
+        }
+        slog::info!(self.log, "M.2 state changed"; "slot" => slot, "from" => ?before, "to" => ?state);
+        Ok(())
+    }
+
+    /// Brings one device in line with `config`: its ledger, its files, its
+    /// usage count.
+    fn adopt(&self, m2: &M2, config: &ArtifactConfig) -> Result<(), StoreError> {
+        let io = |what, source| StoreError::Io { what, path: m2.root().to_owned(), source };
+        m2.prepare().map_err(|source| io("preparing the artifact dataset of", source))?;
+        if config.generation > Generation::new(0) {
+            ledger::write_one(m2, config).map_err(|source| io("writing the config ledger of", source))?;
+        }
+        self.delete_unreferenced(m2, config);
+        m2.recount_used().map_err(|source| io("measuring the artifact dataset of", source))
+    }
+
+    fn delete_unreferenced(&self, m2: &M2, config: &ArtifactConfig) {
+        let files = match m2.artifact_files() {
+            Ok(files) => files,
+            Err(error) => {
+                slog::warn!(self.log, "listing artifacts failed"; "slot" => m2.slot, "error" => %error);
+                return;
+            }
+        };
+        for name in files {
+            let wanted = name.parse::<ArtifactHash>().is_ok_and(|hash| config.artifacts.contains(&hash));
+            if wanted {
+                continue;
+            }
+            let path = m2.dataset().join(&name);
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    m2.release(size);
+                    slog::info!(self.log, "deleted artifact outside the config"; "path" => %path);
+                }
+                Err(error) => slog::warn!(self.log, "deleting artifact failed"; "path" => %path, "error" => %error),
+            }
+        }
+    }
+
+    async fn check_request(&self, hash: &ArtifactHash, generation: Generation) -> Result<(), StoreError> {
+        let config = self.config.read().await;
+        if config.generation != generation {
+            return Err(StoreError::GenerationMismatch { requested: generation, current: config.generation });
+        }
+        if !config.artifacts.contains(hash) {
+            return Err(StoreError::NotInConfig { hash: *hash, generation: config.generation });
+        }
+        Ok(())
+    }
+
+    fn begin_write(&self, hash: ArtifactHash) -> Result<PendingWrite, StoreError> {
+        let healthy = self.healthy();
+        if healthy.is_empty() {
+            return Err(StoreError::NoHealthyM2 { action: "store an artifact on" });
+        }
+        let mut targets = Vec::with_capacity(healthy.len());
+        let mut failures = Vec::new();
+        for m2 in healthy {
+            let tmp = m2.tmp_dir().join(format!("{hash}.{:016x}.tmp", rand::random::<u64>()));
+            match std::fs::File::create_new(&tmp) {
+                Ok(file) => targets.push(Target { file: Some(tokio::fs::File::from_std(file)), m2, tmp, reserved: 0, committed: false }),
+                Err(error) => failures.push(format!("M.2 slot {}: creating {tmp}: {error}", m2.slot)),
+            }
+        }
+        if targets.is_empty() {
+            return Err(StoreError::AllWritesFailed { hash, errors: failures.join("; ") });
+        }
+        Ok(PendingWrite { hash, datasets: targets.len() + failures.len(), targets, hasher: Sha256::new(), bytes: 0, failures, quota: None })
+    }
+
+    async fn commit(&self, write: PendingWrite) -> Result<ArtifactPutResponse, StoreError> {
+        let PendingWrite { hash, datasets, mut targets, hasher, bytes, mut failures, .. } = write;
+        let actual = ArtifactHash(hasher.finalize().into());
+        if actual != hash {
+            return Err(StoreError::HashMismatch { expected: hash, actual, bytes });
+        }
+        for target in targets.iter_mut().filter(|t| t.file.is_some()) {
+            let file = target.file.take().expect("filtered on a live file");
+            if let Err(error) = sync(file).await {
+                failures.push(format!("M.2 slot {}: syncing {}: {error}", target.m2.slot, target.tmp));
+                target.reserved_release();
+            }
+        }
+        let config = self.config.read().await;
+        if !config.artifacts.contains(&hash) {
+            return Err(StoreError::ConfigChanged { hash });
+        }
+        let _commit = self.commit.lock().await;
+        let mut successful_writes = 0;
+        for target in targets.iter_mut().filter(|t| t.reserved != u64::MAX) {
+            if !target.m2.is_healthy() {
+                failures.push(format!("M.2 slot {} failed before the rename", target.m2.slot));
+                continue;
+            }
+            let destination = target.m2.artifact_path(&hash);
+            let existed = destination.is_file();
+            let renamed = std::fs::rename(&target.tmp, &destination).and_then(|()| ledger::sync_dir(&target.m2.dataset()));
+            match renamed {
+                Ok(()) => {
+                    target.committed = true;
+                    successful_writes += 1;
+                    if existed {
+                        // Identical verified bytes replaced identical bytes.
+                        target.m2.release(target.reserved);
+                    }
+                }
+                Err(error) => failures.push(format!("M.2 slot {}: renaming into {destination}: {error}", target.m2.slot)),
+            }
+        }
+        if successful_writes == 0 {
+            return Err(StoreError::AllWritesFailed { hash, errors: failures.join("; ") });
+        }
+        for failure in &failures {
+            slog::warn!(self.log, "artifact write failed on one M.2"; "hash" => %hash, "error" => failure);
+        }
+        Ok(ArtifactPutResponse { datasets, successful_writes })
+    }
+
+    async fn fetch(&self, url: &str, offset: u64) -> Result<reqwest::Response, StoreError> {
+        let mut request = self.http.get(url);
+        if offset > 0 {
+            request = request.header(http::header::RANGE, format!("bytes={offset}-"));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|source| StoreError::SourceUnreachable { url: url.to_string(), source })?;
+        let status = response.status().as_u16();
+        if offset == 0 {
+            return if status == 200 { Ok(response) } else { Err(StoreError::SourceStatus { url: url.to_string(), status }) };
+        }
+        let content_range = response
+            .headers()
+            .get(http::header::CONTENT_RANGE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        if status != 206 || !content_range.starts_with(&format!("bytes {offset}-")) {
+            return Err(StoreError::SourceResume {
+                url: url.to_string(),
+                offset,
+                detail: format!("answered {status} with Content-Range {content_range:?}"),
+            });
+        }
+        Ok(response)
+    }
+
+    /// Streams a depot's response into the pending write, resuming with a
+    /// Range request where the stream broke, then commits.
+    async fn download(&self, mut write: PendingWrite, mut response: reqwest::Response, url: &str) -> Result<ArtifactPutResponse, StoreError> {
+        let mut resumes = 0;
+        loop {
+            let mut stream = response.bytes_stream();
+            let broke = loop {
+                match stream.next().await {
+                    None => break None,
+                    Some(Ok(chunk)) => write.write(&chunk).await?,
+                    Some(Err(error)) => break Some(error),
+                }
+            };
+            let Some(error) = broke else { break };
+            if resumes == self.copy.resume_attempts {
+                return Err(StoreError::Body { hash: write.hash, bytes: write.bytes, message: format!("from {url}: {}", error_chain(&error)) });
+            }
+            resumes += 1;
+            slog::info!(self.log, "copy interrupted; resuming"; "from" => url, "offset" => write.bytes,
+                "attempt" => resumes, "error" => error_chain(&error));
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
+            response = self.fetch(url, write.bytes).await?;
+        }
+        self.commit(write).await
+    }
+}
+
+/// A write in progress to the temp files of every healthy M.2.
+struct PendingWrite {
+    hash: ArtifactHash,
+    datasets: usize,
+    targets: Vec<Target>,
+    hasher: Sha256,
+    bytes: u64,
+    failures: Vec<String>,
+    /// The first quota refusal, reported if every device refused.
+    quota: Option<QuotaExceeded>,
+}
+
+struct Target {
+    m2: Arc<M2>,
+    tmp: Utf8PathBuf,
+    /// `None` once the target dropped out or was synced.
+    file: Option<tokio::fs::File>,
+    /// Bytes reserved against the quota; `u64::MAX` marks a dropped target.
+    reserved: u64,
+    committed: bool,
+}
+
+impl Target {
+    /// Drops the target out of the write: its reservation is returned and its
+    /// temp file removed (by `Drop`).
+    fn reserved_release(&mut self) {
+        self.file = None;
+        if self.reserved != u64::MAX {
+            self.m2.release(self.reserved);
+            self.reserved = u64::MAX;
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.reserved_release();
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl PendingWrite {
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        self.hasher.update(chunk);
+        self.bytes += chunk.len() as u64;
+        let length = chunk.len() as u64;
+        for target in self.targets.iter_mut().filter(|t| t.file.is_some()) {
+            if !target.m2.is_healthy() {
+                self.failures.push(format!("M.2 slot {} failed during the write", target.m2.slot));
+                target.reserved_release();
+                continue;
+            }
+            if let Err(exceeded) = target.m2.reserve(length) {
+                self.failures.push(exceeded.to_string());
+                self.quota.get_or_insert(exceeded);
+                target.reserved_release();
+                continue;
+            }
+            target.reserved += length;
+            let file = target.file.as_mut().expect("filtered on a live file");
+            if let Err(error) = file.write_all(chunk).await {
+                self.failures.push(format!("M.2 slot {}: writing {}: {error}", target.m2.slot, target.tmp));
+                target.reserved_release();
+            }
+        }
+        if self.targets.iter().all(|t| t.file.is_none()) {
+            return Err(match self.quota.take() {
+                Some(source) if self.failures.iter().all(|f| f.contains("is full")) => {
+                    StoreError::QuotaExceeded { hash: self.hash, source }
+                }
+                _ => StoreError::AllWritesFailed { hash: self.hash, errors: self.failures.join("; ") },
+            });
+        }
+        Ok(())
+    }
+}
+
+async fn sync(mut file: tokio::fs::File) -> std::io::Result<()> {
+    file.flush().await?;
+    file.sync_all().await
+}
+
+/// Re-hashes every stored artifact, `workers` at a time, and deletes files
+/// whose contents do not match their name (or whose name is not a hash).
+async fn verify_all(log: &slog::Logger, m2s: &[Arc<M2>], workers: usize) {
+    let mut files = Vec::new();
+    for m2 in m2s {
+        match m2.artifact_files() {
+            Ok(names) => files.extend(names.into_iter().map(|name| m2.dataset().join(name))),
+            Err(error) => slog::warn!(log, "listing artifacts for verification failed"; "slot" => m2.slot, "error" => %error),
+        }
+    }
+    let count = files.len();
+    let results = futures::stream::iter(files)
+        .map(|path| async move {
+            let checked = path.clone();
+            let verdict = tokio::task::spawn_blocking(move || verify_file(&checked))
+                .await
+                .unwrap_or_else(|panic| Err(format!("verification panicked: {panic}")));
+            (path, verdict)
+        })
+        .buffer_unordered(workers)
+        .collect::<Vec<_>>()
+        .await;
+    let mut removed = 0;
+    for (path, verdict) in results {
+        if let Err(problem) = verdict {
+            slog::error!(log, "removing corrupt artifact"; "path" => %path, "problem" => &problem);
+            if let Err(error) = std::fs::remove_file(&path) {
+                slog::error!(log, "removing corrupt artifact failed"; "path" => %path, "error" => %error);
+            }
+            removed += 1;
+        }
+    }
+    slog::info!(log, "verified stored artifacts"; "checked" => count, "removed" => removed);
+}
+
+fn verify_file(path: &camino::Utf8Path) -> Result<(), String> {
+    let expected: ArtifactHash = path
+        .file_name()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|error| format!("not an artifact file: {error}"))?;
+    let mut file = std::fs::File::open(path).map_err(|error| format!("opening: {error}"))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer).map_err(|error| format!("reading: {error}"))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    let actual = ArtifactHash(hasher.finalize().into());
+    if actual == expected { Ok(()) } else { Err(format!("contents have sha256 {actual}")) }
+}
