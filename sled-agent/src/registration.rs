@@ -12,10 +12,19 @@ use uuid::Uuid;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-pub fn spawn(log: slog::Logger, nexus_internal_url: &str, sled_id: Uuid, info: SledAgentInfo, period: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    log: slog::Logger,
+    nexus_internal_url: &str,
+    sled_id: Uuid,
+    info: SledAgentInfo,
+    period: Duration,
+) -> tokio::task::JoinHandle<()> {
     let client = Client::new_with_client(
         nexus_internal_url,
-        reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("a plain HTTP client builds"),
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("a plain HTTP client builds"),
     );
     tokio::spawn(async move {
         let mut failures: u32 = 0;
@@ -36,7 +45,9 @@ pub fn spawn(log: slog::Logger, nexus_internal_url: &str, sled_id: Uuid, info: S
                         slog::warn!(log, "registering with Nexus failed; retrying";
                             "failures" => failures, "error" => error_chain(&error));
                     }
-                    let backoff = Duration::from_millis(100).saturating_mul(1 << failures.min(10)).min(MAX_BACKOFF);
+                    let backoff = Duration::from_millis(100)
+                        .saturating_mul(1 << failures.min(10))
+                        .min(MAX_BACKOFF);
                     tokio::time::sleep(backoff).await;
                 }
             }

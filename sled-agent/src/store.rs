@@ -32,12 +32,26 @@ use tokio::sync::{Mutex, RwLock, Semaphore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the sled holds artifact config generation {current}; the request is for generation {requested}")]
-    GenerationMismatch { requested: Generation, current: Generation },
+    #[error(
+        "the sled holds artifact config generation {current}; the request is for generation {requested}"
+    )]
+    GenerationMismatch {
+        requested: Generation,
+        current: Generation,
+    },
     #[error("artifact {hash} is not in the sled's artifact config (generation {generation})")]
-    NotInConfig { hash: ArtifactHash, generation: Generation },
-    #[error("artifact config generation {offered} refused: the sled holds generation {current}{detail}")]
-    ConfigRefused { offered: Generation, current: Generation, detail: &'static str },
+    NotInConfig {
+        hash: ArtifactHash,
+        generation: Generation,
+    },
+    #[error(
+        "artifact config generation {offered} refused: the sled holds generation {current}{detail}"
+    )]
+    ConfigRefused {
+        offered: Generation,
+        current: Generation,
+        detail: &'static str,
+    },
     #[error("no healthy M.2 device to {action}")]
     NoHealthyM2 { action: &'static str },
     #[error("artifact {hash} does not fit on any M.2")]
@@ -46,14 +60,26 @@ pub enum StoreError {
         #[source]
         source: QuotaExceeded,
     },
-    #[error("artifact {expected}: the data received has sha256 {actual} ({bytes} bytes); nothing was stored")]
-    HashMismatch { expected: ArtifactHash, actual: ArtifactHash, bytes: u64 },
+    #[error(
+        "artifact {expected}: the data received has sha256 {actual} ({bytes} bytes); nothing was stored"
+    )]
+    HashMismatch {
+        expected: ArtifactHash,
+        actual: ArtifactHash,
+        bytes: u64,
+    },
     #[error("artifact {hash}: every M.2 write failed: {errors}")]
     AllWritesFailed { hash: ArtifactHash, errors: String },
-    #[error("artifact {hash}: the artifact config changed during the write and no longer includes it")]
+    #[error(
+        "artifact {hash}: the artifact config changed during the write and no longer includes it"
+    )]
     ConfigChanged { hash: ArtifactHash },
     #[error("artifact {hash}: reading the data failed after {bytes} bytes: {message}")]
-    Body { hash: ArtifactHash, bytes: u64, message: String },
+    Body {
+        hash: ArtifactHash,
+        bytes: u64,
+        message: String,
+    },
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -72,7 +98,11 @@ pub enum StoreError {
     #[error("depot {url} answered {status}")]
     SourceStatus { url: String, status: u16 },
     #[error("depot {url} did not resume at byte {offset}: {detail}")]
-    SourceResume { url: String, offset: u64, detail: String },
+    SourceResume {
+        url: String,
+        offset: u64,
+        detail: String,
+    },
     #[error("artifact {hash} is not on any healthy M.2 of this sled")]
     NotFound { hash: ArtifactHash },
     #[error("this sled has no M.2 in slot {slot} (it has {count})")]
@@ -142,7 +172,11 @@ impl ArtifactStore {
     }
 
     fn healthy(&self) -> Vec<Arc<M2>> {
-        self.m2s.iter().filter(|m2| m2.is_healthy()).cloned().collect()
+        self.m2s
+            .iter()
+            .filter(|m2| m2.is_healthy())
+            .cloned()
+            .collect()
     }
 
     pub async fn config(&self) -> ArtifactConfig {
@@ -157,22 +191,36 @@ impl ArtifactStore {
             return Ok(false);
         }
         if offered.generation <= config.generation {
-            let detail = if offered.generation == config.generation { " with a different set of artifacts" } else { "" };
-            return Err(StoreError::ConfigRefused { offered: offered.generation, current: config.generation, detail });
+            let detail = if offered.generation == config.generation {
+                " with a different set of artifacts"
+            } else {
+                ""
+            };
+            return Err(StoreError::ConfigRefused {
+                offered: offered.generation,
+                current: config.generation,
+                detail,
+            });
         }
         let healthy = self.healthy();
         if healthy.is_empty() {
-            return Err(StoreError::NoHealthyM2 { action: "record the artifact config on" });
+            return Err(StoreError::NoHealthyM2 {
+                action: "record the artifact config on",
+            });
         }
         let mut written = 0;
         for m2 in &healthy {
             match ledger::write_one(m2, &offered) {
                 Ok(()) => written += 1,
-                Err(error) => slog::warn!(self.log, "writing the config ledger failed"; "slot" => m2.slot, "error" => %error),
+                Err(error) => {
+                    slog::warn!(self.log, "writing the config ledger failed"; "slot" => m2.slot, "error" => %error)
+                }
             }
         }
         if written == 0 {
-            return Err(StoreError::NoHealthyM2 { action: "write the artifact config ledger to" });
+            return Err(StoreError::NoHealthyM2 {
+                action: "write the artifact config ledger to",
+            });
         }
         *config = offered;
         for m2 in &healthy {
@@ -189,15 +237,24 @@ impl ArtifactStore {
             .artifacts
             .iter()
             .filter_map(|hash| {
-                let copies = healthy.iter().filter(|m2| m2.artifact_path(hash).is_file()).count();
+                let copies = healthy
+                    .iter()
+                    .filter(|m2| m2.artifact_path(hash).is_file())
+                    .count();
                 (copies > 0).then_some((*hash, copies))
             })
             .collect();
-        ArtifactListResponse { generation: config.generation, list }
+        ArtifactListResponse {
+            generation: config.generation,
+            list,
+        }
     }
 
     /// Opens the artifact on the first healthy M.2 that has it.
-    pub async fn open_artifact(&self, hash: &ArtifactHash) -> Result<(tokio::fs::File, u64), StoreError> {
+    pub async fn open_artifact(
+        &self,
+        hash: &ArtifactHash,
+    ) -> Result<(tokio::fs::File, u64), StoreError> {
         for m2 in self.healthy() {
             if let Ok(file) = tokio::fs::File::open(m2.artifact_path(hash)).await {
                 let length = file.metadata().await.map_err(|source| StoreError::Io {
@@ -212,7 +269,12 @@ impl ArtifactStore {
     }
 
     /// Stores the body under `hash` on every healthy M.2.
-    pub async fn put<S, E>(&self, hash: ArtifactHash, generation: Generation, body: S) -> Result<ArtifactPutResponse, StoreError>
+    pub async fn put<S, E>(
+        &self,
+        hash: ArtifactHash,
+        generation: Generation,
+        body: S,
+    ) -> Result<ArtifactPutResponse, StoreError>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::error::Error,
@@ -221,7 +283,11 @@ impl ArtifactStore {
         let mut write = self.begin_write(hash)?;
         let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|error| StoreError::Body { hash, bytes: write.bytes, message: error_chain(&error) })?;
+            let chunk = chunk.map_err(|error| StoreError::Body {
+                hash,
+                bytes: write.bytes,
+                message: error_chain(&error),
+            })?;
             write.write(&chunk).await?;
         }
         self.commit(write).await
@@ -229,24 +295,36 @@ impl ArtifactStore {
 
     /// Starts copying `hash` from another sled's depot. Returns once the
     /// source has answered; the copy finishes in the background.
-    pub async fn copy_from_depot(self: &Arc<Self>, hash: ArtifactHash, generation: Generation, depot_base_url: &str) -> Result<(), StoreError> {
+    pub async fn copy_from_depot(
+        self: &Arc<Self>,
+        hash: ArtifactHash,
+        generation: Generation,
+        depot_base_url: &str,
+    ) -> Result<(), StoreError> {
         self.check_request(&hash, generation).await?;
-        let permit = self
-            .copy_permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| StoreError::TooManyCopies { limit: self.copy.max_concurrent })?;
-        let url = format!("{}/artifact/sha256/{hash}", depot_base_url.trim_end_matches('/'));
+        let permit = self.copy_permits.clone().try_acquire_owned().map_err(|_| {
+            StoreError::TooManyCopies {
+                limit: self.copy.max_concurrent,
+            }
+        })?;
+        let url = format!(
+            "{}/artifact/sha256/{hash}",
+            depot_base_url.trim_end_matches('/')
+        );
         let response = self.fetch(&url, 0).await?;
         let write = self.begin_write(hash)?;
         let store = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match store.download(write, response, &url).await {
-                Ok(outcome) => slog::info!(store.log, "copied artifact"; "hash" => %hash, "from" => &url,
-                    "successful_writes" => outcome.successful_writes),
-                Err(error) => slog::warn!(store.log, "copy failed"; "hash" => %hash, "from" => &url,
-                    "error" => error_chain(&error)),
+                Ok(outcome) => {
+                    slog::info!(store.log, "copied artifact"; "hash" => %hash, "from" => &url,
+                    "successful_writes" => outcome.successful_writes)
+                }
+                Err(error) => {
+                    slog::warn!(store.log, "copy failed"; "hash" => %hash, "from" => &url,
+                    "error" => error_chain(&error))
+                }
             }
         });
         Ok(())
@@ -259,7 +337,10 @@ impl ArtifactStore {
             .m2s
             .iter()
             .find(|m2| m2.slot == slot)
-            .ok_or(StoreError::NoSuchSlot { slot, count: self.m2s.len() })?;
+            .ok_or(StoreError::NoSuchSlot {
+                slot,
+                count: self.m2s.len(),
+            })?;
         let config = self.config.write().await;
         let before = m2.set_state(state);
         if state == M2State::Healthy && before != M2State::Healthy {
@@ -272,13 +353,20 @@ impl ArtifactStore {
     /// Brings one device in line with `config`: its ledger, its files, its
     /// usage count.
     fn adopt(&self, m2: &M2, config: &ArtifactConfig) -> Result<(), StoreError> {
-        let io = |what, source| StoreError::Io { what, path: m2.root().to_owned(), source };
-        m2.prepare().map_err(|source| io("preparing the artifact dataset of", source))?;
+        let io = |what, source| StoreError::Io {
+            what,
+            path: m2.root().to_owned(),
+            source,
+        };
+        m2.prepare()
+            .map_err(|source| io("preparing the artifact dataset of", source))?;
         if config.generation > Generation::new(0) {
-            ledger::write_one(m2, config).map_err(|source| io("writing the config ledger of", source))?;
+            ledger::write_one(m2, config)
+                .map_err(|source| io("writing the config ledger of", source))?;
         }
         self.delete_unreferenced(m2, config);
-        m2.recount_used().map_err(|source| io("measuring the artifact dataset of", source))
+        m2.recount_used()
+            .map_err(|source| io("measuring the artifact dataset of", source))
     }
 
     fn delete_unreferenced(&self, m2: &M2, config: &ArtifactConfig) {
@@ -290,7 +378,9 @@ impl ArtifactStore {
             }
         };
         for name in files {
-            let wanted = name.parse::<ArtifactHash>().is_ok_and(|hash| config.artifacts.contains(&hash));
+            let wanted = name
+                .parse::<ArtifactHash>()
+                .is_ok_and(|hash| config.artifacts.contains(&hash));
             if wanted {
                 continue;
             }
@@ -301,18 +391,30 @@ impl ArtifactStore {
                     m2.release(size);
                     slog::info!(self.log, "deleted artifact outside the config"; "path" => %path);
                 }
-                Err(error) => slog::warn!(self.log, "deleting artifact failed"; "path" => %path, "error" => %error),
+                Err(error) => {
+                    slog::warn!(self.log, "deleting artifact failed"; "path" => %path, "error" => %error)
+                }
             }
         }
     }
 
-    async fn check_request(&self, hash: &ArtifactHash, generation: Generation) -> Result<(), StoreError> {
+    async fn check_request(
+        &self,
+        hash: &ArtifactHash,
+        generation: Generation,
+    ) -> Result<(), StoreError> {
         let config = self.config.read().await;
         if config.generation != generation {
-            return Err(StoreError::GenerationMismatch { requested: generation, current: config.generation });
+            return Err(StoreError::GenerationMismatch {
+                requested: generation,
+                current: config.generation,
+            });
         }
         if !config.artifacts.contains(hash) {
-            return Err(StoreError::NotInConfig { hash: *hash, generation: config.generation });
+            return Err(StoreError::NotInConfig {
+                hash: *hash,
+                generation: config.generation,
+            });
         }
         Ok(())
     }
@@ -320,33 +422,71 @@ impl ArtifactStore {
     fn begin_write(&self, hash: ArtifactHash) -> Result<PendingWrite, StoreError> {
         let healthy = self.healthy();
         if healthy.is_empty() {
-            return Err(StoreError::NoHealthyM2 { action: "store an artifact on" });
+            return Err(StoreError::NoHealthyM2 {
+                action: "store an artifact on",
+            });
         }
         let mut targets = Vec::with_capacity(healthy.len());
         let mut failures = Vec::new();
         for m2 in healthy {
-            let tmp = m2.tmp_dir().join(format!("{hash}.{:016x}.tmp", rand::random::<u64>()));
+            let tmp = m2
+                .tmp_dir()
+                .join(format!("{hash}.{:016x}.tmp", rand::random::<u64>()));
             match std::fs::File::create_new(&tmp) {
-                Ok(file) => targets.push(Target { file: Some(tokio::fs::File::from_std(file)), m2, tmp, reserved: 0, committed: false }),
-                Err(error) => failures.push(format!("M.2 slot {}: creating {tmp}: {error}", m2.slot)),
+                Ok(file) => targets.push(Target {
+                    file: Some(tokio::fs::File::from_std(file)),
+                    m2,
+                    tmp,
+                    reserved: 0,
+                    committed: false,
+                }),
+                Err(error) => {
+                    failures.push(format!("M.2 slot {}: creating {tmp}: {error}", m2.slot))
+                }
             }
         }
         if targets.is_empty() {
-            return Err(StoreError::AllWritesFailed { hash, errors: failures.join("; ") });
+            return Err(StoreError::AllWritesFailed {
+                hash,
+                errors: failures.join("; "),
+            });
         }
-        Ok(PendingWrite { hash, datasets: targets.len() + failures.len(), targets, hasher: Sha256::new(), bytes: 0, failures, quota: None })
+        Ok(PendingWrite {
+            hash,
+            datasets: targets.len() + failures.len(),
+            targets,
+            hasher: Sha256::new(),
+            bytes: 0,
+            failures,
+            quota: None,
+        })
     }
 
     async fn commit(&self, write: PendingWrite) -> Result<ArtifactPutResponse, StoreError> {
-        let PendingWrite { hash, datasets, mut targets, hasher, bytes, mut failures, .. } = write;
+        let PendingWrite {
+            hash,
+            datasets,
+            mut targets,
+            hasher,
+            bytes,
+            mut failures,
+            ..
+        } = write;
         let actual = ArtifactHash(hasher.finalize().into());
         if actual != hash {
-            return Err(StoreError::HashMismatch { expected: hash, actual, bytes });
+            return Err(StoreError::HashMismatch {
+                expected: hash,
+                actual,
+                bytes,
+            });
         }
         for target in targets.iter_mut().filter(|t| t.file.is_some()) {
             let file = target.file.take().expect("filtered on a live file");
             if let Err(error) = sync(file).await {
-                failures.push(format!("M.2 slot {}: syncing {}: {error}", target.m2.slot, target.tmp));
+                failures.push(format!(
+                    "M.2 slot {}: syncing {}: {error}",
+                    target.m2.slot, target.tmp
+                ));
                 target.reserved_release();
             }
         }
@@ -358,12 +498,16 @@ impl ArtifactStore {
         let mut successful_writes = 0;
         for target in targets.iter_mut().filter(|t| t.reserved != u64::MAX) {
             if !target.m2.is_healthy() {
-                failures.push(format!("M.2 slot {} failed before the rename", target.m2.slot));
+                failures.push(format!(
+                    "M.2 slot {} failed before the rename",
+                    target.m2.slot
+                ));
                 continue;
             }
             let destination = target.m2.artifact_path(&hash);
             let existed = destination.is_file();
-            let renamed = std::fs::rename(&target.tmp, &destination).and_then(|()| ledger::sync_dir(&target.m2.dataset()));
+            let renamed = std::fs::rename(&target.tmp, &destination)
+                .and_then(|()| ledger::sync_dir(&target.m2.dataset()));
             match renamed {
                 Ok(()) => {
                     target.committed = true;
@@ -373,16 +517,25 @@ impl ArtifactStore {
                         target.m2.release(target.reserved);
                     }
                 }
-                Err(error) => failures.push(format!("M.2 slot {}: renaming into {destination}: {error}", target.m2.slot)),
+                Err(error) => failures.push(format!(
+                    "M.2 slot {}: renaming into {destination}: {error}",
+                    target.m2.slot
+                )),
             }
         }
         if successful_writes == 0 {
-            return Err(StoreError::AllWritesFailed { hash, errors: failures.join("; ") });
+            return Err(StoreError::AllWritesFailed {
+                hash,
+                errors: failures.join("; "),
+            });
         }
         for failure in &failures {
             slog::warn!(self.log, "artifact write failed on one M.2"; "hash" => %hash, "error" => failure);
         }
-        Ok(ArtifactPutResponse { datasets, successful_writes })
+        Ok(ArtifactPutResponse {
+            datasets,
+            successful_writes,
+        })
     }
 
     async fn fetch(&self, url: &str, offset: u64) -> Result<reqwest::Response, StoreError> {
@@ -393,10 +546,20 @@ impl ArtifactStore {
         let response = request
             .send()
             .await
-            .map_err(|source| StoreError::SourceUnreachable { url: url.to_string(), source })?;
+            .map_err(|source| StoreError::SourceUnreachable {
+                url: url.to_string(),
+                source,
+            })?;
         let status = response.status().as_u16();
         if offset == 0 {
-            return if status == 200 { Ok(response) } else { Err(StoreError::SourceStatus { url: url.to_string(), status }) };
+            return if status == 200 {
+                Ok(response)
+            } else {
+                Err(StoreError::SourceStatus {
+                    url: url.to_string(),
+                    status,
+                })
+            };
         }
         let content_range = response
             .headers()
@@ -416,7 +579,12 @@ impl ArtifactStore {
 
     /// Streams a depot's response into the pending write, resuming with a
     /// Range request where the stream broke, then commits.
-    async fn download(&self, mut write: PendingWrite, mut response: reqwest::Response, url: &str) -> Result<ArtifactPutResponse, StoreError> {
+    async fn download(
+        &self,
+        mut write: PendingWrite,
+        mut response: reqwest::Response,
+        url: &str,
+    ) -> Result<ArtifactPutResponse, StoreError> {
         let mut resumes = 0;
         loop {
             let mut stream = response.bytes_stream();
@@ -429,7 +597,11 @@ impl ArtifactStore {
             };
             let Some(error) = broke else { break };
             if resumes == self.copy.resume_attempts {
-                return Err(StoreError::Body { hash: write.hash, bytes: write.bytes, message: format!("from {url}: {}", error_chain(&error)) });
+                return Err(StoreError::Body {
+                    hash: write.hash,
+                    bytes: write.bytes,
+                    message: format!("from {url}: {}", error_chain(&error)),
+                });
             }
             resumes += 1;
             slog::info!(self.log, "copy interrupted; resuming"; "from" => url, "offset" => write.bytes,
@@ -491,7 +663,10 @@ impl PendingWrite {
         let length = chunk.len() as u64;
         for target in self.targets.iter_mut().filter(|t| t.file.is_some()) {
             if !target.m2.is_healthy() {
-                self.failures.push(format!("M.2 slot {} failed during the write", target.m2.slot));
+                self.failures.push(format!(
+                    "M.2 slot {} failed during the write",
+                    target.m2.slot
+                ));
                 target.reserved_release();
                 continue;
             }
@@ -504,16 +679,25 @@ impl PendingWrite {
             target.reserved += length;
             let file = target.file.as_mut().expect("filtered on a live file");
             if let Err(error) = file.write_all(chunk).await {
-                self.failures.push(format!("M.2 slot {}: writing {}: {error}", target.m2.slot, target.tmp));
+                self.failures.push(format!(
+                    "M.2 slot {}: writing {}: {error}",
+                    target.m2.slot, target.tmp
+                ));
                 target.reserved_release();
             }
         }
         if self.targets.iter().all(|t| t.file.is_none()) {
             return Err(match self.quota.take() {
                 Some(source) if self.failures.iter().all(|f| f.contains("is full")) => {
-                    StoreError::QuotaExceeded { hash: self.hash, source }
+                    StoreError::QuotaExceeded {
+                        hash: self.hash,
+                        source,
+                    }
                 }
-                _ => StoreError::AllWritesFailed { hash: self.hash, errors: self.failures.join("; ") },
+                _ => StoreError::AllWritesFailed {
+                    hash: self.hash,
+                    errors: self.failures.join("; "),
+                },
             });
         }
         Ok(())
@@ -532,7 +716,9 @@ async fn verify_all(log: &slog::Logger, m2s: &[Arc<M2>], workers: usize) {
     for m2 in m2s {
         match m2.artifact_files() {
             Ok(names) => files.extend(names.into_iter().map(|name| m2.dataset().join(name))),
-            Err(error) => slog::warn!(log, "listing artifacts for verification failed"; "slot" => m2.slot, "error" => %error),
+            Err(error) => {
+                slog::warn!(log, "listing artifacts for verification failed"; "slot" => m2.slot, "error" => %error)
+            }
         }
     }
     let count = files.len();
@@ -570,12 +756,436 @@ fn verify_file(path: &camino::Utf8Path) -> Result<(), String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let read = file.read(&mut buffer).map_err(|error| format!("reading: {error}"))?;
+        let read = file
+            .read(&mut buffer)
+            .map_err(|error| format!("reading: {error}"))?;
         if read == 0 {
             break;
         }
         hasher.update(&buffer[..read]);
     }
     let actual = ArtifactHash(hasher.finalize().into());
-    if actual == expected { Ok(()) } else { Err(format!("contents have sha256 {actual}")) }
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(format!("contents have sha256 {actual}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use camino::Utf8Path;
+    use camino_tempfile::Utf8TempDir;
+    use std::collections::BTreeSet;
+
+    const QUOTA: u64 = 1 << 20;
+
+    struct Sled {
+        dir: Utf8TempDir,
+        m2_count: u32,
+        store: Arc<ArtifactStore>,
+    }
+
+    fn log() -> slog::Logger {
+        slog::Logger::root(slog::Discard, slog::o!())
+    }
+
+    async fn open_store(dir: &Utf8Path, m2_count: u32, quota: u64) -> ArtifactStore {
+        let m2s = (0..m2_count)
+            .map(|slot| Arc::new(M2::new(slot, dir.join(format!("m2-{slot}")), quota)))
+            .collect();
+        ArtifactStore::open(log(), m2s, CopyConfig::default(), 2)
+            .await
+            .unwrap()
+    }
+
+    impl Sled {
+        async fn new(m2_count: u32) -> Sled {
+            Self::with_quota(m2_count, QUOTA).await
+        }
+
+        async fn with_quota(m2_count: u32, quota: u64) -> Sled {
+            let dir = camino_tempfile::tempdir().unwrap();
+            let store = Arc::new(open_store(dir.path(), m2_count, quota).await);
+            Sled {
+                dir,
+                m2_count,
+                store,
+            }
+        }
+
+        /// Simulates a restart: a new store on the same directories.
+        async fn restart(self) -> Sled {
+            let Sled {
+                dir,
+                m2_count,
+                store,
+            } = self;
+            drop(store);
+            let store = Arc::new(open_store(dir.path(), m2_count, QUOTA).await);
+            Sled {
+                dir,
+                m2_count,
+                store,
+            }
+        }
+
+        fn m2(&self, slot: u32) -> &Arc<M2> {
+            &self.store.m2s()[slot as usize]
+        }
+
+        /// Every file under every M.2 dataset, temp files included.
+        fn files(&self) -> BTreeSet<String> {
+            let mut files = BTreeSet::new();
+            for m2 in self.store.m2s() {
+                for dir in [m2.dataset(), m2.tmp_dir()] {
+                    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                        if entry.file_type().unwrap().is_file() {
+                            files.insert(format!(
+                                "{}/{}",
+                                m2.slot,
+                                entry.file_name().to_str().unwrap()
+                            ));
+                        }
+                    }
+                }
+            }
+            files
+        }
+
+        async fn configure(&self, generation: u64, artifacts: &[&Artifact]) {
+            let config = ArtifactConfig {
+                generation: Generation::new(generation),
+                artifacts: artifacts.iter().map(|a| a.hash).collect(),
+            };
+            self.store.put_config(config).await.unwrap();
+        }
+
+        async fn put(&self, artifact: &Artifact) -> Result<ArtifactPutResponse, StoreError> {
+            let generation = self.store.config().await.generation;
+            self.store
+                .put(artifact.hash, generation, chunks(&artifact.bytes))
+                .await
+        }
+    }
+
+    struct Artifact {
+        bytes: Vec<u8>,
+        hash: ArtifactHash,
+    }
+
+    fn artifact(seed: u8, size: usize) -> Artifact {
+        let bytes: Vec<u8> = (0..size)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        let hash = ArtifactHash(Sha256::digest(&bytes).into());
+        Artifact { bytes, hash }
+    }
+
+    /// The body in 4 KiB chunks, as a stream.
+    fn chunks(bytes: &[u8]) -> impl Stream<Item = Result<Bytes, std::io::Error>> + use<> {
+        let chunks: Vec<_> = bytes
+            .chunks(4096)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        futures::stream::iter(chunks)
+    }
+
+    async fn read_back(store: &ArtifactStore, hash: &ArtifactHash) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let (mut file, length) = store.open_artifact(hash).await.unwrap();
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).await.unwrap();
+        assert_eq!(bytes.len() as u64, length);
+        bytes
+    }
+
+    #[tokio::test]
+    async fn put_list_and_read_on_one_two_and_three_m2s() {
+        for m2_count in 1..=3 {
+            let sled = Sled::new(m2_count).await;
+            let a = artifact(1, 10_000);
+            let b = artifact(2, 0);
+            sled.configure(1, &[&a, &b]).await;
+            let response = sled.put(&a).await.unwrap();
+            assert_eq!(
+                response,
+                ArtifactPutResponse {
+                    datasets: m2_count as usize,
+                    successful_writes: m2_count as usize
+                }
+            );
+            sled.put(&b).await.unwrap();
+            let list = sled.store.list().await;
+            assert_eq!(list.generation, Generation::new(1));
+            assert_eq!(
+                list.list,
+                [(a.hash, m2_count as usize), (b.hash, m2_count as usize)].into()
+            );
+            assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes);
+            assert!(read_back(&sled.store, &b.hash).await.is_empty());
+            assert_eq!(sled.m2(0).used(), 10_000);
+            assert_eq!(
+                sled.files().len(),
+                2 * m2_count as usize,
+                "no temp files remain"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_must_match_the_generation_and_the_config() {
+        let sled = Sled::new(2).await;
+        let a = artifact(1, 100);
+        let stranger = artifact(9, 100);
+        sled.configure(3, &[&a]).await;
+        let error = sled
+            .store
+            .put(a.hash, Generation::new(2), chunks(&a.bytes))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, StoreError::GenerationMismatch { .. }),
+            "{error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "the sled holds artifact config generation 3; the request is for generation 2"
+        );
+        let error = sled.put(&stranger).await.unwrap_err();
+        assert!(matches!(error, StoreError::NotInConfig { .. }), "{error}");
+        assert!(sled.files().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_wrong_hash_leaves_nothing() {
+        let sled = Sled::new(2).await;
+        let a = artifact(1, 50_000);
+        sled.configure(1, &[&a]).await;
+        let mut corrupted = a.bytes.clone();
+        corrupted[25_000] ^= 1;
+        let error = sled
+            .store
+            .put(a.hash, Generation::new(1), chunks(&corrupted))
+            .await
+            .unwrap_err();
+        let StoreError::HashMismatch {
+            expected,
+            actual,
+            bytes,
+        } = error
+        else {
+            panic!("{error:?}")
+        };
+        assert_eq!((expected, bytes), (a.hash, 50_000));
+        assert_ne!(actual, a.hash);
+        assert!(sled.files().is_empty(), "{:?}", sled.files());
+        assert_eq!(sled.m2(0).used(), 0, "the reservation was returned");
+        assert!(sled.store.list().await.list.is_empty());
+    }
+
+    #[tokio::test]
+    async fn exceeding_the_quota_is_refused_and_leaves_nothing() {
+        let sled = Sled::with_quota(2, 64 * 1024).await;
+        let small = artifact(1, 40 * 1024);
+        let big = artifact(2, 40 * 1024);
+        sled.configure(1, &[&small, &big]).await;
+        sled.put(&small).await.unwrap();
+        let error = sled.put(&big).await.unwrap_err();
+        assert!(
+            matches!(error, StoreError::QuotaExceeded { .. }),
+            "{error:?}"
+        );
+        assert!(
+            error_chain(&error).contains("is full"),
+            "{}",
+            error_chain(&error)
+        );
+        assert_eq!(
+            sled.files().len(),
+            2,
+            "only the small artifact's two copies: {:?}",
+            sled.files()
+        );
+        assert_eq!(sled.m2(1).used(), 40 * 1024);
+    }
+
+    #[tokio::test]
+    async fn a_failed_m2_is_skipped_and_healed_after_restore() {
+        let sled = Sled::new(2).await;
+        let a = artifact(1, 20_000);
+        sled.configure(1, &[&a]).await;
+        sled.store.set_m2_state(0, M2State::Failed).await.unwrap();
+        let response = sled.put(&a).await.unwrap();
+        assert_eq!(
+            response,
+            ArtifactPutResponse {
+                datasets: 1,
+                successful_writes: 1
+            }
+        );
+        assert_eq!(
+            read_back(&sled.store, &a.hash).await,
+            a.bytes,
+            "read from the healthy M.2"
+        );
+        assert_eq!(sled.store.list().await.list[&a.hash], 1);
+
+        sled.store.set_m2_state(0, M2State::Healthy).await.unwrap();
+        assert_eq!(
+            sled.store.list().await.list[&a.hash],
+            1,
+            "one copy, two healthy devices: needs a re-copy"
+        );
+        sled.put(&a).await.unwrap();
+        assert_eq!(sled.store.list().await.list[&a.hash], 2);
+        assert_eq!(
+            sled.m2(1).used(),
+            20_000,
+            "the re-copy did not count the existing copy twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_m2_that_fails_mid_write_drops_out_and_the_other_copy_lands() {
+        let sled = Sled::new(2).await;
+        let a = artifact(1, 64 * 1024);
+        sled.configure(1, &[&a]).await;
+        let m2 = sled.m2(1).clone();
+        let body = chunks(&a.bytes).enumerate().map(move |(index, chunk)| {
+            if index == 4 {
+                m2.set_state(M2State::Failed);
+            }
+            chunk
+        });
+        let response = sled
+            .store
+            .put(a.hash, Generation::new(1), body)
+            .await
+            .unwrap();
+        assert_eq!(
+            response,
+            ArtifactPutResponse {
+                datasets: 2,
+                successful_writes: 1
+            }
+        );
+        assert_eq!(
+            sled.files(),
+            [format!("0/{}", a.hash)].into(),
+            "no temp file on the failed device"
+        );
+        assert_eq!(sled.m2(1).used(), 0);
+    }
+
+    #[tokio::test]
+    async fn config_generations_only_move_forward_across_restarts() {
+        let sled = Sled::new(2).await;
+        let a = artifact(1, 10);
+        let b = artifact(2, 10);
+        let config = |generation, artifacts: &[&Artifact]| ArtifactConfig {
+            generation: Generation::new(generation),
+            artifacts: artifacts.iter().map(|x| x.hash).collect(),
+        };
+        assert!(sled.store.put_config(config(2, &[&a])).await.unwrap());
+        assert!(
+            !sled.store.put_config(config(2, &[&a])).await.unwrap(),
+            "same config: no-op"
+        );
+        let error = sled.store.put_config(config(2, &[&b])).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "artifact config generation 2 refused: the sled holds generation 2 with a different set of artifacts"
+        );
+        let error = sled
+            .store
+            .put_config(config(1, &[&a, &b]))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StoreError::ConfigRefused { .. }), "{error}");
+        assert!(sled.store.put_config(config(5, &[&a, &b])).await.unwrap());
+
+        // A torn ledger on one device does not hide the good one.
+        std::fs::write(sled.m2(0).ledger_path(), b"{\"generation\":").unwrap();
+        let sled = sled.restart().await;
+        assert_eq!(sled.store.config().await, config(5, &[&a, &b]));
+        let error = sled.store.put_config(config(4, &[&a])).await.unwrap_err();
+        assert!(matches!(error, StoreError::ConfigRefused { .. }), "{error}");
+        let repaired = std::fs::read_to_string(sled.m2(0).ledger_path()).unwrap();
+        assert!(
+            repaired.contains("\"generation\":5"),
+            "the torn ledger was rewritten: {repaired}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreferenced_files_are_deleted_on_change_and_at_start_up() {
+        let sled = Sled::new(2).await;
+        let a = artifact(1, 1000);
+        let b = artifact(2, 1000);
+        sled.configure(1, &[&a, &b]).await;
+        sled.put(&a).await.unwrap();
+        sled.put(&b).await.unwrap();
+        sled.configure(2, &[&a]).await;
+        assert_eq!(
+            sled.files(),
+            [format!("0/{}", a.hash), format!("1/{}", a.hash)].into()
+        );
+        assert_eq!(sled.m2(0).used(), 1000);
+
+        // Files that appear while the agent is down: an artifact outside the
+        // config, a stray file, and a temp file of an unfinished write.
+        std::fs::write(sled.m2(0).artifact_path(&b.hash), &b.bytes).unwrap();
+        std::fs::write(sled.m2(1).dataset().join("notes.txt"), b"hello").unwrap();
+        std::fs::write(sled.m2(1).tmp_dir().join("x.tmp"), b"partial").unwrap();
+        let sled = sled.restart().await;
+        assert_eq!(
+            sled.files(),
+            [format!("0/{}", a.hash), format!("1/{}", a.hash)].into()
+        );
+        assert_eq!(sled.m2(1).used(), 1000);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_copy_is_found_at_start_up_and_removed() {
+        let sled = Sled::new(2).await;
+        let a = artifact(1, 30_000);
+        sled.configure(1, &[&a]).await;
+        sled.put(&a).await.unwrap();
+        let path = sled.m2(1).artifact_path(&a.hash);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let sled = sled.restart().await;
+        assert_eq!(sled.files(), [format!("0/{}", a.hash)].into());
+        assert_eq!(sled.store.list().await.list[&a.hash], 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_of_one_artifact_leave_one_correct_file() {
+        // In-progress temp files count against the quota: room for all 8.
+        let sled = Sled::with_quota(2, 4 << 20).await;
+        let a = artifact(7, 200_000);
+        sled.configure(1, &[&a]).await;
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let store = sled.store.clone();
+                let bytes = a.bytes.clone();
+                let hash = a.hash;
+                tokio::spawn(
+                    async move { store.put(hash, Generation::new(1), chunks(&bytes)).await },
+                )
+            })
+            .collect();
+        for writer in writers {
+            assert_eq!(writer.await.unwrap().unwrap().successful_writes, 2);
+        }
+        assert_eq!(
+            sled.files(),
+            [format!("0/{}", a.hash), format!("1/{}", a.hash)].into()
+        );
+        assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes);
+        assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (200_000, 200_000));
+    }
 }

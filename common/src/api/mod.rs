@@ -20,8 +20,16 @@ pub const DOCUMENTS: &[(&str, &str, StubApi)] = &[
         "Nexus internal API",
         nexus_internal::nexus_internal_api_mod::stub_api_description,
     ),
-    ("sled-agent.json", "Sled agent API", sled_agent::sled_agent_api_mod::stub_api_description),
-    ("repo-depot.json", "Repo depot API", sled_agent::repo_depot_api_mod::stub_api_description),
+    (
+        "sled-agent.json",
+        "Sled agent API",
+        sled_agent::sled_agent_api_mod::stub_api_description,
+    ),
+    (
+        "repo-depot.json",
+        "Repo depot API",
+        sled_agent::repo_depot_api_mod::stub_api_description,
+    ),
 ];
 
 /// The OpenAPI document of one API, as checked in.
