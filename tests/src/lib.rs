@@ -80,3 +80,61 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A sled agent running in this process, with temp-directory M.2s and its
+/// real HTTP servers on free loopback ports.
+pub struct TestSled {
+    pub server: sled_agent::server::Server,
+}
+
+impl TestSled {
+    pub async fn start(nexus_internal_url: &str) -> TestSled {
+        Self::start_with(nexus_internal_url, |_| {}).await
+    }
+
+    pub async fn start_with(
+        nexus_internal_url: &str,
+        adjust: impl FnOnce(&mut sled_agent::config::Config),
+    ) -> TestSled {
+        let mut config = test_sled_config(nexus_internal_url);
+        adjust(&mut config);
+        let server = sled_agent::server::Server::start(&config, test_log())
+            .await
+            .expect("test sled agent starts");
+        TestSled { server }
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.server.api_address())
+    }
+
+    pub fn depot_url(&self) -> String {
+        format!("http://{}", self.server.depot_address())
+    }
+
+    pub fn client(&self) -> sled_agent_client::Client {
+        sled_agent_client::Client::new(&self.api_url())
+    }
+}
+
+pub use common::clients::sled_agent as sled_agent_client;
+
+/// The shipped sled-agent config on loopback port 0, with temp M.2s, a
+/// 64 MiB quota, fast registration and a short copy read timeout.
+pub fn test_sled_config(nexus_internal_url: &str) -> sled_agent::config::Config {
+    let path = Utf8Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../smf/sled-agent/config.toml"
+    ));
+    let mut config =
+        sled_agent::config::Config::from_file(path).expect("the shipped config parses");
+    config.nexus_internal_url = nexus_internal_url.to_string();
+    config.sled_agent_api.listen = "127.0.0.1:0".parse().unwrap();
+    config.repo_depot.listen = "127.0.0.1:0".parse().unwrap();
+    config.storage.artifact_quota_bytes = 64 << 20;
+    config.registration_period_secs = 1;
+    config.copy.read_timeout_secs = 2;
+    config
+}
+
+pub mod fake_depot;

@@ -1,4 +1,4 @@
-//! The `nexus` binary as an operator starts it.
+//! The `nexus` and `sled-agent` binaries as an operator starts them.
 
 use integration_tests::binary;
 use std::io::{BufRead, BufReader};
@@ -100,4 +100,60 @@ async fn nexus_serves_until_sigterm() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(status.success(), "nexus exited with {status} on SIGTERM");
+}
+
+#[tokio::test]
+async fn sled_agent_runs_standalone_and_registers() {
+    let nexus = integration_tests::TestNexus::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../smf/sled-agent/config.toml"
+    ))
+    .unwrap()
+    .replace("127.0.0.1:12345", "127.0.0.1:0")
+    .replace("127.0.0.1:12346", "127.0.0.1:0")
+    .replace("http://127.0.0.1:12221", &nexus.internal_url())
+    .replace(
+        "registration_period_secs = 30",
+        "registration_period_secs = 1",
+    );
+    let config = write_config(&dir, &text);
+    let mut child = tokio::process::Command::new(binary("sled-agent"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let identity = lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("the sled prints its id");
+    let sled_id: uuid::Uuid = identity.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let api = lines.next_line().await.unwrap().unwrap();
+    assert!(
+        api.starts_with("sled-agent API: http://127.0.0.1:"),
+        "{api}"
+    );
+
+    let datastore = nexus.server.nexus().datastore.clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while datastore.sled_get(sled_id).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sled agent never registered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = child.wait().await.unwrap();
+    assert!(
+        status.success(),
+        "sled-agent exited with {status} on SIGTERM"
+    );
 }

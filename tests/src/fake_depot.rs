@@ -1,0 +1,149 @@
+//! A repo depot that misbehaves on purpose: it speaks just enough HTTP/1.1
+//! (one request per connection) to serve an artifact wrongly in the ways a
+//! real network or a broken sled can.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    NotFound,
+    /// Serves these bytes instead of the artifact's.
+    WrongBytes(Vec<u8>),
+    /// On the first request, sends this many bytes and closes the
+    /// connection; honours Range requests afterwards.
+    ResetAfter(usize),
+    /// Sends this many bytes, then nothing, keeping the connection open.
+    StallAfter(usize),
+}
+
+pub struct FakeDepot {
+    pub address: SocketAddr,
+    served: Arc<AtomicU64>,
+    requests: Arc<Mutex<Vec<Option<String>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeDepot {
+    /// Serves `artifact` (the correct bytes) with `behavior`.
+    pub async fn start(artifact: Vec<u8>, behavior: Behavior) -> FakeDepot {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let served = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let state = (served.clone(), requests.clone());
+        let artifact = Arc::new(artifact);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (served, requests) = state.clone();
+                let artifact = artifact.clone();
+                let behavior = behavior.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, &artifact, &behavior, &served, &requests).await;
+                });
+            }
+        });
+        FakeDepot {
+            address,
+            served,
+            requests,
+            task,
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Body bytes sent so far, over all requests.
+    pub fn served_bytes(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    /// The Range header of each request received, in order.
+    pub fn ranges(&self) -> Vec<Option<String>> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeDepot {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    artifact: &[u8],
+    behavior: &Behavior,
+    served: &AtomicU64,
+    requests: &Mutex<Vec<Option<String>>>,
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let range = head.lines().find_map(|line| {
+        line.to_ascii_lowercase()
+            .strip_prefix("range:")
+            .map(|value| value.trim().to_string())
+    });
+    let first = {
+        let mut requests = requests.lock().unwrap();
+        requests.push(range.clone());
+        requests.len() == 1
+    };
+    let start: usize = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.trim_end_matches('-').parse().ok())
+        .unwrap_or(0);
+    let (status, body, limit) = match behavior {
+        Behavior::NotFound => ("404 Not Found", &[][..], 0),
+        Behavior::WrongBytes(bytes) => ("200 OK", &bytes[..], bytes.len()),
+        Behavior::ResetAfter(count) if first => ("200 OK", artifact, *count),
+        Behavior::ResetAfter(_) => (
+            if start > 0 {
+                "206 Partial Content"
+            } else {
+                "200 OK"
+            },
+            &artifact[start..],
+            artifact.len(),
+        ),
+        Behavior::StallAfter(count) => ("200 OK", artifact, *count),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if status.starts_with("206") {
+        response.push_str(&format!(
+            "Content-Range: bytes {start}-{}/{}\r\n",
+            artifact.len() - 1,
+            artifact.len()
+        ));
+    }
+    response.push_str("\r\n");
+    stream.write_all(response.as_bytes()).await?;
+    let sent = &body[..limit.min(body.len())];
+    stream.write_all(sent).await?;
+    served.fetch_add(sent.len() as u64, Ordering::SeqCst);
+    stream.flush().await?;
+    if let Behavior::StallAfter(_) = behavior {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    Ok(())
+}
