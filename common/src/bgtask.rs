@@ -85,7 +85,7 @@ pub struct BackgroundTask {
 /// Typed details of the tasks Nexus runs.
 pub mod details {
     use super::*;
-    use crate::Generation;
+    use crate::{ArtifactHash, Generation};
     use uuid::Uuid;
 
     /// `tuf_repo_pruner`.
@@ -117,5 +117,115 @@ pub mod details {
         Error {
             message: String,
         },
+    }
+
+    /// `tuf_artifact_replication`.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    pub struct TufArtifactReplicationStatus {
+        /// The artifact config generation this activation worked at.
+        pub generation: Generation,
+        pub outcome: ReplicationOutcome,
+        pub sleds_in_service: usize,
+        pub last_run: ReplicationCounters,
+        pub lifetime: ReplicationCounters,
+        /// Repositories whose artifacts this Nexus still holds in staging.
+        pub local_repos: Vec<LocalRepoStatus>,
+        pub plan: PlanSummary,
+        /// Per unpruned repository: sleds holding all of it on every healthy
+        /// M.2.
+        pub repos: Vec<RepoReplication>,
+        /// The last requests, oldest first.
+        pub ring: Vec<RequestRecord>,
+        /// Whether another activation was scheduled because work remains.
+        pub followup_scheduled: bool,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(tag = "kind", rename_all = "snake_case")]
+    pub enum ReplicationOutcome {
+        Completed,
+        /// A sled holds a newer generation: another Nexus is ahead, and this
+        /// activation stopped rather than act on a stale config.
+        Superseded {
+            sled_id: Uuid,
+            sled_generation: Generation,
+        },
+        Error {
+            message: String,
+        },
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    pub struct ReplicationCounters {
+        pub put_config_ok: u64,
+        pub put_config_err: u64,
+        pub list_ok: u64,
+        pub list_err: u64,
+        pub put_ok: u64,
+        pub put_err: u64,
+        pub copy_ok: u64,
+        pub copy_err: u64,
+    }
+
+    impl ReplicationCounters {
+        pub fn add(&mut self, other: &ReplicationCounters) {
+            self.put_config_ok += other.put_config_ok;
+            self.put_config_err += other.put_config_err;
+            self.list_ok += other.list_ok;
+            self.list_err += other.list_err;
+            self.put_ok += other.put_ok;
+            self.put_err += other.put_err;
+            self.copy_ok += other.copy_ok;
+            self.copy_err += other.copy_err;
+        }
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    pub struct LocalRepoStatus {
+        pub repo_id: Uuid,
+        pub system_version: String,
+        pub artifacts: usize,
+        pub bytes: u64,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    pub struct PlanSummary {
+        pub puts: usize,
+        pub copies: usize,
+        /// Copies to sleds that hold the artifact on fewer M.2s than they
+        /// have healthy.
+        pub recopies: usize,
+        /// Artifacts of the config that no sled and no staging area here
+        /// holds: this Nexus cannot place them.
+        pub unplaceable: Vec<ArtifactHash>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    pub struct RepoReplication {
+        pub repo_id: Uuid,
+        pub system_version: String,
+        pub sleds_complete: usize,
+        pub sleds_in_service: usize,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum RequestOperation {
+        PutConfig,
+        List,
+        Put,
+        Copy,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    pub struct RequestRecord {
+        pub time: DateTime<Utc>,
+        pub sled_id: Uuid,
+        pub operation: RequestOperation,
+        pub hash: Option<ArtifactHash>,
+        /// For copies: the sled copied from.
+        pub source_sled_id: Option<Uuid>,
+        /// The error with its whole cause chain; `None` on success.
+        pub error: Option<String>,
     }
 }

@@ -34,3 +34,35 @@ pub mod sled_agent {
         },
     );
 }
+
+pub mod external {
+    progenitor::generate_api!(
+        spec = "../openapi/nexus-external.json",
+        derives = [schemars::JsonSchema, PartialEq],
+        map_type = std::collections::BTreeMap,
+        replace = {
+            ArtifactHash = crate::ArtifactHash,
+            Generation = crate::Generation,
+            ReplicationProgress = crate::api::external::ReplicationProgress,
+            TrustRootView = crate::api::external::TrustRootView,
+            TufArtifactView = crate::api::external::TufArtifactView,
+            TufRepoUploadResponse = crate::api::external::TufRepoUploadResponse,
+            TufRepoUploadStatus = crate::api::external::TufRepoUploadStatus,
+            TufRepoView = crate::api::external::TufRepoView,
+        },
+    );
+
+    /// A client that sends the operator's bearer token with every request.
+    pub fn authenticated(base_url: &str, token: &str) -> Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .expect("tokens are printable ASCII");
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("a plain HTTP client builds");
+        Client::new_with_client(base_url, client)
+    }
+}

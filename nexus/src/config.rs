@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub database: DatabaseConfig,
+    pub external_api: ExternalApiConfig,
     pub internal_api: ApiConfig,
+    pub updates: UpdatesConfig,
     pub log: dropshot::ConfigLogging,
     #[serde(default)]
     pub background_tasks: BackgroundTasksConfig,
@@ -38,11 +40,110 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
 }
 
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalApiConfig {
+    pub listen: SocketAddr,
+    /// The operator's bearer token. If the file does not exist, a token is
+    /// generated, written there (mode 0600) and printed once.
+    pub token_file: Utf8PathBuf,
+    /// The largest request body, i.e. the largest repository upload.
+    #[serde(default = "default_request_body_max_bytes")]
+    pub request_body_max_bytes: u64,
+}
+
+fn default_request_body_max_bytes() -> u64 {
+    4 << 30
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatesConfig {
+    /// Uploads in progress and artifacts waiting for replication. Must
+    /// survive a restart (not a tmpfs) and belong to this Nexus alone.
+    pub staging_dir: Utf8PathBuf,
+    /// Refuse repositories whose TUF metadata has expired.
+    #[serde(default = "default_true")]
+    pub enforce_expiry: bool,
+    #[serde(default = "default_max_zip_entries")]
+    pub max_zip_entries: usize,
+    /// The most an uploaded zip may inflate to, in all.
+    #[serde(default = "default_max_uncompressed_bytes")]
+    pub max_uncompressed_bytes: u64,
+    /// Entries over 1 MiB that compress better than this are refused as
+    /// likely decompression bombs.
+    #[serde(default = "default_max_compression_ratio")]
+    pub max_compression_ratio: u64,
+    /// Recorded repositories waiting for the replication task; uploads beyond
+    /// it are refused with 503 until it catches up.
+    #[serde(default = "default_handoff_capacity")]
+    pub handoff_capacity: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_max_zip_entries() -> usize {
+    10_000
+}
+
+fn default_max_uncompressed_bytes() -> u64 {
+    16 << 30
+}
+
+fn default_max_compression_ratio() -> u64 {
+    200
+}
+
+fn default_handoff_capacity() -> usize {
+    16
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackgroundTasksConfig {
     #[serde(default)]
     pub tuf_repo_pruner: TufRepoPrunerConfig,
+    #[serde(default)]
+    pub tuf_artifact_replication: TufArtifactReplicationConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TufArtifactReplicationConfig {
+    pub period_secs: u64,
+    #[serde(default)]
+    pub disabled: bool,
+    /// Staged artifacts are released once this many sleds hold them.
+    pub min_sled_replication: usize,
+    /// For racks with fewer sleds than `min_sled_replication` (development):
+    /// release once every sled holds them.
+    #[serde(default)]
+    pub allow_fewer_sleds: bool,
+    pub max_concurrent_requests: usize,
+    pub ring_buffer_size: usize,
+    /// Delay before the follow-up activation while work remains.
+    pub followup_delay_millis: u64,
+    pub request_timeout_secs: u64,
+    /// Bounds one artifact PUT to a sled, body included.
+    pub put_timeout_secs: u64,
+}
+
+impl Default for TufArtifactReplicationConfig {
+    fn default() -> Self {
+        TufArtifactReplicationConfig {
+            period_secs: 60,
+            disabled: false,
+            min_sled_replication: 3,
+            allow_fewer_sleds: false,
+            max_concurrent_requests: 16,
+            ring_buffer_size: 64,
+            followup_delay_millis: 1000,
+            request_timeout_secs: 30,
+            put_timeout_secs: 600,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -114,6 +215,60 @@ impl Config {
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "must be at least 1".into()));
         }
+        if self.external_api.request_body_max_bytes == 0 {
+            return Err((
+                "external_api.request_body_max_bytes",
+                "must be at least 1".into(),
+            ));
+        }
+        let updates = &self.updates;
+        for (key, value) in [
+            ("updates.max_zip_entries", updates.max_zip_entries as u64),
+            (
+                "updates.max_uncompressed_bytes",
+                updates.max_uncompressed_bytes,
+            ),
+            (
+                "updates.max_compression_ratio",
+                updates.max_compression_ratio,
+            ),
+            ("updates.handoff_capacity", updates.handoff_capacity as u64),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        let replication = &self.background_tasks.tuf_artifact_replication;
+        for (key, value) in [
+            (
+                "background_tasks.tuf_artifact_replication.period_secs",
+                replication.period_secs,
+            ),
+            (
+                "background_tasks.tuf_artifact_replication.min_sled_replication",
+                replication.min_sled_replication as u64,
+            ),
+            (
+                "background_tasks.tuf_artifact_replication.max_concurrent_requests",
+                replication.max_concurrent_requests as u64,
+            ),
+            (
+                "background_tasks.tuf_artifact_replication.ring_buffer_size",
+                replication.ring_buffer_size as u64,
+            ),
+            (
+                "background_tasks.tuf_artifact_replication.request_timeout_secs",
+                replication.request_timeout_secs,
+            ),
+            (
+                "background_tasks.tuf_artifact_replication.put_timeout_secs",
+                replication.put_timeout_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
         let pruner = &self.background_tasks.tuf_repo_pruner;
         if pruner.period_secs == 0 {
             return Err((
@@ -139,6 +294,11 @@ mod tests {
     const MINIMAL: &str = r#"
         [database]
         url = "postgresql://postgres@127.0.0.1:5432/rack"
+        [external_api]
+        listen = "127.0.0.1:0"
+        token_file = "/tmp/token"
+        [updates]
+        staging_dir = "/tmp/staging"
         [internal_api]
         listen = "127.0.0.1:0"
         [log]
@@ -167,6 +327,8 @@ mod tests {
         let config = Config::from_toml(Utf8Path::new(PATH), MINIMAL).unwrap();
         assert_eq!(config.database.max_connections, 16);
         assert_eq!(config.background_tasks.tuf_repo_pruner.period_secs, 300);
+        assert_eq!(config.external_api.request_body_max_bytes, 4 << 30);
+        assert!(config.updates.enforce_expiry);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Nexus: the rack's control-plane service. See ARCHITECTURE.md for the map.
 
 pub mod app;
+pub mod auth;
 pub mod background;
 pub mod config;
 pub mod db;
+pub mod external_api;
 mod http_error;
 pub mod internal_api;
 pub mod server;

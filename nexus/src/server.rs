@@ -1,14 +1,23 @@
-//! Starting and stopping a Nexus: the datastore, the background tasks and the
+//! Starting and stopping a Nexus: the datastore, the staging area (with
+//! recovery of what a previous run staged), the background tasks and the
 //! HTTP servers, in that order, and the reverse on shutdown.
 
 use crate::app::Nexus;
-use crate::background;
-use crate::background::driver::Driver;
+use crate::app::staging::{self, StagingArea};
+use crate::app::update::zip_intake::ZipLimits;
+use crate::app::update::{UploadSettings, Uploader};
+use crate::auth::{OperatorToken, TokenError};
+use crate::background::driver::{Activator, Driver};
+use crate::background::{self, ReplicationWiring};
 use crate::config::Config;
 use crate::db::datastore::PoolConfig;
 use crate::db::{DataStore, DataStoreError};
+use crate::external_api::ExternalApiImpl;
 use crate::internal_api::NexusInternalApiImpl;
+use camino::Utf8PathBuf;
+use common::api::external::external_api_mod;
 use common::api::nexus_internal::nexus_internal_api_mod;
+use common::error_chain;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +29,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub enum StartError {
     #[error(transparent)]
     Database(#[from] DataStoreError),
-    #[error("starting the internal API server on {address}: {message}")]
-    InternalApi {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("opening the staging directory {path}")]
+    Staging {
+        path: Utf8PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the {server} server on {address}: {message}")]
+    Http {
+        server: &'static str,
         address: SocketAddr,
         message: String,
     },
@@ -30,6 +48,9 @@ pub enum StartError {
 pub struct Server {
     nexus: Arc<Nexus>,
     internal_api: dropshot::HttpServer<Arc<Nexus>>,
+    external_api: dropshot::HttpServer<Arc<Nexus>>,
+    /// Set when this start generated the operator token (print it once).
+    pub generated_token: Option<String>,
 }
 
 impl Server {
@@ -38,45 +59,82 @@ impl Server {
             max_connections: config.database.max_connections,
         };
         let datastore = Arc::new(DataStore::connect(&config.database.url, &pool).await?);
-        let definitions = background::register_all(&config.background_tasks, &datastore);
+        let (operator_token, created) =
+            OperatorToken::load_or_create(&config.external_api.token_file)?;
+        let staging_dir = &config.updates.staging_dir;
+        let staging_area =
+            StagingArea::open(staging_dir).map_err(|source| StartError::Staging {
+                path: staging_dir.clone(),
+                source,
+            })?;
+        let unpruned = datastore.tuf_repo_list_unpruned_with_artifacts().await?;
+        let recovered = staging::recover(&staging_area, &unpruned, &log).await;
+
+        let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(config.updates.handoff_capacity);
+        let replication_activator = Activator::new();
+        let progress = Default::default();
+        let wiring = ReplicationWiring {
+            staging: staging_area.clone(),
+            handoff: handoff_rx,
+            recovered,
+            activator: replication_activator.clone(),
+            progress: Arc::clone(&progress),
+        };
+        let definitions = background::register_all(&config.background_tasks, &datastore, wiring);
+        let updates = &config.updates;
+        let uploader = Uploader {
+            log: log.new(slog::o!("component" => "upload")),
+            datastore: datastore.clone(),
+            staging: staging_area,
+            settings: UploadSettings {
+                enforce_expiry: updates.enforce_expiry,
+                zip: ZipLimits {
+                    max_entries: updates.max_zip_entries,
+                    max_total_bytes: updates.max_uncompressed_bytes,
+                    max_compression_ratio: updates.max_compression_ratio,
+                },
+            },
+            handoff: handoff_tx,
+            replication: replication_activator,
+        };
         let nexus = Arc::new(Nexus {
             background: Driver::start(definitions, &log),
             datastore,
+            uploader,
+            operator_token: operator_token.clone(),
+            replication_progress: progress,
             log: log.clone(),
         });
 
-        let address = config.internal_api.listen;
-        let api =
-            nexus_internal_api_mod::api_description::<NexusInternalApiImpl>().map_err(|error| {
-                StartError::InternalApi {
-                    address,
-                    message: error.to_string(),
-                }
-            })?;
-        let dropshot_config = dropshot::ConfigDropshot {
-            bind_address: address,
-            ..Default::default()
-        };
-        let internal_api = dropshot::ServerBuilder::new(
-            api,
-            nexus.clone(),
-            log.new(slog::o!("server" => "internal_api")),
-        )
-        .config(dropshot_config)
-        .start()
-        .map_err(|error| StartError::InternalApi {
-            address,
-            message: common::error_chain(&error),
-        })?;
-        slog::info!(log, "nexus started"; "internal_api" => %internal_api.local_addr());
+        let internal_api = start_http(
+            "internal API",
+            nexus_internal_api_mod::api_description::<NexusInternalApiImpl>(),
+            config.internal_api.listen,
+            1 << 20,
+            &nexus,
+        )?;
+        let external_api = start_http(
+            "external API",
+            external_api_mod::api_description::<ExternalApiImpl>(),
+            config.external_api.listen,
+            usize::try_from(config.external_api.request_body_max_bytes).unwrap_or(usize::MAX),
+            &nexus,
+        )?;
+        slog::info!(log, "nexus started"; "internal_api" => %internal_api.local_addr(), "external_api" => %external_api.local_addr());
         Ok(Server {
             nexus,
             internal_api,
+            external_api,
+            generated_token: created.then(|| operator_token.as_str().to_string()),
         })
     }
 
     pub fn internal_address(&self) -> SocketAddr {
         self.internal_api.local_addr()
+    }
+
+    pub fn external_address(&self) -> SocketAddr {
+        self.external_api.local_addr()
     }
 
     pub fn nexus(&self) -> &Arc<Nexus> {
@@ -86,10 +144,46 @@ impl Server {
     /// Stops accepting requests, lets in-flight ones finish, then stops the
     /// background tasks.
     pub async fn shutdown(self) {
-        if let Err(message) = self.internal_api.close().await {
-            slog::warn!(self.nexus.log, "closing the internal API server"; "error" => message);
+        for (name, server) in [
+            ("external API", self.external_api),
+            ("internal API", self.internal_api),
+        ] {
+            if let Err(message) = server.close().await {
+                slog::warn!(self.nexus.log, "closing a server"; "server" => name, "error" => message);
+            }
         }
         self.nexus.background.shutdown(SHUTDOWN_GRACE).await;
         slog::info!(self.nexus.log, "nexus stopped");
     }
+}
+
+fn start_http<A: std::fmt::Display>(
+    server: &'static str,
+    api: Result<dropshot::ApiDescription<Arc<Nexus>>, A>,
+    address: SocketAddr,
+    max_body: usize,
+    nexus: &Arc<Nexus>,
+) -> Result<dropshot::HttpServer<Arc<Nexus>>, StartError> {
+    let api = api.map_err(|error| StartError::Http {
+        server,
+        address,
+        message: error.to_string(),
+    })?;
+    let config = dropshot::ConfigDropshot {
+        bind_address: address,
+        default_request_body_max_bytes: max_body,
+        ..Default::default()
+    };
+    dropshot::ServerBuilder::new(
+        api,
+        nexus.clone(),
+        nexus.log.new(slog::o!("server" => server)),
+    )
+    .config(config)
+    .start()
+    .map_err(|error| StartError::Http {
+        server,
+        address,
+        message: error_chain(&error),
+    })
 }

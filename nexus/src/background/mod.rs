@@ -6,30 +6,71 @@
 pub mod driver;
 pub mod tasks;
 
+use crate::app::staging::{StagedRepo, StagingArea};
 use crate::config::BackgroundTasksConfig;
 use crate::db::DataStore;
 use driver::{Activator, TaskDefinition};
 use std::sync::Arc;
 use std::time::Duration;
+use tasks::tuf_artifact_replication::{ArtifactReplication, ProgressMap, ReplicationSettings};
+use tokio::sync::mpsc;
+
+/// What the replication task is wired to.
+pub struct ReplicationWiring {
+    pub staging: Arc<StagingArea>,
+    pub handoff: mpsc::Receiver<StagedRepo>,
+    pub recovered: Vec<StagedRepo>,
+    pub activator: Activator,
+    pub progress: ProgressMap,
+}
 
 pub fn register_all(
     config: &BackgroundTasksConfig,
     datastore: &Arc<DataStore>,
+    replication: ReplicationWiring,
 ) -> Vec<TaskDefinition> {
     let pruner = &config.tuf_repo_pruner;
-    vec![TaskDefinition {
-        name: "tuf_repo_pruner".into(),
-        description: format!(
-            "marks TUF repositories beyond the {} newest pruned, one per activation",
-            pruner.nkeep
-        ),
-        period: Duration::from_secs(pruner.period_secs),
-        task: Box::new(tasks::tuf_repo_pruner::TufRepoPruner::new(
-            datastore.clone(),
-            pruner.nkeep,
-        )),
-        activator: Activator::new(),
-        dependencies: Vec::new(),
-        enabled: !pruner.disabled,
-    }]
+    let (pruned, pruned_rx) = tokio::sync::watch::channel(common::Generation::FIRST);
+    let replication_config = &config.tuf_artifact_replication;
+    let settings = ReplicationSettings {
+        min_sled_replication: replication_config.min_sled_replication,
+        allow_fewer_sleds: replication_config.allow_fewer_sleds,
+        max_concurrent_requests: replication_config.max_concurrent_requests,
+        ring_buffer_size: replication_config.ring_buffer_size,
+        followup_delay: Duration::from_millis(replication_config.followup_delay_millis),
+        request_timeout: Duration::from_secs(replication_config.request_timeout_secs),
+        put_timeout: Duration::from_secs(replication_config.put_timeout_secs),
+    };
+    vec![
+        TaskDefinition {
+            name: "tuf_artifact_replication".into(),
+            description: "makes every sled hold every artifact of every unpruned TUF repository on each healthy M.2"
+                .into(),
+            period: Duration::from_secs(replication_config.period_secs),
+            task: Box::new(ArtifactReplication::new(
+                datastore.clone(),
+                replication.staging,
+                replication.handoff,
+                replication.recovered,
+                settings,
+                replication.activator.clone(),
+                replication.progress,
+            )),
+            activator: replication.activator,
+            dependencies: vec![Box::new(pruned_rx)],
+            enabled: !replication_config.disabled,
+        },
+        TaskDefinition {
+            name: "tuf_repo_pruner".into(),
+            description: format!(
+                "marks TUF repositories beyond the {} newest pruned, one per activation",
+                pruner.nkeep
+            ),
+            period: Duration::from_secs(pruner.period_secs),
+            task: Box::new(tasks::tuf_repo_pruner::TufRepoPruner::new(datastore.clone(), pruner.nkeep, pruned)),
+            activator: Activator::new(),
+            dependencies: Vec::new(),
+            enabled: !pruner.disabled,
+        },
+    ]
 }

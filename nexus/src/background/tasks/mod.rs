@@ -1,4 +1,6 @@
 //! One module per background task; each module's doc explains its algorithm
 //! and the races it defends against.
 
+pub mod replication_plan;
+pub mod tuf_artifact_replication;
 pub mod tuf_repo_pruner;

@@ -16,18 +16,31 @@
 
 use crate::background::driver::BackgroundTask;
 use crate::db::{DataStore, DataStoreError};
+use common::Generation;
 use common::bgtask::details::{TufRepoPrunerOutcome, TufRepoPrunerStatus};
 use futures::future::BoxFuture;
 use std::sync::Arc;
+use tokio::sync::watch;
 
 pub struct TufRepoPruner {
     datastore: Arc<DataStore>,
     nkeep: u32,
+    /// Publishes the generation of each prune, so that replication (which
+    /// depends on it) removes the artifacts from the sleds right away.
+    pruned: watch::Sender<Generation>,
 }
 
 impl TufRepoPruner {
-    pub fn new(datastore: Arc<DataStore>, nkeep: u32) -> TufRepoPruner {
-        TufRepoPruner { datastore, nkeep }
+    pub fn new(
+        datastore: Arc<DataStore>,
+        nkeep: u32,
+        pruned: watch::Sender<Generation>,
+    ) -> TufRepoPruner {
+        TufRepoPruner {
+            datastore,
+            nkeep,
+            pruned,
+        }
     }
 
     async fn prune_one(&self) -> Result<TufRepoPrunerOutcome, DataStoreError> {
@@ -71,6 +84,7 @@ impl BackgroundTask for TufRepoPruner {
             } = &outcome
             {
                 slog::info!(log, "pruned repository"; "system_version" => system_version, "generation" => %generation);
+                self.pruned.send_replace(*generation);
             }
             serde_json::to_value(TufRepoPrunerStatus {
                 nkeep: self.nkeep,
@@ -86,7 +100,7 @@ mod tests {
     use super::*;
     use crate::db::datastore::test_support::datastore;
     use crate::db::model::{TufArtifactDescription, TufRepoDescription};
-    use common::{ArtifactHash, ArtifactId, Generation};
+    use common::{ArtifactHash, ArtifactId};
 
     fn repo(version: &str) -> TufRepoDescription {
         let byte = version
@@ -119,7 +133,8 @@ mod tests {
         let (_db, datastore) = datastore().await;
         let datastore = Arc::new(datastore);
         let log = slog::Logger::root(slog::Discard, slog::o!());
-        let mut pruner = TufRepoPruner::new(datastore.clone(), 2);
+        let (pruned, mut pruned_rx) = watch::channel(Generation::FIRST);
+        let mut pruner = TufRepoPruner::new(datastore.clone(), 2, pruned);
         for version in ["1.0.0", "2.0.0"] {
             datastore.tuf_repo_insert(&repo(version)).await.unwrap();
         }
@@ -137,6 +152,11 @@ mod tests {
                 if system_version == "1.0.0" && *generation == Generation::new(6)),
             "{first:?}"
         );
+        assert!(
+            pruned_rx.has_changed().unwrap(),
+            "dependents are told of the prune"
+        );
+        assert_eq!(*pruned_rx.borrow_and_update(), Generation::new(6));
         let second = outcome(pruner.activate(&log).await);
         assert!(
             matches!(&second, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "2.0.0")

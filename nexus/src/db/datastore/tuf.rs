@@ -119,6 +119,42 @@ impl DataStore {
             })
     }
 
+    /// Unpruned repositories with their artifacts, newest first: what
+    /// replication reports progress on and what staging recovery looks for.
+    pub async fn tuf_repo_list_unpruned_with_artifacts(
+        &self,
+    ) -> Result<Vec<TufRepoWithArtifacts>, DataStoreError> {
+        let mut conn = self.connection().await?;
+        let rows: Vec<(TufRepo, TufArtifact)> = tuf_repo::table
+            .inner_join(tuf_repo_artifact::table.inner_join(tuf_artifact::table))
+            .filter(tuf_repo::time_pruned.is_null())
+            .order((
+                tuf_repo::time_created.desc(),
+                tuf_repo::id.desc(),
+                tuf_artifact::name,
+                tuf_artifact::version,
+                tuf_artifact::kind,
+            ))
+            .select((TufRepo::as_select(), TufArtifact::as_select()))
+            .load(&mut conn)
+            .await
+            .map_err(|source| DataStoreError::Query {
+                operation: "tuf_repo_list_unpruned_with_artifacts",
+                source,
+            })?;
+        let mut repos: Vec<TufRepoWithArtifacts> = Vec::new();
+        for (repo, artifact) in rows {
+            match repos.last_mut() {
+                Some(last) if last.repo.id == repo.id => last.artifacts.push(artifact),
+                _ => repos.push(TufRepoWithArtifacts {
+                    repo,
+                    artifacts: vec![artifact],
+                }),
+            }
+        }
+        Ok(repos)
+    }
+
     /// Marks a repository pruned, if the generation is still `expected` (the
     /// one the caller based its decision on). Returns the new generation.
     pub async fn tuf_repo_mark_pruned(

@@ -1,0 +1,280 @@
+//! Nexus's staging area: where verified artifact bytes wait until enough
+//! sleds hold them.
+//!
+//! Layout: `<dir>/artifacts/<sha256>` for staged artifacts, `<dir>/uploads/`
+//! for uploads in progress (removed wholesale at start-up).
+//!
+//! Who may delete a staged artifact: it is *pinned* while anything in this
+//! process needs it (an upload in flight, or a staged repository waiting in
+//! the replication task). Only unpinned files are ever deleted, by
+//! [`StagingArea::sweep`] (after a failed upload and at start-up) or
+//! [`StagingArea::remove_if_unpinned`] (when replication is done with a
+//! repository). So a failed upload can never delete bytes that a concurrent
+//! upload of another repository sharing the artifact is about to record.
+
+use camino::{Utf8Path, Utf8PathBuf};
+use common::ArtifactHash;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+pub struct StagingArea {
+    root: Utf8PathBuf,
+    pins: Mutex<BTreeMap<ArtifactHash, usize>>,
+}
+
+/// Keeps one staged artifact from being deleted while held.
+pub struct Pin {
+    staging: Arc<StagingArea>,
+    hash: ArtifactHash,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pins = self.staging.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = pins.get_mut(&self.hash) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(&self.hash);
+            }
+        }
+    }
+}
+
+impl Pin {
+    pub fn hash(&self) -> ArtifactHash {
+        self.hash
+    }
+}
+
+impl StagingArea {
+    /// Creates the layout and removes uploads that a previous run left
+    /// unfinished.
+    pub fn open(root: &Utf8Path) -> std::io::Result<Arc<StagingArea>> {
+        std::fs::create_dir_all(root.join("artifacts"))?;
+        let uploads = root.join("uploads");
+        if uploads.exists() {
+            std::fs::remove_dir_all(&uploads)?;
+        }
+        std::fs::create_dir_all(&uploads)?;
+        Ok(Arc::new(StagingArea {
+            root: root.to_owned(),
+            pins: Mutex::new(BTreeMap::new()),
+        }))
+    }
+
+    pub fn root(&self) -> &Utf8Path {
+        &self.root
+    }
+
+    pub fn artifact_path(&self, hash: &ArtifactHash) -> Utf8PathBuf {
+        self.root.join("artifacts").join(hash.to_string())
+    }
+
+    pub fn uploads_dir(&self) -> Utf8PathBuf {
+        self.root.join("uploads")
+    }
+
+    pub fn pin(self: &Arc<Self>, hash: ArtifactHash) -> Pin {
+        *self
+            .pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(hash)
+            .or_default() += 1;
+        Pin {
+            staging: self.clone(),
+            hash,
+        }
+    }
+
+    fn is_pinned(&self, hash: &ArtifactHash) -> bool {
+        self.pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(hash)
+    }
+
+    /// Staged artifacts on disk.
+    pub fn list(&self) -> std::io::Result<Vec<ArtifactHash>> {
+        let mut hashes = Vec::new();
+        for entry in std::fs::read_dir(self.root.join("artifacts"))? {
+            if let Some(hash) = entry?
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse().ok())
+            {
+                hashes.push(hash);
+            }
+        }
+        Ok(hashes)
+    }
+
+    /// Deletes the staged copy unless something still pins it. Returns
+    /// whether it was deleted.
+    pub fn remove_if_unpinned(&self, hash: &ArtifactHash) -> std::io::Result<bool> {
+        // Holding the pin lock across the unlink keeps a new pin from
+        // claiming a file that is about to vanish.
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if pins.contains_key(hash) {
+            return Ok(false);
+        }
+        match std::fs::remove_file(self.artifact_path(hash)) {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Deletes every unpinned staged artifact, and anything in the artifacts
+    /// directory that is not one. Returns how many files went.
+    pub fn sweep(&self) -> std::io::Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(self.root.join("artifacts"))? {
+            let entry = entry?;
+            let hash = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<ArtifactHash>().ok());
+            match hash {
+                Some(hash) if self.is_pinned(&hash) => {}
+                Some(hash) => removed += usize::from(self.remove_if_unpinned(&hash)?),
+                None => {
+                    std::fs::remove_file(entry.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// A recorded repository whose artifacts are staged here, on its way to the
+/// replication task. Its pins keep the staged files until that task is done
+/// with it.
+pub struct StagedRepo {
+    pub repo_id: uuid::Uuid,
+    pub system_version: String,
+    pub artifacts: Vec<StagedArtifact>,
+}
+
+pub struct StagedArtifact {
+    pub hash: ArtifactHash,
+    pub size: u64,
+    pub pin: Pin,
+}
+
+/// At start-up: hands back, as staged repositories, what is still staged
+/// for unpruned repositories, after checking each file's hash (a corrupt
+/// file is deleted). Everything else staged is then swept.
+pub async fn recover(
+    staging: &Arc<StagingArea>,
+    repos: &[crate::db::model::TufRepoWithArtifacts],
+    log: &slog::Logger,
+) -> Vec<StagedRepo> {
+    let mut verified: BTreeMap<ArtifactHash, bool> = BTreeMap::new();
+    let mut recovered = Vec::new();
+    for recorded in repos {
+        let mut artifacts = Vec::new();
+        for artifact in &recorded.artifacts {
+            let hash = artifact.sha256.0;
+            let good = match verified.get(&hash) {
+                Some(good) => *good,
+                None => {
+                    let good = verify_staged(staging, &hash, log).await;
+                    verified.insert(hash, good);
+                    good
+                }
+            };
+            if good {
+                artifacts.push(StagedArtifact {
+                    hash,
+                    size: artifact.size as u64,
+                    pin: staging.pin(hash),
+                });
+            }
+        }
+        if !artifacts.is_empty() {
+            slog::info!(log, "recovered staged repository"; "system_version" => &recorded.repo.system_version,
+                "artifacts" => artifacts.len(), "of" => recorded.artifacts.len());
+            recovered.push(StagedRepo {
+                repo_id: recorded.repo.id,
+                system_version: recorded.repo.system_version.clone(),
+                artifacts,
+            });
+        }
+    }
+    match staging.sweep() {
+        Ok(removed) if removed > 0 => {
+            slog::info!(log, "removed staged files no repository needs"; "count" => removed)
+        }
+        Ok(_) => {}
+        Err(error) => slog::warn!(log, "sweeping the staging area failed"; "error" => %error),
+    }
+    recovered
+}
+
+/// Whether a staged copy exists and matches its name; a mismatch is deleted.
+async fn verify_staged(staging: &StagingArea, hash: &ArtifactHash, log: &slog::Logger) -> bool {
+    use sha2::Digest;
+    let path = staging.artifact_path(hash);
+    let checked = path.clone();
+    let digest = tokio::task::spawn_blocking(move || -> std::io::Result<[u8; 32]> {
+        let mut file = std::fs::File::open(&checked)?;
+        let mut hasher = sha2::Sha256::new();
+        std::io::copy(&mut file, &mut hasher)?;
+        Ok(hasher.finalize().into())
+    })
+    .await
+    .expect("hashing does not panic");
+    match digest {
+        Ok(digest) if ArtifactHash(digest) == *hash => true,
+        Ok(_) => {
+            slog::error!(log, "staged artifact is corrupt; deleting it"; "path" => %path);
+            let _ = std::fs::remove_file(&path);
+            false
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+        Err(error) => {
+            slog::warn!(log, "reading a staged artifact failed"; "path" => %path, "error" => %error);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_artifacts_survive_sweeps_until_released() {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let staging = StagingArea::open(dir.path()).unwrap();
+        let (a, b) = (ArtifactHash([1; 32]), ArtifactHash([2; 32]));
+        for hash in [a, b] {
+            std::fs::write(staging.artifact_path(&hash), b"bytes").unwrap();
+        }
+        std::fs::write(staging.root().join("artifacts/garbage"), b"x").unwrap();
+        let first = staging.pin(a);
+        let second = staging.pin(a);
+        assert_eq!(staging.sweep().unwrap(), 2, "b and the garbage file");
+        assert_eq!(staging.list().unwrap(), [a]);
+        drop(first);
+        assert!(
+            !staging.remove_if_unpinned(&a).unwrap(),
+            "still pinned once"
+        );
+        drop(second);
+        assert!(staging.remove_if_unpinned(&a).unwrap());
+        assert!(staging.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unfinished_uploads_are_removed_at_open() {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let staging = StagingArea::open(dir.path()).unwrap();
+        std::fs::create_dir_all(staging.uploads_dir().join("abc")).unwrap();
+        std::fs::write(staging.uploads_dir().join("abc/repo.zip"), b"partial").unwrap();
+        let staging = StagingArea::open(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(staging.uploads_dir()).unwrap().count(), 0);
+    }
+}

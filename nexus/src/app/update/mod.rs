@@ -1,0 +1,430 @@
+//! Uploading a TUF repository: receive, check, verify, stage, record, hand
+//! off.
+//!
+//! 1. The body streams to `uploads/<random>/repo.zip`, hashed as it goes;
+//!    the request body limit bounds its size.
+//! 2. The zip is checked and extracted ([`zip_intake`]).
+//! 3. tough loads the metadata against each trusted root in turn; a
+//!    signature failure tries the next root. Expiry is enforced unless the
+//!    config says otherwise.
+//! 4. `artifacts.json` is read through tough (so its hash is verified) and
+//!    checked ([`artifacts_json`]).
+//! 5. Every artifact's target streams through tough, which verifies its hash
+//!    and length, into the staging area, pinned.
+//! 6. The repository is recorded (one transaction). Only then is the staged
+//!    repository handed to `tuf_artifact_replication`; room in its queue is
+//!    reserved *before* recording, so a recorded repository is never left
+//!    without its staged bytes.
+//!
+//! Any failure before the hand-off drops the pins, sweeps unpinned staged
+//! files and removes the upload directory: bad input leaves nothing behind.
+
+pub mod artifacts_json;
+pub mod zip_intake;
+
+use crate::app::staging::{StagedArtifact, StagedRepo, StagingArea};
+use crate::background::driver::Activator;
+use crate::db::model::{TufArtifactDescription, TufRepoDescription};
+use crate::db::{DataStore, DataStoreError, datastore::TufRepoInsertResult};
+use artifacts_json::ArtifactsJsonError;
+use bytes::Bytes;
+use camino::{Utf8Path, Utf8PathBuf};
+use common::{ArtifactHash, error_chain};
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use zip_intake::{ZipError, ZipLimits};
+
+#[derive(Clone, Debug)]
+pub struct UploadSettings {
+    pub enforce_expiry: bool,
+    pub zip: ZipLimits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("file_name {0:?} must be 1 to 255 characters without '/'")]
+    BadFileName(String),
+    #[error("reading the upload failed after {bytes} bytes: {message}")]
+    Body { bytes: u64, message: String },
+    #[error(transparent)]
+    Zip(#[from] ZipError),
+    #[error(
+        "no trusted roots configured: add one with POST /v1/system/update/trust-roots before uploading"
+    )]
+    NoTrustRoots,
+    #[error(
+        "the repository is not signed by any of the {tried} trusted roots (last failure: {last})"
+    )]
+    Untrusted { tried: usize, last: String },
+    #[error("the repository's TUF metadata has expired: {0}")]
+    Expired(String),
+    #[error("the repository's TUF metadata is invalid: {0}")]
+    InvalidMetadata(String),
+    #[error("the repository has no {} target", artifacts_json::TARGET_NAME)]
+    MissingArtifactsJson,
+    #[error(transparent)]
+    ArtifactsJson(#[from] ArtifactsJsonError),
+    #[error(
+        "{} names target {target:?} for artifact {artifact}, but targets.json has no such target",
+        artifacts_json::TARGET_NAME
+    )]
+    MissingTarget {
+        target: String,
+        artifact: common::ArtifactId,
+    },
+    #[error("target {target:?} does not match targets.json: {message}")]
+    TargetMismatch { target: String, message: String },
+    #[error("{0}")]
+    Database(#[from] DataStoreError),
+    #[error(
+        "the replication hand-off queue is full ({capacity} staged repositories waiting); \
+         retry once tuf_artifact_replication has caught up"
+    )]
+    HandoffFull { capacity: usize },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: Utf8PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the upload path needs from Nexus.
+pub struct Uploader {
+    pub log: slog::Logger,
+    pub datastore: Arc<DataStore>,
+    pub staging: Arc<StagingArea>,
+    pub settings: UploadSettings,
+    pub handoff: mpsc::Sender<StagedRepo>,
+    pub replication: Activator,
+}
+
+impl Uploader {
+    pub async fn upload<S, E>(
+        &self,
+        file_name: &str,
+        body: S,
+    ) -> Result<TufRepoInsertResult, UploadError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::error::Error,
+    {
+        if file_name.is_empty() || file_name.len() > 255 || file_name.contains('/') {
+            return Err(UploadError::BadFileName(file_name.to_string()));
+        }
+        let upload_dir = camino_tempfile::Builder::new()
+            .prefix("upload-")
+            .tempdir_in(self.staging.uploads_dir())
+            .map_err(|source| UploadError::Io {
+                what: "creating an upload directory in",
+                path: self.staging.uploads_dir(),
+                source,
+            })?;
+        let outcome = self.upload_in(upload_dir.path(), file_name, body).await;
+        if let Err(error) = &outcome {
+            slog::info!(self.log, "upload refused"; "file_name" => file_name, "error" => error_chain(error));
+            // The failed upload's pins are gone; nothing else needs what it
+            // staged unless it is pinned by someone else.
+            if let Err(error) = self.staging.sweep() {
+                slog::warn!(self.log, "sweeping the staging area failed"; "error" => %error);
+            }
+        }
+        outcome
+    }
+
+    async fn upload_in<S, E>(
+        &self,
+        dir: &Utf8Path,
+        file_name: &str,
+        body: S,
+    ) -> Result<TufRepoInsertResult, UploadError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::error::Error,
+    {
+        let zip_path = dir.join("repo.zip");
+        let zip_sha256 = receive(&zip_path, body).await?;
+        let trust_roots = self.datastore.trust_root_list().await?;
+        if trust_roots.is_empty() {
+            return Err(UploadError::NoTrustRoots);
+        }
+        let extract_dir = dir.join("repo");
+        let limits = self.settings.zip.clone();
+        let extracted = {
+            let (zip_path, extract_dir) = (zip_path.clone(), extract_dir.clone());
+            tokio::task::spawn_blocking(move || {
+                zip_intake::extract(&zip_path, &extract_dir, &limits)
+            })
+            .await
+            .expect("zip extraction does not panic")?
+        };
+        let datastore_dir = dir.join("tough");
+        std::fs::create_dir_all(&datastore_dir).map_err(|source| UploadError::Io {
+            what: "creating",
+            path: datastore_dir.clone(),
+            source,
+        })?;
+        let roots: Vec<Vec<u8>> = trust_roots
+            .iter()
+            .map(|root| serde_json::to_vec(&root.root_role).expect("JSON values serialize"))
+            .collect();
+        let repository = load_repository(
+            &extracted,
+            &datastore_dir,
+            &roots,
+            self.settings.enforce_expiry,
+        )
+        .await?;
+        let document = read_artifacts_json(&repository).await?;
+
+        let permit = self
+            .handoff
+            .try_reserve()
+            .map_err(|_| UploadError::HandoffFull {
+                capacity: self.handoff.max_capacity(),
+            })?;
+        let mut staged = Vec::new();
+        let mut artifacts = Vec::new();
+        for entry in &document.artifacts {
+            let (hash, size) = self
+                .stage_target(&repository, &entry.target, &entry.id(), &mut staged)
+                .await?;
+            artifacts.push(TufArtifactDescription {
+                id: entry.id(),
+                sha256: hash,
+                size,
+            });
+        }
+        let description = TufRepoDescription {
+            system_version: document.system_version.clone(),
+            sha256: zip_sha256,
+            file_name: file_name.to_string(),
+            artifacts,
+        };
+        let result = self.datastore.tuf_repo_insert(&description).await?;
+        permit.send(StagedRepo {
+            repo_id: result.recorded.repo.id,
+            system_version: description.system_version.clone(),
+            artifacts: staged,
+        });
+        self.replication.activate();
+        slog::info!(self.log, "repository uploaded"; "system_version" => &description.system_version,
+            "status" => ?result.status, "artifacts" => description.artifacts.len(), "generation" => %result.generation);
+        Ok(result)
+    }
+
+    /// Streams one target through tough into the staging area. The target's
+    /// own sha256 (from the signed targets.json) names the file; tough fails
+    /// the stream if the bytes do not match it.
+    async fn stage_target(
+        &self,
+        repository: &tough::Repository,
+        target: &str,
+        artifact: &common::ArtifactId,
+        staged: &mut Vec<StagedArtifact>,
+    ) -> Result<(ArtifactHash, u64), UploadError> {
+        let missing = || UploadError::MissingTarget {
+            target: target.to_string(),
+            artifact: artifact.clone(),
+        };
+        let name = tough::TargetName::new(target).map_err(|_| missing())?;
+        let listed = repository
+            .targets()
+            .signed
+            .targets
+            .get(&name)
+            .ok_or_else(missing)?;
+        let hash = ArtifactHash(listed.hashes.sha256.as_ref().try_into().map_err(|_| {
+            UploadError::TargetMismatch {
+                target: target.to_string(),
+                message: "its sha256 in targets.json is not 32 bytes".into(),
+            }
+        })?);
+        let pin = self.staging.pin(hash);
+        let path = self.staging.artifact_path(&hash);
+        let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+        let stream = repository
+            .read_target(&name)
+            .await
+            .map_err(|error| tuf_error(error))?
+            .ok_or_else(missing)?;
+        let mismatch = |message: String| UploadError::TargetMismatch {
+            target: target.to_string(),
+            message,
+        };
+        let written = write_stream(&tmp, stream, &mismatch).await;
+        let (actual, size) = match written {
+            Ok(done) => done,
+            Err(error) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(error);
+            }
+        };
+        if actual != hash {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(mismatch(format!(
+                "its bytes have sha256 {actual}, targets.json says {hash}"
+            )));
+        }
+        std::fs::rename(&tmp, &path).map_err(|source| UploadError::Io {
+            what: "staging",
+            path: path.clone(),
+            source,
+        })?;
+        staged.push(StagedArtifact { hash, size, pin });
+        Ok((hash, size))
+    }
+}
+
+/// Writes the upload to `path`, returning its sha256.
+async fn receive<S, E>(path: &Utf8Path, body: S) -> Result<ArtifactHash, UploadError>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: std::error::Error,
+{
+    let body_error = |bytes, message| UploadError::Body { bytes, message };
+    let (hash, _) = write_stream(path, body, &|message| body_error(0, message)).await?;
+    Ok(hash)
+}
+
+/// Streams into a new file, hashing; stream errors become `on_error`.
+async fn write_stream<S, E>(
+    path: &Utf8Path,
+    stream: S,
+    on_error: &(dyn Fn(String) -> UploadError + Sync),
+) -> Result<(ArtifactHash, u64), UploadError>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: std::error::Error,
+{
+    let io = |what, source| UploadError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = tokio::fs::File::create_new(path)
+        .await
+        .map_err(|source| io("creating", source))?;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut stream = std::pin::pin!(stream);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|error| on_error(format!("after {bytes} bytes: {}", error_chain(&error))))?;
+        hasher.update(&chunk);
+        bytes += chunk.len() as u64;
+        file.write_all(&chunk)
+            .await
+            .map_err(|source| io("writing", source))?;
+    }
+    file.flush().await.map_err(|source| io("writing", source))?;
+    file.sync_all()
+        .await
+        .map_err(|source| io("syncing", source))?;
+    Ok((ArtifactHash(hasher.finalize().into()), bytes))
+}
+
+/// Loads the repository against each trusted root in turn.
+async fn load_repository(
+    extracted: &zip_intake::ExtractedRepo,
+    datastore_dir: &Utf8Path,
+    roots: &[Vec<u8>],
+    enforce_expiry: bool,
+) -> Result<tough::Repository, UploadError> {
+    let url = |dir: &Utf8Path| {
+        url::Url::from_directory_path(dir).map_err(|()| UploadError::Io {
+            what: "turning into a file URL",
+            path: dir.to_owned(),
+            source: std::io::Error::other("not an absolute path"),
+        })
+    };
+    let (metadata_url, targets_url) = (url(&extracted.metadata_dir)?, url(&extracted.targets_dir)?);
+    let enforcement = if enforce_expiry {
+        tough::ExpirationEnforcement::Safe
+    } else {
+        tough::ExpirationEnforcement::Unsafe
+    };
+    let mut last = String::new();
+    for (index, root) in roots.iter().enumerate() {
+        // Each attempt gets a fresh tough datastore: what one root's attempt
+        // cached must not influence the next.
+        let attempt_dir = datastore_dir.join(index.to_string());
+        std::fs::create_dir_all(&attempt_dir).map_err(|source| UploadError::Io {
+            what: "creating",
+            path: attempt_dir.clone(),
+            source,
+        })?;
+        let loaded = tough::RepositoryLoader::new(root, metadata_url.clone(), targets_url.clone())
+            .transport(tough::FilesystemTransport)
+            .expiration_enforcement(enforcement)
+            .datastore(attempt_dir.as_std_path())
+            .load()
+            .await;
+        match loaded {
+            Ok(repository) => return Ok(repository),
+            Err(error) if is_signature_failure(&error) => last = error_chain(&error),
+            Err(error) => return Err(tuf_error(error)),
+        }
+    }
+    Err(UploadError::Untrusted {
+        tried: roots.len(),
+        last,
+    })
+}
+
+fn is_signature_failure(error: &tough::error::Error) -> bool {
+    use tough::error::Error;
+    matches!(
+        error,
+        Error::VerifyMetadata { .. }
+            | Error::VerifyRoleMetadata { .. }
+            | Error::VerifyTrustedMetadata { .. }
+            | Error::ParseTrustedMetadata { .. }
+    )
+}
+
+fn tuf_error(error: tough::error::Error) -> UploadError {
+    let message = error_chain(&error);
+    match error {
+        tough::error::Error::ExpiredMetadata { .. } => UploadError::Expired(message),
+        _ => UploadError::InvalidMetadata(message),
+    }
+}
+
+async fn read_artifacts_json(
+    repository: &tough::Repository,
+) -> Result<artifacts_json::ArtifactsDocument, UploadError> {
+    let name = tough::TargetName::new(artifacts_json::TARGET_NAME).expect("a valid target name");
+    let listed = repository
+        .targets()
+        .signed
+        .targets
+        .get(&name)
+        .ok_or(UploadError::MissingArtifactsJson)?;
+    if listed.length > artifacts_json::MAX_BYTES {
+        return Err(ArtifactsJsonError::Malformed(format!(
+            "it is {} bytes, more than the {} allowed",
+            listed.length,
+            artifacts_json::MAX_BYTES
+        ))
+        .into());
+    }
+    let mut stream = repository
+        .read_target(&name)
+        .await
+        .map_err(tuf_error)?
+        .ok_or(UploadError::MissingArtifactsJson)?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|error| UploadError::TargetMismatch {
+            target: artifacts_json::TARGET_NAME.into(),
+            message: error_chain(&error),
+        })?;
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(artifacts_json::parse(&bytes)?)
+}

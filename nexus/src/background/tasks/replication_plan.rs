@@ -1,0 +1,511 @@
+//! The replication planner: a pure function from what the sleds hold (and
+//! what this Nexus has staged) to the requests that make every sled hold
+//! every artifact on every healthy M.2. `tuf_artifact_replication` executes
+//! the plan; this module decides it, and is tested exhaustively on its own.
+//!
+//! For each artifact of the config, in hash order:
+//! - if no sled holds it and this Nexus has it staged, PUT it to
+//!   `min_sled_replication` random sleds (all of them if there are fewer);
+//! - every other sled copies it from a random sled that holds it or is
+//!   receiving one of those PUTs; such copies are marked `after_put` and must
+//!   not start before the PUTs of the round have finished;
+//! - a sled that holds fewer copies than it has healthy M.2s copies it again,
+//!   from another holder if there is one (else from its own depot, which
+//!   rewrites every healthy M.2);
+//! - an artifact that nobody holds and that is not staged here is reported
+//!   as unplaceable (another Nexus may hold it).
+//!
+//! Sleds with no healthy M.2 are neither targets nor sources.
+
+use common::ArtifactHash;
+use rand::Rng;
+use rand::seq::IndexedRandom;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+pub type SledId = Uuid;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SledState {
+    pub id: SledId,
+    pub healthy_m2: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArtifactState {
+    /// Copies per sled, for sleds that hold at least one.
+    pub copies: BTreeMap<SledId, usize>,
+    /// Whether this Nexus has the artifact staged.
+    pub local: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inventory {
+    pub sleds: Vec<SledState>,
+    pub artifacts: BTreeMap<ArtifactHash, ArtifactState>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub min_sled_replication: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Put {
+        hash: ArtifactHash,
+        sled: SledId,
+    },
+    Copy {
+        hash: ArtifactHash,
+        target: SledId,
+        source: SledId,
+        after_put: bool,
+        recopy: bool,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// PUTs first, then copies.
+    pub requests: Vec<Request>,
+    pub unplaceable: Vec<ArtifactHash>,
+}
+
+pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
+    let usable: Vec<&SledState> = inventory
+        .sleds
+        .iter()
+        .filter(|sled| sled.healthy_m2 > 0)
+        .collect();
+    let mut puts = Vec::new();
+    let mut copies = Vec::new();
+    let mut unplaceable = Vec::new();
+    for (hash, state) in &inventory.artifacts {
+        let holders: Vec<SledId> = usable
+            .iter()
+            .filter(|sled| state.copies.get(&sled.id).is_some_and(|&n| n > 0))
+            .map(|sled| sled.id)
+            .collect();
+        let mut put_targets: Vec<SledId> = Vec::new();
+        if holders.is_empty() {
+            if !state.local {
+                unplaceable.push(*hash);
+                continue;
+            }
+            let count = limits.min_sled_replication.min(usable.len());
+            put_targets = usable
+                .choose_multiple(rng, count)
+                .map(|sled| sled.id)
+                .collect();
+            put_targets.sort();
+            puts.extend(
+                put_targets
+                    .iter()
+                    .map(|&sled| Request::Put { hash: *hash, sled }),
+            );
+        }
+        let sources: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
+        for sled in &usable {
+            if put_targets.contains(&sled.id) {
+                continue;
+            }
+            match state.copies.get(&sled.id).copied().unwrap_or(0) {
+                0 => {
+                    let source = *sources
+                        .choose(rng)
+                        .expect("holders or PUT targets exist here");
+                    let after_put = put_targets.contains(&source);
+                    copies.push(Request::Copy {
+                        hash: *hash,
+                        target: sled.id,
+                        source,
+                        after_put,
+                        recopy: false,
+                    });
+                }
+                held if held < sled.healthy_m2 => {
+                    let others: Vec<SledId> = holders
+                        .iter()
+                        .copied()
+                        .filter(|&id| id != sled.id)
+                        .collect();
+                    let source = others.choose(rng).copied().unwrap_or(sled.id);
+                    copies.push(Request::Copy {
+                        hash: *hash,
+                        target: sled.id,
+                        source,
+                        after_put: false,
+                        recopy: true,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    puts.extend(copies);
+    Plan {
+        requests: puts,
+        unplaceable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use std::collections::BTreeSet;
+
+    fn sleds(count: usize) -> Vec<SledState> {
+        let mut sleds: Vec<SledState> = (0..count)
+            .map(|i| SledState {
+                id: Uuid::from_u128(i as u128 + 1),
+                healthy_m2: 2,
+            })
+            .collect();
+        sleds.sort_by_key(|s| s.id);
+        sleds
+    }
+
+    fn hash(n: u8) -> ArtifactHash {
+        ArtifactHash([n; 32])
+    }
+
+    fn limits(min: usize) -> Limits {
+        Limits {
+            min_sled_replication: min,
+        }
+    }
+
+    fn rng() -> StdRng {
+        StdRng::seed_from_u64(7)
+    }
+
+    fn count(plan: &Plan) -> (usize, usize, usize) {
+        let puts = plan
+            .requests
+            .iter()
+            .filter(|r| matches!(r, Request::Put { .. }))
+            .count();
+        let copies = plan
+            .requests
+            .iter()
+            .filter(|r| matches!(r, Request::Copy { recopy: false, .. }))
+            .count();
+        let recopies = plan
+            .requests
+            .iter()
+            .filter(|r| matches!(r, Request::Copy { recopy: true, .. }))
+            .count();
+        (puts, copies, recopies)
+    }
+
+    #[test]
+    fn nothing_to_do_when_every_sled_holds_everything() {
+        let sleds = sleds(4);
+        let copies = sleds.iter().map(|s| (s.id, 2)).collect();
+        let inventory = Inventory {
+            artifacts: [(
+                hash(1),
+                ArtifactState {
+                    copies,
+                    local: true,
+                },
+            )]
+            .into(),
+            sleds,
+        };
+        assert_eq!(plan(&inventory, &mut rng(), limits(3)), Plan::default());
+        assert_eq!(
+            plan(&Inventory::default(), &mut rng(), limits(3)),
+            Plan::default()
+        );
+    }
+
+    #[test]
+    fn local_only_artifacts_are_put_to_min_sleds_and_copied_to_the_rest() {
+        for (sled_count, expected_puts) in [(1, 1), (3, 3), (16, 3)] {
+            let inventory = Inventory {
+                sleds: sleds(sled_count),
+                artifacts: [(
+                    hash(1),
+                    ArtifactState {
+                        copies: BTreeMap::new(),
+                        local: true,
+                    },
+                )]
+                .into(),
+            };
+            let plan = plan(&inventory, &mut rng(), limits(3));
+            assert_eq!(
+                count(&plan),
+                (expected_puts, sled_count - expected_puts, 0),
+                "{sled_count} sleds"
+            );
+            let put_targets: BTreeSet<SledId> = plan
+                .requests
+                .iter()
+                .filter_map(|r| match r {
+                    Request::Put { sled, .. } => Some(*sled),
+                    _ => None,
+                })
+                .collect();
+            for request in &plan.requests {
+                if let Request::Copy {
+                    source,
+                    target,
+                    after_put,
+                    ..
+                } = request
+                {
+                    assert!(
+                        put_targets.contains(source),
+                        "copies come from a PUT target"
+                    );
+                    assert!(*after_put, "and wait for it");
+                    assert!(!put_targets.contains(target));
+                }
+            }
+            let first_copy = plan
+                .requests
+                .iter()
+                .position(|r| matches!(r, Request::Copy { .. }));
+            let last_put = plan
+                .requests
+                .iter()
+                .rposition(|r| matches!(r, Request::Put { .. }));
+            assert!(
+                first_copy.is_none() || first_copy > last_put,
+                "PUTs come first"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_empty_sled_copies_from_the_holders() {
+        let mut all = sleds(4);
+        let copies: BTreeMap<SledId, usize> = all.iter().take(3).map(|s| (s.id, 2)).collect();
+        let newcomer = all[3].id;
+        all.rotate_left(0);
+        let inventory = Inventory {
+            sleds: all,
+            artifacts: [(
+                hash(1),
+                ArtifactState {
+                    copies: copies.clone(),
+                    local: false,
+                },
+            )]
+            .into(),
+        };
+        let plan = plan(&inventory, &mut rng(), limits(3));
+        assert_eq!(plan.requests.len(), 1);
+        let Request::Copy {
+            target,
+            source,
+            after_put,
+            recopy,
+            ..
+        } = plan.requests[0]
+        else {
+            panic!()
+        };
+        assert_eq!((target, after_put, recopy), (newcomer, false, false));
+        assert!(copies.contains_key(&source));
+    }
+
+    #[test]
+    fn a_sled_with_one_of_two_copies_copies_again() {
+        let all = sleds(2);
+        let copies = [(all[0].id, 1), (all[1].id, 2)].into();
+        let inventory = Inventory {
+            sleds: all.clone(),
+            artifacts: [(
+                hash(1),
+                ArtifactState {
+                    copies,
+                    local: false,
+                },
+            )]
+            .into(),
+        };
+        let plan = plan(&inventory, &mut rng(), limits(3));
+        assert_eq!(
+            plan.requests,
+            [Request::Copy {
+                hash: hash(1),
+                target: all[0].id,
+                source: all[1].id,
+                after_put: false,
+                recopy: true
+            }]
+        );
+
+        // Alone with its one copy, a sled rewrites from its own depot.
+        let alone = sleds(1);
+        let copies = [(alone[0].id, 1)].into();
+        let inventory = Inventory {
+            sleds: alone.clone(),
+            artifacts: [(
+                hash(1),
+                ArtifactState {
+                    copies,
+                    local: false,
+                },
+            )]
+            .into(),
+        };
+        let plan = plan(&inventory, &mut rng(), limits(3));
+        assert_eq!(
+            plan.requests,
+            [Request::Copy {
+                hash: hash(1),
+                target: alone[0].id,
+                source: alone[0].id,
+                after_put: false,
+                recopy: true
+            }]
+        );
+    }
+
+    #[test]
+    fn min_replication_beyond_the_sled_count_puts_to_every_sled() {
+        let inventory = Inventory {
+            sleds: sleds(2),
+            artifacts: [(
+                hash(1),
+                ArtifactState {
+                    copies: BTreeMap::new(),
+                    local: true,
+                },
+            )]
+            .into(),
+        };
+        assert_eq!(count(&plan(&inventory, &mut rng(), limits(5))), (2, 0, 0));
+    }
+
+    #[test]
+    fn artifacts_nobody_holds_are_unplaceable_and_sleds_without_healthy_m2s_are_skipped() {
+        let mut all = sleds(3);
+        all[2].healthy_m2 = 0;
+        let broken = all[2].id;
+        let inventory = Inventory {
+            sleds: all,
+            artifacts: [
+                (
+                    hash(1),
+                    ArtifactState {
+                        copies: BTreeMap::new(),
+                        local: false,
+                    },
+                ),
+                (
+                    hash(2),
+                    ArtifactState {
+                        copies: BTreeMap::new(),
+                        local: true,
+                    },
+                ),
+            ]
+            .into(),
+        };
+        let plan = plan(&inventory, &mut rng(), limits(1));
+        assert_eq!(plan.unplaceable, [hash(1)]);
+        assert_eq!(count(&plan), (1, 1, 0));
+        assert!(plan.requests.iter().all(|r| !matches!(r, Request::Put { sled, .. } | Request::Copy { target: sled, .. } if *sled == broken)));
+    }
+
+    /// Over many random worlds: executing the plan (PUTs, then copies in
+    /// order) leaves every usable sled with every placeable artifact on all
+    /// its healthy M.2s, and no copy ever reads from a sled that lacks the
+    /// artifact at that moment.
+    #[test]
+    fn executing_any_plan_converges_and_never_copies_from_an_empty_source() {
+        for seed in 0..500u64 {
+            let mut world_rng = StdRng::seed_from_u64(seed);
+            let sled_count = world_rng.random_range(1..=12);
+            let mut all = sleds(sled_count);
+            for sled in &mut all {
+                sled.healthy_m2 = world_rng.random_range(0..=3);
+            }
+            let mut artifacts = BTreeMap::new();
+            for n in 0..world_rng.random_range(0..6u8) {
+                let mut state = ArtifactState {
+                    local: world_rng.random_bool(0.5),
+                    ..Default::default()
+                };
+                for sled in &all {
+                    if sled.healthy_m2 > 0 && world_rng.random_bool(0.3) {
+                        state
+                            .copies
+                            .insert(sled.id, world_rng.random_range(1..=sled.healthy_m2));
+                    }
+                }
+                artifacts.insert(hash(n), state);
+            }
+            let inventory = Inventory {
+                sleds: all.clone(),
+                artifacts,
+            };
+            let min = world_rng.random_range(1..=4);
+            let plan = plan(
+                &inventory,
+                &mut StdRng::seed_from_u64(seed ^ 0xabc),
+                limits(min),
+            );
+
+            let healthy: BTreeMap<SledId, usize> =
+                all.iter().map(|s| (s.id, s.healthy_m2)).collect();
+            let mut world: BTreeMap<ArtifactHash, BTreeMap<SledId, usize>> = inventory
+                .artifacts
+                .iter()
+                .map(|(h, s)| (*h, s.copies.clone()))
+                .collect();
+            for request in &plan.requests {
+                match request {
+                    Request::Put { hash, sled } => {
+                        assert!(
+                            inventory.artifacts[hash].local,
+                            "seed {seed}: PUT of an unstaged artifact"
+                        );
+                        world.get_mut(hash).unwrap().insert(*sled, healthy[sled]);
+                    }
+                    Request::Copy {
+                        hash,
+                        target,
+                        source,
+                        ..
+                    } => {
+                        let held = world[hash].get(source).copied().unwrap_or(0);
+                        assert!(
+                            held > 0,
+                            "seed {seed}: copy from {source}, which lacks {hash}"
+                        );
+                        world
+                            .get_mut(hash)
+                            .unwrap()
+                            .insert(*target, healthy[target]);
+                    }
+                }
+            }
+            for (hash, holders) in &world {
+                if plan.unplaceable.contains(hash) {
+                    assert!(
+                        holders.is_empty() && !inventory.artifacts[hash].local,
+                        "seed {seed}"
+                    );
+                    continue;
+                }
+                for sled in all.iter().filter(|s| s.healthy_m2 > 0) {
+                    assert_eq!(
+                        holders.get(&sled.id).copied().unwrap_or(0),
+                        sled.healthy_m2,
+                        "seed {seed}: {hash} on {}",
+                        sled.id
+                    );
+                }
+            }
+        }
+    }
+}

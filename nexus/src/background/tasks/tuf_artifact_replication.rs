@@ -1,0 +1,782 @@
+//! `tuf_artifact_replication`: makes every in-service sled hold every
+//! artifact of every unpruned repository, on each of its healthy M.2s.
+//!
+//! # One activation
+//!
+//! 1. Take the staged repositories handed over by uploads (and by staging
+//!    recovery at start-up).
+//! 2. Read the artifact config `{generation G, hashes}` from the database in
+//!    one transaction, and the in-service sleds.
+//! 3. PUT the config to every sled. A sled that answers 409
+//!    `CONFIG_GENERATION` holds a newer generation: another Nexus is ahead of
+//!    us. Stop, and report "superseded".
+//! 4. LIST every sled (and read its inventory for its healthy M.2 count). A
+//!    sled that lists a generation other than G is treated the same way.
+//! 5. Build the inventory (hash → sled → copies; staged here or not). Drop a
+//!    staged repository once each of its artifacts is on at least
+//!    `min_sled_replication` sleds (or when it left the config, pruned);
+//!    its staged files go once nothing else pins them.
+//! 6. Plan ([`super::replication_plan`], a pure function) and execute: PUTs
+//!    first, then copies (some copies read from a sled that one of the PUTs
+//!    just filled), `max_concurrent_requests` at a time. A 503/429 with
+//!    `Retry-After` is waited out and retried, a bounded number of times.
+//!    Every request lands in the ring buffer with its full error chain.
+//! 7. If copies were started (they finish in the background on the sleds) or
+//!    staged repositories remain, and this activation made progress,
+//!    activate again after `followup_delay` instead of waiting a period.
+//!
+//! # Why concurrent Nexus instances cannot hurt each other
+//!
+//! Every mutation a sled accepts is tied to a generation: a config is
+//! accepted only if its generation is newer (or equal with the same set), and
+//! PUT/copy requests only if their generation equals the sled's. Every change
+//! to the set of live repositories bumps the generation in the database in
+//! the same transaction. So:
+//! - *Stale deleter.* Nexus A read config N; Nexus B recorded a repository
+//!   (N+1) and pushed N+1 to the sleds. A's PUT of config N gets 409 and A
+//!   stops: A can never make a sled delete what B's repository needs.
+//! - *Late requests.* A's PUT and copy requests, planned at N, carry N and
+//!   are refused by sleds at N+1: nothing is placed on the basis of a stale
+//!   plan.
+//! - *Lost artifacts.* A sled deletes an artifact only on accepting a newer
+//!   config that lacks it, i.e. one read after the prune that removed it. An
+//!   upload's bytes stay staged (pinned, surviving restarts) until at least
+//!   `min_sled_replication` sleds hold them.
+//! - *Two pushers of the same generation* send the same set: a no-op.
+
+use super::replication_plan::{self, Inventory, Limits, Request, SledState};
+use crate::app::staging::{StagedRepo, StagingArea};
+use crate::background::driver::{Activator, BackgroundTask};
+use crate::db::model::Sled;
+use crate::db::{DataStore, DataStoreError};
+use common::api::external::ReplicationProgress;
+use common::api::sled_agent::{ArtifactCopyFromDepotBody, CONFIG_GENERATION, M2State};
+use common::bgtask::details::{
+    LocalRepoStatus, PlanSummary, ReplicationCounters, ReplicationOutcome, RepoReplication,
+    RequestOperation, RequestRecord, TufArtifactReplicationStatus,
+};
+use common::clients::sled_agent::{Client as SledClient, Error as SledError};
+use common::{ArtifactConfig, ArtifactHash, Generation, error_chain};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// How many times a request refused with 503/429 is retried in one
+/// activation, and the longest `Retry-After` honoured.
+const BUSY_RETRIES: u32 = 3;
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct ReplicationSettings {
+    pub min_sled_replication: usize,
+    /// Development racks with fewer sleds than `min_sled_replication` may
+    /// release staged artifacts once every sled holds them.
+    pub allow_fewer_sleds: bool,
+    pub max_concurrent_requests: usize,
+    pub ring_buffer_size: usize,
+    pub followup_delay: Duration,
+    /// Bounds one control request (config, list, copy start).
+    pub request_timeout: Duration,
+    /// Bounds one artifact PUT, body included.
+    pub put_timeout: Duration,
+}
+
+/// Replication progress per repository, as last seen by this Nexus; the
+/// external API reads it.
+pub type ProgressMap = Arc<Mutex<BTreeMap<Uuid, ReplicationProgress>>>;
+
+pub struct ArtifactReplication {
+    datastore: Arc<DataStore>,
+    staging: Arc<StagingArea>,
+    handoff: mpsc::Receiver<StagedRepo>,
+    local_repos: Vec<StagedRepo>,
+    settings: ReplicationSettings,
+    activator: Activator,
+    http: reqwest::Client,
+    put_http: reqwest::Client,
+    ring: VecDeque<RequestRecord>,
+    lifetime: ReplicationCounters,
+    progress: ProgressMap,
+}
+
+/// A sled as this activation sees it.
+struct SledTarget {
+    id: Uuid,
+    client: SledClient,
+    put_client: SledClient,
+    depot_url: String,
+}
+
+/// What one request did, for the ring buffer and counters.
+struct Record {
+    sled_id: Uuid,
+    operation: RequestOperation,
+    hash: Option<ArtifactHash>,
+    source_sled_id: Option<Uuid>,
+    error: Option<String>,
+}
+
+/// Why an activation stopped early.
+enum Stop {
+    Superseded {
+        sled_id: Uuid,
+        sled_generation: Generation,
+    },
+    Database(DataStoreError),
+}
+
+impl ArtifactReplication {
+    pub fn new(
+        datastore: Arc<DataStore>,
+        staging: Arc<StagingArea>,
+        handoff: mpsc::Receiver<StagedRepo>,
+        recovered: Vec<StagedRepo>,
+        settings: ReplicationSettings,
+        activator: Activator,
+        progress: ProgressMap,
+    ) -> ArtifactReplication {
+        let client = |timeout| {
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .expect("a plain HTTP client builds")
+        };
+        ArtifactReplication {
+            datastore,
+            staging,
+            handoff,
+            local_repos: recovered,
+            http: client(settings.request_timeout),
+            put_http: client(settings.put_timeout),
+            settings,
+            activator,
+            ring: VecDeque::new(),
+            lifetime: ReplicationCounters::default(),
+            progress,
+        }
+    }
+
+    async fn run(&mut self, log: &slog::Logger) -> TufArtifactReplicationStatus {
+        while let Ok(repo) = self.handoff.try_recv() {
+            self.local_repos.push(repo);
+        }
+        let mut counters = ReplicationCounters::default();
+        let mut status = TufArtifactReplicationStatus {
+            generation: Generation::new(0),
+            outcome: ReplicationOutcome::Completed,
+            sleds_in_service: 0,
+            last_run: ReplicationCounters::default(),
+            lifetime: ReplicationCounters::default(),
+            local_repos: Vec::new(),
+            plan: PlanSummary::default(),
+            repos: Vec::new(),
+            ring: Vec::new(),
+            followup_scheduled: false,
+        };
+        let mut records = Vec::new();
+        match self.replicate(log, &mut status, &mut records).await {
+            Ok(()) => {}
+            Err(Stop::Superseded {
+                sled_id,
+                sled_generation,
+            }) => {
+                slog::info!(log, "superseded by a newer generation"; "sled_id" => %sled_id, "generation" => %sled_generation);
+                status.outcome = ReplicationOutcome::Superseded {
+                    sled_id,
+                    sled_generation,
+                };
+            }
+            Err(Stop::Database(error)) => {
+                let message = error_chain(&error);
+                slog::warn!(log, "replication could not read the database"; "error" => &message);
+                status.outcome = ReplicationOutcome::Error { message };
+            }
+        }
+        let now = chrono::Utc::now();
+        for record in records {
+            count(&mut counters, &record);
+            self.ring.push_back(RequestRecord {
+                time: now,
+                sled_id: record.sled_id,
+                operation: record.operation,
+                hash: record.hash,
+                source_sled_id: record.source_sled_id,
+                error: record.error,
+            });
+        }
+        while self.ring.len() > self.settings.ring_buffer_size {
+            self.ring.pop_front();
+        }
+        self.lifetime.add(&counters);
+        status.last_run = counters;
+        status.lifetime = self.lifetime.clone();
+        status.ring = self.ring.iter().cloned().collect();
+        status.local_repos = self
+            .local_repos
+            .iter()
+            .map(|repo| LocalRepoStatus {
+                repo_id: repo.repo_id,
+                system_version: repo.system_version.clone(),
+                artifacts: repo.artifacts.len(),
+                bytes: repo.artifacts.iter().map(|a| a.size).sum(),
+            })
+            .collect();
+        let made_progress = status.last_run.put_ok + status.last_run.copy_ok > 0;
+        let work_remains = status.last_run.copy_ok > 0 || !self.local_repos.is_empty();
+        if made_progress && work_remains && status.outcome == ReplicationOutcome::Completed {
+            let activator = self.activator.clone();
+            let delay = self.settings.followup_delay;
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                activator.activate();
+            });
+            status.followup_scheduled = true;
+        }
+        status
+    }
+
+    async fn replicate(
+        &mut self,
+        log: &slog::Logger,
+        status: &mut TufArtifactReplicationStatus,
+        records: &mut Vec<Record>,
+    ) -> Result<(), Stop> {
+        let config = self
+            .datastore
+            .tuf_artifact_config()
+            .await
+            .map_err(Stop::Database)?;
+        let sleds = self.datastore.sled_list().await.map_err(Stop::Database)?;
+        let repos = self
+            .datastore
+            .tuf_repo_list_unpruned_with_artifacts()
+            .await
+            .map_err(Stop::Database)?;
+        status.generation = config.generation;
+        status.sleds_in_service = sleds.len();
+        let owned: Vec<SledTarget> = sleds.iter().map(|sled| self.target(sled)).collect();
+        let targets: Vec<&SledTarget> = owned.iter().collect();
+
+        // 3. Push the config.
+        let pushed = self
+            .bounded(
+                targets
+                    .iter()
+                    .map(|&sled| put_config(sled, &config))
+                    .collect(),
+            )
+            .await;
+        let mut reachable = Vec::new();
+        for (&sled, outcome) in targets.iter().zip(pushed) {
+            match outcome {
+                Ok(()) => {
+                    records.push(Record::ok(sled.id, RequestOperation::PutConfig));
+                    reachable.push(sled);
+                }
+                Err(PutConfigError::Superseded(message)) => {
+                    records.push(Record::failed(
+                        sled.id,
+                        RequestOperation::PutConfig,
+                        message,
+                    ));
+                    let sled_generation = sled_generation(sled)
+                        .await
+                        .unwrap_or(config.generation.next());
+                    return Err(Stop::Superseded {
+                        sled_id: sled.id,
+                        sled_generation,
+                    });
+                }
+                Err(PutConfigError::Other(message)) => {
+                    records.push(Record::failed(
+                        sled.id,
+                        RequestOperation::PutConfig,
+                        message,
+                    ));
+                }
+            }
+        }
+
+        // 4. List what each reachable sled holds.
+        let listed = self
+            .bounded(reachable.iter().map(|&sled| list(sled)).collect())
+            .await;
+        let mut inventory = Inventory::default();
+        let mut listed_sleds = Vec::new();
+        for (&sled, outcome) in reachable.iter().zip(listed) {
+            match outcome {
+                Ok((generation, _, _)) if generation != config.generation => {
+                    records.push(Record::failed(
+                        sled.id,
+                        RequestOperation::List,
+                        format!(
+                            "sled lists generation {generation}, this activation works at {}",
+                            config.generation
+                        ),
+                    ));
+                    return Err(Stop::Superseded {
+                        sled_id: sled.id,
+                        sled_generation: generation,
+                    });
+                }
+                Ok((_, list, healthy_m2)) => {
+                    records.push(Record::ok(sled.id, RequestOperation::List));
+                    inventory.sleds.push(SledState {
+                        id: sled.id,
+                        healthy_m2,
+                    });
+                    for (hash, copies) in list {
+                        inventory
+                            .artifacts
+                            .entry(hash)
+                            .or_default()
+                            .copies
+                            .insert(sled.id, copies);
+                    }
+                    listed_sleds.push(sled);
+                }
+                Err(message) => {
+                    records.push(Record::failed(sled.id, RequestOperation::List, message))
+                }
+            }
+        }
+
+        // 5. Inventory and the staged repositories it lets go.
+        for hash in &config.artifacts {
+            inventory.artifacts.entry(*hash).or_default();
+        }
+        inventory
+            .artifacts
+            .retain(|hash, _| config.artifacts.contains(hash));
+        for repo in &self.local_repos {
+            for artifact in &repo.artifacts {
+                if let Some(state) = inventory.artifacts.get_mut(&artifact.hash) {
+                    state.local = true;
+                }
+            }
+        }
+        self.release_replicated(log, &config, &inventory, sleds.len());
+        self.publish_progress(&config, &inventory, &repos, sleds.len(), status);
+
+        // 6. Plan and execute.
+        let limits = Limits {
+            min_sled_replication: self.settings.min_sled_replication,
+        };
+        let plan = replication_plan::plan(&inventory, &mut rand::rng(), limits);
+        status.plan = PlanSummary {
+            puts: plan
+                .requests
+                .iter()
+                .filter(|r| matches!(r, Request::Put { .. }))
+                .count(),
+            copies: plan
+                .requests
+                .iter()
+                .filter(|r| matches!(r, Request::Copy { recopy: false, .. }))
+                .count(),
+            recopies: plan
+                .requests
+                .iter()
+                .filter(|r| matches!(r, Request::Copy { recopy: true, .. }))
+                .count(),
+            unplaceable: plan.unplaceable.clone(),
+        };
+        let by_id: BTreeMap<Uuid, &SledTarget> =
+            listed_sleds.iter().map(|&sled| (sled.id, sled)).collect();
+        let (puts, copies): (Vec<Request>, Vec<Request>) = plan
+            .requests
+            .into_iter()
+            .partition(|request| matches!(request, Request::Put { .. }));
+        let put_results = self.execute(&puts, &by_id, config.generation).await;
+        let failed_puts: Vec<(ArtifactHash, Uuid)> = put_results
+            .iter()
+            .filter(|record| record.error.is_some())
+            .filter_map(|record| Some((record.hash?, record.sled_id)))
+            .collect();
+        records.extend(put_results);
+        // A copy from a sled whose PUT failed would only fail too.
+        let copies: Vec<Request> = copies
+            .into_iter()
+            .filter(|request| match request {
+                Request::Copy {
+                    hash,
+                    source,
+                    after_put: true,
+                    ..
+                } => !failed_puts.contains(&(*hash, *source)),
+                _ => true,
+            })
+            .collect();
+        records.extend(self.execute(&copies, &by_id, config.generation).await);
+        Ok(())
+    }
+
+    fn target(&self, sled: &Sled) -> SledTarget {
+        let host = match sled.ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+            _ => sled.ip.clone(),
+        };
+        let base = format!("http://{host}:{}", sled.port);
+        SledTarget {
+            id: sled.id,
+            client: SledClient::new_with_client(&base, self.http.clone()),
+            put_client: SledClient::new_with_client(&base, self.put_http.clone()),
+            depot_url: format!("http://{host}:{}", sled.repo_depot_port),
+        }
+    }
+
+    /// Runs the requests `max_concurrent_requests` at a time; results in
+    /// order. (The futures are built before streaming them: a lazily mapping
+    /// closure here defeats the compiler's `Send` proof.)
+    async fn bounded<T, F: Future<Output = T>>(&self, requests: Vec<F>) -> Vec<T> {
+        futures::stream::iter(requests)
+            .buffered(self.settings.max_concurrent_requests)
+            .collect()
+            .await
+    }
+
+    async fn execute(
+        &self,
+        requests: &[Request],
+        sleds: &BTreeMap<Uuid, &SledTarget>,
+        generation: Generation,
+    ) -> Vec<Record> {
+        self.bounded(
+            requests
+                .iter()
+                .map(|request| self.execute_one(request, sleds, generation))
+                .collect(),
+        )
+        .await
+    }
+
+    async fn execute_one(
+        &self,
+        request: &Request,
+        sleds: &BTreeMap<Uuid, &SledTarget>,
+        generation: Generation,
+    ) -> Record {
+        match request {
+            Request::Put { hash, sled } => {
+                let target = sleds[sled];
+                let path = self.staging.artifact_path(hash);
+                let outcome = with_busy_retries(|| async {
+                    let file = tokio::fs::File::open(&path).await.map_err(|error| {
+                        Attempt::Final(format!("opening staged {path}: {error}"))
+                    })?;
+                    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+                    target
+                        .put_client
+                        .artifact_put(hash, generation.get(), body)
+                        .await
+                        .map(|_| ())
+                        .map_err(Attempt::from)
+                })
+                .await;
+                Record {
+                    sled_id: *sled,
+                    operation: RequestOperation::Put,
+                    hash: Some(*hash),
+                    source_sled_id: None,
+                    error: outcome.err(),
+                }
+            }
+            Request::Copy {
+                hash,
+                target,
+                source,
+                ..
+            } => {
+                let body = ArtifactCopyFromDepotBody {
+                    depot_base_url: sleds[source].depot_url.clone(),
+                };
+                let client = &sleds[target].client;
+                let outcome = with_busy_retries(|| async {
+                    client
+                        .artifact_copy_from_depot(hash, generation.get(), &body)
+                        .await
+                        .map(|_| ())
+                        .map_err(Attempt::from)
+                })
+                .await;
+                Record {
+                    sled_id: *target,
+                    operation: RequestOperation::Copy,
+                    hash: Some(*hash),
+                    source_sled_id: Some(*source),
+                    error: outcome.err(),
+                }
+            }
+        }
+    }
+
+    /// Lets go of staged repositories that enough sleds hold, or that left
+    /// the config (pruned).
+    fn release_replicated(
+        &mut self,
+        log: &slog::Logger,
+        config: &ArtifactConfig,
+        inventory: &Inventory,
+        sled_count: usize,
+    ) {
+        let needed = if self.settings.allow_fewer_sleds {
+            self.settings.min_sled_replication.min(sled_count).max(1)
+        } else {
+            self.settings.min_sled_replication
+        };
+        let (done, kept): (Vec<StagedRepo>, Vec<StagedRepo>) =
+            std::mem::take(&mut self.local_repos)
+                .into_iter()
+                .partition(|repo| {
+                    repo.artifacts.iter().all(|artifact| {
+                        !config.artifacts.contains(&artifact.hash)
+                            || inventory
+                                .artifacts
+                                .get(&artifact.hash)
+                                .is_some_and(|state| {
+                                    state.copies.values().filter(|&&n| n > 0).count() >= needed
+                                })
+                    })
+                });
+        self.local_repos = kept;
+        for repo in done {
+            let hashes: Vec<ArtifactHash> = repo
+                .artifacts
+                .iter()
+                .map(|artifact| artifact.hash)
+                .collect();
+            drop(repo.artifacts);
+            let mut removed = 0;
+            for hash in hashes {
+                match self.staging.remove_if_unpinned(&hash) {
+                    Ok(deleted) => removed += usize::from(deleted),
+                    Err(error) => {
+                        slog::warn!(log, "removing a staged artifact failed"; "hash" => %hash, "error" => %error)
+                    }
+                }
+            }
+            slog::info!(log, "released staged repository"; "system_version" => &repo.system_version, "files_removed" => removed);
+        }
+    }
+
+    fn publish_progress(
+        &self,
+        config: &ArtifactConfig,
+        inventory: &Inventory,
+        repos: &[crate::db::model::TufRepoWithArtifacts],
+        sled_count: usize,
+        status: &mut TufArtifactReplicationStatus,
+    ) {
+        let healthy: BTreeMap<Uuid, usize> = inventory
+            .sleds
+            .iter()
+            .map(|sled| (sled.id, sled.healthy_m2))
+            .collect();
+        let complete_on = |sled: &Uuid, hash: &ArtifactHash| {
+            let wanted = healthy[sled];
+            wanted > 0
+                && inventory
+                    .artifacts
+                    .get(hash)
+                    .and_then(|state| state.copies.get(sled))
+                    .is_some_and(|&n| n >= wanted)
+        };
+        let now = chrono::Utc::now();
+        let mut progress = BTreeMap::new();
+        for recorded in repos {
+            let sleds_complete = healthy
+                .keys()
+                .filter(|sled| {
+                    recorded
+                        .artifacts
+                        .iter()
+                        .all(|artifact| complete_on(sled, &artifact.sha256.0))
+                })
+                .count();
+            status.repos.push(RepoReplication {
+                repo_id: recorded.repo.id,
+                system_version: recorded.repo.system_version.clone(),
+                sleds_complete,
+                sleds_in_service: sled_count,
+            });
+            progress.insert(
+                recorded.repo.id,
+                ReplicationProgress {
+                    sleds_complete,
+                    sleds_in_service: sled_count,
+                    generation: config.generation,
+                    time_checked: now,
+                },
+            );
+        }
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = progress;
+    }
+}
+
+impl BackgroundTask for ArtifactReplication {
+    fn activate<'a>(&'a mut self, log: &'a slog::Logger) -> BoxFuture<'a, serde_json::Value> {
+        Box::pin(
+            async move { serde_json::to_value(self.run(log).await).expect("statuses serialize") },
+        )
+    }
+}
+
+impl Record {
+    fn ok(sled_id: Uuid, operation: RequestOperation) -> Record {
+        Record {
+            sled_id,
+            operation,
+            hash: None,
+            source_sled_id: None,
+            error: None,
+        }
+    }
+
+    fn failed(sled_id: Uuid, operation: RequestOperation, error: String) -> Record {
+        Record {
+            sled_id,
+            operation,
+            hash: None,
+            source_sled_id: None,
+            error: Some(error),
+        }
+    }
+}
+
+fn count(counters: &mut ReplicationCounters, record: &Record) {
+    let ok = record.error.is_none();
+    let (good, bad) = match record.operation {
+        RequestOperation::PutConfig => (&mut counters.put_config_ok, &mut counters.put_config_err),
+        RequestOperation::List => (&mut counters.list_ok, &mut counters.list_err),
+        RequestOperation::Put => (&mut counters.put_ok, &mut counters.put_err),
+        RequestOperation::Copy => (&mut counters.copy_ok, &mut counters.copy_err),
+    };
+    *if ok { good } else { bad } += 1;
+}
+
+enum PutConfigError {
+    Superseded(String),
+    Other(String),
+}
+
+async fn put_config(sled: &SledTarget, config: &ArtifactConfig) -> Result<(), PutConfigError> {
+    match sled.client.artifact_config_put(config).await {
+        Ok(_) => Ok(()),
+        Err(SledError::ErrorResponse(response))
+            if response.status().as_u16() == 409
+                && response.error_code.as_deref() == Some(CONFIG_GENERATION) =>
+        {
+            Err(PutConfigError::Superseded(response.into_inner().message))
+        }
+        Err(error) => Err(PutConfigError::Other(describe(error))),
+    }
+}
+
+/// The generation a sled lists, its artifacts, and its healthy M.2 count.
+async fn list(
+    sled: &SledTarget,
+) -> Result<(Generation, BTreeMap<ArtifactHash, usize>, usize), String> {
+    let listed = sled
+        .client
+        .artifact_list()
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let inventory = sled
+        .client
+        .inventory()
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let healthy = inventory
+        .m2
+        .iter()
+        .filter(|m2| m2.state == M2State::Healthy)
+        .count();
+    Ok((listed.generation, listed.list, healthy))
+}
+
+async fn sled_generation(sled: &SledTarget) -> Option<Generation> {
+    Some(
+        sled.client
+            .artifact_config_get()
+            .await
+            .ok()?
+            .into_inner()
+            .generation,
+    )
+}
+
+/// One try of a request: retry after a while, or give up with a message.
+enum Attempt {
+    Busy {
+        retry_after: Duration,
+        message: String,
+    },
+    Final(String),
+}
+
+impl From<SledError<common::clients::sled_agent::types::Error>> for Attempt {
+    fn from(error: SledError<common::clients::sled_agent::types::Error>) -> Attempt {
+        if let SledError::ErrorResponse(response) = &error {
+            let status = response.status().as_u16();
+            if status == 503 || status == 429 {
+                let retry_after = response
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|value| value.to_str().ok()?.parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                if let Some(retry_after) = retry_after {
+                    return Attempt::Busy {
+                        retry_after: retry_after.min(MAX_RETRY_AFTER),
+                        message: describe(error),
+                    };
+                }
+            }
+        }
+        Attempt::Final(describe(error))
+    }
+}
+
+async fn with_busy_retries<F, Fut>(mut attempt: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), Attempt>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Ok(()) => return Ok(()),
+            Err(Attempt::Busy {
+                retry_after,
+                message,
+            }) => {
+                tries += 1;
+                if tries > BUSY_RETRIES {
+                    return Err(format!(
+                        "{message} (still busy after {BUSY_RETRIES} retries)"
+                    ));
+                }
+                tokio::time::sleep(retry_after).await;
+            }
+            Err(Attempt::Final(message)) => return Err(message),
+        }
+    }
+}
+
+/// A sled's error response as its own message, anything else with its cause
+/// chain.
+fn describe(error: SledError<common::clients::sled_agent::types::Error>) -> String {
+    match error {
+        SledError::ErrorResponse(response) => {
+            let status = response.status();
+            let body = response.into_inner();
+            format!("{status}: {}", body.message)
+        }
+        other => error_chain(&other),
+    }
+}

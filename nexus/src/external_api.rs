@@ -1,0 +1,229 @@
+//! The external API's implementation. Every handler first checks the
+//! operator's bearer token; a missing or wrong token gets 401 and no detail.
+
+use crate::app::Nexus;
+use crate::app::update::UploadError;
+use crate::db::datastore::TufRepoPage;
+use crate::db::model::{TufRepoInsertStatus, TufRepoWithArtifacts, TufTrustRoot};
+use common::api::external::{
+    ExternalApi, RepoPageSelector, SystemVersionPath, TrustRootPath, TrustRootView,
+    TufArtifactView, TufRepoUploadResponse, TufRepoUploadStatus, TufRepoView, UploadQuery,
+};
+use common::error::server_error;
+use common::error_chain;
+use dropshot::{
+    ClientErrorStatusCode, EmptyScanParams, HttpError, HttpResponseCreated, HttpResponseDeleted,
+    HttpResponseOk, PaginationParams, Path, Query, RequestContext, ResultsPage, StreamingBody,
+    TypedBody, WhichPage,
+};
+use http::StatusCode;
+use std::sync::Arc;
+
+pub enum ExternalApiImpl {}
+
+/// Refuses requests without the operator's token.
+fn authorize(rqctx: &RequestContext<Arc<Nexus>>) -> Result<(), HttpError> {
+    let header = rqctx
+        .request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    if rqctx.context().operator_token.accepts(header) {
+        return Ok(());
+    }
+    Err(HttpError::for_client_error(
+        Some("UNAUTHORIZED".into()),
+        ClientErrorStatusCode::UNAUTHORIZED,
+        "missing or invalid bearer token".into(),
+    )
+    .with_header(http::header::WWW_AUTHENTICATE, "Bearer")
+    .expect("a valid header"))
+}
+
+impl From<UploadError> for HttpError {
+    fn from(error: UploadError) -> HttpError {
+        let message = error_chain(&error);
+        match error {
+            UploadError::Database(error) => error.into(),
+            UploadError::HandoffFull { .. } => {
+                server_error(StatusCode::SERVICE_UNAVAILABLE, "HANDOFF_FULL", message)
+            }
+            UploadError::Io { .. } => HttpError::for_internal_error(message),
+            UploadError::BadFileName(_)
+            | UploadError::Body { .. }
+            | UploadError::Zip(_)
+            | UploadError::NoTrustRoots
+            | UploadError::Untrusted { .. }
+            | UploadError::Expired(_)
+            | UploadError::InvalidMetadata(_)
+            | UploadError::MissingArtifactsJson
+            | UploadError::ArtifactsJson(_)
+            | UploadError::MissingTarget { .. }
+            | UploadError::TargetMismatch { .. } => {
+                HttpError::for_bad_request(Some("BAD_REPOSITORY".into()), message)
+            }
+        }
+    }
+}
+
+pub fn repo_view(nexus: &Nexus, recorded: TufRepoWithArtifacts) -> TufRepoView {
+    let TufRepoWithArtifacts { repo, artifacts } = recorded;
+    TufRepoView {
+        replication: nexus.replication_progress(repo.id),
+        id: repo.id,
+        system_version: repo.system_version,
+        sha256: repo.sha256.0,
+        file_name: repo.file_name,
+        time_created: repo.time_created,
+        time_pruned: repo.time_pruned,
+        artifacts: artifacts
+            .into_iter()
+            .map(|artifact| TufArtifactView {
+                name: artifact.name,
+                version: artifact.version,
+                kind: artifact.kind,
+                sha256: artifact.sha256.0,
+                size: u64::try_from(artifact.size).unwrap_or(0),
+            })
+            .collect(),
+    }
+}
+
+fn trust_root_view(root: TufTrustRoot) -> TrustRootView {
+    TrustRootView {
+        id: root.id,
+        time_created: root.time_created,
+        root_role: root.root_role,
+    }
+}
+
+impl ExternalApi for ExternalApiImpl {
+    type Context = Arc<Nexus>;
+
+    async fn repository_upload(
+        rqctx: RequestContext<Self::Context>,
+        query: Query<UploadQuery>,
+        body: StreamingBody,
+    ) -> Result<HttpResponseOk<TufRepoUploadResponse>, HttpError> {
+        authorize(&rqctx)?;
+        let nexus = rqctx.context();
+        let result = nexus
+            .uploader
+            .upload(&query.into_inner().file_name, body.into_stream())
+            .await?;
+        let status = match result.status {
+            TufRepoInsertStatus::Inserted => TufRepoUploadStatus::Inserted,
+            TufRepoInsertStatus::AlreadyExists => TufRepoUploadStatus::AlreadyExists,
+        };
+        Ok(HttpResponseOk(TufRepoUploadResponse {
+            repo: repo_view(nexus, result.recorded),
+            status,
+        }))
+    }
+
+    async fn repository_list(
+        rqctx: RequestContext<Self::Context>,
+        query: Query<PaginationParams<EmptyScanParams, RepoPageSelector>>,
+    ) -> Result<HttpResponseOk<ResultsPage<TufRepoView>>, HttpError> {
+        authorize(&rqctx)?;
+        let nexus = rqctx.context();
+        let query = query.into_inner();
+        let limit = rqctx.page_limit(&query)?.get();
+        let after = match query.page {
+            WhichPage::First(_) => None,
+            WhichPage::Next(selector) => Some((selector.time_created, selector.id)),
+        };
+        let repos = nexus
+            .datastore
+            .tuf_repo_list(&TufRepoPage { limit, after })
+            .await?;
+        let mut views = Vec::with_capacity(repos.len());
+        for repo in repos {
+            views.push(repo_view(
+                nexus,
+                nexus
+                    .datastore
+                    .tuf_repo_get_by_version(&repo.system_version)
+                    .await?,
+            ));
+        }
+        let page = ResultsPage::new(views, &EmptyScanParams {}, |view, _| RepoPageSelector {
+            time_created: view.time_created,
+            id: view.id,
+        })?;
+        Ok(HttpResponseOk(page))
+    }
+
+    async fn repository_view(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<SystemVersionPath>,
+    ) -> Result<HttpResponseOk<TufRepoView>, HttpError> {
+        authorize(&rqctx)?;
+        let nexus = rqctx.context();
+        let recorded = nexus
+            .datastore
+            .tuf_repo_get_by_version(&path.into_inner().system_version)
+            .await?;
+        Ok(HttpResponseOk(repo_view(nexus, recorded)))
+    }
+
+    async fn trust_root_list(
+        rqctx: RequestContext<Self::Context>,
+    ) -> Result<HttpResponseOk<Vec<TrustRootView>>, HttpError> {
+        authorize(&rqctx)?;
+        let roots = rqctx.context().datastore.trust_root_list().await?;
+        Ok(HttpResponseOk(
+            roots.into_iter().map(trust_root_view).collect(),
+        ))
+    }
+
+    async fn trust_root_create(
+        rqctx: RequestContext<Self::Context>,
+        body: TypedBody<serde_json::Value>,
+    ) -> Result<HttpResponseCreated<TrustRootView>, HttpError> {
+        authorize(&rqctx)?;
+        let root_role = body.into_inner();
+        let bad =
+            |message: String| HttpError::for_bad_request(Some("BAD_TRUST_ROOT".into()), message);
+        let root: tough::schema::Signed<tough::schema::Root> =
+            serde_json::from_value(root_role.clone()).map_err(|error| {
+                bad(format!(
+                    "the trust root is not a signed TUF root role: {error}"
+                ))
+            })?;
+        root.signed.verify_role(&root).map_err(|error| {
+            bad(format!(
+                "the trust root's signatures do not verify against its own root keys: {}",
+                error_chain(&error)
+            ))
+        })?;
+        let created = rqctx.context().datastore.trust_root_add(root_role).await?;
+        Ok(HttpResponseCreated(trust_root_view(created)))
+    }
+
+    async fn trust_root_view(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<TrustRootPath>,
+    ) -> Result<HttpResponseOk<TrustRootView>, HttpError> {
+        authorize(&rqctx)?;
+        let root = rqctx
+            .context()
+            .datastore
+            .trust_root_get(path.into_inner().trust_root_id)
+            .await?;
+        Ok(HttpResponseOk(trust_root_view(root)))
+    }
+
+    async fn trust_root_delete(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<TrustRootPath>,
+    ) -> Result<HttpResponseDeleted, HttpError> {
+        authorize(&rqctx)?;
+        rqctx
+            .context()
+            .datastore
+            .trust_root_delete(path.into_inner().trust_root_id)
+            .await?;
+        Ok(HttpResponseDeleted())
+    }
+}
