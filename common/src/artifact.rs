@@ -34,9 +34,7 @@ impl FromStr for ArtifactHash {
         // Uppercase is refused rather than folded: the hash is a file name on
         // the sleds, and two spellings of one name would be two files.
         if !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(ArtifactHashParseError::NotLowercaseHex {
-                input: s.to_string(),
-            });
+            return Err(ArtifactHashParseError::NotLowercaseHex { input: s.to_string() });
         }
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(s, &mut bytes).expect("validated as 64 lowercase hex digits above");
@@ -90,9 +88,7 @@ impl JsonSchema for ArtifactHash {
 
 /// How operators name an artifact. Unique across all repositories: the same
 /// triple must always mean the same bytes.
-#[derive(
-    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 pub struct ArtifactId {
     pub name: String,
     pub version: String,
@@ -131,10 +127,7 @@ mod tests {
     fn hash_rejects_wrong_length_and_case() {
         assert_eq!(
             "abc".parse::<ArtifactHash>().unwrap_err(),
-            ArtifactHashParseError::Length {
-                input: "abc".into(),
-                len: 3
-            }
+            ArtifactHashParseError::Length { input: "abc".into(), len: 3 }
         );
         let upper = HASH.to_uppercase();
         let err = upper.parse::<ArtifactHash>().unwrap_err();

@@ -28,11 +28,7 @@ pub enum ActivationReason {
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum CurrentStatus {
     Idle,
-    Running {
-        iteration: u64,
-        start_time: DateTime<Utc>,
-        reason: ActivationReason,
-    },
+    Running { iteration: u64, start_time: DateTime<Utc>, reason: ActivationReason },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -66,10 +62,7 @@ pub enum DriverDetails {
     /// again as usual.
     Panicked { message: String },
     /// The task is disabled and did no work.
-    Disabled {
-        changed_by: String,
-        time_changed: DateTime<Utc>,
-    },
+    Disabled { changed_by: String, time_changed: DateTime<Utc> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

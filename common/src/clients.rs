@@ -59,10 +59,8 @@ pub mod external {
             .expect("tokens are printable ASCII");
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .expect("a plain HTTP client builds");
+        let client =
+            reqwest::Client::builder().default_headers(headers).build().expect("a plain HTTP client builds");
         Client::new_with_client(base_url, client)
     }
 }

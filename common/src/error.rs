@@ -30,9 +30,5 @@ pub fn server_error(status: http::StatusCode, code: &str, message: String) -> dr
 }
 
 pub fn unavailable(message: String) -> dropshot::HttpError {
-    server_error(
-        http::StatusCode::SERVICE_UNAVAILABLE,
-        "UNAVAILABLE",
-        message,
-    )
+    server_error(http::StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
 }

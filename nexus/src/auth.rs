@@ -28,18 +28,12 @@ pub enum TokenError {
 impl OperatorToken {
     /// Reads the token, or creates it. Returns whether it was created.
     pub fn load_or_create(path: &Utf8Path) -> Result<(OperatorToken, bool), TokenError> {
-        let io = |what, source| TokenError::Io {
-            what,
-            path: path.to_owned(),
-            source,
-        };
+        let io = |what, source| TokenError::Io { what, path: path.to_owned(), source };
         match std::fs::read_to_string(path) {
             Ok(text) => {
                 let token = text.trim();
                 if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(TokenError::Invalid {
-                        path: path.to_owned(),
-                    });
+                    return Err(TokenError::Invalid { path: path.to_owned() });
                 }
                 Ok((OperatorToken(token.to_string()), false))
             }
@@ -55,8 +49,7 @@ impl OperatorToken {
                     .mode(0o600)
                     .open(path)
                     .map_err(|source| io("creating", source))?;
-                file.write_all(token.as_bytes())
-                    .map_err(|source| io("writing", source))?;
+                file.write_all(token.as_bytes()).map_err(|source| io("writing", source))?;
                 Ok((OperatorToken(token), true))
             }
             Err(error) => Err(io("reading", error)),
@@ -89,25 +82,16 @@ mod tests {
         let path = dir.path().join("nested/operator-token");
         let (token, created) = OperatorToken::load_or_create(&path).unwrap();
         assert!(created);
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let (again, created) = OperatorToken::load_or_create(&path).unwrap();
         assert!(!created);
         assert_eq!(again.as_str(), token.as_str());
 
         assert!(token.accepts(Some(&format!("Bearer {}", token.as_str()))));
         assert!(!token.accepts(None));
-        assert!(
-            !token.accepts(Some(token.as_str())),
-            "the scheme is required"
-        );
+        assert!(!token.accepts(Some(token.as_str())), "the scheme is required");
         assert!(!token.accepts(Some("Bearer wrong")));
         std::fs::write(&path, "\n").unwrap();
-        assert!(matches!(
-            OperatorToken::load_or_create(&path),
-            Err(TokenError::Invalid { .. })
-        ));
+        assert!(matches!(OperatorToken::load_or_create(&path), Err(TokenError::Invalid { .. })));
     }
 }

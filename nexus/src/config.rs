@@ -159,11 +159,7 @@ pub struct TufRepoPrunerConfig {
 
 impl Default for TufRepoPrunerConfig {
     fn default() -> Self {
-        TufRepoPrunerConfig {
-            period_secs: 300,
-            disabled: false,
-            nkeep: 3,
-        }
+        TufRepoPrunerConfig { period_secs: 300, disabled: false, nkeep: 3 }
     }
 }
 
@@ -178,36 +174,26 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: Utf8PathBuf, message: String },
     #[error("config file {path}: {key} {problem}")]
-    Invalid {
-        path: Utf8PathBuf,
-        key: &'static str,
-        problem: String,
-    },
+    Invalid { path: Utf8PathBuf, key: &'static str, problem: String },
 }
 
 impl Config {
     pub fn from_file(path: &Utf8Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::from_toml(path, &text)
     }
 
     /// Parses and validates; `path` is only used in messages.
     pub fn from_toml(path: &Utf8Path, text: &str) -> Result<Config, ConfigError> {
         // toml's message names the key and shows the offending line.
-        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
+        let config: Config = toml::from_str(text)
+            .map_err(|error| ConfigError::Parse { path: path.to_owned(), message: error.to_string() })?;
+        config.validate().map_err(|(key, problem)| ConfigError::Invalid {
             path: path.to_owned(),
-            message: error.to_string(),
+            key,
+            problem,
         })?;
-        config
-            .validate()
-            .map_err(|(key, problem)| ConfigError::Invalid {
-                path: path.to_owned(),
-                key,
-                problem,
-            })?;
         Ok(config)
     }
 
@@ -216,22 +202,13 @@ impl Config {
             return Err(("database.max_connections", "must be at least 1".into()));
         }
         if self.external_api.request_body_max_bytes == 0 {
-            return Err((
-                "external_api.request_body_max_bytes",
-                "must be at least 1".into(),
-            ));
+            return Err(("external_api.request_body_max_bytes", "must be at least 1".into()));
         }
         let updates = &self.updates;
         for (key, value) in [
             ("updates.max_zip_entries", updates.max_zip_entries as u64),
-            (
-                "updates.max_uncompressed_bytes",
-                updates.max_uncompressed_bytes,
-            ),
-            (
-                "updates.max_compression_ratio",
-                updates.max_compression_ratio,
-            ),
+            ("updates.max_uncompressed_bytes", updates.max_uncompressed_bytes),
+            ("updates.max_compression_ratio", updates.max_compression_ratio),
             ("updates.handoff_capacity", updates.handoff_capacity as u64),
         ] {
             if value == 0 {
@@ -240,10 +217,7 @@ impl Config {
         }
         let replication = &self.background_tasks.tuf_artifact_replication;
         for (key, value) in [
-            (
-                "background_tasks.tuf_artifact_replication.period_secs",
-                replication.period_secs,
-            ),
+            ("background_tasks.tuf_artifact_replication.period_secs", replication.period_secs),
             (
                 "background_tasks.tuf_artifact_replication.min_sled_replication",
                 replication.min_sled_replication as u64,
@@ -260,10 +234,7 @@ impl Config {
                 "background_tasks.tuf_artifact_replication.request_timeout_secs",
                 replication.request_timeout_secs,
             ),
-            (
-                "background_tasks.tuf_artifact_replication.put_timeout_secs",
-                replication.put_timeout_secs,
-            ),
+            ("background_tasks.tuf_artifact_replication.put_timeout_secs", replication.put_timeout_secs),
         ] {
             if value == 0 {
                 return Err((key, "must be at least 1".into()));
@@ -271,10 +242,7 @@ impl Config {
         }
         let pruner = &self.background_tasks.tuf_repo_pruner;
         if pruner.period_secs == 0 {
-            return Err((
-                "background_tasks.tuf_repo_pruner.period_secs",
-                "must be at least 1".into(),
-            ));
+            return Err(("background_tasks.tuf_repo_pruner.period_secs", "must be at least 1".into()));
         }
         if pruner.nkeep == 0 {
             return Err((
@@ -307,17 +275,12 @@ mod tests {
     "#;
 
     fn error_for(text: &str) -> String {
-        Config::from_toml(Utf8Path::new(PATH), text)
-            .unwrap_err()
-            .to_string()
+        Config::from_toml(Utf8Path::new(PATH), text).unwrap_err().to_string()
     }
 
     #[test]
     fn the_shipped_config_parses() {
-        let path = Utf8Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../smf/nexus/config.toml"
-        ));
+        let path = Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/nexus/config.toml"));
         let config = Config::from_file(path).unwrap();
         assert_eq!(config.background_tasks.tuf_repo_pruner.nkeep, 3);
     }
@@ -333,17 +296,12 @@ mod tests {
 
     #[test]
     fn bad_config_names_the_key_and_the_problem() {
-        let misspelt = format!(
-            "{MINIMAL}\n[background_tasks.tuf_repo_pruner]\nperiod_secs = 5\nnkeep = 3\nnkep = 2\n"
-        );
+        let misspelt =
+            format!("{MINIMAL}\n[background_tasks.tuf_repo_pruner]\nperiod_secs = 5\nnkeep = 3\nnkep = 2\n");
         let message = error_for(&misspelt);
-        assert!(
-            message.contains(PATH) && message.contains("nkep"),
-            "{message}"
-        );
+        assert!(message.contains(PATH) && message.contains("nkep"), "{message}");
 
-        let zero =
-            format!("{MINIMAL}\n[background_tasks.tuf_repo_pruner]\nperiod_secs = 5\nnkeep = 0\n");
+        let zero = format!("{MINIMAL}\n[background_tasks.tuf_repo_pruner]\nperiod_secs = 5\nnkeep = 0\n");
         assert_eq!(
             error_for(&zero),
             "config file test.toml: background_tasks.tuf_repo_pruner.nkeep must be at least 1 (0 would prune every repository)"

@@ -6,15 +6,15 @@ use crate::app::update::UploadError;
 use crate::db::datastore::TufRepoPage;
 use crate::db::model::{TufRepoInsertStatus, TufRepoWithArtifacts, TufTrustRoot};
 use common::api::external::{
-    ExternalApi, RepoPageSelector, SystemVersionPath, TrustRootPath, TrustRootView,
-    TufArtifactView, TufRepoUploadResponse, TufRepoUploadStatus, TufRepoView, UploadQuery,
+    ExternalApi, RepoPageSelector, SystemVersionPath, TrustRootPath, TrustRootView, TufArtifactView,
+    TufRepoUploadResponse, TufRepoUploadStatus, TufRepoView, UploadQuery,
 };
 use common::error::server_error;
 use common::error_chain;
 use dropshot::{
     ClientErrorStatusCode, EmptyScanParams, HttpError, HttpResponseCreated, HttpResponseDeleted,
-    HttpResponseOk, PaginationParams, Path, Query, RequestContext, ResultsPage, StreamingBody,
-    TypedBody, WhichPage,
+    HttpResponseOk, PaginationParams, Path, Query, RequestContext, ResultsPage, StreamingBody, TypedBody,
+    WhichPage,
 };
 use http::StatusCode;
 use std::sync::Arc;
@@ -23,11 +23,8 @@ pub enum ExternalApiImpl {}
 
 /// Refuses requests without the operator's token.
 fn authorize(rqctx: &RequestContext<Arc<Nexus>>) -> Result<(), HttpError> {
-    let header = rqctx
-        .request
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok());
+    let header =
+        rqctx.request.headers().get(http::header::AUTHORIZATION).and_then(|value| value.to_str().ok());
     if rqctx.context().operator_token.accepts(header) {
         return Ok(());
     }
@@ -90,11 +87,7 @@ pub fn repo_view(nexus: &Nexus, recorded: TufRepoWithArtifacts) -> TufRepoView {
 }
 
 fn trust_root_view(root: TufTrustRoot) -> TrustRootView {
-    TrustRootView {
-        id: root.id,
-        time_created: root.time_created,
-        root_role: root.root_role,
-    }
+    TrustRootView { id: root.id, time_created: root.time_created, root_role: root.root_role }
 }
 
 impl ExternalApi for ExternalApiImpl {
@@ -107,18 +100,12 @@ impl ExternalApi for ExternalApiImpl {
     ) -> Result<HttpResponseOk<TufRepoUploadResponse>, HttpError> {
         authorize(&rqctx)?;
         let nexus = rqctx.context();
-        let result = nexus
-            .uploader
-            .upload(&query.into_inner().file_name, body.into_stream())
-            .await?;
+        let result = nexus.uploader.upload(&query.into_inner().file_name, body.into_stream()).await?;
         let status = match result.status {
             TufRepoInsertStatus::Inserted => TufRepoUploadStatus::Inserted,
             TufRepoInsertStatus::AlreadyExists => TufRepoUploadStatus::AlreadyExists,
         };
-        Ok(HttpResponseOk(TufRepoUploadResponse {
-            repo: repo_view(nexus, result.recorded),
-            status,
-        }))
+        Ok(HttpResponseOk(TufRepoUploadResponse { repo: repo_view(nexus, result.recorded), status }))
     }
 
     async fn repository_list(
@@ -133,19 +120,11 @@ impl ExternalApi for ExternalApiImpl {
             WhichPage::First(_) => None,
             WhichPage::Next(selector) => Some((selector.time_created, selector.id)),
         };
-        let repos = nexus
-            .datastore
-            .tuf_repo_list(&TufRepoPage { limit, after })
-            .await?;
+        let repos = nexus.datastore.tuf_repo_list(&TufRepoPage { limit, after }).await?;
         let mut views = Vec::with_capacity(repos.len());
         for repo in repos {
-            views.push(repo_view(
-                nexus,
-                nexus
-                    .datastore
-                    .tuf_repo_get_by_version(&repo.system_version)
-                    .await?,
-            ));
+            views
+                .push(repo_view(nexus, nexus.datastore.tuf_repo_get_by_version(&repo.system_version).await?));
         }
         let page = ResultsPage::new(views, &EmptyScanParams {}, |view, _| RepoPageSelector {
             time_created: view.time_created,
@@ -160,10 +139,7 @@ impl ExternalApi for ExternalApiImpl {
     ) -> Result<HttpResponseOk<TufRepoView>, HttpError> {
         authorize(&rqctx)?;
         let nexus = rqctx.context();
-        let recorded = nexus
-            .datastore
-            .tuf_repo_get_by_version(&path.into_inner().system_version)
-            .await?;
+        let recorded = nexus.datastore.tuf_repo_get_by_version(&path.into_inner().system_version).await?;
         Ok(HttpResponseOk(repo_view(nexus, recorded)))
     }
 
@@ -172,9 +148,7 @@ impl ExternalApi for ExternalApiImpl {
     ) -> Result<HttpResponseOk<Vec<TrustRootView>>, HttpError> {
         authorize(&rqctx)?;
         let roots = rqctx.context().datastore.trust_root_list().await?;
-        Ok(HttpResponseOk(
-            roots.into_iter().map(trust_root_view).collect(),
-        ))
+        Ok(HttpResponseOk(roots.into_iter().map(trust_root_view).collect()))
     }
 
     async fn trust_root_create(
@@ -183,14 +157,9 @@ impl ExternalApi for ExternalApiImpl {
     ) -> Result<HttpResponseCreated<TrustRootView>, HttpError> {
         authorize(&rqctx)?;
         let root_role = body.into_inner();
-        let bad =
-            |message: String| HttpError::for_bad_request(Some("BAD_TRUST_ROOT".into()), message);
-        let root: tough::schema::Signed<tough::schema::Root> =
-            serde_json::from_value(root_role.clone()).map_err(|error| {
-                bad(format!(
-                    "the trust root is not a signed TUF root role: {error}"
-                ))
-            })?;
+        let bad = |message: String| HttpError::for_bad_request(Some("BAD_TRUST_ROOT".into()), message);
+        let root: tough::schema::Signed<tough::schema::Root> = serde_json::from_value(root_role.clone())
+            .map_err(|error| bad(format!("the trust root is not a signed TUF root role: {error}")))?;
         root.signed.verify_role(&root).map_err(|error| {
             bad(format!(
                 "the trust root's signatures do not verify against its own root keys: {}",
@@ -206,11 +175,7 @@ impl ExternalApi for ExternalApiImpl {
         path: Path<TrustRootPath>,
     ) -> Result<HttpResponseOk<TrustRootView>, HttpError> {
         authorize(&rqctx)?;
-        let root = rqctx
-            .context()
-            .datastore
-            .trust_root_get(path.into_inner().trust_root_id)
-            .await?;
+        let root = rqctx.context().datastore.trust_root_get(path.into_inner().trust_root_id).await?;
         Ok(HttpResponseOk(trust_root_view(root)))
     }
 
@@ -219,11 +184,7 @@ impl ExternalApi for ExternalApiImpl {
         path: Path<TrustRootPath>,
     ) -> Result<HttpResponseDeleted, HttpError> {
         authorize(&rqctx)?;
-        rqctx
-            .context()
-            .datastore
-            .trust_root_delete(path.into_inner().trust_root_id)
-            .await?;
+        rqctx.context().datastore.trust_root_delete(path.into_inner().trust_root_id).await?;
         Ok(HttpResponseDeleted())
     }
 }

@@ -17,11 +17,9 @@ impl From<DataStoreError> for HttpError {
                 ClientErrorStatusCode::NOT_FOUND,
                 message,
             ),
-            DataStoreError::Conflict(_) => HttpError::for_client_error(
-                Some("CONFLICT".into()),
-                ClientErrorStatusCode::CONFLICT,
-                message,
-            ),
+            DataStoreError::Conflict(_) => {
+                HttpError::for_client_error(Some("CONFLICT".into()), ClientErrorStatusCode::CONFLICT, message)
+            }
             DataStoreError::GenerationMoved { .. } => HttpError::for_client_error(
                 Some("GENERATION_MOVED".into()),
                 ClientErrorStatusCode::CONFLICT,

@@ -4,13 +4,11 @@
 use crate::app::Nexus;
 use crate::db::model::SledRegistration;
 use common::api::nexus_internal::{
-    BackgroundTaskPathParam, BackgroundTaskSwitchRequest, BackgroundTasksActivateRequest,
-    NexusInternalApi, SledAgentInfo, SledAgentPathParam,
+    BackgroundTaskPathParam, BackgroundTaskSwitchRequest, BackgroundTasksActivateRequest, NexusInternalApi,
+    SledAgentInfo, SledAgentPathParam,
 };
 use common::bgtask::BackgroundTask;
-use dropshot::{
-    HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path, RequestContext, TypedBody,
-};
+use dropshot::{HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path, RequestContext, TypedBody};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -29,12 +27,7 @@ impl NexusInternalApi for NexusInternalApiImpl {
         rqctx: RequestContext<Self::Context>,
         path: Path<BackgroundTaskPathParam>,
     ) -> Result<HttpResponseOk<BackgroundTask>, HttpError> {
-        Ok(HttpResponseOk(
-            rqctx
-                .context()
-                .background
-                .view(&path.into_inner().bgtask_name)?,
-        ))
+        Ok(HttpResponseOk(rqctx.context().background.view(&path.into_inner().bgtask_name)?))
     }
 
     async fn bgtask_activate(
@@ -54,9 +47,7 @@ impl NexusInternalApi for NexusInternalApiImpl {
         let nexus = rqctx.context();
         let name = path.into_inner().bgtask_name;
         let request = body.into_inner();
-        let view = nexus
-            .background
-            .set_enabled(&name, request.enabled, &request.changed_by)?;
+        let view = nexus.background.set_enabled(&name, request.enabled, &request.changed_by)?;
         slog::info!(nexus.log, "background task switched";
             "task" => &name, "enabled" => request.enabled, "changed_by" => &request.changed_by);
         Ok(HttpResponseOk(view))

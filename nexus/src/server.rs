@@ -38,11 +38,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("starting the {server} server on {address}: {message}")]
-    Http {
-        server: &'static str,
-        address: SocketAddr,
-        message: String,
-    },
+    Http { server: &'static str, address: SocketAddr, message: String },
 }
 
 pub struct Server {
@@ -55,18 +51,12 @@ pub struct Server {
 
 impl Server {
     pub async fn start(config: &Config, log: slog::Logger) -> Result<Server, StartError> {
-        let pool = PoolConfig {
-            max_connections: config.database.max_connections,
-        };
+        let pool = PoolConfig { max_connections: config.database.max_connections };
         let datastore = Arc::new(DataStore::connect(&config.database.url, &pool).await?);
-        let (operator_token, created) =
-            OperatorToken::load_or_create(&config.external_api.token_file)?;
+        let (operator_token, created) = OperatorToken::load_or_create(&config.external_api.token_file)?;
         let staging_dir = &config.updates.staging_dir;
-        let staging_area =
-            StagingArea::open(staging_dir).map_err(|source| StartError::Staging {
-                path: staging_dir.clone(),
-                source,
-            })?;
+        let staging_area = StagingArea::open(staging_dir)
+            .map_err(|source| StartError::Staging { path: staging_dir.clone(), source })?;
         let unpruned = datastore.tuf_repo_list_unpruned_with_artifacts().await?;
         let recovered = staging::recover(&staging_area, &unpruned, &log).await;
 
@@ -144,10 +134,7 @@ impl Server {
     /// Stops accepting requests, lets in-flight ones finish, then stops the
     /// background tasks.
     pub async fn shutdown(self) {
-        for (name, server) in [
-            ("external API", self.external_api),
-            ("internal API", self.internal_api),
-        ] {
+        for (name, server) in [("external API", self.external_api), ("internal API", self.internal_api)] {
             if let Err(message) = server.close().await {
                 slog::warn!(self.nexus.log, "closing a server"; "server" => name, "error" => message);
             }
@@ -164,26 +151,14 @@ fn start_http<A: std::fmt::Display>(
     max_body: usize,
     nexus: &Arc<Nexus>,
 ) -> Result<dropshot::HttpServer<Arc<Nexus>>, StartError> {
-    let api = api.map_err(|error| StartError::Http {
-        server,
-        address,
-        message: error.to_string(),
-    })?;
+    let api = api.map_err(|error| StartError::Http { server, address, message: error.to_string() })?;
     let config = dropshot::ConfigDropshot {
         bind_address: address,
         default_request_body_max_bytes: max_body,
         ..Default::default()
     };
-    dropshot::ServerBuilder::new(
-        api,
-        nexus.clone(),
-        nexus.log.new(slog::o!("server" => server)),
-    )
-    .config(config)
-    .start()
-    .map_err(|error| StartError::Http {
-        server,
-        address,
-        message: error_chain(&error),
-    })
+    dropshot::ServerBuilder::new(api, nexus.clone(), nexus.log.new(slog::o!("server" => server)))
+        .config(config)
+        .start()
+        .map_err(|error| StartError::Http { server, address, message: error_chain(&error) })
 }

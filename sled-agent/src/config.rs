@@ -80,11 +80,7 @@ pub struct CopyConfig {
 
 impl Default for CopyConfig {
     fn default() -> Self {
-        CopyConfig {
-            max_concurrent: 4,
-            read_timeout_secs: 30,
-            resume_attempts: 3,
-        }
+        CopyConfig { max_concurrent: 4, read_timeout_secs: 30, resume_attempts: 3 }
     }
 }
 
@@ -99,34 +95,24 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: Utf8PathBuf, message: String },
     #[error("config file {path}: {key} {problem}")]
-    Invalid {
-        path: Utf8PathBuf,
-        key: &'static str,
-        problem: String,
-    },
+    Invalid { path: Utf8PathBuf, key: &'static str, problem: String },
 }
 
 impl Config {
     pub fn from_file(path: &Utf8Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::from_toml(path, &text)
     }
 
     pub fn from_toml(path: &Utf8Path, text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
+        let config: Config = toml::from_str(text)
+            .map_err(|error| ConfigError::Parse { path: path.to_owned(), message: error.to_string() })?;
+        config.validate().map_err(|(key, problem)| ConfigError::Invalid {
             path: path.to_owned(),
-            message: error.to_string(),
+            key,
+            problem,
         })?;
-        config
-            .validate()
-            .map_err(|(key, problem)| ConfigError::Invalid {
-                path: path.to_owned(),
-                key,
-                problem,
-            })?;
         Ok(config)
     }
 
@@ -178,42 +164,22 @@ mod tests {
 
     #[test]
     fn the_shipped_config_parses() {
-        let path = Utf8Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../smf/sled-agent/config.toml"
-        ));
+        let path = Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/sled-agent/config.toml"));
         let config = Config::from_file(path).unwrap();
         assert_eq!(config.storage.m2_count, 2);
     }
 
     #[test]
     fn bad_config_names_the_key_and_the_problem() {
-        let path = Utf8Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../smf/sled-agent/config.toml"
-        ));
+        let path = Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/sled-agent/config.toml"));
         let shipped = std::fs::read_to_string(path).unwrap();
-        let error = |text: &str| {
-            Config::from_toml(Utf8Path::new("x.toml"), text)
-                .unwrap_err()
-                .to_string()
-        };
+        let error = |text: &str| Config::from_toml(Utf8Path::new("x.toml"), text).unwrap_err().to_string();
 
         let message = error(&shipped.replace("m2_count = 2", "m2_count = 2\nm2_cuont = 3"));
-        assert!(
-            message.contains("x.toml") && message.contains("m2_cuont"),
-            "{message}"
-        );
+        assert!(message.contains("x.toml") && message.contains("m2_cuont"), "{message}");
         let message = error(&shipped.replace("m2_count = 2", "m2_count = 0"));
-        assert_eq!(
-            message,
-            "config file x.toml: storage.m2_count must be at least 1"
-        );
-        let message =
-            error(&shipped.replace("listen = \"127.0.0.1:12346\"", "listen = \"0.0.0.0:12346\""));
-        assert!(
-            message.contains("repo_depot.listen is 0.0.0.0:12346"),
-            "{message}"
-        );
+        assert_eq!(message, "config file x.toml: storage.m2_count must be at least 1");
+        let message = error(&shipped.replace("listen = \"127.0.0.1:12346\"", "listen = \"0.0.0.0:12346\""));
+        assert!(message.contains("repo_depot.listen is 0.0.0.0:12346"), "{message}");
     }
 }

@@ -4,9 +4,9 @@
 use crate::range::{self, RangeDecision};
 use crate::store::{ArtifactStore, StoreError};
 use common::api::sled_agent::{
-    ArtifactCopyFromDepotBody, ArtifactCopyFromDepotResponse, ArtifactListResponse,
-    ArtifactPathParam, ArtifactPutResponse, ArtifactQueryParam, CONFIG_GENERATION, M2PathParam,
-    M2StateRequest, RepoDepotApi, SledAgentApi, SledInventory,
+    ArtifactCopyFromDepotBody, ArtifactCopyFromDepotResponse, ArtifactListResponse, ArtifactPathParam,
+    ArtifactPutResponse, ArtifactQueryParam, CONFIG_GENERATION, M2PathParam, M2StateRequest, RepoDepotApi,
+    SledAgentApi, SledInventory,
 };
 use common::error::server_error;
 use common::{ArtifactConfig, error_chain};
@@ -34,37 +34,24 @@ const COPY_RETRY_AFTER_SECS: u32 = 1;
 impl From<StoreError> for HttpError {
     fn from(error: StoreError) -> HttpError {
         let message = error_chain(&error);
-        let client = |code: &str, status| {
-            HttpError::for_client_error(Some(code.to_string()), status, message.clone())
-        };
+        let client =
+            |code: &str, status| HttpError::for_client_error(Some(code.to_string()), status, message.clone());
         let server = |code: &str, status: StatusCode| server_error(status, code, message.clone());
         match error {
             StoreError::GenerationMismatch { .. }
             | StoreError::ConfigRefused { .. }
-            | StoreError::ConfigChanged { .. } => {
-                client(CONFIG_GENERATION, ClientErrorStatusCode::CONFLICT)
-            }
-            StoreError::NotInConfig { .. } => {
-                client("NOT_IN_CONFIG", ClientErrorStatusCode::BAD_REQUEST)
-            }
-            StoreError::HashMismatch { .. } => {
-                client("HASH_MISMATCH", ClientErrorStatusCode::BAD_REQUEST)
-            }
+            | StoreError::ConfigChanged { .. } => client(CONFIG_GENERATION, ClientErrorStatusCode::CONFLICT),
+            StoreError::NotInConfig { .. } => client("NOT_IN_CONFIG", ClientErrorStatusCode::BAD_REQUEST),
+            StoreError::HashMismatch { .. } => client("HASH_MISMATCH", ClientErrorStatusCode::BAD_REQUEST),
             StoreError::Body { .. } => client("BAD_BODY", ClientErrorStatusCode::BAD_REQUEST),
             StoreError::NotFound { .. } | StoreError::NoSuchSlot { .. } => {
                 client("NOT_FOUND", ClientErrorStatusCode::NOT_FOUND)
             }
-            StoreError::QuotaExceeded { .. } => {
-                server("QUOTA_EXCEEDED", StatusCode::INSUFFICIENT_STORAGE)
-            }
-            StoreError::TooManyCopies { .. } => {
-                server("TOO_MANY_COPIES", StatusCode::SERVICE_UNAVAILABLE)
-                    .with_header(header::RETRY_AFTER, COPY_RETRY_AFTER_SECS.to_string())
-                    .expect("a valid header")
-            }
-            StoreError::NoHealthyM2 { .. } => {
-                server("NO_HEALTHY_M2", StatusCode::SERVICE_UNAVAILABLE)
-            }
+            StoreError::QuotaExceeded { .. } => server("QUOTA_EXCEEDED", StatusCode::INSUFFICIENT_STORAGE),
+            StoreError::TooManyCopies { .. } => server("TOO_MANY_COPIES", StatusCode::SERVICE_UNAVAILABLE)
+                .with_header(header::RETRY_AFTER, COPY_RETRY_AFTER_SECS.to_string())
+                .expect("a valid header"),
+            StoreError::NoHealthyM2 { .. } => server("NO_HEALTHY_M2", StatusCode::SERVICE_UNAVAILABLE),
             StoreError::SourceUnreachable { .. }
             | StoreError::SourceStatus { .. }
             | StoreError::SourceResume { .. } => server("DEPOT", StatusCode::BAD_GATEWAY),
@@ -108,11 +95,7 @@ impl SledAgentApi for SledAgentImpl {
     ) -> Result<HttpResponseOk<ArtifactPutResponse>, HttpError> {
         let hash = path.into_inner().sha256;
         let generation = query.into_inner().generation;
-        let response = rqctx
-            .context()
-            .store
-            .put(hash, generation, body.into_stream())
-            .await?;
+        let response = rqctx.context().store.put(hash, generation, body.into_stream()).await?;
         Ok(HttpResponseOk(response))
     }
 
@@ -125,11 +108,7 @@ impl SledAgentApi for SledAgentImpl {
         let hash = path.into_inner().sha256;
         let generation = query.into_inner().generation;
         let source = body.into_inner().depot_base_url;
-        rqctx
-            .context()
-            .store
-            .copy_from_depot(hash, generation, &source)
-            .await?;
+        rqctx.context().store.copy_from_depot(hash, generation, &source).await?;
         Ok(HttpResponseAccepted(ArtifactCopyFromDepotResponse {}))
     }
 
@@ -141,12 +120,7 @@ impl SledAgentApi for SledAgentImpl {
             sled_id: context.sled_id,
             serial: context.serial.clone(),
             artifact_generation: context.store.config().await.generation,
-            m2: context
-                .store
-                .m2s()
-                .iter()
-                .map(|m2| m2.inventory())
-                .collect(),
+            m2: context.store.m2s().iter().map(|m2| m2.inventory()).collect(),
         }))
     }
 
@@ -155,11 +129,7 @@ impl SledAgentApi for SledAgentImpl {
         path: Path<M2PathParam>,
         body: TypedBody<M2StateRequest>,
     ) -> Result<HttpResponseUpdatedNoContent, HttpError> {
-        rqctx
-            .context()
-            .store
-            .set_m2_state(path.into_inner().slot, body.into_inner().state)
-            .await?;
+        rqctx.context().store.set_m2_state(path.into_inner().slot, body.into_inner().state).await?;
         Ok(HttpResponseUpdatedNoContent())
     }
 }
@@ -175,11 +145,7 @@ impl RepoDepotApi for RepoDepotImpl {
     ) -> Result<Response<Body>, HttpError> {
         let hash = path.into_inner().sha256;
         let (mut file, length) = rqctx.context().store.open_artifact(&hash).await?;
-        let range_header = rqctx
-            .request
-            .headers()
-            .get(header::RANGE)
-            .and_then(|value| value.to_str().ok());
+        let range_header = rqctx.request.headers().get(header::RANGE).and_then(|value| value.to_str().ok());
         let (status, start, end) = match range::decide(range_header, length) {
             RangeDecision::Whole => (StatusCode::OK, 0, length.saturating_sub(1)),
             RangeDecision::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end),
@@ -187,9 +153,7 @@ impl RepoDepotApi for RepoDepotImpl {
                 return Err(HttpError::for_client_error(
                     Some("RANGE_NOT_SATISFIABLE".into()),
                     ClientErrorStatusCode::RANGE_NOT_SATISFIABLE,
-                    format!(
-                        "artifact {hash} has {length} bytes; the requested range starts beyond them"
-                    ),
+                    format!("artifact {hash} has {length} bytes; the requested range starts beyond them"),
                 )
                 .with_header(header::CONTENT_RANGE, format!("bytes */{length}"))
                 .expect("a valid header"));
@@ -198,24 +162,17 @@ impl RepoDepotApi for RepoDepotImpl {
         let count = if length == 0 { 0 } else { end - start + 1 };
         file.seek(std::io::SeekFrom::Start(start))
             .await
-            .map_err(|error| {
-                HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}"))
-            })?;
+            .map_err(|error| HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}")))?;
         let stream = tokio_util::io::ReaderStream::new(file.take(count)).map_ok(Frame::data);
         let mut response = Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(header::CONTENT_LENGTH, count);
         if status == StatusCode::PARTIAL_CONTENT {
-            response = response.header(
-                header::CONTENT_RANGE,
-                format!("bytes {start}-{end}/{length}"),
-            );
+            response = response.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{length}"));
         }
-        response
-            .body(Body::wrap(http_body_util::StreamBody::new(stream)))
-            .map_err(|error| {
-                HttpError::for_internal_error(format!("building the response for {hash}: {error}"))
-            })
+        response.body(Body::wrap(http_body_util::StreamBody::new(stream))).map_err(|error| {
+            HttpError::for_internal_error(format!("building the response for {hash}: {error}"))
+        })
     }
 }

@@ -11,10 +11,7 @@ use std::sync::Arc;
 
 /// What a sled that never received a config enforces.
 pub fn empty_config() -> ArtifactConfig {
-    ArtifactConfig {
-        generation: Generation::new(0),
-        artifacts: Default::default(),
-    }
+    ArtifactConfig { generation: Generation::new(0), artifacts: Default::default() }
 }
 
 /// The newest valid ledger among the healthy devices, and a note for each
@@ -35,9 +32,7 @@ pub fn load(m2s: &[Arc<M2>]) -> (ArtifactConfig, Vec<String>) {
         match serde_json::from_str::<ArtifactConfig>(&text) {
             Ok(config) if config.generation > best.generation => best = config,
             Ok(_) => {}
-            Err(error) => {
-                problems.push(format!("ledger {path} is corrupt and was ignored: {error}"))
-            }
+            Err(error) => problems.push(format!("ledger {path} is corrupt and was ignored: {error}")),
         }
     }
     (best, problems)
@@ -98,10 +93,7 @@ mod tests {
         let (loaded, problems) = load(&m2s);
         assert_eq!(loaded, config(7));
         assert_eq!(problems.len(), 1);
-        assert!(
-            problems[0].contains("m2-2") && problems[0].contains("corrupt"),
-            "{problems:?}"
-        );
+        assert!(problems[0].contains("m2-2") && problems[0].contains("corrupt"), "{problems:?}");
 
         m2s[1].set_state(common::api::sled_agent::M2State::Failed);
         assert_eq!(load(&m2s).0, config(5), "a failed device is not read");

@@ -48,27 +48,11 @@ mod tests {
     #[test]
     fn single_ranges_are_honoured_and_the_rest_ignored() {
         assert_eq!(decide(None, 100), RangeDecision::Whole);
-        assert_eq!(
-            decide(Some("bytes=10-"), 100),
-            RangeDecision::Partial { start: 10, end: 99 }
-        );
-        assert_eq!(
-            decide(Some("bytes=10-19"), 100),
-            RangeDecision::Partial { start: 10, end: 19 }
-        );
-        assert_eq!(
-            decide(Some("bytes=90-500"), 100),
-            RangeDecision::Partial { start: 90, end: 99 }
-        );
-        assert_eq!(
-            decide(Some("bytes=100-"), 100),
-            RangeDecision::Unsatisfiable
-        );
-        assert_eq!(
-            decide(Some("bytes=-10"), 100),
-            RangeDecision::Whole,
-            "suffix ranges are not used"
-        );
+        assert_eq!(decide(Some("bytes=10-"), 100), RangeDecision::Partial { start: 10, end: 99 });
+        assert_eq!(decide(Some("bytes=10-19"), 100), RangeDecision::Partial { start: 10, end: 19 });
+        assert_eq!(decide(Some("bytes=90-500"), 100), RangeDecision::Partial { start: 90, end: 99 });
+        assert_eq!(decide(Some("bytes=100-"), 100), RangeDecision::Unsatisfiable);
+        assert_eq!(decide(Some("bytes=-10"), 100), RangeDecision::Whole, "suffix ranges are not used");
         assert_eq!(decide(Some("bytes=0-1,5-6"), 100), RangeDecision::Whole);
         assert_eq!(decide(Some("items=1-2"), 100), RangeDecision::Whole);
         assert_eq!(decide(Some("bytes=5-2"), 100), RangeDecision::Whole);

@@ -45,9 +45,8 @@ pub fn spawn(
                         slog::warn!(log, "registering with Nexus failed; retrying";
                             "failures" => failures, "error" => error_chain(&error));
                     }
-                    let backoff = Duration::from_millis(100)
-                        .saturating_mul(1 << failures.min(10))
-                        .min(MAX_BACKOFF);
+                    let backoff =
+                        Duration::from_millis(100).saturating_mul(1 << failures.min(10)).min(MAX_BACKOFF);
                     tokio::time::sleep(backoff).await;
                 }
             }

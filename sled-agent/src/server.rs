@@ -28,11 +28,7 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("starting the {server} server on {address}: {message}")]
-    Http {
-        server: &'static str,
-        address: SocketAddr,
-        message: String,
-    },
+    Http { server: &'static str, address: SocketAddr, message: String },
 }
 
 pub struct Server {
@@ -52,13 +48,10 @@ impl Server {
         let mut temp_m2s = Vec::new();
         let dirs: Vec<Utf8PathBuf> = if storage.m2_dirs.is_empty() {
             for slot in 0..storage.m2_count {
-                let dir = camino_tempfile::Builder::new()
-                    .prefix(&format!("sled-m2-{slot}-"))
-                    .tempdir()
-                    .map_err(|source| StartError::Storage {
-                        path: Utf8PathBuf::from("(temp dir)"),
-                        source,
-                    })?;
+                let dir =
+                    camino_tempfile::Builder::new().prefix(&format!("sled-m2-{slot}-")).tempdir().map_err(
+                        |source| StartError::Storage { path: Utf8PathBuf::from("(temp dir)"), source },
+                    )?;
                 temp_m2s.push(dir);
             }
             temp_m2s.iter().map(|dir| dir.path().to_owned()).collect()
@@ -74,23 +67,12 @@ impl Server {
             Some(id) => id,
             None => persisted_sled_id(&m2s)?,
         };
-        let serial = config
-            .serial
-            .clone()
-            .unwrap_or_else(|| format!("sim-{}", &sled_id.simple().to_string()[..8]));
+        let serial =
+            config.serial.clone().unwrap_or_else(|| format!("sim-{}", &sled_id.simple().to_string()[..8]));
         let log = log.new(slog::o!("sled_id" => sled_id.to_string(), "serial" => serial.clone()));
-        let store = ArtifactStore::open(
-            log.clone(),
-            m2s,
-            config.copy.clone(),
-            storage.verify_workers,
-        )
-        .await?;
-        let context = Arc::new(SledContext {
-            sled_id,
-            serial: serial.clone(),
-            store: Arc::new(store),
-        });
+        let store =
+            ArtifactStore::open(log.clone(), m2s, config.copy.clone(), storage.verify_workers).await?;
+        let context = Arc::new(SledContext { sled_id, serial: serial.clone(), store: Arc::new(store) });
 
         let api_address = config.sled_agent_api.listen;
         let api = start_http(
@@ -124,15 +106,7 @@ impl Server {
             Duration::from_secs(config.registration_period_secs),
         );
         slog::info!(log, "sled agent started"; "api" => %api.local_addr(), "depot" => %depot.local_addr());
-        Ok(Server {
-            sled_id,
-            serial,
-            api,
-            depot,
-            registration,
-            _temp_m2s: temp_m2s,
-            log,
-        })
+        Ok(Server { sled_id, serial, api, depot, registration, _temp_m2s: temp_m2s, log })
     }
 
     pub fn api_address(&self) -> SocketAddr {
@@ -165,11 +139,7 @@ fn start_http<A>(
 where
     A: std::fmt::Display,
 {
-    let api = api.map_err(|error| StartError::Http {
-        server,
-        address,
-        message: error.to_string(),
-    })?;
+    let api = api.map_err(|error| StartError::Http { server, address, message: error.to_string() })?;
     let config = dropshot::ConfigDropshot {
         bind_address: address,
         default_request_body_max_bytes: max_body,
@@ -178,30 +148,20 @@ where
     dropshot::ServerBuilder::new(api, context, log.new(slog::o!("server" => server)))
         .config(config)
         .start()
-        .map_err(|error| StartError::Http {
-            server,
-            address,
-            message: error_chain(&error),
-        })
+        .map_err(|error| StartError::Http { server, address, message: error_chain(&error) })
 }
 
 /// The sled id kept on the M.2s, or a new one written to all of them.
 fn persisted_sled_id(m2s: &[Arc<M2>]) -> Result<Uuid, StartError> {
     let file = |m2: &M2| m2.root().join("sled-id");
-    if let Some(id) = m2s
-        .iter()
-        .find_map(|m2| std::fs::read_to_string(file(m2)).ok()?.trim().parse().ok())
-    {
+    if let Some(id) = m2s.iter().find_map(|m2| std::fs::read_to_string(file(m2)).ok()?.trim().parse().ok()) {
         return Ok(id);
     }
     let id = Uuid::new_v4();
     for m2 in m2s {
         std::fs::create_dir_all(m2.root())
             .and_then(|()| std::fs::write(file(m2), id.to_string()))
-            .map_err(|source| StartError::Storage {
-                path: m2.root().to_owned(),
-                source,
-            })?;
+            .map_err(|source| StartError::Storage { path: m2.root().to_owned(), source })?;
     }
     Ok(id)
 }

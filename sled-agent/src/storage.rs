@@ -21,9 +21,7 @@ pub struct M2 {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "M.2 slot {slot} artifact dataset is full: {used} of {quota} bytes used, {wanted} more wanted"
-)]
+#[error("M.2 slot {slot} artifact dataset is full: {used} of {quota} bytes used, {wanted} more wanted")]
 pub struct QuotaExceeded {
     pub slot: u32,
     pub used: u64,
@@ -33,13 +31,7 @@ pub struct QuotaExceeded {
 
 impl M2 {
     pub fn new(slot: u32, root: Utf8PathBuf, quota: u64) -> M2 {
-        M2 {
-            slot,
-            root,
-            quota,
-            used: AtomicU64::new(0),
-            state: Mutex::new(M2State::Healthy),
-        }
+        M2 { slot, root, quota, used: AtomicU64::new(0), state: Mutex::new(M2State::Healthy) }
     }
 
     pub fn root(&self) -> &Utf8Path {
@@ -67,10 +59,7 @@ impl M2 {
     }
 
     pub fn set_state(&self, state: M2State) -> M2State {
-        std::mem::replace(
-            &mut *self.state.lock().unwrap_or_else(|e| e.into_inner()),
-            state,
-        )
+        std::mem::replace(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()), state)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -87,12 +76,7 @@ impl M2 {
                 used.checked_add(bytes).filter(|&total| total <= self.quota)
             })
             .map(|_| ())
-            .map_err(|used| QuotaExceeded {
-                slot: self.slot,
-                used,
-                quota: self.quota,
-                wanted: bytes,
-            })
+            .map_err(|used| QuotaExceeded { slot: self.slot, used, quota: self.quota, wanted: bytes })
     }
 
     pub fn release(&self, bytes: u64) {

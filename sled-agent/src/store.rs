@@ -32,26 +32,12 @@ use tokio::sync::{Mutex, RwLock, Semaphore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error(
-        "the sled holds artifact config generation {current}; the request is for generation {requested}"
-    )]
-    GenerationMismatch {
-        requested: Generation,
-        current: Generation,
-    },
+    #[error("the sled holds artifact config generation {current}; the request is for generation {requested}")]
+    GenerationMismatch { requested: Generation, current: Generation },
     #[error("artifact {hash} is not in the sled's artifact config (generation {generation})")]
-    NotInConfig {
-        hash: ArtifactHash,
-        generation: Generation,
-    },
-    #[error(
-        "artifact config generation {offered} refused: the sled holds generation {current}{detail}"
-    )]
-    ConfigRefused {
-        offered: Generation,
-        current: Generation,
-        detail: &'static str,
-    },
+    NotInConfig { hash: ArtifactHash, generation: Generation },
+    #[error("artifact config generation {offered} refused: the sled holds generation {current}{detail}")]
+    ConfigRefused { offered: Generation, current: Generation, detail: &'static str },
     #[error("no healthy M.2 device to {action}")]
     NoHealthyM2 { action: &'static str },
     #[error("artifact {hash} does not fit on any M.2")]
@@ -60,26 +46,14 @@ pub enum StoreError {
         #[source]
         source: QuotaExceeded,
     },
-    #[error(
-        "artifact {expected}: the data received has sha256 {actual} ({bytes} bytes); nothing was stored"
-    )]
-    HashMismatch {
-        expected: ArtifactHash,
-        actual: ArtifactHash,
-        bytes: u64,
-    },
+    #[error("artifact {expected}: the data received has sha256 {actual} ({bytes} bytes); nothing was stored")]
+    HashMismatch { expected: ArtifactHash, actual: ArtifactHash, bytes: u64 },
     #[error("artifact {hash}: every M.2 write failed: {errors}")]
     AllWritesFailed { hash: ArtifactHash, errors: String },
-    #[error(
-        "artifact {hash}: the artifact config changed during the write and no longer includes it"
-    )]
+    #[error("artifact {hash}: the artifact config changed during the write and no longer includes it")]
     ConfigChanged { hash: ArtifactHash },
     #[error("artifact {hash}: reading the data failed after {bytes} bytes: {message}")]
-    Body {
-        hash: ArtifactHash,
-        bytes: u64,
-        message: String,
-    },
+    Body { hash: ArtifactHash, bytes: u64, message: String },
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -98,11 +72,7 @@ pub enum StoreError {
     #[error("depot {url} answered {status}")]
     SourceStatus { url: String, status: u16 },
     #[error("depot {url} did not resume at byte {offset}: {detail}")]
-    SourceResume {
-        url: String,
-        offset: u64,
-        detail: String,
-    },
+    SourceResume { url: String, offset: u64, detail: String },
     #[error("artifact {hash} is not on any healthy M.2 of this sled")]
     NotFound { hash: ArtifactHash },
     #[error("this sled has no M.2 in slot {slot} (it has {count})")]
@@ -172,11 +142,7 @@ impl ArtifactStore {
     }
 
     fn healthy(&self) -> Vec<Arc<M2>> {
-        self.m2s
-            .iter()
-            .filter(|m2| m2.is_healthy())
-            .cloned()
-            .collect()
+        self.m2s.iter().filter(|m2| m2.is_healthy()).cloned().collect()
     }
 
     pub async fn config(&self) -> ArtifactConfig {
@@ -204,9 +170,7 @@ impl ArtifactStore {
         }
         let healthy = self.healthy();
         if healthy.is_empty() {
-            return Err(StoreError::NoHealthyM2 {
-                action: "record the artifact config on",
-            });
+            return Err(StoreError::NoHealthyM2 { action: "record the artifact config on" });
         }
         let mut written = 0;
         for m2 in &healthy {
@@ -218,9 +182,7 @@ impl ArtifactStore {
             }
         }
         if written == 0 {
-            return Err(StoreError::NoHealthyM2 {
-                action: "write the artifact config ledger to",
-            });
+            return Err(StoreError::NoHealthyM2 { action: "write the artifact config ledger to" });
         }
         *config = offered;
         for m2 in &healthy {
@@ -237,24 +199,15 @@ impl ArtifactStore {
             .artifacts
             .iter()
             .filter_map(|hash| {
-                let copies = healthy
-                    .iter()
-                    .filter(|m2| m2.artifact_path(hash).is_file())
-                    .count();
+                let copies = healthy.iter().filter(|m2| m2.artifact_path(hash).is_file()).count();
                 (copies > 0).then_some((*hash, copies))
             })
             .collect();
-        ArtifactListResponse {
-            generation: config.generation,
-            list,
-        }
+        ArtifactListResponse { generation: config.generation, list }
     }
 
     /// Opens the artifact on the first healthy M.2 that has it.
-    pub async fn open_artifact(
-        &self,
-        hash: &ArtifactHash,
-    ) -> Result<(tokio::fs::File, u64), StoreError> {
+    pub async fn open_artifact(&self, hash: &ArtifactHash) -> Result<(tokio::fs::File, u64), StoreError> {
         for m2 in self.healthy() {
             if let Ok(file) = tokio::fs::File::open(m2.artifact_path(hash)).await {
                 let length = file.metadata().await.map_err(|source| StoreError::Io {
@@ -302,15 +255,12 @@ impl ArtifactStore {
         depot_base_url: &str,
     ) -> Result<(), StoreError> {
         self.check_request(&hash, generation).await?;
-        let permit = self.copy_permits.clone().try_acquire_owned().map_err(|_| {
-            StoreError::TooManyCopies {
-                limit: self.copy.max_concurrent,
-            }
-        })?;
-        let url = format!(
-            "{}/artifact/sha256/{hash}",
-            depot_base_url.trim_end_matches('/')
-        );
+        let permit = self
+            .copy_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| StoreError::TooManyCopies { limit: self.copy.max_concurrent })?;
+        let url = format!("{}/artifact/sha256/{hash}", depot_base_url.trim_end_matches('/'));
         let response = self.fetch(&url, 0).await?;
         let write = self.begin_write(hash)?;
         let store = self.clone();
@@ -337,10 +287,7 @@ impl ArtifactStore {
             .m2s
             .iter()
             .find(|m2| m2.slot == slot)
-            .ok_or(StoreError::NoSuchSlot {
-                slot,
-                count: self.m2s.len(),
-            })?;
+            .ok_or(StoreError::NoSuchSlot { slot, count: self.m2s.len() })?;
         let config = self.config.write().await;
         let before = m2.set_state(state);
         if state == M2State::Healthy && before != M2State::Healthy {
@@ -353,20 +300,13 @@ impl ArtifactStore {
     /// Brings one device in line with `config`: its ledger, its files, its
     /// usage count.
     fn adopt(&self, m2: &M2, config: &ArtifactConfig) -> Result<(), StoreError> {
-        let io = |what, source| StoreError::Io {
-            what,
-            path: m2.root().to_owned(),
-            source,
-        };
-        m2.prepare()
-            .map_err(|source| io("preparing the artifact dataset of", source))?;
+        let io = |what, source| StoreError::Io { what, path: m2.root().to_owned(), source };
+        m2.prepare().map_err(|source| io("preparing the artifact dataset of", source))?;
         if config.generation > Generation::new(0) {
-            ledger::write_one(m2, config)
-                .map_err(|source| io("writing the config ledger of", source))?;
+            ledger::write_one(m2, config).map_err(|source| io("writing the config ledger of", source))?;
         }
         self.delete_unreferenced(m2, config);
-        m2.recount_used()
-            .map_err(|source| io("measuring the artifact dataset of", source))
+        m2.recount_used().map_err(|source| io("measuring the artifact dataset of", source))
     }
 
     fn delete_unreferenced(&self, m2: &M2, config: &ArtifactConfig) {
@@ -378,9 +318,7 @@ impl ArtifactStore {
             }
         };
         for name in files {
-            let wanted = name
-                .parse::<ArtifactHash>()
-                .is_ok_and(|hash| config.artifacts.contains(&hash));
+            let wanted = name.parse::<ArtifactHash>().is_ok_and(|hash| config.artifacts.contains(&hash));
             if wanted {
                 continue;
             }
@@ -398,23 +336,13 @@ impl ArtifactStore {
         }
     }
 
-    async fn check_request(
-        &self,
-        hash: &ArtifactHash,
-        generation: Generation,
-    ) -> Result<(), StoreError> {
+    async fn check_request(&self, hash: &ArtifactHash, generation: Generation) -> Result<(), StoreError> {
         let config = self.config.read().await;
         if config.generation != generation {
-            return Err(StoreError::GenerationMismatch {
-                requested: generation,
-                current: config.generation,
-            });
+            return Err(StoreError::GenerationMismatch { requested: generation, current: config.generation });
         }
         if !config.artifacts.contains(hash) {
-            return Err(StoreError::NotInConfig {
-                hash: *hash,
-                generation: config.generation,
-            });
+            return Err(StoreError::NotInConfig { hash: *hash, generation: config.generation });
         }
         Ok(())
     }
@@ -422,16 +350,12 @@ impl ArtifactStore {
     fn begin_write(&self, hash: ArtifactHash) -> Result<PendingWrite, StoreError> {
         let healthy = self.healthy();
         if healthy.is_empty() {
-            return Err(StoreError::NoHealthyM2 {
-                action: "store an artifact on",
-            });
+            return Err(StoreError::NoHealthyM2 { action: "store an artifact on" });
         }
         let mut targets = Vec::with_capacity(healthy.len());
         let mut failures = Vec::new();
         for m2 in healthy {
-            let tmp = m2
-                .tmp_dir()
-                .join(format!("{hash}.{:016x}.tmp", rand::random::<u64>()));
+            let tmp = m2.tmp_dir().join(format!("{hash}.{:016x}.tmp", rand::random::<u64>()));
             match std::fs::File::create_new(&tmp) {
                 Ok(file) => targets.push(Target {
                     file: Some(tokio::fs::File::from_std(file)),
@@ -440,16 +364,11 @@ impl ArtifactStore {
                     reserved: 0,
                     committed: false,
                 }),
-                Err(error) => {
-                    failures.push(format!("M.2 slot {}: creating {tmp}: {error}", m2.slot))
-                }
+                Err(error) => failures.push(format!("M.2 slot {}: creating {tmp}: {error}", m2.slot)),
             }
         }
         if targets.is_empty() {
-            return Err(StoreError::AllWritesFailed {
-                hash,
-                errors: failures.join("; "),
-            });
+            return Err(StoreError::AllWritesFailed { hash, errors: failures.join("; ") });
         }
         Ok(PendingWrite {
             hash,
@@ -463,30 +382,15 @@ impl ArtifactStore {
     }
 
     async fn commit(&self, write: PendingWrite) -> Result<ArtifactPutResponse, StoreError> {
-        let PendingWrite {
-            hash,
-            datasets,
-            mut targets,
-            hasher,
-            bytes,
-            mut failures,
-            ..
-        } = write;
+        let PendingWrite { hash, datasets, mut targets, hasher, bytes, mut failures, .. } = write;
         let actual = ArtifactHash(hasher.finalize().into());
         if actual != hash {
-            return Err(StoreError::HashMismatch {
-                expected: hash,
-                actual,
-                bytes,
-            });
+            return Err(StoreError::HashMismatch { expected: hash, actual, bytes });
         }
         for target in targets.iter_mut().filter(|t| t.file.is_some()) {
             let file = target.file.take().expect("filtered on a live file");
             if let Err(error) = sync(file).await {
-                failures.push(format!(
-                    "M.2 slot {}: syncing {}: {error}",
-                    target.m2.slot, target.tmp
-                ));
+                failures.push(format!("M.2 slot {}: syncing {}: {error}", target.m2.slot, target.tmp));
                 target.reserved_release();
             }
         }
@@ -498,10 +402,7 @@ impl ArtifactStore {
         let mut successful_writes = 0;
         for target in targets.iter_mut().filter(|t| t.reserved != u64::MAX) {
             if !target.m2.is_healthy() {
-                failures.push(format!(
-                    "M.2 slot {} failed before the rename",
-                    target.m2.slot
-                ));
+                failures.push(format!("M.2 slot {} failed before the rename", target.m2.slot));
                 continue;
             }
             let destination = target.m2.artifact_path(&hash);
@@ -517,25 +418,17 @@ impl ArtifactStore {
                         target.m2.release(target.reserved);
                     }
                 }
-                Err(error) => failures.push(format!(
-                    "M.2 slot {}: renaming into {destination}: {error}",
-                    target.m2.slot
-                )),
+                Err(error) => failures
+                    .push(format!("M.2 slot {}: renaming into {destination}: {error}", target.m2.slot)),
             }
         }
         if successful_writes == 0 {
-            return Err(StoreError::AllWritesFailed {
-                hash,
-                errors: failures.join("; "),
-            });
+            return Err(StoreError::AllWritesFailed { hash, errors: failures.join("; ") });
         }
         for failure in &failures {
             slog::warn!(self.log, "artifact write failed on one M.2"; "hash" => %hash, "error" => failure);
         }
-        Ok(ArtifactPutResponse {
-            datasets,
-            successful_writes,
-        })
+        Ok(ArtifactPutResponse { datasets, successful_writes })
     }
 
     async fn fetch(&self, url: &str, offset: u64) -> Result<reqwest::Response, StoreError> {
@@ -546,19 +439,13 @@ impl ArtifactStore {
         let response = request
             .send()
             .await
-            .map_err(|source| StoreError::SourceUnreachable {
-                url: url.to_string(),
-                source,
-            })?;
+            .map_err(|source| StoreError::SourceUnreachable { url: url.to_string(), source })?;
         let status = response.status().as_u16();
         if offset == 0 {
             return if status == 200 {
                 Ok(response)
             } else {
-                Err(StoreError::SourceStatus {
-                    url: url.to_string(),
-                    status,
-                })
+                Err(StoreError::SourceStatus { url: url.to_string(), status })
             };
         }
         let content_range = response
@@ -663,10 +550,7 @@ impl PendingWrite {
         let length = chunk.len() as u64;
         for target in self.targets.iter_mut().filter(|t| t.file.is_some()) {
             if !target.m2.is_healthy() {
-                self.failures.push(format!(
-                    "M.2 slot {} failed during the write",
-                    target.m2.slot
-                ));
+                self.failures.push(format!("M.2 slot {} failed during the write", target.m2.slot));
                 target.reserved_release();
                 continue;
             }
@@ -679,25 +563,16 @@ impl PendingWrite {
             target.reserved += length;
             let file = target.file.as_mut().expect("filtered on a live file");
             if let Err(error) = file.write_all(chunk).await {
-                self.failures.push(format!(
-                    "M.2 slot {}: writing {}: {error}",
-                    target.m2.slot, target.tmp
-                ));
+                self.failures.push(format!("M.2 slot {}: writing {}: {error}", target.m2.slot, target.tmp));
                 target.reserved_release();
             }
         }
         if self.targets.iter().all(|t| t.file.is_none()) {
             return Err(match self.quota.take() {
                 Some(source) if self.failures.iter().all(|f| f.contains("is full")) => {
-                    StoreError::QuotaExceeded {
-                        hash: self.hash,
-                        source,
-                    }
+                    StoreError::QuotaExceeded { hash: self.hash, source }
                 }
-                _ => StoreError::AllWritesFailed {
-                    hash: self.hash,
-                    errors: self.failures.join("; "),
-                },
+                _ => StoreError::AllWritesFailed { hash: self.hash, errors: self.failures.join("; ") },
             });
         }
         Ok(())
@@ -756,20 +631,14 @@ fn verify_file(path: &camino::Utf8Path) -> Result<(), String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let read = file
-            .read(&mut buffer)
-            .map_err(|error| format!("reading: {error}"))?;
+        let read = file.read(&mut buffer).map_err(|error| format!("reading: {error}"))?;
         if read == 0 {
             break;
         }
         hasher.update(&buffer[..read]);
     }
     let actual = ArtifactHash(hasher.finalize().into());
-    if actual == expected {
-        Ok(())
-    } else {
-        Err(format!("contents have sha256 {actual}"))
-    }
+    if actual == expected { Ok(()) } else { Err(format!("contents have sha256 {actual}")) }
 }
 
 #[cfg(test)]
@@ -795,9 +664,7 @@ mod tests {
         let m2s = (0..m2_count)
             .map(|slot| Arc::new(M2::new(slot, dir.join(format!("m2-{slot}")), quota)))
             .collect();
-        ArtifactStore::open(log(), m2s, CopyConfig::default(), 2)
-            .await
-            .unwrap()
+        ArtifactStore::open(log(), m2s, CopyConfig::default(), 2).await.unwrap()
     }
 
     impl Sled {
@@ -808,27 +675,15 @@ mod tests {
         async fn with_quota(m2_count: u32, quota: u64) -> Sled {
             let dir = camino_tempfile::tempdir().unwrap();
             let store = Arc::new(open_store(dir.path(), m2_count, quota).await);
-            Sled {
-                dir,
-                m2_count,
-                store,
-            }
+            Sled { dir, m2_count, store }
         }
 
         /// Simulates a restart: a new store on the same directories.
         async fn restart(self) -> Sled {
-            let Sled {
-                dir,
-                m2_count,
-                store,
-            } = self;
+            let Sled { dir, m2_count, store } = self;
             drop(store);
             let store = Arc::new(open_store(dir.path(), m2_count, QUOTA).await);
-            Sled {
-                dir,
-                m2_count,
-                store,
-            }
+            Sled { dir, m2_count, store }
         }
 
         fn m2(&self, slot: u32) -> &Arc<M2> {
@@ -842,11 +697,7 @@ mod tests {
                 for dir in [m2.dataset(), m2.tmp_dir()] {
                     for entry in std::fs::read_dir(&dir).unwrap().flatten() {
                         if entry.file_type().unwrap().is_file() {
-                            files.insert(format!(
-                                "{}/{}",
-                                m2.slot,
-                                entry.file_name().to_str().unwrap()
-                            ));
+                            files.insert(format!("{}/{}", m2.slot, entry.file_name().to_str().unwrap()));
                         }
                     }
                 }
@@ -864,9 +715,7 @@ mod tests {
 
         async fn put(&self, artifact: &Artifact) -> Result<ArtifactPutResponse, StoreError> {
             let generation = self.store.config().await.generation;
-            self.store
-                .put(artifact.hash, generation, chunks(&artifact.bytes))
-                .await
+            self.store.put(artifact.hash, generation, chunks(&artifact.bytes)).await
         }
     }
 
@@ -876,19 +725,14 @@ mod tests {
     }
 
     fn artifact(seed: u8, size: usize) -> Artifact {
-        let bytes: Vec<u8> = (0..size)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect();
+        let bytes: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
         let hash = ArtifactHash(Sha256::digest(&bytes).into());
         Artifact { bytes, hash }
     }
 
     /// The body in 4 KiB chunks, as a stream.
     fn chunks(bytes: &[u8]) -> impl Stream<Item = Result<Bytes, std::io::Error>> + use<> {
-        let chunks: Vec<_> = bytes
-            .chunks(4096)
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect();
+        let chunks: Vec<_> = bytes.chunks(4096).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
         futures::stream::iter(chunks)
     }
 
@@ -911,26 +755,16 @@ mod tests {
             let response = sled.put(&a).await.unwrap();
             assert_eq!(
                 response,
-                ArtifactPutResponse {
-                    datasets: m2_count as usize,
-                    successful_writes: m2_count as usize
-                }
+                ArtifactPutResponse { datasets: m2_count as usize, successful_writes: m2_count as usize }
             );
             sled.put(&b).await.unwrap();
             let list = sled.store.list().await;
             assert_eq!(list.generation, Generation::new(1));
-            assert_eq!(
-                list.list,
-                [(a.hash, m2_count as usize), (b.hash, m2_count as usize)].into()
-            );
+            assert_eq!(list.list, [(a.hash, m2_count as usize), (b.hash, m2_count as usize)].into());
             assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes);
             assert!(read_back(&sled.store, &b.hash).await.is_empty());
             assert_eq!(sled.m2(0).used(), 10_000);
-            assert_eq!(
-                sled.files().len(),
-                2 * m2_count as usize,
-                "no temp files remain"
-            );
+            assert_eq!(sled.files().len(), 2 * m2_count as usize, "no temp files remain");
         }
     }
 
@@ -940,15 +774,8 @@ mod tests {
         let a = artifact(1, 100);
         let stranger = artifact(9, 100);
         sled.configure(3, &[&a]).await;
-        let error = sled
-            .store
-            .put(a.hash, Generation::new(2), chunks(&a.bytes))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(error, StoreError::GenerationMismatch { .. }),
-            "{error}"
-        );
+        let error = sled.store.put(a.hash, Generation::new(2), chunks(&a.bytes)).await.unwrap_err();
+        assert!(matches!(error, StoreError::GenerationMismatch { .. }), "{error}");
         assert_eq!(
             error.to_string(),
             "the sled holds artifact config generation 3; the request is for generation 2"
@@ -965,19 +792,8 @@ mod tests {
         sled.configure(1, &[&a]).await;
         let mut corrupted = a.bytes.clone();
         corrupted[25_000] ^= 1;
-        let error = sled
-            .store
-            .put(a.hash, Generation::new(1), chunks(&corrupted))
-            .await
-            .unwrap_err();
-        let StoreError::HashMismatch {
-            expected,
-            actual,
-            bytes,
-        } = error
-        else {
-            panic!("{error:?}")
-        };
+        let error = sled.store.put(a.hash, Generation::new(1), chunks(&corrupted)).await.unwrap_err();
+        let StoreError::HashMismatch { expected, actual, bytes } = error else { panic!("{error:?}") };
         assert_eq!((expected, bytes), (a.hash, 50_000));
         assert_ne!(actual, a.hash);
         assert!(sled.files().is_empty(), "{:?}", sled.files());
@@ -993,21 +809,9 @@ mod tests {
         sled.configure(1, &[&small, &big]).await;
         sled.put(&small).await.unwrap();
         let error = sled.put(&big).await.unwrap_err();
-        assert!(
-            matches!(error, StoreError::QuotaExceeded { .. }),
-            "{error:?}"
-        );
-        assert!(
-            error_chain(&error).contains("is full"),
-            "{}",
-            error_chain(&error)
-        );
-        assert_eq!(
-            sled.files().len(),
-            2,
-            "only the small artifact's two copies: {:?}",
-            sled.files()
-        );
+        assert!(matches!(error, StoreError::QuotaExceeded { .. }), "{error:?}");
+        assert!(error_chain(&error).contains("is full"), "{}", error_chain(&error));
+        assert_eq!(sled.files().len(), 2, "only the small artifact's two copies: {:?}", sled.files());
         assert_eq!(sled.m2(1).used(), 40 * 1024);
     }
 
@@ -1018,18 +822,8 @@ mod tests {
         sled.configure(1, &[&a]).await;
         sled.store.set_m2_state(0, M2State::Failed).await.unwrap();
         let response = sled.put(&a).await.unwrap();
-        assert_eq!(
-            response,
-            ArtifactPutResponse {
-                datasets: 1,
-                successful_writes: 1
-            }
-        );
-        assert_eq!(
-            read_back(&sled.store, &a.hash).await,
-            a.bytes,
-            "read from the healthy M.2"
-        );
+        assert_eq!(response, ArtifactPutResponse { datasets: 1, successful_writes: 1 });
+        assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes, "read from the healthy M.2");
         assert_eq!(sled.store.list().await.list[&a.hash], 1);
 
         sled.store.set_m2_state(0, M2State::Healthy).await.unwrap();
@@ -1040,11 +834,7 @@ mod tests {
         );
         sled.put(&a).await.unwrap();
         assert_eq!(sled.store.list().await.list[&a.hash], 2);
-        assert_eq!(
-            sled.m2(1).used(),
-            20_000,
-            "the re-copy did not count the existing copy twice"
-        );
+        assert_eq!(sled.m2(1).used(), 20_000, "the re-copy did not count the existing copy twice");
     }
 
     #[tokio::test]
@@ -1059,23 +849,9 @@ mod tests {
             }
             chunk
         });
-        let response = sled
-            .store
-            .put(a.hash, Generation::new(1), body)
-            .await
-            .unwrap();
-        assert_eq!(
-            response,
-            ArtifactPutResponse {
-                datasets: 2,
-                successful_writes: 1
-            }
-        );
-        assert_eq!(
-            sled.files(),
-            [format!("0/{}", a.hash)].into(),
-            "no temp file on the failed device"
-        );
+        let response = sled.store.put(a.hash, Generation::new(1), body).await.unwrap();
+        assert_eq!(response, ArtifactPutResponse { datasets: 2, successful_writes: 1 });
+        assert_eq!(sled.files(), [format!("0/{}", a.hash)].into(), "no temp file on the failed device");
         assert_eq!(sled.m2(1).used(), 0);
     }
 
@@ -1089,20 +865,13 @@ mod tests {
             artifacts: artifacts.iter().map(|x| x.hash).collect(),
         };
         assert!(sled.store.put_config(config(2, &[&a])).await.unwrap());
-        assert!(
-            !sled.store.put_config(config(2, &[&a])).await.unwrap(),
-            "same config: no-op"
-        );
+        assert!(!sled.store.put_config(config(2, &[&a])).await.unwrap(), "same config: no-op");
         let error = sled.store.put_config(config(2, &[&b])).await.unwrap_err();
         assert_eq!(
             error.to_string(),
             "artifact config generation 2 refused: the sled holds generation 2 with a different set of artifacts"
         );
-        let error = sled
-            .store
-            .put_config(config(1, &[&a, &b]))
-            .await
-            .unwrap_err();
+        let error = sled.store.put_config(config(1, &[&a, &b])).await.unwrap_err();
         assert!(matches!(error, StoreError::ConfigRefused { .. }), "{error}");
         assert!(sled.store.put_config(config(5, &[&a, &b])).await.unwrap());
 
@@ -1113,10 +882,7 @@ mod tests {
         let error = sled.store.put_config(config(4, &[&a])).await.unwrap_err();
         assert!(matches!(error, StoreError::ConfigRefused { .. }), "{error}");
         let repaired = std::fs::read_to_string(sled.m2(0).ledger_path()).unwrap();
-        assert!(
-            repaired.contains("\"generation\":5"),
-            "the torn ledger was rewritten: {repaired}"
-        );
+        assert!(repaired.contains("\"generation\":5"), "the torn ledger was rewritten: {repaired}");
     }
 
     #[tokio::test]
@@ -1128,10 +894,7 @@ mod tests {
         sled.put(&a).await.unwrap();
         sled.put(&b).await.unwrap();
         sled.configure(2, &[&a]).await;
-        assert_eq!(
-            sled.files(),
-            [format!("0/{}", a.hash), format!("1/{}", a.hash)].into()
-        );
+        assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
         assert_eq!(sled.m2(0).used(), 1000);
 
         // Files that appear while the agent is down: an artifact outside the
@@ -1140,10 +903,7 @@ mod tests {
         std::fs::write(sled.m2(1).dataset().join("notes.txt"), b"hello").unwrap();
         std::fs::write(sled.m2(1).tmp_dir().join("x.tmp"), b"partial").unwrap();
         let sled = sled.restart().await;
-        assert_eq!(
-            sled.files(),
-            [format!("0/{}", a.hash), format!("1/{}", a.hash)].into()
-        );
+        assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
         assert_eq!(sled.m2(1).used(), 1000);
     }
 
@@ -1173,18 +933,13 @@ mod tests {
                 let store = sled.store.clone();
                 let bytes = a.bytes.clone();
                 let hash = a.hash;
-                tokio::spawn(
-                    async move { store.put(hash, Generation::new(1), chunks(&bytes)).await },
-                )
+                tokio::spawn(async move { store.put(hash, Generation::new(1), chunks(&bytes)).await })
             })
             .collect();
         for writer in writers {
             assert_eq!(writer.await.unwrap().unwrap().successful_writes, 2);
         }
-        assert_eq!(
-            sled.files(),
-            [format!("0/{}", a.hash), format!("1/{}", a.hash)].into()
-        );
+        assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
         assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes);
         assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (200_000, 200_000));
     }

@@ -50,12 +50,7 @@ impl FakeDepot {
                 });
             }
         });
-        FakeDepot {
-            address,
-            served,
-            requests,
-            task,
-        }
+        FakeDepot { address, served, requests, task }
     }
 
     pub fn base_url(&self) -> String {
@@ -96,9 +91,7 @@ async fn serve(
     }
     let head = String::from_utf8_lossy(&head).into_owned();
     let range = head.lines().find_map(|line| {
-        line.to_ascii_lowercase()
-            .strip_prefix("range:")
-            .map(|value| value.trim().to_string())
+        line.to_ascii_lowercase().strip_prefix("range:").map(|value| value.trim().to_string())
     });
     let first = {
         let mut requests = requests.lock().unwrap();
@@ -114,21 +107,13 @@ async fn serve(
         Behavior::NotFound => ("404 Not Found", &[][..], 0),
         Behavior::WrongBytes(bytes) => ("200 OK", &bytes[..], bytes.len()),
         Behavior::ResetAfter(count) if first => ("200 OK", artifact, *count),
-        Behavior::ResetAfter(_) => (
-            if start > 0 {
-                "206 Partial Content"
-            } else {
-                "200 OK"
-            },
-            &artifact[start..],
-            artifact.len(),
-        ),
+        Behavior::ResetAfter(_) => {
+            (if start > 0 { "206 Partial Content" } else { "200 OK" }, &artifact[start..], artifact.len())
+        }
         Behavior::StallAfter(count) => ("200 OK", artifact, *count),
     };
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+    let mut response =
+        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
     if status.starts_with("206") {
         response.push_str(&format!(
             "Content-Range: bytes {start}-{}/{}\r\n",

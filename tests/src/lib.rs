@@ -12,6 +12,9 @@ use test_harness::TestDatabase;
 pub struct TestNexus {
     pub db: TestDatabase,
     pub server: Server,
+    /// Staging area and token file.
+    pub dir: camino_tempfile::Utf8TempDir,
+    pub token: String,
 }
 
 impl TestNexus {
@@ -22,12 +25,34 @@ impl TestNexus {
     /// Starts with the test config after `adjust` changed it.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestNexus {
         let db = TestDatabase::new().await;
-        let mut config = test_config(db.url());
+        let dir = camino_tempfile::tempdir().unwrap();
+        let mut config = test_config(db.url(), dir.path());
         adjust(&mut config);
-        let server = Server::start(&config, test_log())
-            .await
-            .expect("test Nexus starts");
-        TestNexus { db, server }
+        Self::start_on(db, dir, &config).await
+    }
+
+    /// Starts on an existing database and directory: for restarts.
+    pub async fn start_on(db: TestDatabase, dir: camino_tempfile::Utf8TempDir, config: &Config) -> TestNexus {
+        let server = Server::start(config, test_log()).await.expect("test Nexus starts");
+        let token = std::fs::read_to_string(&config.external_api.token_file).unwrap();
+        TestNexus { db, server, dir, token }
+    }
+
+    /// The config this Nexus runs with (rebuilt from its database and dir).
+    pub fn config(&self) -> Config {
+        test_config(self.db.url(), self.dir.path())
+    }
+
+    pub fn external_url(&self) -> String {
+        format!("http://{}", self.server.external_address())
+    }
+
+    pub fn external_client(&self) -> external_client::Client {
+        external_client::authenticated(&self.external_url(), &self.token)
+    }
+
+    pub fn staging_dir(&self) -> camino::Utf8PathBuf {
+        self.dir.path().join("staging")
     }
 
     pub fn internal_url(&self) -> String {
@@ -39,28 +64,29 @@ impl TestNexus {
     }
 }
 
-/// The shipped config (`smf/nexus/config.toml`) on loopback port 0, with task
+/// The shipped config (`smf/nexus/config.toml`) on loopback port 0, with its
+/// files under `dir`, and task
 /// periods long enough that only explicit activations run during a test.
-pub fn test_config(database_url: &str) -> Config {
-    let path = Utf8Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../smf/nexus/config.toml"
-    ));
+pub fn test_config(database_url: &str, dir: &Utf8Path) -> Config {
+    let path = Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/nexus/config.toml"));
     let mut config = Config::from_file(path).expect("the shipped config parses");
     config.database.url = database_url.to_string();
     config.internal_api.listen = "127.0.0.1:0".parse().unwrap();
+    config.external_api.listen = "127.0.0.1:0".parse().unwrap();
+    config.external_api.token_file = dir.join("operator-token");
+    config.updates.staging_dir = dir.join("staging");
     config.background_tasks.tuf_repo_pruner.period_secs = 3600;
+    config.background_tasks.tuf_artifact_replication.period_secs = 3600;
     config
 }
+
+pub use common::clients::external as external_client;
 
 /// Warnings and errors go to stderr, where a failing test shows them.
 pub fn test_log() -> slog::Logger {
     use slog::Drain;
     let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
-    let drain = slog_term::FullFormat::new(decorator)
-        .build()
-        .filter_level(slog::Level::Warning)
-        .fuse();
+    let drain = slog_term::FullFormat::new(decorator).build().filter_level(slog::Level::Warning).fuse();
     slog::Logger::root(drain, slog::o!())
 }
 
@@ -68,11 +94,7 @@ pub fn test_log() -> slog::Logger {
 pub fn binary(name: &str) -> PathBuf {
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("the test knows its own path");
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join(name);
+    let path = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join(name);
     assert!(
         path.exists(),
         "{} is missing: build it with `cargo build -p {name}` (cargo test --workspace does)",
@@ -98,9 +120,8 @@ impl TestSled {
     ) -> TestSled {
         let mut config = test_sled_config(nexus_internal_url);
         adjust(&mut config);
-        let server = sled_agent::server::Server::start(&config, test_log())
-            .await
-            .expect("test sled agent starts");
+        let server =
+            sled_agent::server::Server::start(&config, test_log()).await.expect("test sled agent starts");
         TestSled { server }
     }
 
@@ -122,12 +143,8 @@ pub use common::clients::sled_agent as sled_agent_client;
 /// The shipped sled-agent config on loopback port 0, with temp M.2s, a
 /// 64 MiB quota, fast registration and a short copy read timeout.
 pub fn test_sled_config(nexus_internal_url: &str) -> sled_agent::config::Config {
-    let path = Utf8Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../smf/sled-agent/config.toml"
-    ));
-    let mut config =
-        sled_agent::config::Config::from_file(path).expect("the shipped config parses");
+    let path = Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/sled-agent/config.toml"));
+    let mut config = sled_agent::config::Config::from_file(path).expect("the shipped config parses");
     config.nexus_internal_url = nexus_internal_url.to_string();
     config.sled_agent_api.listen = "127.0.0.1:0".parse().unwrap();
     config.repo_depot.listen = "127.0.0.1:0".parse().unwrap();

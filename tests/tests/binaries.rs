@@ -5,13 +5,14 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use test_harness::TestDatabase;
 
-fn shipped_config() -> String {
-    std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../smf/nexus/config.toml"
-    ))
-    .unwrap()
-    .replace("127.0.0.1:12221", "127.0.0.1:0")
+/// The shipped config with free ports and its files in `dir`.
+fn shipped_config(dir: &tempfile::TempDir) -> String {
+    let dir = dir.path().to_str().unwrap();
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/nexus/config.toml"))
+        .unwrap()
+        .replace("127.0.0.1:12221", "127.0.0.1:0")
+        .replace("127.0.0.1:12220", "127.0.0.1:0")
+        .replace("/var/tmp/rack/nexus", dir)
 }
 
 fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
@@ -28,55 +29,38 @@ fn refusal(config: &std::path::Path, database_url: &str) -> String {
         .args(["--database-url", database_url])
         .output()
         .unwrap();
-    assert!(
-        !output.status.success(),
-        "nexus started when it should have refused: {output:?}"
-    );
+    assert!(!output.status.success(), "nexus started when it should have refused: {output:?}");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[tokio::test]
 async fn nexus_refuses_a_database_without_the_current_schema() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&dir, &shipped_config());
+    let config = write_config(&dir, &shipped_config(&dir));
     let db = TestDatabase::empty().await;
     let stderr = refusal(&config, db.url());
-    assert!(
-        stderr.contains("no schema") && stderr.contains("rack-dev db-upgrade"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no schema") && stderr.contains("rack-dev db-upgrade"), "{stderr}");
 
-    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
-    client
-        .batch_execute(nexus::db::schema_version::MIGRATIONS[0].up_sql)
-        .await
-        .unwrap();
+    client.batch_execute(nexus::db::schema_version::MIGRATIONS[0].up_sql).await.unwrap();
     let stderr = refusal(&config, db.url());
-    assert!(
-        stderr.contains("version 1.0.0, older than version 2.0.0"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("version 1.0.0, older than version 2.0.0"), "{stderr}");
 }
 
 #[test]
 fn nexus_names_the_bad_config_key() {
     let dir = tempfile::tempdir().unwrap();
-    let text = shipped_config().replace("nkeep = 3", "nkeep = 3\nkeep_forever = true");
+    let text = shipped_config(&dir).replace("nkeep = 3", "nkeep = 3\nkeep_forever = true");
     let config = write_config(&dir, &text);
     let stderr = refusal(&config, "postgresql://unused");
-    assert!(
-        stderr.contains("keep_forever") && stderr.contains(config.to_str().unwrap()),
-        "{stderr}"
-    );
+    assert!(stderr.contains("keep_forever") && stderr.contains(config.to_str().unwrap()), "{stderr}");
 }
 
 #[tokio::test]
 async fn nexus_serves_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&dir, &shipped_config());
+    let config = write_config(&dir, &shipped_config(&dir));
     let db = TestDatabase::new().await;
     let mut child = Command::new(binary("nexus"))
         .arg("--config")
@@ -88,10 +72,7 @@ async fn nexus_serves_until_sigterm() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().expect("nexus prints its address").unwrap();
-    let url = first
-        .strip_prefix("nexus internal API: ")
-        .expect("the address line")
-        .to_string();
+    let url = first.strip_prefix("nexus internal API: ").expect("the address line").to_string();
     let client = common::clients::nexus_internal::Client::new(&url);
     let tasks = client.bgtask_list().await.unwrap().into_inner();
     assert!(tasks.contains_key("tuf_repo_pruner"));
@@ -106,18 +87,12 @@ async fn nexus_serves_until_sigterm() {
 async fn sled_agent_runs_standalone_and_registers() {
     let nexus = integration_tests::TestNexus::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../smf/sled-agent/config.toml"
-    ))
-    .unwrap()
-    .replace("127.0.0.1:12345", "127.0.0.1:0")
-    .replace("127.0.0.1:12346", "127.0.0.1:0")
-    .replace("http://127.0.0.1:12221", &nexus.internal_url())
-    .replace(
-        "registration_period_secs = 30",
-        "registration_period_secs = 1",
-    );
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/sled-agent/config.toml"))
+        .unwrap()
+        .replace("127.0.0.1:12345", "127.0.0.1:0")
+        .replace("127.0.0.1:12346", "127.0.0.1:0")
+        .replace("http://127.0.0.1:12221", &nexus.internal_url())
+        .replace("registration_period_secs = 30", "registration_period_secs = 1");
     let config = write_config(&dir, &text);
     let mut child = tokio::process::Command::new(binary("sled-agent"))
         .arg("--config")
@@ -128,32 +103,19 @@ async fn sled_agent_runs_standalone_and_registers() {
         .unwrap();
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let identity = lines
-        .next_line()
-        .await
-        .unwrap()
-        .expect("the sled prints its id");
+    let identity = lines.next_line().await.unwrap().expect("the sled prints its id");
     let sled_id: uuid::Uuid = identity.split_whitespace().nth(1).unwrap().parse().unwrap();
     let api = lines.next_line().await.unwrap().unwrap();
-    assert!(
-        api.starts_with("sled-agent API: http://127.0.0.1:"),
-        "{api}"
-    );
+    assert!(api.starts_with("sled-agent API: http://127.0.0.1:"), "{api}");
 
     let datastore = nexus.server.nexus().datastore.clone();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while datastore.sled_get(sled_id).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sled agent never registered"
-        );
+        assert!(std::time::Instant::now() < deadline, "the sled agent never registered");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     let status = child.wait().await.unwrap();
-    assert!(
-        status.success(),
-        "sled-agent exited with {status} on SIGTERM"
-    );
+    assert!(status.success(), "sled-agent exited with {status} on SIGTERM");
 }

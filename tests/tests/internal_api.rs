@@ -31,10 +31,7 @@ async fn wait_past(client: &Client, name: &str, after: u64) -> BackgroundTask {
         if completed_iteration(&task) > after {
             return task;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{name} did not complete an iteration after {after}"
-        );
+        assert!(Instant::now() < deadline, "{name} did not complete an iteration after {after}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -55,37 +52,22 @@ async fn background_tasks_are_listed_viewed_and_activated() {
     let nexus = TestNexus::start().await;
     let client = nexus.internal_client();
     let tasks = client.bgtask_list().await.unwrap().into_inner();
-    assert_eq!(tasks.keys().collect::<Vec<_>>(), [PRUNER]);
+    assert_eq!(tasks.keys().collect::<Vec<_>>(), ["tuf_artifact_replication", PRUNER]);
     assert_eq!(tasks[PRUNER].period, Duration::from_secs(3600));
 
     let first = wait_past(&client, PRUNER, 0).await;
-    let LastResult::Completed { reason, .. } = first.last else {
-        unreachable!()
-    };
+    let LastResult::Completed { reason, .. } = first.last else { unreachable!() };
     assert_eq!(reason, ActivationReason::Timeout, "the start-up activation");
 
-    let request = BackgroundTasksActivateRequest {
-        bgtask_names: [PRUNER.to_string()].into(),
-    };
+    let request = BackgroundTasksActivateRequest { bgtask_names: [PRUNER.to_string()].into() };
     client.bgtask_activate(&request).await.unwrap();
     let second = wait_past(&client, PRUNER, 1).await;
-    let LastResult::Completed {
-        iteration,
-        reason,
-        details,
-        ..
-    } = second.last
-    else {
-        unreachable!()
-    };
+    let LastResult::Completed { iteration, reason, details, .. } = second.last else { unreachable!() };
     assert_eq!((iteration, reason), (2, ActivationReason::Signaled));
     let status: TufRepoPrunerStatus = serde_json::from_value(details).unwrap();
     assert_eq!(
         status,
-        TufRepoPrunerStatus {
-            nkeep: 3,
-            outcome: TufRepoPrunerOutcome::NothingToPrune { unpruned: 0 }
-        }
+        TufRepoPrunerStatus { nkeep: 3, outcome: TufRepoPrunerOutcome::NothingToPrune { unpruned: 0 } }
     );
 }
 
@@ -97,10 +79,7 @@ async fn unknown_task_names_are_404_and_activate_nothing() {
 
     let error = client.bgtask_view("no_such_task").await.unwrap_err();
     assert_eq!(status_code(&error), 404);
-    assert_eq!(
-        message(error),
-        "no background task named [\"no_such_task\"]; known tasks: tuf_repo_pruner"
-    );
+    assert_eq!(message(error), "no background task named [\"no_such_task\"]; known tasks: tuf_artifact_replication, tuf_repo_pruner");
 
     let request = BackgroundTasksActivateRequest {
         bgtask_names: [PRUNER.to_string(), "no_such_task".to_string()].into(),
@@ -108,11 +87,7 @@ async fn unknown_task_names_are_404_and_activate_nothing() {
     let error = client.bgtask_activate(&request).await.unwrap_err();
     assert_eq!(status_code(&error), 404);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        completed_iteration(&view(&client, PRUNER).await),
-        1,
-        "the known task was not activated"
-    );
+    assert_eq!(completed_iteration(&view(&client, PRUNER).await), 1, "the known task was not activated");
 }
 
 #[tokio::test]
@@ -120,49 +95,24 @@ async fn a_disabled_task_reports_who_disabled_it() {
     let nexus = TestNexus::start().await;
     let client = nexus.internal_client();
     wait_past(&client, PRUNER, 0).await;
-    let disable = BackgroundTaskSwitchRequest {
-        enabled: false,
-        changed_by: "test operator".into(),
-    };
-    let task = client
-        .bgtask_switch(PRUNER, &disable)
-        .await
-        .unwrap()
-        .into_inner();
+    let disable = BackgroundTaskSwitchRequest { enabled: false, changed_by: "test operator".into() };
+    let task = client.bgtask_switch(PRUNER, &disable).await.unwrap().into_inner();
     assert!(!task.switch.enabled);
     assert_eq!(task.switch.changed_by, "test operator");
 
     client
-        .bgtask_activate(&BackgroundTasksActivateRequest {
-            bgtask_names: [PRUNER.to_string()].into(),
-        })
+        .bgtask_activate(&BackgroundTasksActivateRequest { bgtask_names: [PRUNER.to_string()].into() })
         .await
         .unwrap();
     let LastResult::Completed { details, .. } = wait_past(&client, PRUNER, 1).await.last else {
         unreachable!()
     };
     let details: DriverDetails = serde_json::from_value(details).unwrap();
-    assert!(
-        matches!(details, DriverDetails::Disabled { changed_by, .. } if changed_by == "test operator")
-    );
+    assert!(matches!(details, DriverDetails::Disabled { changed_by, .. } if changed_by == "test operator"));
 
-    let enable = BackgroundTaskSwitchRequest {
-        enabled: true,
-        changed_by: "test operator".into(),
-    };
-    assert!(
-        client
-            .bgtask_switch(PRUNER, &enable)
-            .await
-            .unwrap()
-            .into_inner()
-            .switch
-            .enabled
-    );
-    let error = client
-        .bgtask_switch("no_such_task", &enable)
-        .await
-        .unwrap_err();
+    let enable = BackgroundTaskSwitchRequest { enabled: true, changed_by: "test operator".into() };
+    assert!(client.bgtask_switch(PRUNER, &enable).await.unwrap().into_inner().switch.enabled);
+    let error = client.bgtask_switch("no_such_task", &enable).await.unwrap_err();
     assert_eq!(status_code(&error), 404);
 }
 
@@ -184,21 +134,8 @@ async fn sled_agents_register_and_reregister() {
     assert_eq!(sleds.len(), 1);
     assert_eq!((sleds[0].id, sleds[0].port), (id, 23456));
 
-    let error = client
-        .sled_agent_put(&Uuid::new_v4(), &info)
-        .await
-        .unwrap_err();
+    let error = client.sled_agent_put(&Uuid::new_v4(), &info).await.unwrap_err();
     assert_eq!(status_code(&error), 409);
     assert!(message(error).contains("sim-0"));
-    assert_eq!(
-        nexus
-            .server
-            .nexus()
-            .datastore
-            .sled_list()
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(nexus.server.nexus().datastore.sled_list().await.unwrap().len(), 1);
 }

@@ -27,11 +27,7 @@ impl Omdb {
 
     async fn success(&self, args: &[&str]) -> String {
         let output = self.run(args).await;
-        assert!(
-            output.status.success(),
-            "omdb {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "omdb {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout).unwrap()
     }
 
@@ -50,21 +46,13 @@ async fn settled_nexus() -> (TestNexus, Omdb) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let tasks = client.bgtask_list().await.unwrap().into_inner();
-        if tasks
-            .values()
-            .all(|task| matches!(task.last, LastResult::Completed { .. }))
-        {
+        if tasks.values().all(|task| matches!(task.last, LastResult::Completed { .. })) {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "start-up activations did not complete"
-        );
+        assert!(Instant::now() < deadline, "start-up activations did not complete");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let omdb = Omdb {
-        url: nexus.internal_url(),
-    };
+    let omdb = Omdb { url: nexus.internal_url() };
     (nexus, omdb)
 }
 
@@ -82,9 +70,7 @@ fn redact(text: &str) -> String {
     let text = host.replace_all(&text, "omdb (tester@<HOST>)");
     // Collapse column padding, not indentation.
     let spaces = Regex::new(r"(\S) {2,}").unwrap();
-    text.lines()
-        .map(|line| spaces.replace_all(line.trim_end(), "$1  ").into_owned() + "\n")
-        .collect()
+    text.lines().map(|line| spaces.replace_all(line.trim_end(), "$1  ").into_owned() + "\n").collect()
 }
 
 fn golden(name: &str, output: &str) {
@@ -94,24 +80,10 @@ fn golden(name: &str, output: &str) {
 #[tokio::test]
 async fn background_tasks_list_and_show() {
     let (_nexus, omdb) = settled_nexus().await;
-    golden(
-        "bgtasks-list",
-        &omdb.success(&["nexus", "background-tasks", "list"]).await,
-    );
-    golden(
-        "bgtasks-show",
-        &omdb.success(&["nexus", "background-tasks", "show"]).await,
-    );
+    golden("bgtasks-list", &omdb.success(&["nexus", "background-tasks", "list"]).await);
+    golden("bgtasks-show", &omdb.success(&["nexus", "background-tasks", "show"]).await);
     let json: serde_json::Value = serde_json::from_str(
-        &omdb
-            .success(&[
-                "--json",
-                "nexus",
-                "background-tasks",
-                "show",
-                "tuf_repo_pruner",
-            ])
-            .await,
+        &omdb.success(&["--json", "nexus", "background-tasks", "show", "tuf_repo_pruner"]).await,
     )
     .unwrap();
     assert_eq!(json["tuf_repo_pruner"]["last"]["details"]["nkeep"], 3);
@@ -120,65 +92,31 @@ async fn background_tasks_list_and_show() {
 #[tokio::test]
 async fn activate_wait_prints_the_new_iteration() {
     let (_nexus, omdb) = settled_nexus().await;
-    let output = omdb
-        .success(&[
-            "nexus",
-            "background-tasks",
-            "activate",
-            "tuf_repo_pruner",
-            "--wait",
-        ])
-        .await;
-    assert!(
-        output.contains("last completed iteration 2 (explicitly activated)"),
-        "{output}"
-    );
+    let output = omdb.success(&["nexus", "background-tasks", "activate", "tuf_repo_pruner", "--wait"]).await;
+    assert!(output.contains("last completed iteration 2 (explicitly activated)"), "{output}");
     golden("bgtasks-activate-wait", &output);
 }
 
 #[tokio::test]
 async fn disable_and_enable_record_who_did_it() {
     let (_nexus, omdb) = settled_nexus().await;
-    omdb.success(&["nexus", "background-tasks", "disable", "tuf_repo_pruner"])
-        .await;
-    let output = omdb
-        .success(&[
-            "nexus",
-            "background-tasks",
-            "activate",
-            "tuf_repo_pruner",
-            "--wait",
-        ])
-        .await;
+    omdb.success(&["nexus", "background-tasks", "disable", "tuf_repo_pruner"]).await;
+    let output = omdb.success(&["nexus", "background-tasks", "activate", "tuf_repo_pruner", "--wait"]).await;
     golden("bgtasks-disabled", &output);
-    let output = omdb
-        .success(&["nexus", "background-tasks", "enable", "tuf_repo_pruner"])
-        .await;
+    let output = omdb.success(&["nexus", "background-tasks", "enable", "tuf_repo_pruner"]).await;
     assert!(output.contains("enabled by omdb (tester@"), "{output}");
 }
 
 #[tokio::test]
 async fn unknown_tasks_and_missing_urls_are_explained() {
     let (_nexus, omdb) = settled_nexus().await;
-    let stderr = omdb
-        .failure(&["nexus", "background-tasks", "show", "tuf_repo_prunr"])
-        .await;
+    let stderr = omdb.failure(&["nexus", "background-tasks", "show", "tuf_repo_prunr"]).await;
     assert!(
-        stderr.contains(
-            "no background task named [\"tuf_repo_prunr\"]; known tasks: tuf_repo_pruner"
-        ),
+        stderr.contains("no background task named [\"tuf_repo_prunr\"]; known tasks: tuf_artifact_replication, tuf_repo_pruner"),
         "{stderr}"
     );
-    let stderr = omdb
-        .failure(&[
-            "nexus",
-            "background-tasks",
-            "activate",
-            "tuf_repo_prunr",
-            "--wait",
-        ])
-        .await;
-    assert!(stderr.contains("known tasks: tuf_repo_pruner"), "{stderr}");
+    let stderr = omdb.failure(&["nexus", "background-tasks", "activate", "tuf_repo_prunr", "--wait"]).await;
+    assert!(stderr.contains("known tasks: tuf_artifact_replication, tuf_repo_pruner"), "{stderr}");
 
     let output = Command::new(binary("omdb"))
         .args(["nexus", "background-tasks", "list"])
@@ -187,8 +125,5 @@ async fn unknown_tasks_and_missing_urls_are_explained() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("--nexus-internal-url") && stderr.contains("OMDB_NEXUS_URL"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--nexus-internal-url") && stderr.contains("OMDB_NEXUS_URL"), "{stderr}");
 }

@@ -1,9 +1,7 @@
 //! Sled agents over real HTTP: the sled-agent API, the repo depot, copies
 //! between two sleds and from depots that misbehave, and registration.
 
-use common::api::sled_agent::{
-    ArtifactCopyFromDepotBody, CONFIG_GENERATION, M2State, M2StateRequest,
-};
+use common::api::sled_agent::{ArtifactCopyFromDepotBody, CONFIG_GENERATION, M2State, M2StateRequest};
 use common::{ArtifactConfig, ArtifactHash, Generation};
 use integration_tests::fake_depot::{Behavior, FakeDepot};
 use integration_tests::sled_agent_client::{Client, Error as ClientError, types};
@@ -21,9 +19,7 @@ struct Artifact {
 }
 
 fn artifact(seed: u8, size: usize) -> Artifact {
-    let bytes: Vec<u8> = (0..size)
-        .map(|i| ((i * 7919) as u8).wrapping_add(seed))
-        .collect();
+    let bytes: Vec<u8> = (0..size).map(|i| ((i * 7919) as u8).wrapping_add(seed)).collect();
     let hash = ArtifactHash(sha2::Sha256::digest(&bytes).into());
     Artifact { bytes, hash }
 }
@@ -47,22 +43,11 @@ async fn put(
     artifact: &Artifact,
     generation: u64,
 ) -> Result<common::api::sled_agent::ArtifactPutResponse, ClientError<types::Error>> {
-    client
-        .artifact_put(&artifact.hash, generation, artifact.bytes.clone())
-        .await
-        .map(|r| r.into_inner())
+    client.artifact_put(&artifact.hash, generation, artifact.bytes.clone()).await.map(|r| r.into_inner())
 }
 
 async fn copies(client: &Client, artifact: &Artifact) -> usize {
-    client
-        .artifact_list()
-        .await
-        .unwrap()
-        .into_inner()
-        .list
-        .get(&artifact.hash)
-        .copied()
-        .unwrap_or(0)
+    client.artifact_list().await.unwrap().into_inner().list.get(&artifact.hash).copied().unwrap_or(0)
 }
 
 async fn wait_for(what: &str, mut condition: impl AsyncFnMut() -> bool) {
@@ -74,21 +59,11 @@ async fn wait_for(what: &str, mut condition: impl AsyncFnMut() -> bool) {
 }
 
 async fn used_bytes(client: &Client) -> u64 {
-    client
-        .inventory()
-        .await
-        .unwrap()
-        .into_inner()
-        .m2
-        .iter()
-        .map(|m2| m2.used_bytes)
-        .sum()
+    client.inventory().await.unwrap().into_inner().m2.iter().map(|m2| m2.used_bytes).sum()
 }
 
 fn copy_body(url: String) -> ArtifactCopyFromDepotBody {
-    ArtifactCopyFromDepotBody {
-        depot_base_url: url,
-    }
+    ArtifactCopyFromDepotBody { depot_base_url: url }
 }
 
 #[tokio::test]
@@ -97,59 +72,29 @@ async fn one_sled_copies_from_anothers_depot() {
     let target = TestSled::start(NO_NEXUS).await;
     let a = artifact(1, 3 << 20);
     for sled in [&source, &target] {
-        sled.client()
-            .artifact_config_put(&config(1, &[&a]))
-            .await
-            .unwrap();
+        sled.client().artifact_config_put(&config(1, &[&a])).await.unwrap();
     }
     let response = put(&source.client(), &a, 1).await.unwrap();
     assert_eq!((response.datasets, response.successful_writes), (2, 2));
 
-    target
-        .client()
-        .artifact_copy_from_depot(&a.hash, 1, &copy_body(source.depot_url()))
-        .await
-        .unwrap();
+    target.client().artifact_copy_from_depot(&a.hash, 1, &copy_body(source.depot_url())).await.unwrap();
     let client = target.client();
-    wait_for("the copy lands on both M.2s", async || {
-        copies(&client, &a).await == 2
-    })
-    .await;
+    wait_for("the copy lands on both M.2s", async || copies(&client, &a).await == 2).await;
 
     // The depot streams the file, and honours a Range.
     let url = format!("{}/artifact/sha256/{}", target.depot_url(), a.hash);
     let whole = reqwest::get(&url).await.unwrap();
     assert_eq!(whole.content_length(), Some(a.bytes.len() as u64));
     assert_eq!(whole.bytes().await.unwrap().as_ref(), &a.bytes[..]);
-    let partial = reqwest::Client::new()
-        .get(&url)
-        .header("Range", "bytes=1000-1999")
-        .send()
-        .await
-        .unwrap();
+    let partial = reqwest::Client::new().get(&url).header("Range", "bytes=1000-1999").send().await.unwrap();
     assert_eq!(partial.status().as_u16(), 206);
-    assert_eq!(
-        partial.headers()["content-range"],
-        format!("bytes 1000-1999/{}", a.bytes.len()).as_str()
-    );
-    assert_eq!(
-        partial.bytes().await.unwrap().as_ref(),
-        &a.bytes[1000..2000]
-    );
-    let beyond = reqwest::Client::new()
-        .get(&url)
-        .header("Range", "bytes=99999999-")
-        .send()
+    assert_eq!(partial.headers()["content-range"], format!("bytes 1000-1999/{}", a.bytes.len()).as_str());
+    assert_eq!(partial.bytes().await.unwrap().as_ref(), &a.bytes[1000..2000]);
+    let beyond = reqwest::Client::new().get(&url).header("Range", "bytes=99999999-").send().await.unwrap();
+    assert_eq!(beyond.status().as_u16(), 416);
+    let missing = reqwest::get(format!("{}/artifact/sha256/{}", target.depot_url(), artifact(9, 1).hash))
         .await
         .unwrap();
-    assert_eq!(beyond.status().as_u16(), 416);
-    let missing = reqwest::get(format!(
-        "{}/artifact/sha256/{}",
-        target.depot_url(),
-        artifact(9, 1).hash
-    ))
-    .await
-    .unwrap();
     assert_eq!(missing.status().as_u16(), 404);
 }
 
@@ -162,140 +107,69 @@ async fn requests_are_checked_against_the_config() {
     client.artifact_config_put(&config(2, &[&a])).await.unwrap();
     client.artifact_config_put(&config(2, &[&a])).await.unwrap();
 
-    let (status, body) = error_body(
-        client
-            .artifact_config_put(&config(1, &[&a]))
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(
-        (status, body.error_code.as_deref()),
-        (409, Some(CONFIG_GENERATION))
-    );
+    let (status, body) = error_body(client.artifact_config_put(&config(1, &[&a])).await.unwrap_err());
+    assert_eq!((status, body.error_code.as_deref()), (409, Some(CONFIG_GENERATION)));
     assert!(
-        body.message.contains("generation 1 refused")
-            && body.message.contains("holds generation 2"),
+        body.message.contains("generation 1 refused") && body.message.contains("holds generation 2"),
         "{}",
         body.message
     );
-    let (status, body) = error_body(
-        client
-            .artifact_config_put(&config(2, &[&stranger]))
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(
-        (status, body.error_code.as_deref()),
-        (409, Some(CONFIG_GENERATION))
-    );
+    let (status, body) = error_body(client.artifact_config_put(&config(2, &[&stranger])).await.unwrap_err());
+    assert_eq!((status, body.error_code.as_deref()), (409, Some(CONFIG_GENERATION)));
 
     let (status, body) = error_body(put(&client, &a, 1).await.unwrap_err());
-    assert_eq!(
-        (status, body.error_code.as_deref()),
-        (409, Some(CONFIG_GENERATION))
-    );
+    assert_eq!((status, body.error_code.as_deref()), (409, Some(CONFIG_GENERATION)));
     let (status, body) = error_body(put(&client, &stranger, 2).await.unwrap_err());
     assert_eq!(status, 400);
-    assert!(
-        body.message.contains(&stranger.hash.to_string()),
-        "{}",
-        body.message
-    );
+    assert!(body.message.contains(&stranger.hash.to_string()), "{}", body.message);
 
     let mut wrong = a.bytes.clone();
     wrong[0] ^= 1;
     let (status, body) = error_body(client.artifact_put(&a.hash, 2, wrong).await.unwrap_err());
     assert_eq!(status, 400);
     assert!(
-        body.message.contains(&format!(
-            "artifact {}: the data received has sha256",
-            a.hash
-        )),
+        body.message.contains(&format!("artifact {}: the data received has sha256", a.hash)),
         "{}",
         body.message
     );
 
     let http = reqwest::Client::new();
     let malformed = http
-        .put(format!(
-            "{}/artifacts/NOT-A-HASH?generation=2",
-            sled.api_url()
-        ))
+        .put(format!("{}/artifacts/NOT-A-HASH?generation=2", sled.api_url()))
         .body("x")
         .send()
         .await
         .unwrap();
     assert_eq!(malformed.status().as_u16(), 400);
     assert!(malformed.text().await.unwrap().contains("NOT-A-HASH"));
-    assert_eq!(
-        used_bytes(&client).await,
-        0,
-        "nothing was stored by any refused request"
-    );
-    assert!(
-        client
-            .artifact_list()
-            .await
-            .unwrap()
-            .into_inner()
-            .list
-            .is_empty()
-    );
+    assert_eq!(used_bytes(&client).await, 0, "nothing was stored by any refused request");
+    assert!(client.artifact_list().await.unwrap().into_inner().list.is_empty());
 }
 
 #[tokio::test]
 async fn quota_and_failed_m2s_are_reported() {
-    let sled = TestSled::start_with(NO_NEXUS, |config| {
-        config.storage.artifact_quota_bytes = 1 << 20
-    })
-    .await;
+    let sled = TestSled::start_with(NO_NEXUS, |config| config.storage.artifact_quota_bytes = 1 << 20).await;
     let client = sled.client();
     let small = artifact(1, 600 << 10);
     let big = artifact(2, 600 << 10);
-    client
-        .artifact_config_put(&config(1, &[&small, &big]))
-        .await
-        .unwrap();
+    client.artifact_config_put(&config(1, &[&small, &big])).await.unwrap();
     put(&client, &small, 1).await.unwrap();
     let (status, body) = error_body(put(&client, &big, 1).await.unwrap_err());
-    assert_eq!(
-        (status, body.error_code.as_deref()),
-        (507, Some("QUOTA_EXCEEDED"))
-    );
+    assert_eq!((status, body.error_code.as_deref()), (507, Some("QUOTA_EXCEEDED")));
     assert!(
         body.message.contains(&big.hash.to_string()) && body.message.contains("is full"),
         "{}",
         body.message
     );
-    assert_eq!(
-        used_bytes(&client).await,
-        2 * (600 << 10),
-        "only the small artifact's copies"
-    );
+    assert_eq!(used_bytes(&client).await, 2 * (600 << 10), "only the small artifact's copies");
 
-    client
-        .sim_m2_set_state(
-            0,
-            &M2StateRequest {
-                state: M2State::Failed,
-            },
-        )
-        .await
-        .unwrap();
+    client.sim_m2_set_state(0, &M2StateRequest { state: M2State::Failed }).await.unwrap();
     let inventory = client.inventory().await.unwrap().into_inner();
     assert_eq!(inventory.m2[0].state, M2State::Failed);
     assert_eq!(inventory.artifact_generation, Generation::new(1));
     assert_eq!(copies(&client, &small).await, 1);
     let (status, _) = error_body(
-        client
-            .sim_m2_set_state(
-                7,
-                &M2StateRequest {
-                    state: M2State::Healthy,
-                },
-            )
-            .await
-            .unwrap_err(),
+        client.sim_m2_set_state(7, &M2StateRequest { state: M2State::Healthy }).await.unwrap_err(),
     );
     assert_eq!(status, 404);
 }
@@ -308,41 +182,19 @@ async fn copies_from_bad_sources_store_nothing() {
     client.artifact_config_put(&config(1, &[&a])).await.unwrap();
 
     let missing = FakeDepot::start(a.bytes.clone(), Behavior::NotFound).await;
-    let error = client
-        .artifact_copy_from_depot(&a.hash, 1, &copy_body(missing.base_url()))
-        .await
-        .unwrap_err();
+    let error =
+        client.artifact_copy_from_depot(&a.hash, 1, &copy_body(missing.base_url())).await.unwrap_err();
     let (status, body) = error_body(error);
     assert_eq!(status, 502);
-    assert!(
-        body.message.contains(&missing.base_url()) && body.message.contains("404"),
-        "{}",
-        body.message
-    );
+    assert!(body.message.contains(&missing.base_url()) && body.message.contains("404"), "{}", body.message);
 
-    let wrong = FakeDepot::start(
-        a.bytes.clone(),
-        Behavior::WrongBytes(artifact(4, 256 << 10).bytes),
-    )
-    .await;
-    client
-        .artifact_copy_from_depot(&a.hash, 1, &copy_body(wrong.base_url()))
-        .await
-        .unwrap();
-    wait_for("the wrong bytes are served", async || {
-        wrong.served_bytes() == 256 << 10
-    })
-    .await;
-    wait_for("the failed copy cleans up", async || {
-        used_bytes(&client).await == 0
-    })
-    .await;
+    let wrong = FakeDepot::start(a.bytes.clone(), Behavior::WrongBytes(artifact(4, 256 << 10).bytes)).await;
+    client.artifact_copy_from_depot(&a.hash, 1, &copy_body(wrong.base_url())).await.unwrap();
+    wait_for("the wrong bytes are served", async || wrong.served_bytes() == 256 << 10).await;
+    wait_for("the failed copy cleans up", async || used_bytes(&client).await == 0).await;
 
     let stalled = FakeDepot::start(a.bytes.clone(), Behavior::StallAfter(1000)).await;
-    client
-        .artifact_copy_from_depot(&a.hash, 1, &copy_body(stalled.base_url()))
-        .await
-        .unwrap();
+    client.artifact_copy_from_depot(&a.hash, 1, &copy_body(stalled.base_url())).await.unwrap();
     // The read timeout (2 s in tests) gives up on it; the resume is refused
     // (this depot ignores Range), and the copy is abandoned.
     wait_for("the stalled copy is abandoned", async || {
@@ -359,20 +211,10 @@ async fn an_interrupted_copy_resumes_where_it_stopped() {
     let a = artifact(5, 1 << 20);
     client.artifact_config_put(&config(1, &[&a])).await.unwrap();
     let depot = FakeDepot::start(a.bytes.clone(), Behavior::ResetAfter(300_000)).await;
-    client
-        .artifact_copy_from_depot(&a.hash, 1, &copy_body(depot.base_url()))
-        .await
-        .unwrap();
-    wait_for("the resumed copy lands", async || {
-        copies(&client, &a).await == 2
-    })
-    .await;
+    client.artifact_copy_from_depot(&a.hash, 1, &copy_body(depot.base_url())).await.unwrap();
+    wait_for("the resumed copy lands", async || copies(&client, &a).await == 2).await;
     assert_eq!(depot.ranges(), [None, Some("bytes=300000-".to_string())]);
-    assert_eq!(
-        depot.served_bytes(),
-        a.bytes.len() as u64,
-        "no byte was fetched twice"
-    );
+    assert_eq!(depot.served_bytes(), a.bytes.len() as u64, "no byte was fetched twice");
 }
 
 #[tokio::test]
@@ -382,22 +224,12 @@ async fn copies_beyond_the_limit_are_refused_with_retry_after() {
     let a = artifact(6, 64 << 10);
     client.artifact_config_put(&config(1, &[&a])).await.unwrap();
     let stalled = FakeDepot::start(a.bytes.clone(), Behavior::StallAfter(10)).await;
-    client
-        .artifact_copy_from_depot(&a.hash, 1, &copy_body(stalled.base_url()))
-        .await
-        .unwrap();
-    match client
-        .artifact_copy_from_depot(&a.hash, 1, &copy_body(stalled.base_url()))
-        .await
-        .unwrap_err()
-    {
+    client.artifact_copy_from_depot(&a.hash, 1, &copy_body(stalled.base_url())).await.unwrap();
+    match client.artifact_copy_from_depot(&a.hash, 1, &copy_body(stalled.base_url())).await.unwrap_err() {
         ClientError::ErrorResponse(response) => {
             assert_eq!(response.status().as_u16(), 503);
             assert_eq!(response.headers()["retry-after"], "1");
-            assert_eq!(
-                response.into_inner().error_code.as_deref(),
-                Some("TOO_MANY_COPIES")
-            );
+            assert_eq!(response.into_inner().error_code.as_deref(), Some("TOO_MANY_COPIES"));
         }
         other => panic!("expected 503, got {other:?}"),
     }
@@ -410,19 +242,11 @@ async fn sled_agents_register_with_nexus() {
     let datastore = nexus.server.nexus().datastore.clone();
     let expected = sled.server.sled_id;
     wait_for("the sled registers", async || {
-        datastore
-            .sled_list()
-            .await
-            .unwrap()
-            .iter()
-            .any(|s| s.id == expected)
+        datastore.sled_list().await.unwrap().iter().any(|s| s.id == expected)
     })
     .await;
     let registered = datastore.sled_get(expected).await.unwrap();
     assert_eq!(registered.serial, sled.server.serial);
     assert_eq!(registered.port as u16, sled.server.api_address().port());
-    assert_eq!(
-        registered.repo_depot_port as u16,
-        sled.server.depot_address().port()
-    );
+    assert_eq!(registered.repo_depot_port as u16, sled.server.depot_address().port());
 }

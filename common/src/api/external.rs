@@ -4,8 +4,8 @@
 use crate::{ArtifactHash, Generation};
 use chrono::{DateTime, Utc};
 use dropshot::{
-    EmptyScanParams, HttpError, HttpResponseCreated, HttpResponseDeleted, HttpResponseOk,
-    PaginationParams, Path, Query, RequestContext, ResultsPage, StreamingBody, TypedBody,
+    EmptyScanParams, HttpError, HttpResponseCreated, HttpResponseDeleted, HttpResponseOk, PaginationParams,
+    Path, Query, RequestContext, ResultsPage, StreamingBody, TypedBody,
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -12,30 +12,17 @@ use dropshot::ApiDescription;
 
 /// Every API whose document lives in `openapi/`: file name, title, and a
 /// function that builds the description without an implementation.
-pub type StubApi =
-    fn() -> Result<ApiDescription<dropshot::StubContext>, dropshot::ApiDescriptionBuildErrors>;
+pub type StubApi = fn() -> Result<ApiDescription<dropshot::StubContext>, dropshot::ApiDescriptionBuildErrors>;
 
 pub const DOCUMENTS: &[(&str, &str, StubApi)] = &[
-    (
-        "nexus-external.json",
-        "Nexus external API",
-        external::external_api_mod::stub_api_description,
-    ),
+    ("nexus-external.json", "Nexus external API", external::external_api_mod::stub_api_description),
     (
         "nexus-internal.json",
         "Nexus internal API",
         nexus_internal::nexus_internal_api_mod::stub_api_description,
     ),
-    (
-        "sled-agent.json",
-        "Sled agent API",
-        sled_agent::sled_agent_api_mod::stub_api_description,
-    ),
-    (
-        "repo-depot.json",
-        "Repo depot API",
-        sled_agent::repo_depot_api_mod::stub_api_description,
-    ),
+    ("sled-agent.json", "Sled agent API", sled_agent::sled_agent_api_mod::stub_api_description),
+    ("repo-depot.json", "Repo depot API", sled_agent::repo_depot_api_mod::stub_api_description),
 ];
 
 /// The OpenAPI document of one API, as checked in.

@@ -3,8 +3,8 @@
 
 use crate::{ArtifactConfig, ArtifactHash, Generation};
 use dropshot::{
-    Body, HttpError, HttpResponseAccepted, HttpResponseOk, HttpResponseUpdatedNoContent, Path,
-    Query, RequestContext, StreamingBody, TypedBody,
+    Body, HttpError, HttpResponseAccepted, HttpResponseOk, HttpResponseUpdatedNoContent, Path, Query,
+    RequestContext, StreamingBody, TypedBody,
 };
 use http::Response;
 use schemars::JsonSchema;

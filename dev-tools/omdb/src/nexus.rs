@@ -64,62 +64,27 @@ impl NexusArgs {
         let context = || format!("Nexus internal API at {url}");
         match command {
             BackgroundTasksCommand::List => {
-                let tasks = client
-                    .bgtask_list()
-                    .await
-                    .map_err(api_error)
-                    .with_context(context)?
-                    .into_inner();
-                Ok(if json {
-                    to_json(&tasks)
-                } else {
-                    render::task_table(tasks.values())
-                })
+                let tasks = client.bgtask_list().await.map_err(api_error).with_context(context)?.into_inner();
+                Ok(if json { to_json(&tasks) } else { render::task_table(tasks.values()) })
             }
             BackgroundTasksCommand::Show { name } => {
                 let tasks = if name == "all" {
-                    client
-                        .bgtask_list()
-                        .await
-                        .map_err(api_error)
-                        .with_context(context)?
-                        .into_inner()
+                    client.bgtask_list().await.map_err(api_error).with_context(context)?.into_inner()
                 } else {
-                    let task = client
-                        .bgtask_view(&name)
-                        .await
-                        .map_err(api_error)
-                        .with_context(context)?;
+                    let task = client.bgtask_view(&name).await.map_err(api_error).with_context(context)?;
                     BTreeMap::from([(name, task.into_inner())])
                 };
-                Ok(if json {
-                    to_json(&tasks)
-                } else {
-                    render::task_details(tasks.values())
-                })
+                Ok(if json { to_json(&tasks) } else { render::task_details(tasks.values()) })
             }
-            BackgroundTasksCommand::Activate {
-                names,
-                wait,
-                timeout_secs,
-            } => {
+            BackgroundTasksCommand::Activate { names, wait, timeout_secs } => {
                 let before = if wait {
-                    Some(
-                        newest_iterations(&client, &names)
-                            .await
-                            .with_context(context)?,
-                    )
+                    Some(newest_iterations(&client, &names).await.with_context(context)?)
                 } else {
                     None
                 };
-                let request = BackgroundTasksActivateRequest {
-                    bgtask_names: names.iter().cloned().collect(),
-                };
-                client
-                    .bgtask_activate(&request)
-                    .await
-                    .map_err(api_error)
-                    .with_context(context)?;
+                let request =
+                    BackgroundTasksActivateRequest { bgtask_names: names.iter().cloned().collect() };
+                client.bgtask_activate(&request).await.map_err(api_error).with_context(context)?;
                 let Some(before) = before else {
                     return Ok(if json {
                         to_json(&names)
@@ -130,56 +95,31 @@ impl NexusArgs {
                 let done = wait_for_iterations(&client, before, Duration::from_secs(timeout_secs))
                     .await
                     .with_context(context)?;
-                Ok(if json {
-                    to_json(&done)
-                } else {
-                    render::task_details(done.values())
-                })
+                Ok(if json { to_json(&done) } else { render::task_details(done.values()) })
             }
-            BackgroundTasksCommand::Enable { name } => switch(&client, &name, true, json)
-                .await
-                .with_context(context),
-            BackgroundTasksCommand::Disable { name } => switch(&client, &name, false, json)
-                .await
-                .with_context(context),
+            BackgroundTasksCommand::Enable { name } => {
+                switch(&client, &name, true, json).await.with_context(context)
+            }
+            BackgroundTasksCommand::Disable { name } => {
+                switch(&client, &name, false, json).await.with_context(context)
+            }
         }
     }
 }
 
 async fn switch(client: &Client, name: &str, enabled: bool, json: bool) -> anyhow::Result<String> {
-    let request = BackgroundTaskSwitchRequest {
-        enabled,
-        changed_by: who_am_i(),
-    };
-    let task = client
-        .bgtask_switch(name, &request)
-        .await
-        .map_err(api_error)?
-        .into_inner();
-    Ok(if json {
-        to_json(&task)
-    } else {
-        render::task_details([&task])
-    })
+    let request = BackgroundTaskSwitchRequest { enabled, changed_by: who_am_i() };
+    let task = client.bgtask_switch(name, &request).await.map_err(api_error)?.into_inner();
+    Ok(if json { to_json(&task) } else { render::task_details([&task]) })
 }
 
 /// For each named task, the newest iteration that started before now (running
 /// or completed): an activation is only "ours" if it is newer.
-async fn newest_iterations(
-    client: &Client,
-    names: &[String],
-) -> anyhow::Result<BTreeMap<String, u64>> {
+async fn newest_iterations(client: &Client, names: &[String]) -> anyhow::Result<BTreeMap<String, u64>> {
     let mut newest = BTreeMap::new();
     for name in names {
-        let task = client
-            .bgtask_view(name)
-            .await
-            .map_err(api_error)?
-            .into_inner();
-        newest.insert(
-            name.clone(),
-            iteration_started(&task).max(iteration_completed(&task)),
-        );
+        let task = client.bgtask_view(name).await.map_err(api_error)?.into_inner();
+        newest.insert(name.clone(), iteration_started(&task).max(iteration_completed(&task)));
     }
     Ok(newest)
 }
@@ -207,11 +147,7 @@ async fn wait_for_iterations(
     let mut done = BTreeMap::new();
     for (name, iteration) in before {
         loop {
-            let task = client
-                .bgtask_view(&name)
-                .await
-                .map_err(api_error)?
-                .into_inner();
+            let task = client.bgtask_view(&name).await.map_err(api_error)?.into_inner();
             if iteration_completed(&task) > iteration {
                 done.insert(name, task);
                 break;

@@ -2,7 +2,10 @@
 //! `tests/output/` fix their format.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use common::bgtask::details::{TufRepoPrunerOutcome, TufRepoPrunerStatus};
+use common::bgtask::details::{
+    ReplicationCounters, ReplicationOutcome, RequestOperation, TufArtifactReplicationStatus, TufRepoPrunerOutcome,
+    TufRepoPrunerStatus,
+};
 use common::bgtask::{ActivationReason, BackgroundTask, CurrentStatus, DriverDetails, LastResult};
 use std::fmt::Write;
 use std::time::Duration;
@@ -33,18 +36,9 @@ pub fn task_table<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> St
     let rows = tasks.into_iter().map(|task| {
         let (iteration, start, elapsed, reason) = match &task.last {
             LastResult::NeverCompleted => ("-".into(), "-".into(), "-".into(), "-".into()),
-            LastResult::Completed {
-                iteration,
-                start_time,
-                reason,
-                elapsed,
-                ..
-            } => (
-                iteration.to_string(),
-                time(start_time),
-                duration(*elapsed),
-                reason_word(*reason).into(),
-            ),
+            LastResult::Completed { iteration, start_time, reason, elapsed, .. } => {
+                (iteration.to_string(), time(start_time), duration(*elapsed), reason_word(*reason).into())
+            }
         };
         TaskRow {
             name: task.name.clone(),
@@ -57,11 +51,7 @@ pub fn task_table<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> St
                 CurrentStatus::Idle => "idle".into(),
                 CurrentStatus::Running { iteration, .. } => format!("running #{iteration}"),
             },
-            enabled: if task.switch.enabled {
-                "yes".into()
-            } else {
-                "NO".into()
-            },
+            enabled: if task.switch.enabled { "yes".into() } else { "NO".into() },
         }
     });
     let mut table = tabled::Table::new(rows);
@@ -79,22 +69,14 @@ pub fn task_details<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> 
         writeln!(
             out,
             "  {} by {} at {}",
-            if switch.enabled {
-                "enabled"
-            } else {
-                "DISABLED"
-            },
+            if switch.enabled { "enabled" } else { "DISABLED" },
             switch.changed_by,
             time(&switch.time_changed)
         )
         .unwrap();
         match &task.current {
             CurrentStatus::Idle => writeln!(out, "  currently idle").unwrap(),
-            CurrentStatus::Running {
-                iteration,
-                start_time,
-                reason,
-            } => writeln!(
+            CurrentStatus::Running { iteration, start_time, reason } => writeln!(
                 out,
                 "  currently running iteration {iteration} ({}), started at {}",
                 reason_phrase(*reason),
@@ -103,16 +85,8 @@ pub fn task_details<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> 
             .unwrap(),
         }
         match &task.last {
-            LastResult::NeverCompleted => {
-                writeln!(out, "  no activation has completed yet").unwrap()
-            }
-            LastResult::Completed {
-                iteration,
-                start_time,
-                reason,
-                elapsed,
-                details,
-            } => {
+            LastResult::NeverCompleted => writeln!(out, "  no activation has completed yet").unwrap(),
+            LastResult::Completed { iteration, start_time, reason, elapsed, details } => {
                 writeln!(
                     out,
                     "  last completed iteration {iteration} ({}), started at {}, took {}",
@@ -137,21 +111,14 @@ fn details_lines(task: &str, details: &serde_json::Value) -> Vec<String> {
     if let Ok(driver) = serde_json::from_value::<DriverDetails>(details.clone()) {
         return vec![match driver {
             DriverDetails::Panicked { message } => format!("PANICKED: {message}"),
-            DriverDetails::Disabled {
-                changed_by,
-                time_changed,
-            } => {
-                format!(
-                    "did nothing: disabled by {changed_by} at {}",
-                    time(&time_changed)
-                )
+            DriverDetails::Disabled { changed_by, time_changed } => {
+                format!("did nothing: disabled by {changed_by} at {}", time(&time_changed))
             }
         }];
     }
-    let typed = match task {
-        "tuf_repo_pruner" => serde_json::from_value(details.clone())
-            .ok()
-            .map(pruner_lines),
+        let typed = match task {
+        "tuf_repo_pruner" => serde_json::from_value(details.clone()).ok().map(pruner_lines),
+        "tuf_artifact_replication" => serde_json::from_value(details.clone()).ok().map(replication_lines),
         _ => None,
     };
     typed.unwrap_or_else(|| {
@@ -168,24 +135,82 @@ fn pruner_lines(status: TufRepoPrunerStatus) -> Vec<String> {
         TufRepoPrunerOutcome::NothingToPrune { unpruned } => {
             format!("nothing to prune: {unpruned} unpruned repositories")
         }
-        TufRepoPrunerOutcome::Pruned {
-            repo_id,
-            system_version,
-            generation,
-        } => {
-            format!(
-                "pruned repository {system_version} ({repo_id}); artifact generation is now {generation}"
-            )
+        TufRepoPrunerOutcome::Pruned { repo_id, system_version, generation } => {
+            format!("pruned repository {system_version} ({repo_id}); artifact generation is now {generation}")
         }
         TufRepoPrunerOutcome::GenerationMoved { expected, found } => format!(
             "pruned nothing: the generation moved from {expected} to {found} while deciding (another Nexus or an upload); will retry"
         ),
         TufRepoPrunerOutcome::Error { message } => format!("ERROR: {message}"),
     };
-    vec![
-        format!("keeps the {} newest repositories", status.nkeep),
-        outcome,
-    ]
+    vec![format!("keeps the {} newest repositories", status.nkeep), outcome]
+}
+
+fn replication_lines(status: TufArtifactReplicationStatus) -> Vec<String> {
+    let mut lines = Vec::new();
+    let outcome = match &status.outcome {
+        ReplicationOutcome::Completed => "completed".to_string(),
+        ReplicationOutcome::Superseded { sled_id, sled_generation } => {
+            format!("SUPERSEDED: sled {sled_id} holds generation {sled_generation}; another Nexus is ahead")
+        }
+        ReplicationOutcome::Error { message } => format!("ERROR: {message}"),
+    };
+    lines.push(format!("generation {}: {outcome}", status.generation));
+    lines.push(format!("sleds in service: {}", status.sleds_in_service));
+    let plan = &status.plan;
+    lines.push(format!("plan: {} puts, {} copies, {} re-copies", plan.puts, plan.copies, plan.recopies));
+    if !plan.unplaceable.is_empty() {
+        let hashes: Vec<String> = plan.unplaceable.iter().map(ToString::to_string).collect();
+        lines.push(format!("UNPLACEABLE (no sled holds them, not staged here): {}", hashes.join(", ")));
+    }
+    lines.push(format!("{:<12} {:>14} {:>14}", "requests", "last run ok/err", "lifetime ok/err"));
+    let pairs = |c: &ReplicationCounters| {
+        [
+            ("put config", c.put_config_ok, c.put_config_err),
+            ("list", c.list_ok, c.list_err),
+            ("put", c.put_ok, c.put_err),
+            ("copy", c.copy_ok, c.copy_err),
+        ]
+    };
+    for ((name, last_ok, last_err), (_, all_ok, all_err)) in pairs(&status.last_run).into_iter().zip(pairs(&status.lifetime)) {
+        lines.push(format!("  {name:<10} {:>14} {:>14}", format!("{last_ok}/{last_err}"), format!("{all_ok}/{all_err}")));
+    }
+    lines.push(format!("local repositories (staged here): {}", status.local_repos.len()));
+    for repo in &status.local_repos {
+        lines.push(format!("  {} ({}): {} artifacts, {} bytes", repo.system_version, repo.repo_id, repo.artifacts, repo.bytes));
+    }
+    lines.push(format!("repositories: {}", status.repos.len()));
+    for repo in &status.repos {
+        lines.push(format!(
+            "  {}: {} of {} sleds hold all of it on every healthy M.2",
+            repo.system_version, repo.sleds_complete, repo.sleds_in_service
+        ));
+    }
+    lines.push(format!("request ring buffer (oldest first): {}", status.ring.len()));
+    for record in &status.ring {
+        let operation = match record.operation {
+            RequestOperation::PutConfig => "put config",
+            RequestOperation::List => "list",
+            RequestOperation::Put => "put",
+            RequestOperation::Copy => "copy",
+        };
+        let mut line = format!("  {} {operation:<10} sled {}", time(&record.time), record.sled_id);
+        if let Some(hash) = &record.hash {
+            line.push_str(&format!(" artifact {hash}"));
+        }
+        if let Some(source) = &record.source_sled_id {
+            line.push_str(&format!(" from sled {source}"));
+        }
+        match &record.error {
+            None => line.push_str(": ok"),
+            Some(error) => line.push_str(&format!(": ERROR {error}")),
+        }
+        lines.push(line);
+    }
+    if status.followup_scheduled {
+        lines.push("work remains: a follow-up activation is scheduled".to_string());
+    }
+    lines
 }
 
 fn reason_word(reason: ActivationReason) -> &'static str {

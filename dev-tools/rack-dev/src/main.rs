@@ -48,22 +48,13 @@ async fn db_run() -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let mut server = PgServer::start().await.context("starting PostgreSQL")?;
-    let url = server
-        .create_database(DATABASE_NAME)
-        .await
-        .context("creating the rack database")?;
+    let url = server.create_database(DATABASE_NAME).await.context("creating the rack database")?;
     upgrade(&url).await?;
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "PostgreSQL is running with schema version {SCHEMA_VERSION}."
-    )?;
+    writeln!(out, "PostgreSQL is running with schema version {SCHEMA_VERSION}.")?;
     writeln!(out, "  database URL: {url}")?;
     writeln!(out, "  server log:   {}", server.log_path().display())?;
-    writeln!(
-        out,
-        "Press Ctrl-C to stop it; its data directory is deleted then."
-    )?;
+    writeln!(out, "Press Ctrl-C to stop it; its data directory is deleted then.")?;
     out.flush()?;
     drop(out);
 
@@ -82,10 +73,7 @@ async fn db_upgrade(url: &str) -> anyhow::Result<()> {
             println!("initialized an empty database at version {SCHEMA_VERSION}")
         }
         UpgradeOutcome::Migrated { from, applied } => {
-            println!(
-                "upgraded from {from} to {SCHEMA_VERSION}: applied {}",
-                applied.join(", ")
-            )
+            println!("upgraded from {from} to {SCHEMA_VERSION}: applied {}", applied.join(", "))
         }
         UpgradeOutcome::AlreadyCurrent => {
             println!("already at version {SCHEMA_VERSION}; nothing to do")
@@ -95,10 +83,6 @@ async fn db_upgrade(url: &str) -> anyhow::Result<()> {
 }
 
 async fn upgrade(url: &str) -> anyhow::Result<UpgradeOutcome> {
-    let mut conn = AsyncPgConnection::establish(url)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    schema_version::upgrade(&mut conn)
-        .await
-        .with_context(|| format!("upgrading the schema of {url}"))
+    let mut conn = AsyncPgConnection::establish(url).await.with_context(|| format!("connecting to {url}"))?;
+    schema_version::upgrade(&mut conn).await.with_context(|| format!("upgrading the schema of {url}"))
 }

@@ -55,19 +55,9 @@ pub enum PgError {
         source: std::io::Error,
     },
     #[error("initdb in {data_dir} failed ({status}): {output}")]
-    Initdb {
-        data_dir: PathBuf,
-        status: ExitStatus,
-        output: String,
-    },
-    #[error(
-        "PostgreSQL server exited during start-up ({status}); its log {log} ends with:\n{tail}"
-    )]
-    ExitedEarly {
-        status: ExitStatus,
-        log: PathBuf,
-        tail: String,
-    },
+    Initdb { data_dir: PathBuf, status: ExitStatus, output: String },
+    #[error("PostgreSQL server exited during start-up ({status}); its log {log} ends with:\n{tail}")]
+    ExitedEarly { status: ExitStatus, log: PathBuf, tail: String },
     #[error("PostgreSQL server did not accept connections within {timeout:?}; see {log}")]
     NotReady { timeout: Duration, log: PathBuf },
     #[error("{context}")]
@@ -104,12 +94,10 @@ impl PgServer {
                 source,
             })?;
         if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(|source| {
-                PgError::Io {
-                    what: "giving the postgres user",
-                    path: dir.path().into(),
-                    source,
-                }
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(|source| PgError::Io {
+                what: "giving the postgres user",
+                path: dir.path().into(),
+                source,
             })?;
         }
         initdb(&bin_dir, dir.path(), run_as)?;
@@ -119,23 +107,14 @@ impl PgServer {
             attempt += 1;
             let port = free_port(dir.path())?;
             let (pid, exited) = spawn_postgres(&bin_dir, dir.path(), port, run_as)?;
-            let mut server = PgServer {
-                port,
-                pid,
-                exited,
-                dir: Some(dir),
-                stopped: false,
-            };
+            let mut server = PgServer { port, pid, exited, dir: Some(dir), stopped: false };
             match server.wait_ready().await {
                 Ok(()) => return Ok(server),
                 Err(PgError::ExitedEarly { tail, .. })
                     if attempt < START_ATTEMPTS && tail.contains("could not bind") =>
                 {
                     server.stopped = true;
-                    dir = server
-                        .dir
-                        .take()
-                        .expect("dir is only taken here and by stop");
+                    dir = server.dir.take().expect("dir is only taken here and by stop");
                 }
                 Err(error) => {
                     server.stop();
@@ -162,10 +141,7 @@ impl PgServer {
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir
-            .as_ref()
-            .expect("the directory lives until stop")
-            .path()
+        self.dir.as_ref().expect("the directory lives until stop").path()
     }
 
     /// Stops the server (fast shutdown, then SIGKILL after a bound) and removes
@@ -192,24 +168,15 @@ impl PgServer {
             if let Ok(status) = self.exited.try_recv() {
                 self.stopped = true;
                 let log = self.log_path();
-                return Err(PgError::ExitedEarly {
-                    status,
-                    tail: log_tail(&log),
-                    log,
-                });
+                return Err(PgError::ExitedEarly { status, tail: log_tail(&log), log });
             }
-            if let Ok((client, connection)) =
-                tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-            {
+            if let Ok((client, connection)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
                 drop(client);
                 let _ = connection.await;
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(PgError::NotReady {
-                    timeout: READY_TIMEOUT,
-                    log: self.log_path(),
-                });
+                return Err(PgError::NotReady { timeout: READY_TIMEOUT, log: self.log_path() });
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -279,28 +246,15 @@ fn initdb(bin_dir: &Path, dir: &Path, run_as: Option<(u32, u32)>) -> Result<(), 
     let output = command_as(bin_dir.join("initdb"), dir, run_as)
         .arg("--pgdata")
         .arg(&data_dir)
-        .args([
-            "--username=postgres",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--locale=C",
-        ])
+        .args(["--username=postgres", "--auth=trust", "--encoding=UTF8", "--locale=C"])
         .args(["--no-sync", "--no-instructions"])
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| PgError::Io {
-            what: "running initdb in",
-            path: bin_dir.into(),
-            source,
-        })?;
+        .map_err(|source| PgError::Io { what: "running initdb in", path: bin_dir.into(), source })?;
     if !output.status.success() {
         let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&output.stderr));
-        return Err(PgError::Initdb {
-            data_dir,
-            status: output.status,
-            output: text,
-        });
+        return Err(PgError::Initdb { data_dir, status: output.status, output: text });
     }
     Ok(())
 }
@@ -309,11 +263,7 @@ fn free_port(dir: &Path) -> Result<u16, PgError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
-        .map_err(|source| PgError::Io {
-            what: "finding a free port for",
-            path: dir.into(),
-            source,
-        })
+        .map_err(|source| PgError::Io { what: "finding a free port for", path: dir.into(), source })
 }
 
 /// Spawns the server from a dedicated thread that waits for it, so that
@@ -331,23 +281,17 @@ fn spawn_postgres(
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|source| PgError::Io {
-            what: "opening server log",
-            path: log_path.clone(),
-            source,
-        })?;
+        .map_err(|source| PgError::Io { what: "opening server log", path: log_path.clone(), source })?;
     let log_err = log.try_clone().map_err(|source| PgError::Io {
         what: "opening server log",
         path: log_path.clone(),
         source,
     })?;
     if let Some((uid, gid)) = run_as {
-        std::os::unix::fs::chown(&log_path, Some(uid), Some(gid)).map_err(|source| {
-            PgError::Io {
-                what: "giving the postgres user",
-                path: log_path,
-                source,
-            }
+        std::os::unix::fs::chown(&log_path, Some(uid), Some(gid)).map_err(|source| PgError::Io {
+            what: "giving the postgres user",
+            path: log_path,
+            source,
         })?;
     }
     let mut command = command_as(bin_dir.join("postgres"), dir, run_as);
@@ -358,14 +302,7 @@ fn spawn_postgres(
         .arg(dir)
         .args(["-p", &port.to_string()])
         .args(["-c", "listen_addresses=127.0.0.1"])
-        .args([
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-        ])
+        .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
         .args(["-c", "max_connections=400"])
         .stdin(Stdio::null())
         .stdout(log)
@@ -395,19 +332,11 @@ fn spawn_postgres(
                 let _ = spawned_tx.send(Err(error));
             }
         })
-        .map_err(|source| PgError::Io {
-            what: "starting a thread for",
-            path: dir.into(),
-            source,
-        })?;
+        .map_err(|source| PgError::Io { what: "starting a thread for", path: dir.into(), source })?;
     let pid = spawned_rx
         .recv()
         .expect("the spawning thread always reports")
-        .map_err(|source| PgError::Io {
-            what: "starting postgres in",
-            path: bin_dir.into(),
-            source,
-        })?;
+        .map_err(|source| PgError::Io { what: "starting postgres in", path: bin_dir.into(), source })?;
     Ok((pid, exited_rx))
 }
 
@@ -429,23 +358,14 @@ fn reap_leftovers() {
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
             continue;
         };
-        let Some(owner) = rest
-            .split('-')
-            .next()
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
+        let Some(owner) = rest.split('-').next().and_then(|pid| pid.parse::<u32>().ok()) else {
             continue;
         };
         if Path::new(&format!("/proc/{owner}")).exists() {
             continue;
         }
-        let postmaster =
-            fs::read_to_string(entry.path().join("data/postmaster.pid")).unwrap_or_default();
-        if let Some(pid) = postmaster
-            .lines()
-            .next()
-            .and_then(|line| line.trim().parse::<i32>().ok())
-        {
+        let postmaster = fs::read_to_string(entry.path().join("data/postmaster.pid")).unwrap_or_default();
+        if let Some(pid) = postmaster.lines().next().and_then(|line| line.trim().parse::<i32>().ok()) {
             let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if comm.trim() == "postgres" {
                 // SAFETY: kill(2) has no memory-safety preconditions.
@@ -460,18 +380,12 @@ fn reap_leftovers() {
 pub(crate) async fn execute(url: &str, sql: &str) -> Result<(), PgError> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
-        .map_err(|source| PgError::Sql {
-            context: format!("connecting to {url}"),
-            source,
-        })?;
+        .map_err(|source| PgError::Sql { context: format!("connecting to {url}"), source })?;
     let connection = tokio::spawn(connection);
     let result = client
         .batch_execute(sql)
         .await
-        .map_err(|source| PgError::Sql {
-            context: format!("running SQL on {url}"),
-            source,
-        });
+        .map_err(|source| PgError::Sql { context: format!("running SQL on {url}"), source });
     drop(client);
     let _ = connection.await;
     result

@@ -17,8 +17,7 @@ const TEMPLATE: &str = "rack_template";
 
 /// Owned here rather than in the `OnceCell` so that the exit hook can take it.
 static SERVER: Mutex<Option<PgServer>> = Mutex::new(None);
-static SERVER_BASE: tokio::sync::OnceCell<Result<ServerUrls, String>> =
-    tokio::sync::OnceCell::const_new();
+static SERVER_BASE: tokio::sync::OnceCell<Result<ServerUrls, String>> = tokio::sync::OnceCell::const_new();
 static NEXT_DB: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Clone)]
@@ -62,48 +61,31 @@ impl TestDatabase {
             Ok(urls) => urls.clone(),
             Err(message) => panic!("test database server: {message}"),
         };
-        let name = format!(
-            "test_{}_{}",
-            NEXT_DB.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        );
+        let name = format!("test_{}_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed), rand::random::<u32>());
         let sql = match template {
             Some(template) => {
                 format!("CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY")
             }
             None => format!("CREATE DATABASE {name}"),
         };
-        execute(&urls.admin, &sql).await.unwrap_or_else(|error| {
-            panic!("creating test database {name}: {}", error_chain(&error))
-        });
-        TestDatabase {
-            url: format!("{}{name}", urls.prefix),
-            name,
-        }
+        execute(&urls.admin, &sql)
+            .await
+            .unwrap_or_else(|error| panic!("creating test database {name}: {}", error_chain(&error)));
+        TestDatabase { url: format!("{}{name}", urls.prefix), name }
     }
 }
 
 async fn start_server() -> Result<ServerUrls, String> {
     let server = PgServer::start().await.map_err(|e| error_chain(&e))?;
-    let urls = ServerUrls {
-        admin: server.url("postgres"),
-        prefix: server.url(""),
-    };
+    let urls = ServerUrls { admin: server.url("postgres"), prefix: server.url("") };
     *SERVER.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
     // SAFETY: registering a plain extern "C" fn with atexit is always sound.
     unsafe { libc::atexit(stop_server_at_exit) };
 
-    execute(&urls.admin, &format!("CREATE DATABASE {TEMPLATE}"))
-        .await
-        .map_err(|e| error_chain(&e))?;
+    execute(&urls.admin, &format!("CREATE DATABASE {TEMPLATE}")).await.map_err(|e| error_chain(&e))?;
     execute(&format!("{}{TEMPLATE}", urls.prefix), DBINIT_SQL)
         .await
-        .map_err(|e| {
-            format!(
-                "applying schema/dbinit.sql to the template: {}",
-                error_chain(&e)
-            )
-        })?;
+        .map_err(|e| format!("applying schema/dbinit.sql to the template: {}", error_chain(&e)))?;
     Ok(urls)
 }
 

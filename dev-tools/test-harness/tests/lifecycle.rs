@@ -25,14 +25,9 @@ async fn child_process() {
         return;
     };
     let _db = TestDatabase::new().await;
-    let dir =
-        own_server_dir(std::process::id()).expect("the server directory exists while it runs");
+    let dir = own_server_dir(std::process::id()).expect("the server directory exists while it runs");
     let postmaster = std::fs::read_to_string(dir.join("data/postmaster.pid")).unwrap();
-    println!(
-        "SERVER {} {}",
-        dir.display(),
-        postmaster.lines().next().unwrap()
-    );
+    println!("SERVER {} {}", dir.display(), postmaster.lines().next().unwrap());
     match mode.as_str() {
         "panic" => panic!("this test fails on purpose"),
         _ => std::thread::sleep(Duration::from_secs(120)),
@@ -40,26 +35,14 @@ async fn child_process() {
 }
 
 fn own_server_dir(pid: u32) -> Option<PathBuf> {
-    std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .map(|entry| entry.path())
-        .find(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("rack-pg-{pid}-")))
-        })
+    std::fs::read_dir(std::env::temp_dir()).unwrap().flatten().map(|entry| entry.path()).find(|path| {
+        path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("rack-pg-{pid}-")))
+    })
 }
 
 fn spawn_child(mode: &str) -> (std::process::Child, ChildServer) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_process",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "child_process", "--ignored", "--nocapture", "--test-threads=1"])
         .env(CHILD_MODE, mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -71,13 +54,7 @@ fn spawn_child(mode: &str) -> (std::process::Child, ChildServer) {
         // libtest prints the test's name on the same line first.
         if let Some((_, rest)) = line.split_once("SERVER ") {
             let (dir, pid) = rest.split_once(' ').unwrap();
-            return (
-                child,
-                ChildServer {
-                    dir: dir.into(),
-                    postmaster: pid.parse().unwrap(),
-                },
-            );
+            return (child, ChildServer { dir: dir.into(), postmaster: pid.parse().unwrap() });
         }
     }
     panic!("the child process never reported its server");
@@ -85,14 +62,8 @@ fn spawn_child(mode: &str) -> (std::process::Child, ChildServer) {
 
 fn is_alive(pid: i32) -> bool {
     // A zombie has exited; only its parent's wait is missing.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
 }
 
 fn wait_until(what: &str, condition: impl Fn() -> bool) {
@@ -108,16 +79,8 @@ fn a_failing_test_process_stops_its_server_and_removes_its_directory() {
     let (mut child, server) = spawn_child("panic");
     let status = child.wait().unwrap();
     assert!(!status.success(), "the child's test was meant to fail");
-    assert!(
-        !is_alive(server.postmaster),
-        "postmaster {} outlived its test process",
-        server.postmaster
-    );
-    assert!(
-        !server.dir.exists(),
-        "{} was left behind",
-        server.dir.display()
-    );
+    assert!(!is_alive(server.postmaster), "postmaster {} outlived its test process", server.postmaster);
+    assert!(!server.dir.exists(), "{} was left behind", server.dir.display());
 }
 
 #[tokio::test]
@@ -127,22 +90,13 @@ async fn a_killed_test_process_leaves_nothing_that_breaks_the_next_run() {
     child.wait().unwrap();
     // The kernel kills the server when its owner dies (PR_SET_PDEATHSIG).
     wait_until("the orphaned server exits", || !is_alive(server.postmaster));
-    assert!(
-        server.dir.exists(),
-        "a killed process cannot clean up its directory"
-    );
+    assert!(server.dir.exists(), "a killed process cannot clean up its directory");
 
     // The next server start reaps the leftover and works.
     let mut next = PgServer::start().await.unwrap();
-    assert!(
-        !server.dir.exists(),
-        "{} was not reaped",
-        server.dir.display()
-    );
+    assert!(!server.dir.exists(), "{} was not reaped", server.dir.display());
     let (client, connection) =
-        tokio_postgres::connect(&next.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
+        tokio_postgres::connect(&next.url("postgres"), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let row = client.query_one("SELECT 1 + 1", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 2);

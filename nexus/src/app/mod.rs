@@ -24,10 +24,6 @@ pub struct Nexus {
 impl Nexus {
     /// What this Nexus's replication task last saw of a repository.
     pub fn replication_progress(&self, repo_id: Uuid) -> Option<ReplicationProgress> {
-        self.replication_progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&repo_id)
-            .cloned()
+        self.replication_progress.lock().unwrap_or_else(|e| e.into_inner()).get(&repo_id).cloned()
     }
 }

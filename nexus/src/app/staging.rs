@@ -56,10 +56,7 @@ impl StagingArea {
             std::fs::remove_dir_all(&uploads)?;
         }
         std::fs::create_dir_all(&uploads)?;
-        Ok(Arc::new(StagingArea {
-            root: root.to_owned(),
-            pins: Mutex::new(BTreeMap::new()),
-        }))
+        Ok(Arc::new(StagingArea { root: root.to_owned(), pins: Mutex::new(BTreeMap::new()) }))
     }
 
     pub fn root(&self) -> &Utf8Path {
@@ -75,34 +72,19 @@ impl StagingArea {
     }
 
     pub fn pin(self: &Arc<Self>, hash: ArtifactHash) -> Pin {
-        *self
-            .pins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(hash)
-            .or_default() += 1;
-        Pin {
-            staging: self.clone(),
-            hash,
-        }
+        *self.pins.lock().unwrap_or_else(|e| e.into_inner()).entry(hash).or_default() += 1;
+        Pin { staging: self.clone(), hash }
     }
 
     fn is_pinned(&self, hash: &ArtifactHash) -> bool {
-        self.pins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(hash)
+        self.pins.lock().unwrap_or_else(|e| e.into_inner()).contains_key(hash)
     }
 
     /// Staged artifacts on disk.
     pub fn list(&self) -> std::io::Result<Vec<ArtifactHash>> {
         let mut hashes = Vec::new();
         for entry in std::fs::read_dir(self.root.join("artifacts"))? {
-            if let Some(hash) = entry?
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse().ok())
-            {
+            if let Some(hash) = entry?.file_name().to_str().and_then(|name| name.parse().ok()) {
                 hashes.push(hash);
             }
         }
@@ -131,10 +113,7 @@ impl StagingArea {
         let mut removed = 0;
         for entry in std::fs::read_dir(self.root.join("artifacts"))? {
             let entry = entry?;
-            let hash = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse::<ArtifactHash>().ok());
+            let hash = entry.file_name().to_str().and_then(|name| name.parse::<ArtifactHash>().ok());
             match hash {
                 Some(hash) if self.is_pinned(&hash) => {}
                 Some(hash) => removed += usize::from(self.remove_if_unpinned(&hash)?),
@@ -186,11 +165,7 @@ pub async fn recover(
                 }
             };
             if good {
-                artifacts.push(StagedArtifact {
-                    hash,
-                    size: artifact.size as u64,
-                    pin: staging.pin(hash),
-                });
+                artifacts.push(StagedArtifact { hash, size: artifact.size as u64, pin: staging.pin(hash) });
             }
         }
         if !artifacts.is_empty() {
@@ -259,10 +234,7 @@ mod tests {
         assert_eq!(staging.sweep().unwrap(), 2, "b and the garbage file");
         assert_eq!(staging.list().unwrap(), [a]);
         drop(first);
-        assert!(
-            !staging.remove_if_unpinned(&a).unwrap(),
-            "still pinned once"
-        );
+        assert!(!staging.remove_if_unpinned(&a).unwrap(), "still pinned once");
         drop(second);
         assert!(staging.remove_if_unpinned(&a).unwrap());
         assert!(staging.list().unwrap().is_empty());

@@ -19,8 +19,7 @@
 //! activations finish within a grace period, then cancels what is left.
 
 use common::bgtask::{
-    ActivationReason, BackgroundTask as TaskView, CurrentStatus, DriverDetails, LastResult,
-    TaskSwitch,
+    ActivationReason, BackgroundTask as TaskView, CurrentStatus, DriverDetails, LastResult, TaskSwitch,
 };
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -100,10 +99,7 @@ struct RegisteredTask {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DriverError {
     #[error("no background task named {unknown:?}; known tasks: {}", known.join(", "))]
-    UnknownTask {
-        unknown: Vec<String>,
-        known: Vec<String>,
-    },
+    UnknownTask { unknown: Vec<String>, known: Vec<String> },
 }
 
 pub struct Driver {
@@ -151,11 +147,7 @@ impl Driver {
             loops.push(tokio::spawn(task_loop.run()));
             tasks.insert(definition.name, registered);
         }
-        Driver {
-            tasks,
-            shutdown,
-            loops: Mutex::new(loops),
-        }
+        Driver { tasks, shutdown, loops: Mutex::new(loops) }
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -176,10 +168,7 @@ impl Driver {
     }
 
     pub fn views(&self) -> BTreeMap<String, TaskView> {
-        self.tasks
-            .keys()
-            .map(|name| (name.clone(), self.view(name).expect("name is registered")))
-            .collect()
+        self.tasks.keys().map(|name| (name.clone(), self.view(name).expect("name is registered"))).collect()
     }
 
     /// Activates every named task, or none if any name is unknown.
@@ -191,10 +180,7 @@ impl Driver {
             .map(String::from)
             .collect();
         if !unknown.is_empty() {
-            return Err(DriverError::UnknownTask {
-                unknown,
-                known: self.names(),
-            });
+            return Err(DriverError::UnknownTask { unknown, known: self.names() });
         }
         for name in names {
             self.tasks[name.as_ref()].activator.activate();
@@ -202,20 +188,12 @@ impl Driver {
         Ok(())
     }
 
-    pub fn set_enabled(
-        &self,
-        name: &str,
-        enabled: bool,
-        changed_by: &str,
-    ) -> Result<TaskView, DriverError> {
+    pub fn set_enabled(&self, name: &str, enabled: bool, changed_by: &str) -> Result<TaskView, DriverError> {
         {
             let task = self.task(name)?;
             let mut state = task.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.switch = TaskSwitch {
-                enabled,
-                changed_by: changed_by.to_string(),
-                time_changed: chrono::Utc::now(),
-            };
+            state.switch =
+                TaskSwitch { enabled, changed_by: changed_by.to_string(), time_changed: chrono::Utc::now() };
         }
         self.view(name)
     }
@@ -231,11 +209,7 @@ impl Driver {
     pub async fn activate_and_wait(&self, name: &str) -> Result<TaskView, DriverError> {
         let mut completed = self.completions(name)?;
         let before = {
-            let state = self
-                .task(name)?
-                .state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let state = self.task(name)?.state.lock().unwrap_or_else(|e| e.into_inner());
             // A run already in progress may have read its inputs before the
             // caller's change: wait for the one after it.
             state.iterations_started
@@ -264,10 +238,7 @@ impl Driver {
     fn task(&self, name: &str) -> Result<&RegisteredTask, DriverError> {
         self.tasks
             .get(name)
-            .ok_or_else(|| DriverError::UnknownTask {
-                unknown: vec![name.to_string()],
-                known: self.names(),
-            })
+            .ok_or_else(|| DriverError::UnknownTask { unknown: vec![name.to_string()], known: self.names() })
     }
 }
 
@@ -310,18 +281,11 @@ impl TaskLoop {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state.iterations_started += 1;
             let iteration = state.iterations_started;
-            state.current = CurrentStatus::Running {
-                iteration,
-                start_time,
-                reason,
-            };
+            state.current = CurrentStatus::Running { iteration, start_time, reason };
             (iteration, state.switch.clone())
         };
         let details = if switch.enabled {
-            match AssertUnwindSafe(self.task.activate(&self.log))
-                .catch_unwind()
-                .await
-            {
+            match AssertUnwindSafe(self.task.activate(&self.log)).catch_unwind().await {
                 Ok(details) => details,
                 Err(payload) => {
                     let message = panic_message(payload.as_ref());
@@ -339,13 +303,8 @@ impl TaskLoop {
         {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state.current = CurrentStatus::Idle;
-            state.last = LastResult::Completed {
-                iteration,
-                start_time,
-                reason,
-                elapsed: started.elapsed(),
-                details,
-            };
+            state.last =
+                LastResult::Completed { iteration, start_time, reason, elapsed: started.elapsed(), details };
         }
         self.completed.send_replace(iteration);
     }
@@ -358,12 +317,8 @@ async fn next_dependency_change(dependencies: &mut Vec<Box<dyn Dependency>>) {
         if dependencies.is_empty() {
             return std::future::pending().await;
         }
-        let (result, index, _) = futures::future::select_all(
-            dependencies
-                .iter_mut()
-                .map(|dependency| dependency.changed()),
-        )
-        .await;
+        let (result, index, _) =
+            futures::future::select_all(dependencies.iter_mut().map(|dependency| dependency.changed())).await;
         match result {
             Ok(()) => return,
             Err(_) => {
@@ -459,12 +414,7 @@ mod tests {
             enabled: true,
         };
         let log = slog::Logger::root(slog::Discard, slog::o!());
-        Harness {
-            driver: Driver::start(vec![definition], &log),
-            activations,
-            gate,
-            cancelled,
-        }
+        Harness { driver: Driver::start(vec![definition], &log), activations, gate, cancelled }
     }
 
     impl Harness {
@@ -476,12 +426,7 @@ mod tests {
 
         fn last(&self) -> (u64, ActivationReason, serde_json::Value) {
             match self.driver.view("scripted").unwrap().last {
-                LastResult::Completed {
-                    iteration,
-                    reason,
-                    details,
-                    ..
-                } => (iteration, reason, details),
+                LastResult::Completed { iteration, reason, details, .. } => (iteration, reason, details),
                 LastResult::NeverCompleted => panic!("no activation completed yet"),
             }
         }
@@ -496,15 +441,9 @@ mod tests {
         assert_eq!(harness.last().1, ActivationReason::Timeout);
         let started = tokio::time::Instant::now();
         harness.wait_completed(3).await;
-        assert!(
-            started.elapsed() >= Duration::from_secs(20),
-            "two periods passed"
-        );
+        assert!(started.elapsed() >= Duration::from_secs(20), "two periods passed");
         assert_eq!(harness.last().1, ActivationReason::Timeout);
-        assert_eq!(
-            harness.driver.view("scripted").unwrap().period,
-            Duration::from_secs(10)
-        );
+        assert_eq!(harness.driver.view("scripted").unwrap().period, Duration::from_secs(10));
     }
 
     #[tokio::test(start_paused = true)]
@@ -514,11 +453,7 @@ mod tests {
         let view = harness.driver.activate_and_wait("scripted").await.unwrap();
         assert!(matches!(
             view.last,
-            LastResult::Completed {
-                iteration: 2,
-                reason: ActivationReason::Signaled,
-                ..
-            }
+            LastResult::Completed { iteration: 2, reason: ActivationReason::Signaled, .. }
         ));
         assert_eq!(harness.last().2, serde_json::json!({ "activation": 2 }));
     }
@@ -528,16 +463,9 @@ mod tests {
         let harness = start(HOUR, false, None, vec![]);
         harness.wait_completed(1).await;
         let error = harness.driver.activate(&["scripted", "nope"]).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "no background task named [\"nope\"]; known tasks: scripted"
-        );
+        assert_eq!(error.to_string(), "no background task named [\"nope\"]; known tasks: scripted");
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(
-            harness.activations.load(Ordering::SeqCst),
-            1,
-            "the known task was not activated either"
-        );
+        assert_eq!(harness.activations.load(Ordering::SeqCst), 1, "the known task was not activated either");
     }
 
     #[tokio::test(start_paused = true)]
@@ -551,11 +479,7 @@ mod tests {
 
         drop(sender);
         tokio::time::sleep(Duration::from_secs(600)).await;
-        assert_eq!(
-            harness.activations.load(Ordering::SeqCst),
-            2,
-            "no activation from the closed channel"
-        );
+        assert_eq!(harness.activations.load(Ordering::SeqCst), 2, "no activation from the closed channel");
         harness.driver.activate_and_wait("scripted").await.unwrap();
         assert_eq!(harness.last().1, ActivationReason::Signaled);
     }
@@ -569,11 +493,7 @@ mod tests {
         }
         let running = harness.driver.view("scripted").unwrap();
         match running.current {
-            CurrentStatus::Running {
-                iteration,
-                reason,
-                start_time,
-            } => {
+            CurrentStatus::Running { iteration, reason, start_time } => {
                 assert_eq!((iteration, reason), (1, ActivationReason::Timeout));
                 assert!(start_time <= chrono::Utc::now());
             }
@@ -586,16 +506,9 @@ mod tests {
         harness.gate.add_permits(10);
         harness.wait_completed(2).await;
         tokio::time::sleep(Duration::from_secs(600)).await;
-        assert_eq!(
-            harness.activations.load(Ordering::SeqCst),
-            2,
-            "three activations, one follow-up run"
-        );
+        assert_eq!(harness.activations.load(Ordering::SeqCst), 2, "three activations, one follow-up run");
         assert_eq!(harness.last().1, ActivationReason::Signaled);
-        assert_eq!(
-            harness.driver.view("scripted").unwrap().current,
-            CurrentStatus::Idle
-        );
+        assert_eq!(harness.driver.view("scripted").unwrap().current, CurrentStatus::Idle);
     }
 
     #[tokio::test(start_paused = true)]
@@ -604,12 +517,7 @@ mod tests {
         harness.wait_completed(1).await;
         let (_, _, details) = harness.last();
         let recorded: DriverDetails = serde_json::from_value(details).unwrap();
-        assert_eq!(
-            recorded,
-            DriverDetails::Panicked {
-                message: "scripted panic in activation 1".into()
-            }
-        );
+        assert_eq!(recorded, DriverDetails::Panicked { message: "scripted panic in activation 1".into() });
         harness.driver.activate_and_wait("scripted").await.unwrap();
         assert_eq!(harness.last().2, serde_json::json!({ "activation": 2 }));
     }
@@ -618,26 +526,16 @@ mod tests {
     async fn a_disabled_task_does_no_work_and_says_who_disabled_it() {
         let harness = start(HOUR, false, None, vec![]);
         harness.wait_completed(1).await;
-        let view = harness
-            .driver
-            .set_enabled("scripted", false, "alice@console")
-            .unwrap();
+        let view = harness.driver.set_enabled("scripted", false, "alice@console").unwrap();
         assert!(!view.switch.enabled);
         harness.driver.activate_and_wait("scripted").await.unwrap();
-        assert_eq!(
-            harness.activations.load(Ordering::SeqCst),
-            1,
-            "the task itself did not run"
-        );
+        assert_eq!(harness.activations.load(Ordering::SeqCst), 1, "the task itself did not run");
         let recorded: DriverDetails = serde_json::from_value(harness.last().2).unwrap();
         assert!(
             matches!(recorded, DriverDetails::Disabled { changed_by, .. } if changed_by == "alice@console")
         );
 
-        harness
-            .driver
-            .set_enabled("scripted", true, "alice@console")
-            .unwrap();
+        harness.driver.set_enabled("scripted", true, "alice@console").unwrap();
         harness.driver.activate_and_wait("scripted").await.unwrap();
         assert_eq!(harness.activations.load(Ordering::SeqCst), 2);
     }
@@ -650,14 +548,8 @@ mod tests {
         }
         let started = tokio::time::Instant::now();
         harness.driver.shutdown(Duration::from_secs(5)).await;
-        assert!(
-            started.elapsed() >= Duration::from_secs(5),
-            "the activation had its grace period"
-        );
-        assert!(
-            harness.cancelled.load(Ordering::SeqCst),
-            "the stuck activation was cancelled"
-        );
+        assert!(started.elapsed() >= Duration::from_secs(5), "the activation had its grace period");
+        assert!(harness.cancelled.load(Ordering::SeqCst), "the stuck activation was cancelled");
     }
 
     #[tokio::test(start_paused = true)]

@@ -44,8 +44,9 @@ pub fn register_all(
     vec![
         TaskDefinition {
             name: "tuf_artifact_replication".into(),
-            description: "makes every sled hold every artifact of every unpruned TUF repository on each healthy M.2"
-                .into(),
+            description:
+                "makes every sled hold every artifact of every unpruned TUF repository on each healthy M.2"
+                    .into(),
             period: Duration::from_secs(replication_config.period_secs),
             task: Box::new(ArtifactReplication::new(
                 datastore.clone(),
@@ -67,7 +68,11 @@ pub fn register_all(
                 pruner.nkeep
             ),
             period: Duration::from_secs(pruner.period_secs),
-            task: Box::new(tasks::tuf_repo_pruner::TufRepoPruner::new(datastore.clone(), pruner.nkeep, pruned)),
+            task: Box::new(tasks::tuf_repo_pruner::TufRepoPruner::new(
+                datastore.clone(),
+                pruner.nkeep,
+                pruned,
+            )),
             activator: Activator::new(),
             dependencies: Vec::new(),
             enabled: !pruner.disabled,

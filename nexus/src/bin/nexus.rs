@@ -26,16 +26,17 @@ async fn main() -> anyhow::Result<()> {
     if let Some(url) = args.database_url {
         config.database.url = url;
     }
-    let log = config
-        .log
-        .to_logger("nexus")
-        .context("setting up logging")?;
+    let log = config.log.to_logger("nexus").context("setting up logging")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let server = Server::start(&config, log.clone())
         .await
         .with_context(|| format!("starting nexus with database {}", config.database.url))?;
     println!("nexus internal API: http://{}", server.internal_address());
+    println!("nexus external API: http://{}", server.external_address());
+    if let Some(token) = &server.generated_token {
+        println!("operator token (generated now, stored in {}): {token}", config.external_api.token_file);
+    }
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}

@@ -79,11 +79,7 @@ pub struct TufArtifact {
 
 impl TufArtifact {
     pub fn artifact_id(&self) -> ArtifactId {
-        ArtifactId {
-            name: self.name.clone(),
-            version: self.version.clone(),
-            kind: self.kind.clone(),
-        }
+        ArtifactId { name: self.name.clone(), version: self.version.clone(), kind: self.kind.clone() }
     }
 }
 

@@ -43,9 +43,7 @@ const UPGRADE_HINT: &str = "rack-dev db-upgrade --database-url URL";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SchemaError {
-    #[error(
-        "the database has no schema (no db_metadata table); initialize it with `{UPGRADE_HINT}`"
-    )]
+    #[error("the database has no schema (no db_metadata table); initialize it with `{UPGRADE_HINT}`")]
     Uninitialized,
     #[error(
         "the database schema is at version {found}, older than version {SCHEMA_VERSION} that this \
@@ -99,15 +97,9 @@ pub fn check_version(found: Option<&str>) -> Result<(), SchemaError> {
     match pending_migrations(found) {
         Some(pending) => Err(SchemaError::Older {
             found: found.to_string(),
-            pending: pending
-                .iter()
-                .map(|m| migration_label(m))
-                .collect::<Vec<_>>()
-                .join(", "),
+            pending: pending.iter().map(|m| migration_label(m)).collect::<Vec<_>>().join(", "),
         }),
-        None => Err(SchemaError::Unknown {
-            found: found.to_string(),
-        }),
+        None => Err(SchemaError::Unknown { found: found.to_string() }),
     }
 }
 
@@ -129,9 +121,7 @@ struct VersionRow {
 }
 
 /// The schema version recorded in the database; `None` if it has no schema.
-pub async fn read_version(
-    conn: &mut AsyncPgConnection,
-) -> Result<Option<String>, diesel::result::Error> {
+pub async fn read_version(conn: &mut AsyncPgConnection) -> Result<Option<String>, diesel::result::Error> {
     // information_schema rather than to_regclass(): CockroachDB has the former.
     let rows: Vec<VersionRow> = diesel::sql_query(
         "SELECT (SELECT version FROM db_metadata WHERE singleton) AS version \
@@ -143,8 +133,7 @@ pub async fn read_version(
     .or_else(|error| match error {
         // The subquery is planned even when the table is absent.
         diesel::result::Error::DatabaseError(_, ref info)
-            if info.message().contains("db_metadata")
-                && info.message().contains("does not exist") =>
+            if info.message().contains("db_metadata") && info.message().contains("does not exist") =>
         {
             Ok(Vec::new())
         }
@@ -155,21 +144,13 @@ pub async fn read_version(
 
 /// Brings the database to [`SCHEMA_VERSION`].
 pub async fn upgrade(conn: &mut AsyncPgConnection) -> Result<UpgradeOutcome, UpgradeError> {
-    let Some(found) = read_version(conn)
-        .await
-        .map_err(UpgradeError::ReadVersion)?
-    else {
+    let Some(found) = read_version(conn).await.map_err(UpgradeError::ReadVersion)? else {
         in_transaction(conn, DBINIT_SQL)
             .await
-            .map_err(|source| UpgradeError::Apply {
-                step: "schema/dbinit.sql".into(),
-                source,
-            })?;
+            .map_err(|source| UpgradeError::Apply { step: "schema/dbinit.sql".into(), source })?;
         return Ok(UpgradeOutcome::Initialized);
     };
-    let pending = pending_migrations(&found).ok_or_else(|| SchemaError::Unknown {
-        found: found.clone(),
-    })?;
+    let pending = pending_migrations(&found).ok_or_else(|| SchemaError::Unknown { found: found.clone() })?;
     if pending.is_empty() {
         return Ok(UpgradeOutcome::AlreadyCurrent);
     }
@@ -187,26 +168,15 @@ pub async fn upgrade(conn: &mut AsyncPgConnection) -> Result<UpgradeOutcome, Upg
         );
         in_transaction(conn, &sql)
             .await
-            .map_err(|source| UpgradeError::Apply {
-                step: format!("migration {label}"),
-                source,
-            })?;
-        let now = read_version(conn)
-            .await
-            .map_err(UpgradeError::ReadVersion)?;
+            .map_err(|source| UpgradeError::Apply { step: format!("migration {label}"), source })?;
+        let now = read_version(conn).await.map_err(UpgradeError::ReadVersion)?;
         if now.as_deref() != Some(next.as_str()) {
-            return Err(UpgradeError::Concurrent {
-                expected: next,
-                found: now.unwrap_or_default(),
-            });
+            return Err(UpgradeError::Concurrent { expected: next, found: now.unwrap_or_default() });
         }
         applied.push(label);
         current = next;
     }
-    Ok(UpgradeOutcome::Migrated {
-        from: found,
-        applied,
-    })
+    Ok(UpgradeOutcome::Migrated { from: found, applied })
 }
 
 /// Applies the first migration only: what a database of the first release
@@ -215,10 +185,7 @@ pub async fn create_oldest(conn: &mut AsyncPgConnection) -> Result<(), diesel::r
     in_transaction(conn, MIGRATIONS[0].up_sql).await
 }
 
-async fn in_transaction(
-    conn: &mut AsyncPgConnection,
-    sql: &str,
-) -> Result<(), diesel::result::Error> {
+async fn in_transaction(conn: &mut AsyncPgConnection, sql: &str) -> Result<(), diesel::result::Error> {
     conn.batch_execute("BEGIN").await?;
     match conn.batch_execute(sql).await {
         Ok(()) => conn.batch_execute("COMMIT").await,
@@ -244,16 +211,9 @@ mod tests {
             .collect();
         on_disk.sort();
         let listed: Vec<String> = MIGRATIONS.iter().map(migration_label).collect();
-        assert_eq!(
-            listed, on_disk,
-            "MIGRATIONS and schema/migrations/ disagree"
-        );
+        assert_eq!(listed, on_disk, "MIGRATIONS and schema/migrations/ disagree");
         for (index, migration) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(
-                migration.number as usize,
-                index + 1,
-                "migration numbers must be 1, 2, 3, ..."
-            );
+            assert_eq!(migration.number as usize, index + 1, "migration numbers must be 1, 2, 3, ...");
         }
         assert_eq!(SCHEMA_VERSION, version_of(MIGRATIONS.last().unwrap()));
         assert!(
@@ -268,19 +228,10 @@ mod tests {
         let uninitialized = check_version(None).unwrap_err().to_string();
         assert!(uninitialized.contains("no schema") && uninitialized.contains(UPGRADE_HINT));
         let older = check_version(Some("1.0.0")).unwrap_err().to_string();
-        assert!(
-            older.contains("1.0.0") && older.contains(SCHEMA_VERSION),
-            "{older}"
-        );
-        assert!(
-            older.contains("0002-inventory") && older.contains(UPGRADE_HINT),
-            "{older}"
-        );
+        assert!(older.contains("1.0.0") && older.contains(SCHEMA_VERSION), "{older}");
+        assert!(older.contains("0002-inventory") && older.contains(UPGRADE_HINT), "{older}");
         let unknown = check_version(Some("99.0.0")).unwrap_err().to_string();
-        assert!(
-            unknown.contains("99.0.0") && unknown.contains("does not know"),
-            "{unknown}"
-        );
+        assert!(unknown.contains("99.0.0") && unknown.contains("does not know"), "{unknown}");
     }
 
     use crate::db::datastore::PoolConfig;
@@ -326,55 +277,30 @@ mod tests {
     async fn migrations_match_dbinit() {
         let from_dbinit = TestDatabase::empty().await;
         let mut conn = connect(&from_dbinit).await;
-        assert_eq!(
-            upgrade(&mut conn).await.unwrap(),
-            UpgradeOutcome::Initialized
-        );
+        assert_eq!(upgrade(&mut conn).await.unwrap(), UpgradeOutcome::Initialized);
         let expected = schema_snapshot(&mut conn).await;
 
         let from_migrations = TestDatabase::empty().await;
         let mut conn = connect(&from_migrations).await;
         create_oldest(&mut conn).await.unwrap();
-        assert_eq!(
-            read_version(&mut conn).await.unwrap().as_deref(),
-            Some("1.0.0")
-        );
+        assert_eq!(read_version(&mut conn).await.unwrap().as_deref(), Some("1.0.0"));
         let outcome = upgrade(&mut conn).await.unwrap();
         assert_eq!(
             outcome,
-            UpgradeOutcome::Migrated {
-                from: "1.0.0".into(),
-                applied: vec!["0002-inventory".into()]
-            }
+            UpgradeOutcome::Migrated { from: "1.0.0".into(), applied: vec!["0002-inventory".into()] }
         );
         let actual = schema_snapshot(&mut conn).await;
 
-        assert!(
-            expected.contains(&"table inv_m2".to_string()),
-            "{expected:#?}"
-        );
-        assert!(
-            expected
-                .iter()
-                .any(|line| line.starts_with("index tuf_artifact_by_sha256"))
-        );
+        assert!(expected.contains(&"table inv_m2".to_string()), "{expected:#?}");
+        assert!(expected.iter().any(|line| line.starts_with("index tuf_artifact_by_sha256")));
         assert!(expected.contains(&format!("version {SCHEMA_VERSION}")));
-        let missing: Vec<_> = expected
-            .iter()
-            .filter(|line| !actual.contains(line))
-            .collect();
-        let extra: Vec<_> = actual
-            .iter()
-            .filter(|line| !expected.contains(line))
-            .collect();
+        let missing: Vec<_> = expected.iter().filter(|line| !actual.contains(line)).collect();
+        let extra: Vec<_> = actual.iter().filter(|line| !expected.contains(line)).collect();
         assert!(
             missing.is_empty() && extra.is_empty(),
             "dbinit.sql and the migrations disagree.\nonly in dbinit.sql: {missing:#?}\nonly after migrations: {extra:#?}"
         );
-        assert_eq!(
-            upgrade(&mut conn).await.unwrap(),
-            UpgradeOutcome::AlreadyCurrent
-        );
+        assert_eq!(upgrade(&mut conn).await.unwrap(), UpgradeOutcome::AlreadyCurrent);
     }
 
     #[tokio::test]
@@ -392,26 +318,16 @@ mod tests {
         let mut conn = connect(&db).await;
         create_oldest(&mut conn).await.unwrap();
         let error = refusal(DataStore::connect(db.url(), &config).await.err().unwrap());
-        assert!(
-            matches!(&error, SchemaError::Older { found, .. } if found == "1.0.0"),
-            "{error:?}"
-        );
+        assert!(matches!(&error, SchemaError::Older { found, .. } if found == "1.0.0"), "{error:?}");
         assert!(error.to_string().contains("rack-dev db-upgrade"), "{error}");
 
-        conn.batch_execute("UPDATE db_metadata SET version = '7.0.0'")
-            .await
-            .unwrap();
+        conn.batch_execute("UPDATE db_metadata SET version = '7.0.0'").await.unwrap();
         let error = refusal(DataStore::connect(db.url(), &config).await.err().unwrap());
-        assert!(
-            matches!(&error, SchemaError::Unknown { found } if found == "7.0.0"),
-            "{error:?}"
-        );
+        assert!(matches!(&error, SchemaError::Unknown { found } if found == "7.0.0"), "{error:?}");
         let error = upgrade(&mut conn).await.unwrap_err();
         assert!(error.to_string().contains("7.0.0"), "{error}");
 
-        conn.batch_execute("UPDATE db_metadata SET version = '1.0.0'")
-            .await
-            .unwrap();
+        conn.batch_execute("UPDATE db_metadata SET version = '1.0.0'").await.unwrap();
         upgrade(&mut conn).await.unwrap();
         DataStore::connect(db.url(), &config).await.unwrap();
     }

@@ -19,15 +19,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Config::from_file(&args.config)?;
-    let log = config
-        .log
-        .to_logger("sled-agent")
-        .context("setting up logging")?;
+    let log = config.log.to_logger("sled-agent").context("setting up logging")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let server = Server::start(&config, log.clone())
-        .await
-        .context("starting the sled agent")?;
+    let server = Server::start(&config, log.clone()).await.context("starting the sled agent")?;
     println!("sled {} ({})", server.sled_id, server.serial);
     println!("sled-agent API: http://{}", server.api_address());
     println!("repo depot: http://{}", server.depot_address());

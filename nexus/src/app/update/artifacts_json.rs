@@ -34,11 +34,7 @@ pub struct ArtifactEntry {
 
 impl ArtifactEntry {
     pub fn id(&self) -> ArtifactId {
-        ArtifactId {
-            name: self.name.clone(),
-            version: self.version.clone(),
-            kind: self.kind.clone(),
-        }
+        ArtifactId { name: self.name.clone(), version: self.version.clone(), kind: self.kind.clone() }
     }
 }
 
@@ -55,12 +51,10 @@ pub enum ArtifactsJsonError {
 }
 
 pub fn parse(bytes: &[u8]) -> Result<ArtifactsDocument, ArtifactsJsonError> {
-    let document: ArtifactsDocument = serde_json::from_slice(bytes)
-        .map_err(|error| ArtifactsJsonError::Malformed(error.to_string()))?;
+    let document: ArtifactsDocument =
+        serde_json::from_slice(bytes).map_err(|error| ArtifactsJsonError::Malformed(error.to_string()))?;
     if document.system_version.trim().is_empty() {
-        return Err(ArtifactsJsonError::EmptyField {
-            field: "system_version",
-        });
+        return Err(ArtifactsJsonError::EmptyField { field: "system_version" });
     }
     if document.artifacts.is_empty() {
         return Err(ArtifactsJsonError::Empty);
@@ -106,10 +100,7 @@ mod tests {
             error(r#"{"system_version": "1", "artifacts": [], "extra": 1}"#)
                 .contains("unknown field `extra`")
         );
-        assert_eq!(
-            error(r#"{"system_version": "1", "artifacts": []}"#),
-            "artifacts.json lists no artifacts"
-        );
+        assert_eq!(error(r#"{"system_version": "1", "artifacts": []}"#), "artifacts.json lists no artifacts");
         assert_eq!(
             error(
                 r#"{"system_version": " ", "artifacts": [{"name":"a","version":"1","kind":"k","target":"t"}]}"#
@@ -119,10 +110,7 @@ mod tests {
         let twice = r#"{"system_version": "1", "artifacts": [
             {"name":"a","version":"1","kind":"k","target":"t1"},
             {"name":"a","version":"1","kind":"k","target":"t2"}]}"#;
-        assert_eq!(
-            error(twice),
-            "artifacts.json lists artifact a 1 (k) more than once"
-        );
+        assert_eq!(error(twice), "artifacts.json lists artifact a 1 (k) more than once");
         let missing_field =
             r#"{"system_version": "1", "artifacts": [{"name":"a","version":"1","kind":"k"}]}"#;
         assert!(error(missing_field).contains("missing field `target`"));

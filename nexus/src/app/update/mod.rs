@@ -51,13 +51,9 @@ pub enum UploadError {
     Body { bytes: u64, message: String },
     #[error(transparent)]
     Zip(#[from] ZipError),
-    #[error(
-        "no trusted roots configured: add one with POST /v1/system/update/trust-roots before uploading"
-    )]
+    #[error("no trusted roots configured: add one with POST /v1/system/update/trust-roots before uploading")]
     NoTrustRoots,
-    #[error(
-        "the repository is not signed by any of the {tried} trusted roots (last failure: {last})"
-    )]
+    #[error("the repository is not signed by any of the {tried} trusted roots (last failure: {last})")]
     Untrusted { tried: usize, last: String },
     #[error("the repository's TUF metadata has expired: {0}")]
     Expired(String),
@@ -71,10 +67,7 @@ pub enum UploadError {
         "{} names target {target:?} for artifact {artifact}, but targets.json has no such target",
         artifacts_json::TARGET_NAME
     )]
-    MissingTarget {
-        target: String,
-        artifact: common::ArtifactId,
-    },
+    MissingTarget { target: String, artifact: common::ArtifactId },
     #[error("target {target:?} does not match targets.json: {message}")]
     TargetMismatch { target: String, message: String },
     #[error("{0}")]
@@ -104,11 +97,7 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    pub async fn upload<S, E>(
-        &self,
-        file_name: &str,
-        body: S,
-    ) -> Result<TufRepoInsertResult, UploadError>
+    pub async fn upload<S, E>(&self, file_name: &str, body: S) -> Result<TufRepoInsertResult, UploadError>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::error::Error,
@@ -156,11 +145,9 @@ impl Uploader {
         let limits = self.settings.zip.clone();
         let extracted = {
             let (zip_path, extract_dir) = (zip_path.clone(), extract_dir.clone());
-            tokio::task::spawn_blocking(move || {
-                zip_intake::extract(&zip_path, &extract_dir, &limits)
-            })
-            .await
-            .expect("zip extraction does not panic")?
+            tokio::task::spawn_blocking(move || zip_intake::extract(&zip_path, &extract_dir, &limits))
+                .await
+                .expect("zip extraction does not panic")?
         };
         let datastore_dir = dir.join("tough");
         std::fs::create_dir_all(&datastore_dir).map_err(|source| UploadError::Io {
@@ -172,32 +159,20 @@ impl Uploader {
             .iter()
             .map(|root| serde_json::to_vec(&root.root_role).expect("JSON values serialize"))
             .collect();
-        let repository = load_repository(
-            &extracted,
-            &datastore_dir,
-            &roots,
-            self.settings.enforce_expiry,
-        )
-        .await?;
+        let repository =
+            load_repository(&extracted, &datastore_dir, &roots, self.settings.enforce_expiry).await?;
         let document = read_artifacts_json(&repository).await?;
 
         let permit = self
             .handoff
             .try_reserve()
-            .map_err(|_| UploadError::HandoffFull {
-                capacity: self.handoff.max_capacity(),
-            })?;
+            .map_err(|_| UploadError::HandoffFull { capacity: self.handoff.max_capacity() })?;
         let mut staged = Vec::new();
         let mut artifacts = Vec::new();
         for entry in &document.artifacts {
-            let (hash, size) = self
-                .stage_target(&repository, &entry.target, &entry.id(), &mut staged)
-                .await?;
-            artifacts.push(TufArtifactDescription {
-                id: entry.id(),
-                sha256: hash,
-                size,
-            });
+            let (hash, size) =
+                self.stage_target(&repository, &entry.target, &entry.id(), &mut staged).await?;
+            artifacts.push(TufArtifactDescription { id: entry.id(), sha256: hash, size });
         }
         let description = TufRepoDescription {
             system_version: document.system_version.clone(),
@@ -227,17 +202,10 @@ impl Uploader {
         artifact: &common::ArtifactId,
         staged: &mut Vec<StagedArtifact>,
     ) -> Result<(ArtifactHash, u64), UploadError> {
-        let missing = || UploadError::MissingTarget {
-            target: target.to_string(),
-            artifact: artifact.clone(),
-        };
+        let missing =
+            || UploadError::MissingTarget { target: target.to_string(), artifact: artifact.clone() };
         let name = tough::TargetName::new(target).map_err(|_| missing())?;
-        let listed = repository
-            .targets()
-            .signed
-            .targets
-            .get(&name)
-            .ok_or_else(missing)?;
+        let listed = repository.targets().signed.targets.get(&name).ok_or_else(missing)?;
         let hash = ArtifactHash(listed.hashes.sha256.as_ref().try_into().map_err(|_| {
             UploadError::TargetMismatch {
                 target: target.to_string(),
@@ -247,15 +215,9 @@ impl Uploader {
         let pin = self.staging.pin(hash);
         let path = self.staging.artifact_path(&hash);
         let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
-        let stream = repository
-            .read_target(&name)
-            .await
-            .map_err(|error| tuf_error(error))?
-            .ok_or_else(missing)?;
-        let mismatch = |message: String| UploadError::TargetMismatch {
-            target: target.to_string(),
-            message,
-        };
+        let stream =
+            repository.read_target(&name).await.map_err(|error| tuf_error(error))?.ok_or_else(missing)?;
+        let mismatch = |message: String| UploadError::TargetMismatch { target: target.to_string(), message };
         let written = write_stream(&tmp, stream, &mismatch).await;
         let (actual, size) = match written {
             Ok(done) => done,
@@ -266,9 +228,7 @@ impl Uploader {
         };
         if actual != hash {
             let _ = std::fs::remove_file(&tmp);
-            return Err(mismatch(format!(
-                "its bytes have sha256 {actual}, targets.json says {hash}"
-            )));
+            return Err(mismatch(format!("its bytes have sha256 {actual}, targets.json says {hash}")));
         }
         std::fs::rename(&tmp, &path).map_err(|source| UploadError::Io {
             what: "staging",
@@ -301,30 +261,20 @@ where
     S: Stream<Item = Result<Bytes, E>>,
     E: std::error::Error,
 {
-    let io = |what, source| UploadError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = tokio::fs::File::create_new(path)
-        .await
-        .map_err(|source| io("creating", source))?;
+    let io = |what, source| UploadError::Io { what, path: path.to_owned(), source };
+    let mut file = tokio::fs::File::create_new(path).await.map_err(|source| io("creating", source))?;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
     let mut stream = std::pin::pin!(stream);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk
-            .map_err(|error| on_error(format!("after {bytes} bytes: {}", error_chain(&error))))?;
+        let chunk =
+            chunk.map_err(|error| on_error(format!("after {bytes} bytes: {}", error_chain(&error))))?;
         hasher.update(&chunk);
         bytes += chunk.len() as u64;
-        file.write_all(&chunk)
-            .await
-            .map_err(|source| io("writing", source))?;
+        file.write_all(&chunk).await.map_err(|source| io("writing", source))?;
     }
     file.flush().await.map_err(|source| io("writing", source))?;
-    file.sync_all()
-        .await
-        .map_err(|source| io("syncing", source))?;
+    file.sync_all().await.map_err(|source| io("syncing", source))?;
     Ok((ArtifactHash(hasher.finalize().into()), bytes))
 }
 
@@ -370,10 +320,7 @@ async fn load_repository(
             Err(error) => return Err(tuf_error(error)),
         }
     }
-    Err(UploadError::Untrusted {
-        tried: roots.len(),
-        last,
-    })
+    Err(UploadError::Untrusted { tried: roots.len(), last })
 }
 
 fn is_signature_failure(error: &tough::error::Error) -> bool {
@@ -399,12 +346,7 @@ async fn read_artifacts_json(
     repository: &tough::Repository,
 ) -> Result<artifacts_json::ArtifactsDocument, UploadError> {
     let name = tough::TargetName::new(artifacts_json::TARGET_NAME).expect("a valid target name");
-    let listed = repository
-        .targets()
-        .signed
-        .targets
-        .get(&name)
-        .ok_or(UploadError::MissingArtifactsJson)?;
+    let listed = repository.targets().signed.targets.get(&name).ok_or(UploadError::MissingArtifactsJson)?;
     if listed.length > artifacts_json::MAX_BYTES {
         return Err(ArtifactsJsonError::Malformed(format!(
             "it is {} bytes, more than the {} allowed",
@@ -413,11 +355,8 @@ async fn read_artifacts_json(
         ))
         .into());
     }
-    let mut stream = repository
-        .read_target(&name)
-        .await
-        .map_err(tuf_error)?
-        .ok_or(UploadError::MissingArtifactsJson)?;
+    let mut stream =
+        repository.read_target(&name).await.map_err(tuf_error)?.ok_or(UploadError::MissingArtifactsJson)?;
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|error| UploadError::TargetMismatch {

@@ -39,9 +39,7 @@ pub enum ZipError {
     TrailingData { bytes: u64 },
     #[error("the upload has {bytes} bytes of data before the zip archive")]
     LeadingData { bytes: u64 },
-    #[error(
-        "zip entry {name:?} is not a safe relative path (absolute, `..`, backslash or empty component)"
-    )]
+    #[error("zip entry {name:?} is not a safe relative path (absolute, `..`, backslash or empty component)")]
     UnsafePath { name: String },
     #[error("zip entry {name:?} is outside {METADATA_PREFIX} and {TARGETS_PREFIX}")]
     OutsideRepo { name: String },
@@ -59,12 +57,7 @@ pub enum ZipError {
         "zip entry {name:?} inflates {compressed} bytes to {declared}, a ratio over the limit of \
          {max_ratio}: refusing a likely decompression bomb"
     )]
-    Bomb {
-        name: String,
-        compressed: u64,
-        declared: u64,
-        max_ratio: u64,
-    },
+    Bomb { name: String, compressed: u64, declared: u64, max_ratio: u64 },
     #[error("zip entry {name:?} inflates to more than the {declared} bytes it declares")]
     SizeMismatch { name: String, declared: u64 },
     #[error("zip entry {name:?} cannot be read: {message}")]
@@ -91,31 +84,17 @@ struct EntryPlan {
 }
 
 /// Checks the archive at `zip_path` and extracts it under `dest`.
-pub fn extract(
-    zip_path: &Utf8Path,
-    dest: &Utf8Path,
-    limits: &ZipLimits,
-) -> Result<ExtractedRepo, ZipError> {
-    let io = |what, source| ZipError::Io {
-        what,
-        path: zip_path.to_owned(),
-        source,
-    };
+pub fn extract(zip_path: &Utf8Path, dest: &Utf8Path, limits: &ZipLimits) -> Result<ExtractedRepo, ZipError> {
+    let io = |what, source| ZipError::Io { what, path: zip_path.to_owned(), source };
     let mut file = std::fs::File::open(zip_path).map_err(|source| io("opening", source))?;
     check_no_trailing_data(&mut file).map_err(|source| io("reading", source))??;
-    let mut archive = zip::ZipArchive::new(file).map_err(|error| ZipError::NotAZip {
-        message: error.to_string(),
-    })?;
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|error| ZipError::NotAZip { message: error.to_string() })?;
     if archive.offset() > 0 {
-        return Err(ZipError::LeadingData {
-            bytes: archive.offset(),
-        });
+        return Err(ZipError::LeadingData { bytes: archive.offset() });
     }
     if archive.len() > limits.max_entries {
-        return Err(ZipError::TooManyEntries {
-            count: archive.len(),
-            max: limits.max_entries,
-        });
+        return Err(ZipError::TooManyEntries { count: archive.len(), max: limits.max_entries });
     }
 
     let mut names = BTreeSet::new();
@@ -125,16 +104,10 @@ pub fn extract(
     for index in 0..archive.len() {
         let entry = archive
             .by_index_raw(index)
-            .map_err(|error| ZipError::Corrupt {
-                name: format!("#{index}"),
-                message: error.to_string(),
-            })?;
+            .map_err(|error| ZipError::Corrupt { name: format!("#{index}"), message: error.to_string() })?;
         let name = entry
             .name()
-            .map_err(|error| ZipError::Corrupt {
-                name: format!("#{index}"),
-                message: error.to_string(),
-            })?
+            .map_err(|error| ZipError::Corrupt { name: format!("#{index}"), message: error.to_string() })?
             .to_string();
         check_name(&name)?;
         if !names.insert(name.clone()) {
@@ -149,16 +122,10 @@ pub fn extract(
             continue;
         }
         if entry.is_symlink() {
-            return Err(ZipError::Unsupported {
-                name,
-                kind: "symbolic link",
-            });
+            return Err(ZipError::Unsupported { name, kind: "symbolic link" });
         }
         if entry.encrypted() {
-            return Err(ZipError::Unsupported {
-                name,
-                kind: "encrypted entry",
-            });
+            return Err(ZipError::Unsupported { name, kind: "encrypted entry" });
         }
         let declared = entry.size();
         let compressed = entry.compressed_size().max(1);
@@ -172,30 +139,18 @@ pub fn extract(
         }
         total = total.saturating_add(declared);
         if total > limits.max_total_bytes {
-            return Err(ZipError::TooLarge {
-                total,
-                max: limits.max_total_bytes,
-            });
+            return Err(ZipError::TooLarge { total, max: limits.max_total_bytes });
         }
-        plan.push(EntryPlan {
-            index,
-            name,
-            declared,
-        });
+        plan.push(EntryPlan { index, name, declared });
     }
     spans.sort();
     for pair in spans.windows(2) {
         if pair[1].0 < pair[0].1 {
-            return Err(ZipError::Overlapping {
-                name: pair[1].2.clone(),
-            });
+            return Err(ZipError::Overlapping { name: pair[1].2.clone() });
         }
     }
 
-    let repo = ExtractedRepo {
-        metadata_dir: dest.join("metadata"),
-        targets_dir: dest.join("targets"),
-    };
+    let repo = ExtractedRepo { metadata_dir: dest.join("metadata"), targets_dir: dest.join("targets") };
     for dir in [&repo.metadata_dir, &repo.targets_dir] {
         std::fs::create_dir_all(dir).map_err(|source| ZipError::Io {
             what: "creating",
@@ -213,30 +168,18 @@ fn check_name(name: &str) -> Result<(), ZipError> {
     let unsafe_path = name.starts_with('/')
         || name.contains('\\')
         || name.contains('\0')
-        || name
-            .trim_end_matches('/')
-            .split('/')
-            .any(|part| part.is_empty() || part == "." || part == "..");
+        || name.trim_end_matches('/').split('/').any(|part| part.is_empty() || part == "." || part == "..");
     if unsafe_path {
-        return Err(ZipError::UnsafePath {
-            name: name.to_string(),
-        });
+        return Err(ZipError::UnsafePath { name: name.to_string() });
     }
     let allowed_dirs = ["repo/", METADATA_PREFIX, TARGETS_PREFIX];
     if allowed_dirs.contains(&name) {
         return Ok(());
     }
-    let inside = [METADATA_PREFIX, TARGETS_PREFIX].iter().any(|prefix| {
-        name.strip_prefix(prefix)
-            .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
-    });
-    if inside {
-        Ok(())
-    } else {
-        Err(ZipError::OutsideRepo {
-            name: name.to_string(),
-        })
-    }
+    let inside = [METADATA_PREFIX, TARGETS_PREFIX]
+        .iter()
+        .any(|prefix| name.strip_prefix(prefix).is_some_and(|rest| !rest.is_empty() && !rest.contains('/')));
+    if inside { Ok(()) } else { Err(ZipError::OutsideRepo { name: name.to_string() }) }
 }
 
 fn extract_entry<R: Read + Seek>(
@@ -249,23 +192,16 @@ fn extract_entry<R: Read + Seek>(
         message: error.to_string(),
     };
     let mut entry = archive.by_index(plan.index).map_err(|e| corrupt(&e))?;
-    let path = dest.join(
-        plan.name
-            .strip_prefix("repo/")
-            .expect("checked by check_name"),
-    );
+    let path = dest.join(plan.name.strip_prefix("repo/").expect("checked by check_name"));
     let mut out = std::fs::File::create_new(&path).map_err(|source| ZipError::Io {
         what: "creating",
         path: path.clone(),
         source,
     })?;
-    let written = std::io::copy(&mut (&mut entry).take(plan.declared + 1), &mut out)
-        .map_err(|e| corrupt(&e))?;
+    let written =
+        std::io::copy(&mut (&mut entry).take(plan.declared + 1), &mut out).map_err(|e| corrupt(&e))?;
     if written > plan.declared {
-        return Err(ZipError::SizeMismatch {
-            name: plan.name.clone(),
-            declared: plan.declared,
-        });
+        return Err(ZipError::SizeMismatch { name: plan.name.clone(), declared: plan.declared });
     }
     Ok(())
 }
@@ -282,24 +218,16 @@ fn check_no_trailing_data(file: &mut std::fs::File) -> std::io::Result<Result<()
     file.read_exact(&mut tail)?;
     file.seek(SeekFrom::Start(0))?;
     let Some(position) = tail.windows(4).rposition(|w| w == EOCD_SIGNATURE) else {
-        return Ok(Err(ZipError::NotAZip {
-            message: "no end-of-central-directory record".into(),
-        }));
+        return Ok(Err(ZipError::NotAZip { message: "no end-of-central-directory record".into() }));
     };
     let Some(record) = tail.get(position..position + EOCD_LEN as usize) else {
-        return Ok(Err(ZipError::NotAZip {
-            message: "truncated end-of-central-directory record".into(),
-        }));
+        return Ok(Err(ZipError::NotAZip { message: "truncated end-of-central-directory record".into() }));
     };
     let comment = u64::from(u16::from_le_bytes([record[20], record[21]]));
     let end = (length - window) + position as u64 + EOCD_LEN + comment;
     Ok(match end.cmp(&length) {
-        std::cmp::Ordering::Less => Err(ZipError::TrailingData {
-            bytes: length - end,
-        }),
-        std::cmp::Ordering::Greater => Err(ZipError::NotAZip {
-            message: "the archive is truncated".into(),
-        }),
+        std::cmp::Ordering::Less => Err(ZipError::TrailingData { bytes: length - end }),
+        std::cmp::Ordering::Greater => Err(ZipError::NotAZip { message: "the archive is truncated".into() }),
         std::cmp::Ordering::Equal => Ok(()),
     })
 }

@@ -52,17 +52,8 @@ pub struct Limits {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    Put {
-        hash: ArtifactHash,
-        sled: SledId,
-    },
-    Copy {
-        hash: ArtifactHash,
-        target: SledId,
-        source: SledId,
-        after_put: bool,
-        recopy: bool,
-    },
+    Put { hash: ArtifactHash, sled: SledId },
+    Copy { hash: ArtifactHash, target: SledId, source: SledId, after_put: bool, recopy: bool },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -73,11 +64,7 @@ pub struct Plan {
 }
 
 pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
-    let usable: Vec<&SledState> = inventory
-        .sleds
-        .iter()
-        .filter(|sled| sled.healthy_m2 > 0)
-        .collect();
+    let usable: Vec<&SledState> = inventory.sleds.iter().filter(|sled| sled.healthy_m2 > 0).collect();
     let mut puts = Vec::new();
     let mut copies = Vec::new();
     let mut unplaceable = Vec::new();
@@ -94,16 +81,9 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 continue;
             }
             let count = limits.min_sled_replication.min(usable.len());
-            put_targets = usable
-                .choose_multiple(rng, count)
-                .map(|sled| sled.id)
-                .collect();
+            put_targets = usable.choose_multiple(rng, count).map(|sled| sled.id).collect();
             put_targets.sort();
-            puts.extend(
-                put_targets
-                    .iter()
-                    .map(|&sled| Request::Put { hash: *hash, sled }),
-            );
+            puts.extend(put_targets.iter().map(|&sled| Request::Put { hash: *hash, sled }));
         }
         let sources: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
         for sled in &usable {
@@ -112,9 +92,7 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
             }
             match state.copies.get(&sled.id).copied().unwrap_or(0) {
                 0 => {
-                    let source = *sources
-                        .choose(rng)
-                        .expect("holders or PUT targets exist here");
+                    let source = *sources.choose(rng).expect("holders or PUT targets exist here");
                     let after_put = put_targets.contains(&source);
                     copies.push(Request::Copy {
                         hash: *hash,
@@ -125,11 +103,7 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                     });
                 }
                 held if held < sled.healthy_m2 => {
-                    let others: Vec<SledId> = holders
-                        .iter()
-                        .copied()
-                        .filter(|&id| id != sled.id)
-                        .collect();
+                    let others: Vec<SledId> = holders.iter().copied().filter(|&id| id != sled.id).collect();
                     let source = others.choose(rng).copied().unwrap_or(sled.id);
                     copies.push(Request::Copy {
                         hash: *hash,
@@ -144,10 +118,7 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
         }
     }
     puts.extend(copies);
-    Plan {
-        requests: puts,
-        unplaceable,
-    }
+    Plan { requests: puts, unplaceable }
 }
 
 #[cfg(test)]
@@ -158,12 +129,8 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn sleds(count: usize) -> Vec<SledState> {
-        let mut sleds: Vec<SledState> = (0..count)
-            .map(|i| SledState {
-                id: Uuid::from_u128(i as u128 + 1),
-                healthy_m2: 2,
-            })
-            .collect();
+        let mut sleds: Vec<SledState> =
+            (0..count).map(|i| SledState { id: Uuid::from_u128(i as u128 + 1), healthy_m2: 2 }).collect();
         sleds.sort_by_key(|s| s.id);
         sleds
     }
@@ -173,31 +140,19 @@ mod tests {
     }
 
     fn limits(min: usize) -> Limits {
-        Limits {
-            min_sled_replication: min,
-        }
+        Limits { min_sled_replication: min }
     }
 
     fn rng() -> StdRng {
         StdRng::seed_from_u64(7)
     }
 
-    fn count(plan: &Plan) -> (usize, usize, usize) {
-        let puts = plan
-            .requests
-            .iter()
-            .filter(|r| matches!(r, Request::Put { .. }))
-            .count();
-        let copies = plan
-            .requests
-            .iter()
-            .filter(|r| matches!(r, Request::Copy { recopy: false, .. }))
-            .count();
-        let recopies = plan
-            .requests
-            .iter()
-            .filter(|r| matches!(r, Request::Copy { recopy: true, .. }))
-            .count();
+    fn count(planned: &Plan) -> (usize, usize, usize) {
+        let puts = planned.requests.iter().filter(|r| matches!(r, Request::Put { .. })).count();
+        let copies =
+            planned.requests.iter().filter(|r| matches!(r, Request::Copy { recopy: false, .. })).count();
+        let recopies =
+            planned.requests.iter().filter(|r| matches!(r, Request::Copy { recopy: true, .. })).count();
         (puts, copies, recopies)
     }
 
@@ -205,22 +160,10 @@ mod tests {
     fn nothing_to_do_when_every_sled_holds_everything() {
         let sleds = sleds(4);
         let copies = sleds.iter().map(|s| (s.id, 2)).collect();
-        let inventory = Inventory {
-            artifacts: [(
-                hash(1),
-                ArtifactState {
-                    copies,
-                    local: true,
-                },
-            )]
-            .into(),
-            sleds,
-        };
+        let inventory =
+            Inventory { artifacts: [(hash(1), ArtifactState { copies, local: true })].into(), sleds };
         assert_eq!(plan(&inventory, &mut rng(), limits(3)), Plan::default());
-        assert_eq!(
-            plan(&Inventory::default(), &mut rng(), limits(3)),
-            Plan::default()
-        );
+        assert_eq!(plan(&Inventory::default(), &mut rng(), limits(3)), Plan::default());
     }
 
     #[test]
@@ -228,22 +171,11 @@ mod tests {
         for (sled_count, expected_puts) in [(1, 1), (3, 3), (16, 3)] {
             let inventory = Inventory {
                 sleds: sleds(sled_count),
-                artifacts: [(
-                    hash(1),
-                    ArtifactState {
-                        copies: BTreeMap::new(),
-                        local: true,
-                    },
-                )]
-                .into(),
+                artifacts: [(hash(1), ArtifactState { copies: BTreeMap::new(), local: true })].into(),
             };
-            let plan = plan(&inventory, &mut rng(), limits(3));
-            assert_eq!(
-                count(&plan),
-                (expected_puts, sled_count - expected_puts, 0),
-                "{sled_count} sleds"
-            );
-            let put_targets: BTreeSet<SledId> = plan
+            let planned = plan(&inventory, &mut rng(), limits(3));
+            assert_eq!(count(&planned), (expected_puts, sled_count - expected_puts, 0), "{sled_count} sleds");
+            let put_targets: BTreeSet<SledId> = planned
                 .requests
                 .iter()
                 .filter_map(|r| match r {
@@ -251,34 +183,16 @@ mod tests {
                     _ => None,
                 })
                 .collect();
-            for request in &plan.requests {
-                if let Request::Copy {
-                    source,
-                    target,
-                    after_put,
-                    ..
-                } = request
-                {
-                    assert!(
-                        put_targets.contains(source),
-                        "copies come from a PUT target"
-                    );
+            for request in &planned.requests {
+                if let Request::Copy { source, target, after_put, .. } = request {
+                    assert!(put_targets.contains(source), "copies come from a PUT target");
                     assert!(*after_put, "and wait for it");
                     assert!(!put_targets.contains(target));
                 }
             }
-            let first_copy = plan
-                .requests
-                .iter()
-                .position(|r| matches!(r, Request::Copy { .. }));
-            let last_put = plan
-                .requests
-                .iter()
-                .rposition(|r| matches!(r, Request::Put { .. }));
-            assert!(
-                first_copy.is_none() || first_copy > last_put,
-                "PUTs come first"
-            );
+            let first_copy = planned.requests.iter().position(|r| matches!(r, Request::Copy { .. }));
+            let last_put = planned.requests.iter().rposition(|r| matches!(r, Request::Put { .. }));
+            assert!(first_copy.is_none() || first_copy > last_put, "PUTs come first");
         }
     }
 
@@ -290,27 +204,11 @@ mod tests {
         all.rotate_left(0);
         let inventory = Inventory {
             sleds: all,
-            artifacts: [(
-                hash(1),
-                ArtifactState {
-                    copies: copies.clone(),
-                    local: false,
-                },
-            )]
-            .into(),
+            artifacts: [(hash(1), ArtifactState { copies: copies.clone(), local: false })].into(),
         };
-        let plan = plan(&inventory, &mut rng(), limits(3));
-        assert_eq!(plan.requests.len(), 1);
-        let Request::Copy {
-            target,
-            source,
-            after_put,
-            recopy,
-            ..
-        } = plan.requests[0]
-        else {
-            panic!()
-        };
+        let planned = plan(&inventory, &mut rng(), limits(3));
+        assert_eq!(planned.requests.len(), 1);
+        let Request::Copy { target, source, after_put, recopy, .. } = planned.requests[0] else { panic!() };
         assert_eq!((target, after_put, recopy), (newcomer, false, false));
         assert!(copies.contains_key(&source));
     }
@@ -321,18 +219,11 @@ mod tests {
         let copies = [(all[0].id, 1), (all[1].id, 2)].into();
         let inventory = Inventory {
             sleds: all.clone(),
-            artifacts: [(
-                hash(1),
-                ArtifactState {
-                    copies,
-                    local: false,
-                },
-            )]
-            .into(),
+            artifacts: [(hash(1), ArtifactState { copies, local: false })].into(),
         };
-        let plan = plan(&inventory, &mut rng(), limits(3));
+        let planned = plan(&inventory, &mut rng(), limits(3));
         assert_eq!(
-            plan.requests,
+            planned.requests,
             [Request::Copy {
                 hash: hash(1),
                 target: all[0].id,
@@ -347,18 +238,11 @@ mod tests {
         let copies = [(alone[0].id, 1)].into();
         let inventory = Inventory {
             sleds: alone.clone(),
-            artifacts: [(
-                hash(1),
-                ArtifactState {
-                    copies,
-                    local: false,
-                },
-            )]
-            .into(),
+            artifacts: [(hash(1), ArtifactState { copies, local: false })].into(),
         };
-        let plan = plan(&inventory, &mut rng(), limits(3));
+        let planned = plan(&inventory, &mut rng(), limits(3));
         assert_eq!(
-            plan.requests,
+            planned.requests,
             [Request::Copy {
                 hash: hash(1),
                 target: alone[0].id,
@@ -373,14 +257,7 @@ mod tests {
     fn min_replication_beyond_the_sled_count_puts_to_every_sled() {
         let inventory = Inventory {
             sleds: sleds(2),
-            artifacts: [(
-                hash(1),
-                ArtifactState {
-                    copies: BTreeMap::new(),
-                    local: true,
-                },
-            )]
-            .into(),
+            artifacts: [(hash(1), ArtifactState { copies: BTreeMap::new(), local: true })].into(),
         };
         assert_eq!(count(&plan(&inventory, &mut rng(), limits(5))), (2, 0, 0));
     }
@@ -393,27 +270,15 @@ mod tests {
         let inventory = Inventory {
             sleds: all,
             artifacts: [
-                (
-                    hash(1),
-                    ArtifactState {
-                        copies: BTreeMap::new(),
-                        local: false,
-                    },
-                ),
-                (
-                    hash(2),
-                    ArtifactState {
-                        copies: BTreeMap::new(),
-                        local: true,
-                    },
-                ),
+                (hash(1), ArtifactState { copies: BTreeMap::new(), local: false }),
+                (hash(2), ArtifactState { copies: BTreeMap::new(), local: true }),
             ]
             .into(),
         };
-        let plan = plan(&inventory, &mut rng(), limits(1));
-        assert_eq!(plan.unplaceable, [hash(1)]);
-        assert_eq!(count(&plan), (1, 1, 0));
-        assert!(plan.requests.iter().all(|r| !matches!(r, Request::Put { sled, .. } | Request::Copy { target: sled, .. } if *sled == broken)));
+        let planned = plan(&inventory, &mut rng(), limits(1));
+        assert_eq!(planned.unplaceable, [hash(1)]);
+        assert_eq!(count(&planned), (1, 1, 0));
+        assert!(planned.requests.iter().all(|r| !matches!(r, Request::Put { sled, .. } | Request::Copy { target: sled, .. } if *sled == broken)));
     }
 
     /// Over many random worlds: executing the plan (PUTs, then copies in
@@ -431,70 +296,37 @@ mod tests {
             }
             let mut artifacts = BTreeMap::new();
             for n in 0..world_rng.random_range(0..6u8) {
-                let mut state = ArtifactState {
-                    local: world_rng.random_bool(0.5),
-                    ..Default::default()
-                };
+                let mut state = ArtifactState { local: world_rng.random_bool(0.5), ..Default::default() };
                 for sled in &all {
                     if sled.healthy_m2 > 0 && world_rng.random_bool(0.3) {
-                        state
-                            .copies
-                            .insert(sled.id, world_rng.random_range(1..=sled.healthy_m2));
+                        state.copies.insert(sled.id, world_rng.random_range(1..=sled.healthy_m2));
                     }
                 }
                 artifacts.insert(hash(n), state);
             }
-            let inventory = Inventory {
-                sleds: all.clone(),
-                artifacts,
-            };
+            let inventory = Inventory { sleds: all.clone(), artifacts };
             let min = world_rng.random_range(1..=4);
-            let plan = plan(
-                &inventory,
-                &mut StdRng::seed_from_u64(seed ^ 0xabc),
-                limits(min),
-            );
+            let planned = plan(&inventory, &mut StdRng::seed_from_u64(seed ^ 0xabc), limits(min));
 
-            let healthy: BTreeMap<SledId, usize> =
-                all.iter().map(|s| (s.id, s.healthy_m2)).collect();
-            let mut world: BTreeMap<ArtifactHash, BTreeMap<SledId, usize>> = inventory
-                .artifacts
-                .iter()
-                .map(|(h, s)| (*h, s.copies.clone()))
-                .collect();
-            for request in &plan.requests {
+            let healthy: BTreeMap<SledId, usize> = all.iter().map(|s| (s.id, s.healthy_m2)).collect();
+            let mut world: BTreeMap<ArtifactHash, BTreeMap<SledId, usize>> =
+                inventory.artifacts.iter().map(|(h, s)| (*h, s.copies.clone())).collect();
+            for request in &planned.requests {
                 match request {
                     Request::Put { hash, sled } => {
-                        assert!(
-                            inventory.artifacts[hash].local,
-                            "seed {seed}: PUT of an unstaged artifact"
-                        );
+                        assert!(inventory.artifacts[hash].local, "seed {seed}: PUT of an unstaged artifact");
                         world.get_mut(hash).unwrap().insert(*sled, healthy[sled]);
                     }
-                    Request::Copy {
-                        hash,
-                        target,
-                        source,
-                        ..
-                    } => {
+                    Request::Copy { hash, target, source, .. } => {
                         let held = world[hash].get(source).copied().unwrap_or(0);
-                        assert!(
-                            held > 0,
-                            "seed {seed}: copy from {source}, which lacks {hash}"
-                        );
-                        world
-                            .get_mut(hash)
-                            .unwrap()
-                            .insert(*target, healthy[target]);
+                        assert!(held > 0, "seed {seed}: copy from {source}, which lacks {hash}");
+                        world.get_mut(hash).unwrap().insert(*target, healthy[target]);
                     }
                 }
             }
             for (hash, holders) in &world {
-                if plan.unplaceable.contains(hash) {
-                    assert!(
-                        holders.is_empty() && !inventory.artifacts[hash].local,
-                        "seed {seed}"
-                    );
+                if planned.unplaceable.contains(hash) {
+                    assert!(holders.is_empty() && !inventory.artifacts[hash].local, "seed {seed}");
                     continue;
                 }
                 for sled in all.iter().filter(|s| s.healthy_m2 > 0) {

@@ -52,8 +52,8 @@ use crate::db::{DataStore, DataStoreError};
 use common::api::external::ReplicationProgress;
 use common::api::sled_agent::{ArtifactCopyFromDepotBody, CONFIG_GENERATION, M2State};
 use common::bgtask::details::{
-    LocalRepoStatus, PlanSummary, ReplicationCounters, ReplicationOutcome, RepoReplication,
-    RequestOperation, RequestRecord, TufArtifactReplicationStatus,
+    LocalRepoStatus, PlanSummary, ReplicationCounters, ReplicationOutcome, RepoReplication, RequestOperation,
+    RequestRecord, TufArtifactReplicationStatus,
 };
 use common::clients::sled_agent::{Client as SledClient, Error as SledError};
 use common::{ArtifactConfig, ArtifactHash, Generation, error_chain};
@@ -122,10 +122,7 @@ struct Record {
 
 /// Why an activation stopped early.
 enum Stop {
-    Superseded {
-        sled_id: Uuid,
-        sled_generation: Generation,
-    },
+    Superseded { sled_id: Uuid, sled_generation: Generation },
     Database(DataStoreError),
 }
 
@@ -140,10 +137,7 @@ impl ArtifactReplication {
         progress: ProgressMap,
     ) -> ArtifactReplication {
         let client = |timeout| {
-            reqwest::Client::builder()
-                .timeout(timeout)
-                .build()
-                .expect("a plain HTTP client builds")
+            reqwest::Client::builder().timeout(timeout).build().expect("a plain HTTP client builds")
         };
         ArtifactReplication {
             datastore,
@@ -180,15 +174,9 @@ impl ArtifactReplication {
         let mut records = Vec::new();
         match self.replicate(log, &mut status, &mut records).await {
             Ok(()) => {}
-            Err(Stop::Superseded {
-                sled_id,
-                sled_generation,
-            }) => {
+            Err(Stop::Superseded { sled_id, sled_generation }) => {
                 slog::info!(log, "superseded by a newer generation"; "sled_id" => %sled_id, "generation" => %sled_generation);
-                status.outcome = ReplicationOutcome::Superseded {
-                    sled_id,
-                    sled_generation,
-                };
+                status.outcome = ReplicationOutcome::Superseded { sled_id, sled_generation };
             }
             Err(Stop::Database(error)) => {
                 let message = error_chain(&error);
@@ -245,31 +233,16 @@ impl ArtifactReplication {
         status: &mut TufArtifactReplicationStatus,
         records: &mut Vec<Record>,
     ) -> Result<(), Stop> {
-        let config = self
-            .datastore
-            .tuf_artifact_config()
-            .await
-            .map_err(Stop::Database)?;
+        let config = self.datastore.tuf_artifact_config().await.map_err(Stop::Database)?;
         let sleds = self.datastore.sled_list().await.map_err(Stop::Database)?;
-        let repos = self
-            .datastore
-            .tuf_repo_list_unpruned_with_artifacts()
-            .await
-            .map_err(Stop::Database)?;
+        let repos = self.datastore.tuf_repo_list_unpruned_with_artifacts().await.map_err(Stop::Database)?;
         status.generation = config.generation;
         status.sleds_in_service = sleds.len();
         let owned: Vec<SledTarget> = sleds.iter().map(|sled| self.target(sled)).collect();
         let targets: Vec<&SledTarget> = owned.iter().collect();
 
         // 3. Push the config.
-        let pushed = self
-            .bounded(
-                targets
-                    .iter()
-                    .map(|&sled| put_config(sled, &config))
-                    .collect(),
-            )
-            .await;
+        let pushed = self.bounded(targets.iter().map(|&sled| put_config(sled, &config)).collect()).await;
         let mut reachable = Vec::new();
         for (&sled, outcome) in targets.iter().zip(pushed) {
             match outcome {
@@ -278,33 +251,18 @@ impl ArtifactReplication {
                     reachable.push(sled);
                 }
                 Err(PutConfigError::Superseded(message)) => {
-                    records.push(Record::failed(
-                        sled.id,
-                        RequestOperation::PutConfig,
-                        message,
-                    ));
-                    let sled_generation = sled_generation(sled)
-                        .await
-                        .unwrap_or(config.generation.next());
-                    return Err(Stop::Superseded {
-                        sled_id: sled.id,
-                        sled_generation,
-                    });
+                    records.push(Record::failed(sled.id, RequestOperation::PutConfig, message));
+                    let sled_generation = sled_generation(sled).await.unwrap_or(config.generation.next());
+                    return Err(Stop::Superseded { sled_id: sled.id, sled_generation });
                 }
                 Err(PutConfigError::Other(message)) => {
-                    records.push(Record::failed(
-                        sled.id,
-                        RequestOperation::PutConfig,
-                        message,
-                    ));
+                    records.push(Record::failed(sled.id, RequestOperation::PutConfig, message));
                 }
             }
         }
 
         // 4. List what each reachable sled holds.
-        let listed = self
-            .bounded(reachable.iter().map(|&sled| list(sled)).collect())
-            .await;
+        let listed = self.bounded(reachable.iter().map(|&sled| list(sled)).collect()).await;
         let mut inventory = Inventory::default();
         let mut listed_sleds = Vec::new();
         for (&sled, outcome) in reachable.iter().zip(listed) {
@@ -318,30 +276,17 @@ impl ArtifactReplication {
                             config.generation
                         ),
                     ));
-                    return Err(Stop::Superseded {
-                        sled_id: sled.id,
-                        sled_generation: generation,
-                    });
+                    return Err(Stop::Superseded { sled_id: sled.id, sled_generation: generation });
                 }
                 Ok((_, list, healthy_m2)) => {
                     records.push(Record::ok(sled.id, RequestOperation::List));
-                    inventory.sleds.push(SledState {
-                        id: sled.id,
-                        healthy_m2,
-                    });
+                    inventory.sleds.push(SledState { id: sled.id, healthy_m2 });
                     for (hash, copies) in list {
-                        inventory
-                            .artifacts
-                            .entry(hash)
-                            .or_default()
-                            .copies
-                            .insert(sled.id, copies);
+                        inventory.artifacts.entry(hash).or_default().copies.insert(sled.id, copies);
                     }
                     listed_sleds.push(sled);
                 }
-                Err(message) => {
-                    records.push(Record::failed(sled.id, RequestOperation::List, message))
-                }
+                Err(message) => records.push(Record::failed(sled.id, RequestOperation::List, message)),
             }
         }
 
@@ -349,9 +294,7 @@ impl ArtifactReplication {
         for hash in &config.artifacts {
             inventory.artifacts.entry(*hash).or_default();
         }
-        inventory
-            .artifacts
-            .retain(|hash, _| config.artifacts.contains(hash));
+        inventory.artifacts.retain(|hash, _| config.artifacts.contains(hash));
         for repo in &self.local_repos {
             for artifact in &repo.artifacts {
                 if let Some(state) = inventory.artifacts.get_mut(&artifact.hash) {
@@ -363,21 +306,11 @@ impl ArtifactReplication {
         self.publish_progress(&config, &inventory, &repos, sleds.len(), status);
 
         // 6. Plan and execute.
-        let limits = Limits {
-            min_sled_replication: self.settings.min_sled_replication,
-        };
+        let limits = Limits { min_sled_replication: self.settings.min_sled_replication };
         let plan = replication_plan::plan(&inventory, &mut rand::rng(), limits);
         status.plan = PlanSummary {
-            puts: plan
-                .requests
-                .iter()
-                .filter(|r| matches!(r, Request::Put { .. }))
-                .count(),
-            copies: plan
-                .requests
-                .iter()
-                .filter(|r| matches!(r, Request::Copy { recopy: false, .. }))
-                .count(),
+            puts: plan.requests.iter().filter(|r| matches!(r, Request::Put { .. })).count(),
+            copies: plan.requests.iter().filter(|r| matches!(r, Request::Copy { recopy: false, .. })).count(),
             recopies: plan
                 .requests
                 .iter()
@@ -385,12 +318,9 @@ impl ArtifactReplication {
                 .count(),
             unplaceable: plan.unplaceable.clone(),
         };
-        let by_id: BTreeMap<Uuid, &SledTarget> =
-            listed_sleds.iter().map(|&sled| (sled.id, sled)).collect();
-        let (puts, copies): (Vec<Request>, Vec<Request>) = plan
-            .requests
-            .into_iter()
-            .partition(|request| matches!(request, Request::Put { .. }));
+        let by_id: BTreeMap<Uuid, &SledTarget> = listed_sleds.iter().map(|&sled| (sled.id, sled)).collect();
+        let (puts, copies): (Vec<Request>, Vec<Request>) =
+            plan.requests.into_iter().partition(|request| matches!(request, Request::Put { .. }));
         let put_results = self.execute(&puts, &by_id, config.generation).await;
         let failed_puts: Vec<(ArtifactHash, Uuid)> = put_results
             .iter()
@@ -402,12 +332,9 @@ impl ArtifactReplication {
         let copies: Vec<Request> = copies
             .into_iter()
             .filter(|request| match request {
-                Request::Copy {
-                    hash,
-                    source,
-                    after_put: true,
-                    ..
-                } => !failed_puts.contains(&(*hash, *source)),
+                Request::Copy { hash, source, after_put: true, .. } => {
+                    !failed_puts.contains(&(*hash, *source))
+                }
                 _ => true,
             })
             .collect();
@@ -433,10 +360,7 @@ impl ArtifactReplication {
     /// order. (The futures are built before streaming them: a lazily mapping
     /// closure here defeats the compiler's `Send` proof.)
     async fn bounded<T, F: Future<Output = T>>(&self, requests: Vec<F>) -> Vec<T> {
-        futures::stream::iter(requests)
-            .buffered(self.settings.max_concurrent_requests)
-            .collect()
-            .await
+        futures::stream::iter(requests).buffered(self.settings.max_concurrent_requests).collect().await
     }
 
     async fn execute(
@@ -445,13 +369,8 @@ impl ArtifactReplication {
         sleds: &BTreeMap<Uuid, &SledTarget>,
         generation: Generation,
     ) -> Vec<Record> {
-        self.bounded(
-            requests
-                .iter()
-                .map(|request| self.execute_one(request, sleds, generation))
-                .collect(),
-        )
-        .await
+        self.bounded(requests.iter().map(|request| self.execute_one(request, sleds, generation)).collect())
+            .await
     }
 
     async fn execute_one(
@@ -465,9 +384,9 @@ impl ArtifactReplication {
                 let target = sleds[sled];
                 let path = self.staging.artifact_path(hash);
                 let outcome = with_busy_retries(|| async {
-                    let file = tokio::fs::File::open(&path).await.map_err(|error| {
-                        Attempt::Final(format!("opening staged {path}: {error}"))
-                    })?;
+                    let file = tokio::fs::File::open(&path)
+                        .await
+                        .map_err(|error| Attempt::Final(format!("opening staged {path}: {error}")))?;
                     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
                     target
                         .put_client
@@ -485,15 +404,8 @@ impl ArtifactReplication {
                     error: outcome.err(),
                 }
             }
-            Request::Copy {
-                hash,
-                target,
-                source,
-                ..
-            } => {
-                let body = ArtifactCopyFromDepotBody {
-                    depot_base_url: sleds[source].depot_url.clone(),
-                };
+            Request::Copy { hash, target, source, .. } => {
+                let body = ArtifactCopyFromDepotBody { depot_base_url: sleds[source].depot_url.clone() };
                 let client = &sleds[target].client;
                 let outcome = with_busy_retries(|| async {
                     client
@@ -529,26 +441,18 @@ impl ArtifactReplication {
             self.settings.min_sled_replication
         };
         let (done, kept): (Vec<StagedRepo>, Vec<StagedRepo>) =
-            std::mem::take(&mut self.local_repos)
-                .into_iter()
-                .partition(|repo| {
-                    repo.artifacts.iter().all(|artifact| {
-                        !config.artifacts.contains(&artifact.hash)
-                            || inventory
-                                .artifacts
-                                .get(&artifact.hash)
-                                .is_some_and(|state| {
-                                    state.copies.values().filter(|&&n| n > 0).count() >= needed
-                                })
-                    })
-                });
+            std::mem::take(&mut self.local_repos).into_iter().partition(|repo| {
+                repo.artifacts.iter().all(|artifact| {
+                    !config.artifacts.contains(&artifact.hash)
+                        || inventory
+                            .artifacts
+                            .get(&artifact.hash)
+                            .is_some_and(|state| state.copies.values().filter(|&&n| n > 0).count() >= needed)
+                })
+            });
         self.local_repos = kept;
         for repo in done {
-            let hashes: Vec<ArtifactHash> = repo
-                .artifacts
-                .iter()
-                .map(|artifact| artifact.hash)
-                .collect();
+            let hashes: Vec<ArtifactHash> = repo.artifacts.iter().map(|artifact| artifact.hash).collect();
             drop(repo.artifacts);
             let mut removed = 0;
             for hash in hashes {
@@ -571,11 +475,8 @@ impl ArtifactReplication {
         sled_count: usize,
         status: &mut TufArtifactReplicationStatus,
     ) {
-        let healthy: BTreeMap<Uuid, usize> = inventory
-            .sleds
-            .iter()
-            .map(|sled| (sled.id, sled.healthy_m2))
-            .collect();
+        let healthy: BTreeMap<Uuid, usize> =
+            inventory.sleds.iter().map(|sled| (sled.id, sled.healthy_m2)).collect();
         let complete_on = |sled: &Uuid, hash: &ArtifactHash| {
             let wanted = healthy[sled];
             wanted > 0
@@ -591,10 +492,7 @@ impl ArtifactReplication {
             let sleds_complete = healthy
                 .keys()
                 .filter(|sled| {
-                    recorded
-                        .artifacts
-                        .iter()
-                        .all(|artifact| complete_on(sled, &artifact.sha256.0))
+                    recorded.artifacts.iter().all(|artifact| complete_on(sled, &artifact.sha256.0))
                 })
                 .count();
             status.repos.push(RepoReplication {
@@ -619,31 +517,17 @@ impl ArtifactReplication {
 
 impl BackgroundTask for ArtifactReplication {
     fn activate<'a>(&'a mut self, log: &'a slog::Logger) -> BoxFuture<'a, serde_json::Value> {
-        Box::pin(
-            async move { serde_json::to_value(self.run(log).await).expect("statuses serialize") },
-        )
+        Box::pin(async move { serde_json::to_value(self.run(log).await).expect("statuses serialize") })
     }
 }
 
 impl Record {
     fn ok(sled_id: Uuid, operation: RequestOperation) -> Record {
-        Record {
-            sled_id,
-            operation,
-            hash: None,
-            source_sled_id: None,
-            error: None,
-        }
+        Record { sled_id, operation, hash: None, source_sled_id: None, error: None }
     }
 
     fn failed(sled_id: Uuid, operation: RequestOperation, error: String) -> Record {
-        Record {
-            sled_id,
-            operation,
-            hash: None,
-            source_sled_id: None,
-            error: Some(error),
-        }
+        Record { sled_id, operation, hash: None, source_sled_id: None, error: Some(error) }
     }
 }
 
@@ -677,46 +561,20 @@ async fn put_config(sled: &SledTarget, config: &ArtifactConfig) -> Result<(), Pu
 }
 
 /// The generation a sled lists, its artifacts, and its healthy M.2 count.
-async fn list(
-    sled: &SledTarget,
-) -> Result<(Generation, BTreeMap<ArtifactHash, usize>, usize), String> {
-    let listed = sled
-        .client
-        .artifact_list()
-        .await
-        .map_err(describe)?
-        .into_inner();
-    let inventory = sled
-        .client
-        .inventory()
-        .await
-        .map_err(describe)?
-        .into_inner();
-    let healthy = inventory
-        .m2
-        .iter()
-        .filter(|m2| m2.state == M2State::Healthy)
-        .count();
+async fn list(sled: &SledTarget) -> Result<(Generation, BTreeMap<ArtifactHash, usize>, usize), String> {
+    let listed = sled.client.artifact_list().await.map_err(describe)?.into_inner();
+    let inventory = sled.client.inventory().await.map_err(describe)?.into_inner();
+    let healthy = inventory.m2.iter().filter(|m2| m2.state == M2State::Healthy).count();
     Ok((listed.generation, listed.list, healthy))
 }
 
 async fn sled_generation(sled: &SledTarget) -> Option<Generation> {
-    Some(
-        sled.client
-            .artifact_config_get()
-            .await
-            .ok()?
-            .into_inner()
-            .generation,
-    )
+    Some(sled.client.artifact_config_get().await.ok()?.into_inner().generation)
 }
 
 /// One try of a request: retry after a while, or give up with a message.
 enum Attempt {
-    Busy {
-        retry_after: Duration,
-        message: String,
-    },
+    Busy { retry_after: Duration, message: String },
     Final(String),
 }
 
@@ -751,15 +609,10 @@ where
     loop {
         match attempt().await {
             Ok(()) => return Ok(()),
-            Err(Attempt::Busy {
-                retry_after,
-                message,
-            }) => {
+            Err(Attempt::Busy { retry_after, message }) => {
                 tries += 1;
                 if tries > BUSY_RETRIES {
-                    return Err(format!(
-                        "{message} (still busy after {BUSY_RETRIES} retries)"
-                    ));
+                    return Err(format!("{message} (still busy after {BUSY_RETRIES} retries)"));
                 }
                 tokio::time::sleep(retry_after).await;
             }

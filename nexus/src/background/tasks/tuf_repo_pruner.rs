@@ -31,31 +31,17 @@ pub struct TufRepoPruner {
 }
 
 impl TufRepoPruner {
-    pub fn new(
-        datastore: Arc<DataStore>,
-        nkeep: u32,
-        pruned: watch::Sender<Generation>,
-    ) -> TufRepoPruner {
-        TufRepoPruner {
-            datastore,
-            nkeep,
-            pruned,
-        }
+    pub fn new(datastore: Arc<DataStore>, nkeep: u32, pruned: watch::Sender<Generation>) -> TufRepoPruner {
+        TufRepoPruner { datastore, nkeep, pruned }
     }
 
     async fn prune_one(&self) -> Result<TufRepoPrunerOutcome, DataStoreError> {
         let generation = self.datastore.tuf_generation_get().await?;
         let unpruned = self.datastore.tuf_repo_list_unpruned().await?;
         let Some(oldest) = unpruned.get(self.nkeep as usize..).and_then(<[_]>::last) else {
-            return Ok(TufRepoPrunerOutcome::NothingToPrune {
-                unpruned: unpruned.len() as u32,
-            });
+            return Ok(TufRepoPrunerOutcome::NothingToPrune { unpruned: unpruned.len() as u32 });
         };
-        match self
-            .datastore
-            .tuf_repo_mark_pruned(oldest.id, generation)
-            .await
-        {
+        match self.datastore.tuf_repo_mark_pruned(oldest.id, generation).await {
             Ok(generation) => Ok(TufRepoPrunerOutcome::Pruned {
                 repo_id: oldest.id,
                 system_version: oldest.system_version.clone(),
@@ -77,20 +63,11 @@ impl BackgroundTask for TufRepoPruner {
                 slog::warn!(log, "pruning failed"; "error" => &message);
                 TufRepoPrunerOutcome::Error { message }
             });
-            if let TufRepoPrunerOutcome::Pruned {
-                system_version,
-                generation,
-                ..
-            } = &outcome
-            {
+            if let TufRepoPrunerOutcome::Pruned { system_version, generation, .. } = &outcome {
                 slog::info!(log, "pruned repository"; "system_version" => system_version, "generation" => %generation);
                 self.pruned.send_replace(*generation);
             }
-            serde_json::to_value(TufRepoPrunerStatus {
-                nkeep: self.nkeep,
-                outcome,
-            })
-            .expect("serializable")
+            serde_json::to_value(TufRepoPrunerStatus { nkeep: self.nkeep, outcome }).expect("serializable")
         })
     }
 }
@@ -103,19 +80,13 @@ mod tests {
     use common::{ArtifactHash, ArtifactId};
 
     fn repo(version: &str) -> TufRepoDescription {
-        let byte = version
-            .bytes()
-            .fold(0u8, |acc, b| acc.wrapping_mul(31).wrapping_add(b));
+        let byte = version.bytes().fold(0u8, |acc, b| acc.wrapping_mul(31).wrapping_add(b));
         TufRepoDescription {
             system_version: version.into(),
             sha256: ArtifactHash([byte; 32]),
             file_name: format!("{version}.zip"),
             artifacts: vec![TufArtifactDescription {
-                id: ArtifactId {
-                    name: format!("os-{version}"),
-                    version: version.into(),
-                    kind: "os".into(),
-                },
+                id: ArtifactId { name: format!("os-{version}"), version: version.into(), kind: "os".into() },
                 sha256: ArtifactHash([byte.wrapping_add(1); 32]),
                 size: 10,
             }],
@@ -123,9 +94,7 @@ mod tests {
     }
 
     fn outcome(value: serde_json::Value) -> TufRepoPrunerOutcome {
-        serde_json::from_value::<TufRepoPrunerStatus>(value)
-            .unwrap()
-            .outcome
+        serde_json::from_value::<TufRepoPrunerStatus>(value).unwrap().outcome
     }
 
     #[tokio::test]
@@ -152,10 +121,7 @@ mod tests {
                 if system_version == "1.0.0" && *generation == Generation::new(6)),
             "{first:?}"
         );
-        assert!(
-            pruned_rx.has_changed().unwrap(),
-            "dependents are told of the prune"
-        );
+        assert!(pruned_rx.has_changed().unwrap(), "dependents are told of the prune");
         assert_eq!(*pruned_rx.borrow_and_update(), Generation::new(6));
         let second = outcome(pruner.activate(&log).await);
         assert!(
@@ -165,13 +131,8 @@ mod tests {
             outcome(pruner.activate(&log).await),
             TufRepoPrunerOutcome::NothingToPrune { unpruned: 2 }
         );
-        let live: Vec<String> = datastore
-            .tuf_repo_list_unpruned()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.system_version)
-            .collect();
+        let live: Vec<String> =
+            datastore.tuf_repo_list_unpruned().await.unwrap().into_iter().map(|r| r.system_version).collect();
         assert_eq!(live, ["4.0.0", "3.0.0"]);
     }
 }

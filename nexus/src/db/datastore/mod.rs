@@ -36,10 +36,7 @@ pub enum DataStoreError {
     #[error("{0}")]
     InvalidInput(String),
     #[error("the artifact generation moved from {expected} to {found}; read it again and retry")]
-    GenerationMoved {
-        expected: Generation,
-        found: Generation,
-    },
+    GenerationMoved { expected: Generation, found: Generation },
     #[error(transparent)]
     Schema(#[from] SchemaError),
     #[error("connecting to the database at {url}")]
@@ -59,10 +56,7 @@ pub enum DataStoreError {
         source: DieselError,
     },
     #[error("database operation {operation} gave up after {attempts} serialization conflicts")]
-    TooManyRetries {
-        operation: &'static str,
-        attempts: u32,
-    },
+    TooManyRetries { operation: &'static str, attempts: u32 },
 }
 
 /// What a transaction body returns: either a database error (retried if it is
@@ -95,9 +89,7 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig {
-            max_connections: 16,
-        }
+        PoolConfig { max_connections: 16 }
     }
 }
 
@@ -130,28 +122,19 @@ impl DataStore {
             let mut conn = datastore.connection().await?;
             schema_version::read_version(&mut conn)
                 .await
-                .map_err(|source| DataStoreError::Query {
-                    operation: "read_schema_version",
-                    source,
-                })?
+                .map_err(|source| DataStoreError::Query { operation: "read_schema_version", source })?
         };
         schema_version::check_version(version.as_deref())?;
         Ok(datastore)
     }
 
     /// Connects without looking at the schema, for tools that repair it.
-    pub async fn connect_unchecked(
-        url: &str,
-        config: &PoolConfig,
-    ) -> Result<DataStore, DataStoreError> {
+    pub async fn connect_unchecked(url: &str, config: &PoolConfig) -> Result<DataStore, DataStoreError> {
         // Fail fast, with the real cause, if the database is unreachable.
         // (tokio-postgres directly: diesel flattens the cause into a string.)
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
-            .map_err(|source| DataStoreError::Connect {
-                url: url.to_string(),
-                source,
-            })?;
+            .map_err(|source| DataStoreError::Connect { url: url.to_string(), source })?;
         drop(client);
         let _ = connection.await;
         let last_connection_error = LastConnectionError::default();
@@ -162,15 +145,10 @@ impl DataStore {
             .min_idle(Some(0))
             .error_sink(Box::new(last_connection_error.clone()))
             .build_unchecked(manager);
-        Ok(DataStore {
-            pool,
-            last_connection_error,
-        })
+        Ok(DataStore { pool, last_connection_error })
     }
 
-    pub(crate) async fn connection(
-        &self,
-    ) -> Result<PooledConnection<'_, AsyncPgConnection>, DataStoreError> {
+    pub(crate) async fn connection(&self) -> Result<PooledConnection<'_, AsyncPgConnection>, DataStoreError> {
         self.pool.get().await.map_err(|error| {
             let last_error = match error {
                 RunError::User(error) => error.to_string(),
@@ -202,15 +180,9 @@ impl DataStore {
         let mut conn = self.connection().await?;
         let query_error = |source| DataStoreError::Query { operation, source };
         for attempt in 1..=TRANSACTION_ATTEMPTS {
-            conn.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
-                .await
-                .map_err(query_error)?;
+            conn.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE").await.map_err(query_error)?;
             let outcome = match body(&mut conn).await {
-                Ok(value) => conn
-                    .batch_execute("COMMIT")
-                    .await
-                    .map(|()| value)
-                    .map_err(TxnError::Db),
+                Ok(value) => conn.batch_execute("COMMIT").await.map(|()| value).map_err(TxnError::Db),
                 Err(error) => {
                     conn.batch_execute("ROLLBACK").await.map_err(query_error)?;
                     Err(error)
@@ -231,27 +203,19 @@ impl DataStore {
                 }
             }
         }
-        Err(DataStoreError::TooManyRetries {
-            operation,
-            attempts: TRANSACTION_ATTEMPTS,
-        })
+        Err(DataStoreError::TooManyRetries { operation, attempts: TRANSACTION_ATTEMPTS })
     }
 }
 
 fn is_serialization_failure(error: &DieselError) -> bool {
-    matches!(
-        error,
-        DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _)
-    )
+    matches!(error, DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _))
 }
 
 /// Unique-constraint violations name their constraint; the datastore turns the
 /// ones it expects into conflicts that say what collided.
 fn violated_constraint(error: &DieselError) -> Option<&str> {
     match error {
-        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
-            info.constraint_name()
-        }
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => info.constraint_name(),
         _ => None,
     }
 }
@@ -265,9 +229,7 @@ pub(crate) mod test_support {
     /// returned too, to keep its URL at hand.
     pub async fn datastore() -> (TestDatabase, DataStore) {
         let db = TestDatabase::new().await;
-        let datastore = DataStore::connect(db.url(), &PoolConfig::default())
-            .await
-            .unwrap();
+        let datastore = DataStore::connect(db.url(), &PoolConfig::default()).await.unwrap();
         (db, datastore)
     }
 }

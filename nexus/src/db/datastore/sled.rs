@@ -12,10 +12,7 @@ use uuid::Uuid;
 impl DataStore {
     /// Records a sled agent's registration: inserts the sled, or updates its
     /// address if it moved. An expunged sled stays expunged.
-    pub async fn sled_upsert(
-        &self,
-        registration: &SledRegistration,
-    ) -> Result<Sled, DataStoreError> {
+    pub async fn sled_upsert(&self, registration: &SledRegistration) -> Result<Sled, DataStoreError> {
         let now = Utc::now();
         let row = Sled {
             id: registration.id,
@@ -47,10 +44,7 @@ impl DataStore {
                     "sled serial {:?} is already registered by another sled id than {}",
                     registration.serial, registration.id
                 )),
-                _ => DataStoreError::Query {
-                    operation: "sled_upsert",
-                    source,
-                },
+                _ => DataStoreError::Query { operation: "sled_upsert", source },
             })
     }
 
@@ -63,10 +57,7 @@ impl DataStore {
             .select(Sled::as_select())
             .load(&mut conn)
             .await
-            .map_err(|source| DataStoreError::Query {
-                operation: "sled_list",
-                source,
-            })
+            .map_err(|source| DataStoreError::Query { operation: "sled_list", source })
     }
 
     pub async fn sled_get(&self, id: Uuid) -> Result<Sled, DataStoreError> {
@@ -77,14 +68,8 @@ impl DataStore {
             .first(&mut conn)
             .await
             .optional()
-            .map_err(|source| DataStoreError::Query {
-                operation: "sled_get",
-                source,
-            })?
-            .ok_or_else(|| DataStoreError::NotFound {
-                kind: "sled",
-                key: id.to_string(),
-            })
+            .map_err(|source| DataStoreError::Query { operation: "sled_get", source })?
+            .ok_or_else(|| DataStoreError::NotFound { kind: "sled", key: id.to_string() })
     }
 }
 
@@ -109,10 +94,7 @@ mod tests {
         let mut first = registration("serial-a", 9000);
         let inserted = datastore.sled_upsert(&first).await.unwrap();
         assert_eq!(inserted.port, 9000);
-        datastore
-            .sled_upsert(&registration("serial-b", 9100))
-            .await
-            .unwrap();
+        datastore.sled_upsert(&registration("serial-b", 9100)).await.unwrap();
 
         first.port = 9200;
         first.ip = "::1".parse().unwrap();
@@ -130,14 +112,8 @@ mod tests {
     #[tokio::test]
     async fn sled_serial_taken_by_another_id_is_a_conflict() {
         let (_db, datastore) = datastore().await;
-        datastore
-            .sled_upsert(&registration("serial-a", 9000))
-            .await
-            .unwrap();
-        let error = datastore
-            .sled_upsert(&registration("serial-a", 9300))
-            .await
-            .unwrap_err();
+        datastore.sled_upsert(&registration("serial-a", 9000)).await.unwrap();
+        let error = datastore.sled_upsert(&registration("serial-a", 9300)).await.unwrap_err();
         assert!(matches!(error, DataStoreError::Conflict(_)), "{error:?}");
         assert!(error.to_string().contains("serial-a"), "{error}");
         assert_eq!(datastore.sled_list().await.unwrap().len(), 1);

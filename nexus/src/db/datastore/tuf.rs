@@ -52,10 +52,7 @@ impl DataStore {
         description: &TufRepoDescription,
     ) -> Result<TufRepoInsertResult, DataStoreError> {
         validate_description(description)?;
-        self.transaction_retry("tuf_repo_insert", |conn| {
-            insert_in_txn(conn, description).scope_boxed()
-        })
-        .await
+        self.transaction_retry("tuf_repo_insert", |conn| insert_in_txn(conn, description).scope_boxed()).await
     }
 
     pub async fn tuf_repo_get_by_version(
@@ -87,9 +84,7 @@ impl DataStore {
         let mut query = tuf_repo::table.select(TufRepo::as_select()).into_boxed();
         if let Some((time, id)) = page.after {
             query = query.filter(
-                tuf_repo::time_created
-                    .lt(time)
-                    .or(tuf_repo::time_created.eq(time).and(tuf_repo::id.lt(id))),
+                tuf_repo::time_created.lt(time).or(tuf_repo::time_created.eq(time).and(tuf_repo::id.lt(id))),
             );
         }
         let mut conn = self.connection().await?;
@@ -98,10 +93,7 @@ impl DataStore {
             .limit(i64::from(page.limit))
             .load(&mut conn)
             .await
-            .map_err(|source| DataStoreError::Query {
-                operation: "tuf_repo_list",
-                source,
-            })
+            .map_err(|source| DataStoreError::Query { operation: "tuf_repo_list", source })
     }
 
     /// Unpruned repositories, newest first.
@@ -113,10 +105,7 @@ impl DataStore {
             .select(TufRepo::as_select())
             .load(&mut conn)
             .await
-            .map_err(|source| DataStoreError::Query {
-                operation: "tuf_repo_list_unpruned",
-                source,
-            })
+            .map_err(|source| DataStoreError::Query { operation: "tuf_repo_list_unpruned", source })
     }
 
     /// Unpruned repositories with their artifacts, newest first: what
@@ -146,10 +135,7 @@ impl DataStore {
         for (repo, artifact) in rows {
             match repos.last_mut() {
                 Some(last) if last.repo.id == repo.id => last.artifacts.push(artifact),
-                _ => repos.push(TufRepoWithArtifacts {
-                    repo,
-                    artifacts: vec![artifact],
-                }),
+                _ => repos.push(TufRepoWithArtifacts { repo, artifacts: vec![artifact] }),
             }
         }
         Ok(repos)
@@ -169,11 +155,7 @@ impl DataStore {
                     return Err(DataStoreError::GenerationMoved { expected, found }.into());
                 }
                 let pruned = diesel::update(tuf_repo::table)
-                    .filter(
-                        tuf_repo::id
-                            .eq(repo_id)
-                            .and(tuf_repo::time_pruned.is_null()),
-                    )
+                    .filter(tuf_repo::id.eq(repo_id).and(tuf_repo::time_pruned.is_null()))
                     .set(tuf_repo::time_pruned.eq(Utc::now()))
                     .execute(conn)
                     .await?;
@@ -193,15 +175,10 @@ impl DataStore {
 
     pub async fn tuf_generation_get(&self) -> Result<Generation, DataStoreError> {
         let mut conn = self.connection().await?;
-        read_generation(&mut conn)
-            .await
-            .map_err(|error| match error {
-                TxnError::Db(source) => DataStoreError::Query {
-                    operation: "tuf_generation_get",
-                    source,
-                },
-                TxnError::Abort(error) => error,
-            })
+        read_generation(&mut conn).await.map_err(|error| match error {
+            TxnError::Db(source) => DataStoreError::Query { operation: "tuf_generation_get", source },
+            TxnError::Abort(error) => error,
+        })
     }
 
     /// The artifacts every sled must hold, read in one transaction so that the
@@ -217,10 +194,7 @@ impl DataStore {
                     .distinct()
                     .load(conn)
                     .await?;
-                Ok(ArtifactConfig {
-                    generation,
-                    artifacts: hashes.into_iter().map(|hash| hash.0).collect(),
-                })
+                Ok(ArtifactConfig { generation, artifacts: hashes.into_iter().map(|hash| hash.0).collect() })
             }
             .scope_boxed()
         })
@@ -267,12 +241,7 @@ async fn insert_in_txn(
     if let Some(mut repo) = existing {
         let artifacts = repo_artifacts(conn, repo.id).await?;
         if repo.sha256.0 != description.sha256 {
-            return Err(DataStoreError::Conflict(describe_difference(
-                &repo,
-                &artifacts,
-                description,
-            ))
-            .into());
+            return Err(DataStoreError::Conflict(describe_difference(&repo, &artifacts, description)).into());
         }
         let generation = if repo.time_pruned.is_some() {
             diesel::update(tuf_repo::table.find(repo.id))
@@ -308,11 +277,7 @@ async fn insert_in_txn(
     let new_generation = generation.next();
     // The database keeps microseconds; so must the rows returned from here.
     let now = Utc::now().trunc_subsecs(6);
-    let names: Vec<&str> = description
-        .artifacts
-        .iter()
-        .map(|a| a.id.name.as_str())
-        .collect();
+    let names: Vec<&str> = description.artifacts.iter().map(|a| a.id.name.as_str()).collect();
     let known: BTreeMap<ArtifactId, TufArtifact> = tuf_artifact::table
         .filter(tuf_artifact::name.eq_any(&names))
         .select(TufArtifact::as_select())
@@ -326,14 +291,17 @@ async fn insert_in_txn(
     for artifact in &description.artifacts {
         let size = i64::try_from(artifact.size).expect("validated before the transaction");
         match known.get(&artifact.id) {
-            Some(row) if row.sha256.0 == artifact.sha256 && row.size == size => {
-                linked.push(row.clone())
-            }
+            Some(row) if row.sha256.0 == artifact.sha256 && row.size == size => linked.push(row.clone()),
             Some(row) => {
                 return Err(DataStoreError::Conflict(format!(
                     "artifact {} is already recorded with sha256 {} and {} bytes; repository {} has \
                      sha256 {} and {} bytes under the same name, version and kind",
-                    artifact.id, row.sha256.0, row.size, description.system_version, artifact.sha256, artifact.size
+                    artifact.id,
+                    row.sha256.0,
+                    row.size,
+                    description.system_version,
+                    artifact.sha256,
+                    artifact.size
                 ))
                 .into());
             }
@@ -361,32 +329,17 @@ async fn insert_in_txn(
         file_name: description.file_name.clone(),
         time_pruned: None,
     };
-    diesel::insert_into(tuf_repo::table)
-        .values(&repo)
-        .execute(conn)
-        .await?;
-    diesel::insert_into(tuf_artifact::table)
-        .values(&new_rows)
-        .execute(conn)
-        .await?;
+    diesel::insert_into(tuf_repo::table).values(&repo).execute(conn).await?;
+    diesel::insert_into(tuf_artifact::table).values(&new_rows).execute(conn).await?;
     let links: Vec<TufRepoArtifact> = linked
         .iter()
-        .map(|artifact| TufRepoArtifact {
-            tuf_repo_id: repo.id,
-            tuf_artifact_id: artifact.id,
-        })
+        .map(|artifact| TufRepoArtifact { tuf_repo_id: repo.id, tuf_artifact_id: artifact.id })
         .collect();
-    diesel::insert_into(tuf_repo_artifact::table)
-        .values(&links)
-        .execute(conn)
-        .await?;
+    diesel::insert_into(tuf_repo_artifact::table).values(&links).execute(conn).await?;
     let generation = bump_generation(conn, generation).await?;
     linked.sort_by_key(TufArtifact::artifact_id);
     Ok(TufRepoInsertResult {
-        recorded: TufRepoWithArtifacts {
-            repo,
-            artifacts: linked,
-        },
+        recorded: TufRepoWithArtifacts { repo, artifacts: linked },
         status: TufRepoInsertStatus::Inserted,
         generation,
     })
@@ -400,57 +353,34 @@ fn describe_difference(
     recorded_artifacts: &[TufArtifact],
     upload: &TufRepoDescription,
 ) -> String {
-    let recorded_map: BTreeMap<ArtifactId, (String, i64)> = recorded_artifacts
-        .iter()
-        .map(|a| (a.artifact_id(), (a.sha256.0.to_string(), a.size)))
-        .collect();
+    let recorded_map: BTreeMap<ArtifactId, (String, i64)> =
+        recorded_artifacts.iter().map(|a| (a.artifact_id(), (a.sha256.0.to_string(), a.size))).collect();
     let upload_map: BTreeMap<ArtifactId, (String, i64)> = upload
         .artifacts
         .iter()
-        .map(|a| {
-            (
-                a.id.clone(),
-                (
-                    a.sha256.to_string(),
-                    i64::try_from(a.size).unwrap_or(i64::MAX),
-                ),
-            )
-        })
+        .map(|a| (a.id.clone(), (a.sha256.to_string(), i64::try_from(a.size).unwrap_or(i64::MAX))))
         .collect();
     let mut message = format!(
         "system version {} is already recorded with different contents: the recorded repository \
          ({}) has sha256 {}, this upload ({}) has sha256 {}",
-        upload.system_version,
-        recorded.file_name,
-        recorded.sha256.0,
-        upload.file_name,
-        upload.sha256
+        upload.system_version, recorded.file_name, recorded.sha256.0, upload.file_name, upload.sha256
     );
-    let only_recorded: Vec<String> = recorded_map
-        .keys()
-        .filter(|id| !upload_map.contains_key(id))
-        .map(ToString::to_string)
-        .collect();
-    let only_upload: Vec<String> = upload_map
-        .keys()
-        .filter(|id| !recorded_map.contains_key(id))
-        .map(ToString::to_string)
-        .collect();
+    let only_recorded: Vec<String> =
+        recorded_map.keys().filter(|id| !upload_map.contains_key(id)).map(ToString::to_string).collect();
+    let only_upload: Vec<String> =
+        upload_map.keys().filter(|id| !recorded_map.contains_key(id)).map(ToString::to_string).collect();
     let changed: Vec<String> = upload_map
         .iter()
         .filter_map(|(id, (hash, size))| {
             let (old_hash, old_size) = recorded_map.get(id)?;
             (old_hash != hash || old_size != size).then(|| {
-                format!(
-                    "{id}: {old_hash} ({old_size} bytes) recorded, {hash} ({size} bytes) uploaded"
-                )
+                format!("{id}: {old_hash} ({old_size} bytes) recorded, {hash} ({size} bytes) uploaded")
             })
         })
         .collect();
     if only_recorded.is_empty() && only_upload.is_empty() && changed.is_empty() {
-        message.push_str(
-            "; the artifacts are identical, so the repositories differ only in their TUF metadata",
-        );
+        message
+            .push_str("; the artifacts are identical, so the repositories differ only in their TUF metadata");
     }
     for (label, items) in [
         ("artifacts only in the recorded repository", only_recorded),
@@ -471,11 +401,7 @@ async fn repo_artifacts(
     tuf_artifact::table
         .inner_join(tuf_repo_artifact::table)
         .filter(tuf_repo_artifact::tuf_repo_id.eq(repo_id))
-        .order((
-            tuf_artifact::name,
-            tuf_artifact::version,
-            tuf_artifact::kind,
-        ))
+        .order((tuf_artifact::name, tuf_artifact::version, tuf_artifact::kind))
         .select(TufArtifact::as_select())
         .load(conn)
         .await
@@ -491,27 +417,18 @@ async fn read_generation(conn: &mut AsyncPgConnection) -> Result<Generation, Txn
 }
 
 /// Compare-and-swap: `from` must still be the stored value.
-async fn bump_generation(
-    conn: &mut AsyncPgConnection,
-    from: Generation,
-) -> Result<Generation, TxnError> {
+async fn bump_generation(conn: &mut AsyncPgConnection, from: Generation) -> Result<Generation, TxnError> {
     let next = from.next();
     let updated = diesel::update(tuf_generation::table)
         .filter(
-            tuf_generation::singleton
-                .eq(true)
-                .and(tuf_generation::generation.eq(generation_to_sql(from))),
+            tuf_generation::singleton.eq(true).and(tuf_generation::generation.eq(generation_to_sql(from))),
         )
         .set(tuf_generation::generation.eq(generation_to_sql(next)))
         .execute(conn)
         .await?;
     if updated != 1 {
         let found = read_generation(conn).await?;
-        return Err(DataStoreError::GenerationMoved {
-            expected: from,
-            found,
-        }
-        .into());
+        return Err(DataStoreError::GenerationMoved { expected: from, found }.into());
     }
     Ok(next)
 }
@@ -522,10 +439,8 @@ fn generation_to_sql(generation: Generation) -> i64 {
 
 fn generation_from_sql(value: i64) -> Result<Generation, TxnError> {
     u64::try_from(value).map(Generation::new).map_err(|_| {
-        DataStoreError::InvalidInput(format!(
-            "tuf_generation holds {value}, which is not a generation"
-        ))
-        .into()
+        DataStoreError::InvalidInput(format!("tuf_generation holds {value}, which is not a generation"))
+            .into()
     })
 }
 
@@ -543,11 +458,7 @@ mod tests {
 
     fn artifact(name: &str, version: &str) -> TufArtifactDescription {
         TufArtifactDescription {
-            id: ArtifactId {
-                name: name.into(),
-                version: version.into(),
-                kind: "zone".into(),
-            },
+            id: ArtifactId { name: name.into(), version: version.into(), kind: "zone".into() },
             sha256: hash(&format!("{name}-{version}")),
             size: 1000 + name.len() as u64,
         }
@@ -570,32 +481,20 @@ mod tests {
     #[tokio::test]
     async fn insert_get_and_reinsert() {
         let (_db, datastore) = datastore().await;
-        assert_eq!(
-            datastore.tuf_generation_get().await.unwrap(),
-            Generation::FIRST
-        );
+        assert_eq!(datastore.tuf_generation_get().await.unwrap(), Generation::FIRST);
         let description = repo("1.0.0", vec![artifact("a", "1"), artifact("b", "1")]);
 
         let inserted = datastore.tuf_repo_insert(&description).await.unwrap();
         assert_eq!(inserted.status, TufRepoInsertStatus::Inserted);
         assert_eq!(inserted.generation, Generation::new(2));
         assert_eq!(inserted.recorded.artifacts.len(), 2);
-        assert!(
-            inserted
-                .recorded
-                .artifacts
-                .iter()
-                .all(|a| a.generation_added == 2)
-        );
+        assert!(inserted.recorded.artifacts.iter().all(|a| a.generation_added == 2));
 
         let fetched = datastore.tuf_repo_get_by_version("1.0.0").await.unwrap();
         assert_eq!(fetched, inserted.recorded);
         let (generation, hashes) = config_hashes(&datastore).await;
         assert_eq!(generation, Generation::new(2));
-        assert_eq!(
-            hashes,
-            description.artifacts.iter().map(|a| a.sha256).collect()
-        );
+        assert_eq!(hashes, description.artifacts.iter().map(|a| a.sha256).collect());
 
         let again = datastore.tuf_repo_insert(&description).await.unwrap();
         assert_eq!(again.status, TufRepoInsertStatus::AlreadyExists);
@@ -606,14 +505,8 @@ mod tests {
             "a no-op must not bump"
         );
 
-        let error = datastore
-            .tuf_repo_get_by_version("9.9.9")
-            .await
-            .unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "TUF repository with system version 9.9.9 not found"
-        );
+        let error = datastore.tuf_repo_get_by_version("9.9.9").await.unwrap_err();
+        assert_eq!(error.to_string(), "TUF repository with system version 9.9.9 not found");
     }
 
     #[tokio::test]
@@ -628,34 +521,14 @@ mod tests {
         let other = repo("1.0.0", vec![changed_b, artifact("c", "1")]);
 
         let error = datastore.tuf_repo_insert(&other).await.unwrap_err();
-        let DataStoreError::Conflict(message) = &error else {
-            panic!("expected a conflict, got {error:?}")
-        };
+        let DataStoreError::Conflict(message) = &error else { panic!("expected a conflict, got {error:?}") };
         assert!(message.contains("system version 1.0.0"), "{message}");
         assert!(message.contains(&other.sha256.to_string()), "{message}");
-        assert!(
-            message.contains("only in the recorded repository: a 1 (zone)"),
-            "{message}"
-        );
-        assert!(
-            message.contains("only in this upload: c 1 (zone)"),
-            "{message}"
-        );
-        assert!(
-            message.contains("different contents: b 1 (zone)"),
-            "{message}"
-        );
-        assert_eq!(
-            datastore.tuf_generation_get().await.unwrap(),
-            Generation::new(2)
-        );
-        let listed = datastore
-            .tuf_repo_list(&TufRepoPage {
-                limit: 10,
-                after: None,
-            })
-            .await
-            .unwrap();
+        assert!(message.contains("only in the recorded repository: a 1 (zone)"), "{message}");
+        assert!(message.contains("only in this upload: c 1 (zone)"), "{message}");
+        assert!(message.contains("different contents: b 1 (zone)"), "{message}");
+        assert_eq!(datastore.tuf_generation_get().await.unwrap(), Generation::new(2));
+        let listed = datastore.tuf_repo_list(&TufRepoPage { limit: 10, after: None }).await.unwrap();
         assert_eq!(listed.len(), 1);
     }
 
@@ -670,40 +543,17 @@ mod tests {
             .tuf_repo_insert(&repo("2.0.0", vec![artifact("a", "1"), artifact("c", "1")]))
             .await
             .unwrap();
-        let shared_first = first
-            .recorded
-            .artifacts
-            .iter()
-            .find(|a| a.name == "a")
-            .unwrap();
-        let shared_second = second
-            .recorded
-            .artifacts
-            .iter()
-            .find(|a| a.name == "a")
-            .unwrap();
-        assert_eq!(
-            shared_first.id, shared_second.id,
-            "the shared artifact row is reused"
-        );
-        assert_eq!(
-            shared_second.generation_added, 2,
-            "a linked artifact keeps its first generation"
-        );
+        let shared_first = first.recorded.artifacts.iter().find(|a| a.name == "a").unwrap();
+        let shared_second = second.recorded.artifacts.iter().find(|a| a.name == "a").unwrap();
+        assert_eq!(shared_first.id, shared_second.id, "the shared artifact row is reused");
+        assert_eq!(shared_second.generation_added, 2, "a linked artifact keeps its first generation");
 
         let mut clashing = artifact("c", "1");
         clashing.sha256 = hash("not c");
-        let error = datastore
-            .tuf_repo_insert(&repo("3.0.0", vec![artifact("d", "1"), clashing]))
-            .await
-            .unwrap_err();
+        let error =
+            datastore.tuf_repo_insert(&repo("3.0.0", vec![artifact("d", "1"), clashing])).await.unwrap_err();
         assert!(matches!(error, DataStoreError::Conflict(_)), "{error:?}");
-        assert!(
-            error
-                .to_string()
-                .contains("artifact c 1 (zone) is already recorded"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("artifact c 1 (zone) is already recorded"), "{error}");
         // Nothing of the refused repository was written, not even artifact d.
         assert!(datastore.tuf_repo_get_by_version("3.0.0").await.is_err());
         let (generation, hashes) = config_hashes(&datastore).await;
@@ -714,64 +564,32 @@ mod tests {
     #[tokio::test]
     async fn prune_and_unprune_bump_the_generation() {
         let (_db, datastore) = datastore().await;
-        let old = repo(
-            "1.0.0",
-            vec![artifact("shared", "1"), artifact("old-only", "1")],
-        );
-        let old_id = datastore
-            .tuf_repo_insert(&old)
-            .await
-            .unwrap()
-            .recorded
-            .repo
-            .id;
+        let old = repo("1.0.0", vec![artifact("shared", "1"), artifact("old-only", "1")]);
+        let old_id = datastore.tuf_repo_insert(&old).await.unwrap().recorded.repo.id;
         datastore
-            .tuf_repo_insert(&repo(
-                "2.0.0",
-                vec![artifact("shared", "1"), artifact("new", "1")],
-            ))
+            .tuf_repo_insert(&repo("2.0.0", vec![artifact("shared", "1"), artifact("new", "1")]))
             .await
             .unwrap();
         let (generation, hashes) = config_hashes(&datastore).await;
         assert_eq!((generation, hashes.len()), (Generation::new(3), 3));
 
-        let stale = datastore
-            .tuf_repo_mark_pruned(old_id, Generation::new(2))
-            .await
-            .unwrap_err();
+        let stale = datastore.tuf_repo_mark_pruned(old_id, Generation::new(2)).await.unwrap_err();
         assert!(
             matches!(stale, DataStoreError::GenerationMoved { expected, found }
                 if expected == Generation::new(2) && found == Generation::new(3)),
             "{stale:?}"
         );
-        assert_eq!(
-            config_hashes(&datastore).await.1.len(),
-            3,
-            "a refused prune changes nothing"
-        );
+        assert_eq!(config_hashes(&datastore).await.1.len(), 3, "a refused prune changes nothing");
 
-        let after_prune = datastore
-            .tuf_repo_mark_pruned(old_id, generation)
-            .await
-            .unwrap();
+        let after_prune = datastore.tuf_repo_mark_pruned(old_id, generation).await.unwrap();
         assert_eq!(after_prune, Generation::new(4));
         let (generation, hashes) = config_hashes(&datastore).await;
         assert_eq!(generation, Generation::new(4));
-        assert_eq!(
-            hashes,
-            BTreeSet::from([hash("shared-1"), hash("new-1")]),
-            "only old-only leaves"
-        );
+        assert_eq!(hashes, BTreeSet::from([hash("shared-1"), hash("new-1")]), "only old-only leaves");
         let pruned = datastore.tuf_repo_get_by_version("1.0.0").await.unwrap();
         assert!(pruned.repo.time_pruned.is_some());
-        let twice = datastore
-            .tuf_repo_mark_pruned(old_id, generation)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(twice, DataStoreError::NotFound { .. }),
-            "{twice:?}"
-        );
+        let twice = datastore.tuf_repo_mark_pruned(old_id, generation).await.unwrap_err();
+        assert!(matches!(twice, DataStoreError::NotFound { .. }), "{twice:?}");
 
         let unpruned = datastore.tuf_repo_insert(&old).await.unwrap();
         assert_eq!(unpruned.status, TufRepoInsertStatus::AlreadyExists);
@@ -786,16 +604,10 @@ mod tests {
         let (_db, datastore) = datastore().await;
         for minor in 0..5 {
             let version = format!("1.{minor}.0");
-            datastore
-                .tuf_repo_insert(&repo(&version, vec![artifact("a", &version)]))
-                .await
-                .unwrap();
+            datastore.tuf_repo_insert(&repo(&version, vec![artifact("a", &version)])).await.unwrap();
         }
         let mut seen = Vec::new();
-        let mut page = TufRepoPage {
-            limit: 2,
-            after: None,
-        };
+        let mut page = TufRepoPage { limit: 2, after: None };
         loop {
             let rows = datastore.tuf_repo_list(&page).await.unwrap();
             let Some(last) = rows.last() else { break };
@@ -808,23 +620,14 @@ mod tests {
     #[tokio::test]
     async fn invalid_descriptions_are_refused_before_the_database() {
         let (_db, datastore) = datastore().await;
-        let error = datastore
-            .tuf_repo_insert(&repo("1.0.0", vec![]))
-            .await
-            .unwrap_err();
+        let error = datastore.tuf_repo_insert(&repo("1.0.0", vec![])).await.unwrap_err();
         assert_eq!(error.to_string(), "TUF repository 1.0.0 has no artifacts");
         let error = datastore
             .tuf_repo_insert(&repo("1.0.0", vec![artifact("a", "1"), artifact("a", "1")]))
             .await
             .unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "TUF repository 1.0.0 lists artifact a 1 (zone) twice"
-        );
-        assert_eq!(
-            datastore.tuf_generation_get().await.unwrap(),
-            Generation::FIRST
-        );
+        assert_eq!(error.to_string(), "TUF repository 1.0.0 lists artifact a 1 (zone) twice");
+        assert_eq!(datastore.tuf_generation_get().await.unwrap(), Generation::FIRST);
     }
 
     /// Concurrent inserts of different repositories, sharing an artifact, all
@@ -836,39 +639,23 @@ mod tests {
         let datastore = std::sync::Arc::new(datastore);
         let distinct: Vec<_> = (0..8)
             .map(|i| {
-                repo(
-                    &format!("1.{i}.0"),
-                    vec![artifact("shared", "1"), artifact(&format!("own{i}"), "1")],
-                )
+                repo(&format!("1.{i}.0"), vec![artifact("shared", "1"), artifact(&format!("own{i}"), "1")])
             })
             .collect();
         let same = repo("2.0.0", vec![artifact("shared", "1"), artifact("two", "1")]);
         let mut tasks = Vec::new();
-        for description in distinct
-            .iter()
-            .cloned()
-            .chain(std::iter::repeat_n(same.clone(), 8))
-        {
+        for description in distinct.iter().cloned().chain(std::iter::repeat_n(same.clone(), 8)) {
             let datastore = datastore.clone();
-            tasks.push(tokio::spawn(async move {
-                datastore.tuf_repo_insert(&description).await
-            }));
+            tasks.push(tokio::spawn(async move { datastore.tuf_repo_insert(&description).await }));
         }
         let mut inserted = 0;
         for task in tasks {
             let result = task.await.unwrap().unwrap();
             inserted += usize::from(result.status == TufRepoInsertStatus::Inserted);
         }
-        assert_eq!(
-            inserted, 9,
-            "8 distinct repositories and one of the 8 identical uploads"
-        );
+        assert_eq!(inserted, 9, "8 distinct repositories and one of the 8 identical uploads");
         let (generation, hashes) = config_hashes(&datastore).await;
-        assert_eq!(
-            generation,
-            Generation::new(1 + 9),
-            "one bump per insert, none lost"
-        );
+        assert_eq!(generation, Generation::new(1 + 9), "one bump per insert, none lost");
         assert_eq!(hashes.len(), 1 + 8 + 1);
     }
 }
