@@ -79,7 +79,10 @@ async fn unknown_task_names_are_404_and_activate_nothing() {
 
     let error = client.bgtask_view("no_such_task").await.unwrap_err();
     assert_eq!(status_code(&error), 404);
-    assert_eq!(message(error), "no background task named [\"no_such_task\"]; known tasks: tuf_artifact_replication, tuf_repo_pruner");
+    assert_eq!(
+        message(error),
+        "no background task named [\"no_such_task\"]; known tasks: tuf_artifact_replication, tuf_repo_pruner"
+    );
 
     let request = BackgroundTasksActivateRequest {
         bgtask_names: [PRUNER.to_string(), "no_such_task".to_string()].into(),

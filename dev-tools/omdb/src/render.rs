@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::bgtask::details::{
-    ReplicationCounters, ReplicationOutcome, RequestOperation, TufArtifactReplicationStatus, TufRepoPrunerOutcome,
-    TufRepoPrunerStatus,
+    ReplicationCounters, ReplicationOutcome, RequestOperation, TufArtifactReplicationStatus,
+    TufRepoPrunerOutcome, TufRepoPrunerStatus,
 };
 use common::bgtask::{ActivationReason, BackgroundTask, CurrentStatus, DriverDetails, LastResult};
 use std::fmt::Write;
@@ -116,7 +116,7 @@ fn details_lines(task: &str, details: &serde_json::Value) -> Vec<String> {
             }
         }];
     }
-        let typed = match task {
+    let typed = match task {
         "tuf_repo_pruner" => serde_json::from_value(details.clone()).ok().map(pruner_lines),
         "tuf_artifact_replication" => serde_json::from_value(details.clone()).ok().map(replication_lines),
         _ => None,
@@ -172,12 +172,21 @@ fn replication_lines(status: TufArtifactReplicationStatus) -> Vec<String> {
             ("copy", c.copy_ok, c.copy_err),
         ]
     };
-    for ((name, last_ok, last_err), (_, all_ok, all_err)) in pairs(&status.last_run).into_iter().zip(pairs(&status.lifetime)) {
-        lines.push(format!("  {name:<10} {:>14} {:>14}", format!("{last_ok}/{last_err}"), format!("{all_ok}/{all_err}")));
+    for ((name, last_ok, last_err), (_, all_ok, all_err)) in
+        pairs(&status.last_run).into_iter().zip(pairs(&status.lifetime))
+    {
+        lines.push(format!(
+            "  {name:<10} {:>14} {:>14}",
+            format!("{last_ok}/{last_err}"),
+            format!("{all_ok}/{all_err}")
+        ));
     }
     lines.push(format!("local repositories (staged here): {}", status.local_repos.len()));
     for repo in &status.local_repos {
-        lines.push(format!("  {} ({}): {} artifacts, {} bytes", repo.system_version, repo.repo_id, repo.artifacts, repo.bytes));
+        lines.push(format!(
+            "  {} ({}): {} artifacts, {} bytes",
+            repo.system_version, repo.repo_id, repo.artifacts, repo.bytes
+        ));
     }
     lines.push(format!("repositories: {}", status.repos.len()));
     for repo in &status.repos {

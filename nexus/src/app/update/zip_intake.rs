@@ -207,7 +207,9 @@ fn extract_entry<R: Read + Seek>(
 }
 
 /// The end-of-central-directory record must end exactly at the end of the
-/// file (allowing for its own comment).
+/// file (allowing for its own comment), and no name may appear twice in the
+/// central directory (the zip crate keeps only one entry per name, so this
+/// is checked on the raw directory).
 fn check_no_trailing_data(file: &mut std::fs::File) -> std::io::Result<Result<(), ZipError>> {
     const EOCD_SIGNATURE: &[u8; 4] = b"PK\x05\x06";
     const EOCD_LEN: u64 = 22;
@@ -225,9 +227,46 @@ fn check_no_trailing_data(file: &mut std::fs::File) -> std::io::Result<Result<()
     };
     let comment = u64::from(u16::from_le_bytes([record[20], record[21]]));
     let end = (length - window) + position as u64 + EOCD_LEN + comment;
-    Ok(match end.cmp(&length) {
-        std::cmp::Ordering::Less => Err(ZipError::TrailingData { bytes: length - end }),
-        std::cmp::Ordering::Greater => Err(ZipError::NotAZip { message: "the archive is truncated".into() }),
-        std::cmp::Ordering::Equal => Ok(()),
-    })
+    match end.cmp(&length) {
+        std::cmp::Ordering::Less => return Ok(Err(ZipError::TrailingData { bytes: length - end })),
+        std::cmp::Ordering::Greater => {
+            return Ok(Err(ZipError::NotAZip { message: "the archive is truncated".into() }));
+        }
+        std::cmp::Ordering::Equal => {}
+    }
+    let directory_size = u32::from_le_bytes([record[12], record[13], record[14], record[15]]);
+    let directory_offset = u32::from_le_bytes([record[16], record[17], record[18], record[19]]);
+    // ZIP64 archives keep the real values elsewhere; the zip crate's own
+    // reading of them is relied on.
+    if directory_size == u32::MAX || directory_offset == u32::MAX {
+        return Ok(Ok(()));
+    }
+    if u64::from(directory_offset) + u64::from(directory_size) > length {
+        return Ok(Err(ZipError::NotAZip { message: "the central directory lies beyond the file".into() }));
+    }
+    let mut directory = vec![0u8; directory_size as usize];
+    file.seek(SeekFrom::Start(u64::from(directory_offset)))?;
+    file.read_exact(&mut directory)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(find_duplicate(&directory))
+}
+
+/// Walks the raw central directory for a name that appears twice.
+fn find_duplicate(directory: &[u8]) -> Result<(), ZipError> {
+    const HEADER_LEN: usize = 46;
+    let mut names = BTreeSet::new();
+    let mut at = 0;
+    while at + HEADER_LEN <= directory.len() && directory[at..at + 4] == *b"PK\x01\x02" {
+        let field = |offset: usize| {
+            usize::from(u16::from_le_bytes([directory[at + offset], directory[at + offset + 1]]))
+        };
+        let (name_len, extra_len, comment_len) = (field(28), field(30), field(32));
+        let Some(name) = directory.get(at + HEADER_LEN..at + HEADER_LEN + name_len) else { break };
+        let name = String::from_utf8_lossy(name).into_owned();
+        if !names.insert(name.clone()) {
+            return Err(ZipError::Duplicate { name });
+        }
+        at += HEADER_LEN + name_len + extra_len + comment_len;
+    }
+    Ok(())
 }
