@@ -157,3 +157,5 @@ pub fn test_sled_config(nexus_internal_url: &str) -> sled_agent::config::Config 
 pub mod fake_depot;
 
 pub mod repos;
+
+pub mod rack;
