@@ -36,7 +36,8 @@ pub struct Server {
     pub serial: String,
     api: dropshot::HttpServer<Arc<SledContext>>,
     depot: dropshot::HttpServer<Arc<SledContext>>,
-    registration: tokio::task::JoinHandle<()>,
+    /// Aborted when the server is dropped or shut down.
+    registration: AbortOnDrop,
     /// Kept alive for as long as the server runs when M.2s are temp dirs.
     _temp_m2s: Vec<Utf8TempDir>,
     log: slog::Logger,
@@ -106,7 +107,15 @@ impl Server {
             Duration::from_secs(config.registration_period_secs),
         );
         slog::info!(log, "sled agent started"; "api" => %api.local_addr(), "depot" => %depot.local_addr());
-        Ok(Server { sled_id, serial, api, depot, registration, _temp_m2s: temp_m2s, log })
+        Ok(Server {
+            sled_id,
+            serial,
+            api,
+            depot,
+            registration: AbortOnDrop(registration),
+            _temp_m2s: temp_m2s,
+            log,
+        })
     }
 
     pub fn api_address(&self) -> SocketAddr {
@@ -118,13 +127,21 @@ impl Server {
     }
 
     pub async fn shutdown(self) {
-        self.registration.abort();
+        drop(self.registration);
         for (name, server) in [("api", self.api), ("depot", self.depot)] {
             if let Err(message) = server.close().await {
                 slog::warn!(self.log, "closing server"; "server" => name, "error" => message);
             }
         }
         slog::info!(self.log, "sled agent stopped");
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -31,6 +31,15 @@ impl TestNexus {
         Self::start_on(db, dir, &config).await
     }
 
+    /// Another Nexus on the same database, with its own staging area and
+    /// ports (the operator token file is its own too).
+    pub async fn start_sharing(db: &TestDatabase, adjust: impl FnOnce(&mut Config)) -> TestNexus {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let mut config = test_config(db.url(), dir.path());
+        adjust(&mut config);
+        Self::start_on(db.clone(), dir, &config).await
+    }
+
     /// Starts on an existing database and directory: for restarts.
     pub async fn start_on(db: TestDatabase, dir: camino_tempfile::Utf8TempDir, config: &Config) -> TestNexus {
         let server = Server::start(config, test_log()).await.expect("test Nexus starts");

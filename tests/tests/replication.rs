@@ -6,14 +6,23 @@ use common::bgtask::details::ReplicationOutcome;
 use integration_tests::rack::{PRUNER, TestRack, holds_exactly};
 use integration_tests::repos::{RepoFactory, upload};
 
-async fn rack_with_root(sleds: usize, adjust: impl FnOnce(&mut nexus::config::Config)) -> (TestRack, RepoFactory) {
+async fn rack_with_root(
+    sleds: usize,
+    adjust: impl FnOnce(&mut nexus::config::Config),
+) -> (TestRack, RepoFactory) {
     let rack = TestRack::start(sleds, adjust).await;
     let factory = RepoFactory::new().await;
     rack.nexus.external_client().trust_root_create(&factory.root_json()).await.unwrap();
     (rack, factory)
 }
 
-async fn upload_ok(rack: &TestRack, factory: &RepoFactory, version: &str, artifacts: &[(&str, u64)], seed: u64) {
+async fn upload_ok(
+    rack: &TestRack,
+    factory: &RepoFactory,
+    version: &str,
+    artifacts: &[(&str, u64)],
+    seed: u64,
+) {
     let zip = factory.build(&RepoFactory::spec(version, artifacts, seed)).await;
     let (status, body) = upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await;
     assert_eq!(status, 200, "{body}");
@@ -83,4 +92,265 @@ async fn a_new_sled_receives_everything_and_a_restored_m2_is_healed() {
     let status = rack.replicate().await;
     assert!(status.plan.recopies >= 1, "{:?}", status.plan);
     rack.converge(20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nexus_restarted_between_upload_and_replication_loses_nothing() {
+    let (rack, factory) =
+        rack_with_root(3, |config| config.background_tasks.tuf_artifact_replication.disabled = true).await;
+    upload_ok(&rack, &factory, "1.0.0", &[("os", 200_000), ("sp", 30_000)], 1).await;
+    let status = rack.activate(integration_tests::rack::REPLICATION).await;
+    assert!(
+        serde_json::to_string(&status.last).unwrap().contains("disabled"),
+        "replication is off: {status:?}"
+    );
+
+    // No sled holds anything: the staged files are the only copies.
+    assert!(rack.views().await.iter().all(|view| view.copies.is_empty()));
+    assert_eq!(std::fs::read_dir(rack.nexus.staging_dir().join("artifacts")).unwrap().count(), 2);
+
+    // Restart: the hand-off queue is gone, the staged files are not.
+    let TestRack { nexus, sleds } = rack;
+    let config = nexus.config();
+    let integration_tests::TestNexus { db, server, dir, .. } = nexus;
+    server.shutdown().await;
+    let nexus = integration_tests::TestNexus::start_on(db, dir, &config).await;
+    let rack = TestRack { nexus, sleds };
+    // Only staging recovery can have given replication the bytes.
+    rack.converge(20).await;
+}
+
+/// The race from the design review: Nexus A reads config N; Nexus B records
+/// a repository (N+1) and replicates it; A's late requests, made at N, must
+/// be refused by the sleds, and nothing B placed may disappear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_nexus_cannot_undo_a_newer_ones_work() {
+    let (rack, factory) = rack_with_root(3, |_| {}).await;
+    let nexus_b = integration_tests::TestNexus::start_sharing(&rack.nexus.db, |config| {
+        config.background_tasks.tuf_artifact_replication.followup_delay_millis = 100;
+    })
+    .await;
+    upload_ok(&rack, &factory, "1.0.0", &[("os", 100_000)], 1).await;
+    rack.converge(20).await;
+
+    // What A read, and will act on late.
+    let stale = rack.config().await;
+
+    let zip = factory.build(&RepoFactory::spec("2.0.0", &[("newer", 80_000)], 2)).await;
+    assert_eq!(upload(&nexus_b.external_url(), Some(&nexus_b.token), &zip).await.0, 200);
+    for _ in 0..20 {
+        nexus_b
+            .server
+            .nexus()
+            .background
+            .activate_and_wait(integration_tests::rack::REPLICATION)
+            .await
+            .unwrap();
+        if rack.converged().await {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let current = rack.config().await;
+    assert_eq!(current.generation, stale.generation.next());
+    let newer: Vec<_> = current.artifacts.difference(&stale.artifacts).copied().collect();
+    assert_eq!(newer.len(), 1);
+
+    // A's late requests, exactly as its executor would send them.
+    let os = *stale.artifacts.iter().next().unwrap();
+    for sled in &rack.sleds {
+        let client = sled.client();
+        let refused = client.artifact_config_put(&stale).await.unwrap_err();
+        assert_eq!(refused.status().unwrap().as_u16(), 409);
+        let put = client.artifact_put(&os, stale.generation.get(), vec![0u8; 10]).await.unwrap_err();
+        assert_eq!(put.status().unwrap().as_u16(), 409);
+        let body =
+            common::api::sled_agent::ArtifactCopyFromDepotBody { depot_base_url: rack.sleds[0].depot_url() };
+        let copy = client.artifact_copy_from_depot(&os, stale.generation.get(), &body).await.unwrap_err();
+        assert_eq!(copy.status().unwrap().as_u16(), 409);
+    }
+    // And A's own next activation sees the sleds ahead of nothing: it reads
+    // the current config and finds no work; nothing B placed went away.
+    for view in rack.views().await {
+        assert!(holds_exactly(&view, &current), "{view:?}");
+    }
+    let status = rack.replicate().await;
+    assert_eq!(status.generation, current.generation);
+    assert_eq!(status.plan.puts + status.plan.copies, 0);
+
+    // A sled that is ahead of the database (as it would be for a Nexus that
+    // read an older config): the activation stops and says so.
+    let ahead = common::ArtifactConfig {
+        generation: current.generation.next(),
+        artifacts: current.artifacts.clone(),
+    };
+    rack.sleds[0].client().artifact_config_put(&ahead).await.unwrap();
+    let status = rack.replicate().await;
+    assert_eq!(
+        status.outcome,
+        ReplicationOutcome::Superseded {
+            sled_id: rack.sleds[0].server.sled_id,
+            sled_generation: ahead.generation
+        }
+    );
+    assert_eq!(status.plan.puts + status.plan.copies, 0, "a superseded activation plans nothing");
+    for view in rack.views().await {
+        assert!(current.artifacts.iter().all(|hash| view.copies.get(hash) == Some(&2)), "{view:?}");
+    }
+}
+
+/// Three Nexus instances on one database race uploads, prunes and
+/// replication activations. At every observation, every artifact of every
+/// unpruned repository has a copy somewhere (a sled or a staging area), and
+/// no sled's generation ever goes back. In the end the rack converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_nexus_instances_never_lose_an_artifact() {
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    let adjust = |config: &mut nexus::config::Config| {
+        config.background_tasks.tuf_artifact_replication.followup_delay_millis = 50;
+        config.background_tasks.tuf_repo_pruner.nkeep = 2;
+    };
+    let (rack, factory) = rack_with_root(4, adjust).await;
+    let mut nexuses = vec![];
+    for _ in 0..2 {
+        nexuses.push(integration_tests::TestNexus::start_sharing(&rack.nexus.db, adjust).await);
+    }
+    let rack = Arc::new(rack);
+    let nexuses = Arc::new(nexuses);
+    let all_nexus = |i: usize| if i == 0 { &rack.nexus } else { &nexuses[i - 1] };
+
+    // Repositories that share artifacts, built ahead of time.
+    let mut zips = Vec::new();
+    for n in 0..6u64 {
+        let mut spec =
+            RepoFactory::spec(&format!("{n}.0.0"), &[("shared", 40_000), ("own", 20_000 + n * 1000)], 1);
+        spec.artifacts[1].version = format!("{n}.0.0");
+        // One seed: the first artifact's bytes are the same in every
+        // repository; the second's differ by size.
+        zips.push(factory.build(&spec).await);
+    }
+
+    // The observer runs until told to stop, checking the invariants.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let observer = {
+        let (rack, nexuses, stop) = (rack.clone(), nexuses.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut highest: BTreeMap<uuid::Uuid, common::Generation> = BTreeMap::new();
+            let mut observations = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let datastore = &rack.nexus.server.nexus().datastore;
+                let repos = datastore.tuf_repo_list_unpruned_with_artifacts().await.unwrap();
+                let staging_dirs: Vec<_> =
+                    std::iter::once(&rack.nexus).chain(nexuses.iter()).map(|n| n.staging_dir()).collect();
+                let staged = |hash: &common::ArtifactHash| {
+                    staging_dirs.iter().any(|dir| dir.join("artifacts").join(hash.to_string()).exists())
+                };
+                let staged_now: Vec<_> = repos
+                    .iter()
+                    .flat_map(|r| r.artifacts.iter().map(|a| a.sha256.0))
+                    .filter(|hash| staged(hash))
+                    .collect();
+                let views = rack.views().await;
+                for view in &views {
+                    let before = highest.insert(view.sled_id, view.generation);
+                    assert!(
+                        before.is_none_or(|g| g <= view.generation),
+                        "sled {} went back from {before:?} to {}",
+                        view.sled_id,
+                        view.generation
+                    );
+                }
+                for recorded in &repos {
+                    for artifact in &recorded.artifacts {
+                        let hash = artifact.sha256.0;
+                        let on_a_sled =
+                            views.iter().any(|view| view.copies.get(&hash).is_some_and(|&n| n > 0));
+                        if on_a_sled || staged_now.contains(&hash) {
+                            continue;
+                        }
+                        // Pruned since we read the list: then it may go.
+                        let still_live = datastore
+                            .tuf_repo_list_unpruned_with_artifacts()
+                            .await
+                            .unwrap()
+                            .iter()
+                            .any(|r| r.artifacts.iter().any(|a| a.sha256.0 == hash));
+                        assert!(
+                            !still_live,
+                            "artifact {hash} of {} has no copy anywhere",
+                            recorded.repo.system_version
+                        );
+                    }
+                }
+                observations += 1;
+            }
+            observations
+        })
+    };
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut next_zip = 0;
+    for _round in 0..24 {
+        match rng.random_range(0..4) {
+            0 if next_zip < zips.len() => {
+                let target = all_nexus(rng.random_range(0..3));
+                let (status, body) =
+                    upload(&target.external_url(), Some(&target.token), &zips[next_zip]).await;
+                assert_eq!(status, 200, "{body}");
+                next_zip += 1;
+            }
+            1 => {
+                let target = all_nexus(rng.random_range(0..3));
+                target.server.nexus().background.activate_and_wait(PRUNER).await.unwrap();
+            }
+            _ => {
+                // Two or three activations at once, on different instances.
+                let mut waits = Vec::new();
+                for i in 0..3 {
+                    if rng.random_bool(0.7) {
+                        waits.push(
+                            all_nexus(i)
+                                .server
+                                .nexus()
+                                .background
+                                .activate_and_wait(integration_tests::rack::REPLICATION),
+                        );
+                    }
+                }
+                futures::future::join_all(waits).await;
+            }
+        }
+    }
+    // Finish: every instance replicates until the rack holds exactly the
+    // config and no staging area holds anything.
+    for _ in 0..40 {
+        for i in 0..3 {
+            all_nexus(i)
+                .server
+                .nexus()
+                .background
+                .activate_and_wait(integration_tests::rack::REPLICATION)
+                .await
+                .unwrap();
+        }
+        let staged: usize = (0..3)
+            .map(|i| std::fs::read_dir(all_nexus(i).staging_dir().join("artifacts")).unwrap().count())
+            .sum();
+        let config = rack.config().await;
+        if staged == 0 && rack.views().await.iter().all(|view| holds_exactly(view, &config)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let observations = observer.await.unwrap();
+    println!("{observations} observations, {next_zip} uploads");
+    let config = rack.config().await;
+    for view in rack.views().await {
+        assert!(holds_exactly(&view, &config), "did not converge: {view:?}");
+    }
+    assert!(observations > 10, "the observer ran throughout");
 }

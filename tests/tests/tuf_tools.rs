@@ -12,7 +12,8 @@ use std::process::Command;
 /// tuftool, from PATH or cargo's bin directory (`dev-tools/install-prerequisites`
 /// installs it).
 fn tuftool() -> Utf8PathBuf {
-    let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
+    let cargo_home =
+        std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
     std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .map(|dir| dir.join("tuftool"))
         .chain([std::path::PathBuf::from(format!("{cargo_home}/bin/tuftool"))])
@@ -39,14 +40,26 @@ fn tuf_forge_output_loads_with_tuftool_and_has_its_layout() {
     let d = dir.path();
     let forge = binary("tuf-forge");
     run(Command::new(&forge).args(["keygen", "--out"]).arg(d.join("key.der")));
-    run(Command::new(&forge).arg("root").arg("--key").arg(d.join("key.der")).arg("--out").arg(d.join("root.json")));
+    run(Command::new(&forge)
+        .arg("root")
+        .arg("--key")
+        .arg(d.join("key.der"))
+        .arg("--out")
+        .arg(d.join("root.json")));
     run(Command::new(&forge)
         .arg("repo")
         .arg("--key")
         .arg(d.join("key.der"))
         .arg("--root")
         .arg(d.join("root.json"))
-        .args(["--system-version", "1.0.0", "--artifact", "os:1.0:host:64KiB", "--artifact", "sp:2.0:sp:1KiB"])
+        .args([
+            "--system-version",
+            "1.0.0",
+            "--artifact",
+            "os:1.0:host:64KiB",
+            "--artifact",
+            "sp:2.0:sp:1KiB",
+        ])
         .args(["--expires", EXPIRES, "--out"])
         .arg(d.join("repo.zip")));
     let unzipped = d.join("unzipped");
@@ -65,7 +78,10 @@ fn tuf_forge_output_loads_with_tuftool_and_has_its_layout() {
         .arg("--targets-url")
         .arg(format!("file://{}/targets", repo))
         .arg(&downloaded));
-    assert_eq!(file_names(&downloaded), ["artifacts.json", "os-1.0.host", "sp-2.0.sp"].map(String::from).into());
+    assert_eq!(
+        file_names(&downloaded),
+        ["artifacts.json", "os-1.0.host", "sp-2.0.sp"].map(String::from).into()
+    );
 
     // tuftool create, given the same targets, key, root and expiry, writes
     // the same files.
@@ -84,7 +100,11 @@ fn tuf_forge_output_loads_with_tuftool_and_has_its_layout() {
         .args(["--snapshot-version", "1", "--snapshot-expires", EXPIRES])
         .args(["--timestamp-version", "1", "--timestamp-expires", EXPIRES]));
     for sub in ["metadata", "targets"] {
-        assert_eq!(file_names(&repo.join(sub)), file_names(&created.join(sub)), "{sub}/ differs from tuftool's");
+        assert_eq!(
+            file_names(&repo.join(sub)),
+            file_names(&created.join(sub)),
+            "{sub}/ differs from tuftool's"
+        );
     }
 }
 
@@ -93,19 +113,25 @@ async fn a_repository_built_by_tuftool_with_an_openssl_key_uploads() {
     let dir = camino_tempfile::tempdir().unwrap();
     let d = dir.path();
     let key = d.join("key.pem");
-    run(Command::new("openssl").args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"]).arg(&key));
+    run(Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .arg(&key));
     let root = d.join("root.json");
     run(Command::new(tuftool()).args(["root", "init"]).arg(&root));
     run(Command::new(tuftool()).args(["root", "expire"]).arg(&root).arg(EXPIRES));
     for role in ["root", "snapshot", "targets", "timestamp"] {
         run(Command::new(tuftool()).args(["root", "set-threshold"]).arg(&root).args([role, "1"]));
     }
-    run(Command::new(tuftool())
-        .args(["root", "add-key"])
-        .arg(&root)
-        .arg("-k")
-        .arg(&key)
-        .args(["--role", "root", "--role", "snapshot", "--role", "targets", "--role", "timestamp"]));
+    run(Command::new(tuftool()).args(["root", "add-key"]).arg(&root).arg("-k").arg(&key).args([
+        "--role",
+        "root",
+        "--role",
+        "snapshot",
+        "--role",
+        "targets",
+        "--role",
+        "timestamp",
+    ]));
     run(Command::new(tuftool()).args(["root", "sign"]).arg(&root).arg("-k").arg(&key));
 
     let targets = d.join("targets");

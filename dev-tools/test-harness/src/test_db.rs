@@ -27,7 +27,9 @@ struct ServerUrls {
     prefix: String,
 }
 
-/// A database of this test's own on the process's private server.
+/// A database of this test's own on the process's private server. Clones
+/// name the same database (for several Nexus instances sharing it).
+#[derive(Clone)]
 pub struct TestDatabase {
     name: String,
     url: String,
