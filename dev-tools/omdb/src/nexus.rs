@@ -1,6 +1,6 @@
 //! `omdb nexus ...`: background tasks.
 
-use crate::render;
+use crate::{render, to_json};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use common::api::nexus_internal::{BackgroundTaskSwitchRequest, BackgroundTasksActivateRequest};
@@ -55,10 +55,10 @@ enum BackgroundTasksCommand {
 }
 
 impl NexusArgs {
-    pub async fn run(self, json: bool) -> anyhow::Result<String> {
-        let url = self
-            .nexus_internal_url
-            .context("no Nexus to talk to: pass --nexus-internal-url URL or set OMDB_NEXUS_URL")?;
+    pub async fn run(self, json: bool, discovered: Option<String>) -> anyhow::Result<String> {
+        let url = self.nexus_internal_url.or(discovered).context(
+            "no Nexus to talk to: pass --nexus-internal-url URL, set OMDB_NEXUS_URL, or start a rack with `rack-dev run-all`",
+        )?;
         let client = Client::new(&url);
         let NexusCommand::BackgroundTasks(command) = self.command;
         let context = || format!("Nexus internal API at {url}");
@@ -185,8 +185,4 @@ fn api_error(error: ClientError<common::clients::nexus_internal::types::Error>) 
         }
         other => anyhow::Error::new(other),
     }
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string_pretty(value).expect("API values serialize") + "\n"
 }

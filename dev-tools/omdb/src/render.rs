@@ -32,6 +32,13 @@ struct TaskRow {
     enabled: String,
 }
 
+/// A plain table of rows.
+pub fn table<R: Tabled>(rows: impl IntoIterator<Item = R>) -> String {
+    let mut table = tabled::Table::new(rows);
+    table.with(Style::blank());
+    format!("{table}\n")
+}
+
 pub fn task_table<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> String {
     let rows = tasks.into_iter().map(|task| {
         let (iteration, start, elapsed, reason) = match &task.last {
@@ -54,9 +61,7 @@ pub fn task_table<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> St
             enabled: if task.switch.enabled { "yes".into() } else { "NO".into() },
         }
     });
-    let mut table = tabled::Table::new(rows);
-    table.with(Style::blank());
-    format!("{table}\n")
+    table(rows)
 }
 
 pub fn task_details<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> String {
@@ -238,7 +243,7 @@ fn reason_phrase(reason: ActivationReason) -> &'static str {
     }
 }
 
-fn time(time: &DateTime<Utc>) -> String {
+pub fn time(time: &DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 

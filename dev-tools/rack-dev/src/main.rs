@@ -1,8 +1,12 @@
-//! `rack-dev`: run and develop the rack on one machine.
+//! `rack-dev`: run, operate and measure the rack on one machine.
 //!
-//! - `db-run`: a private PostgreSQL server with the current schema, in the
-//!   foreground until Ctrl-C.
+//! - `run-all`: PostgreSQL, Nexus and simulated sleds, until Ctrl-C.
+//! - `db-run`: a private PostgreSQL server with the current schema.
 //! - `db-upgrade`: bring an existing database to the schema this build needs.
+//! - `repo ...`, `trust-root ...`: the operator's side of the external API.
+
+mod operator;
+mod run_all;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -16,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 const DATABASE_NAME: &str = "rack";
 
 #[derive(Parser)]
-#[command(about = "Run and develop the rack control plane on one machine")]
+#[command(about = "Run, operate and measure the rack control plane on one machine")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole rack: PostgreSQL, Nexus and simulated sleds, until Ctrl-C.
+    RunAll(run_all::RunAllArgs),
     /// Start a private PostgreSQL server with the current schema and keep it
     /// running until Ctrl-C (or SIGTERM); then stop it and delete its data.
     DbRun,
@@ -33,13 +39,30 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// TUF repositories: upload, list, show.
+    Repo {
+        #[command(flatten)]
+        connection: operator::Connection,
+        #[command(subcommand)]
+        command: operator::RepoCommand,
+    },
+    /// Trust roots that uploaded repositories must be signed under.
+    TrustRoot {
+        #[command(flatten)]
+        connection: operator::Connection,
+        #[command(subcommand)]
+        command: operator::TrustRootCommand,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::RunAll(args) => run_all::run_all(args).await,
         Command::DbRun => db_run().await,
         Command::DbUpgrade { database_url } => db_upgrade(&database_url).await,
+        Command::Repo { connection, command } => operator::repo(&connection, command).await,
+        Command::TrustRoot { connection, command } => operator::trust_root(&connection, command).await,
     }
 }
 
@@ -69,15 +92,11 @@ async fn db_run() -> anyhow::Result<()> {
 
 async fn db_upgrade(url: &str) -> anyhow::Result<()> {
     match upgrade(url).await? {
-        UpgradeOutcome::Initialized => {
-            println!("initialized an empty database at version {SCHEMA_VERSION}")
-        }
+        UpgradeOutcome::Initialized => println!("initialized an empty database at version {SCHEMA_VERSION}"),
         UpgradeOutcome::Migrated { from, applied } => {
             println!("upgraded from {from} to {SCHEMA_VERSION}: applied {}", applied.join(", "))
         }
-        UpgradeOutcome::AlreadyCurrent => {
-            println!("already at version {SCHEMA_VERSION}; nothing to do")
-        }
+        UpgradeOutcome::AlreadyCurrent => println!("already at version {SCHEMA_VERSION}; nothing to do"),
     }
     Ok(())
 }

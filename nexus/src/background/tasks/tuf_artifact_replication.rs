@@ -113,6 +113,8 @@ struct SledTarget {
 
 /// What one request did, for the ring buffer and counters.
 struct Record {
+    /// When the request finished.
+    time: chrono::DateTime<chrono::Utc>,
     sled_id: Uuid,
     operation: RequestOperation,
     hash: Option<ArtifactHash>,
@@ -184,11 +186,10 @@ impl ArtifactReplication {
                 status.outcome = ReplicationOutcome::Error { message };
             }
         }
-        let now = chrono::Utc::now();
         for record in records {
             count(&mut counters, &record);
             self.ring.push_back(RequestRecord {
-                time: now,
+                time: record.time,
                 sled_id: record.sled_id,
                 operation: record.operation,
                 hash: record.hash,
@@ -397,6 +398,7 @@ impl ArtifactReplication {
                 })
                 .await;
                 Record {
+                    time: chrono::Utc::now(),
                     sled_id: *sled,
                     operation: RequestOperation::Put,
                     hash: Some(*hash),
@@ -416,6 +418,7 @@ impl ArtifactReplication {
                 })
                 .await;
                 Record {
+                    time: chrono::Utc::now(),
                     sled_id: *target,
                     operation: RequestOperation::Copy,
                     hash: Some(*hash),
@@ -523,11 +526,18 @@ impl BackgroundTask for ArtifactReplication {
 
 impl Record {
     fn ok(sled_id: Uuid, operation: RequestOperation) -> Record {
-        Record { sled_id, operation, hash: None, source_sled_id: None, error: None }
+        Record { time: chrono::Utc::now(), sled_id, operation, hash: None, source_sled_id: None, error: None }
     }
 
     fn failed(sled_id: Uuid, operation: RequestOperation, error: String) -> Record {
-        Record { sled_id, operation, hash: None, source_sled_id: None, error: Some(error) }
+        Record {
+            time: chrono::Utc::now(),
+            sled_id,
+            operation,
+            hash: None,
+            source_sled_id: None,
+            error: Some(error),
+        }
     }
 }
 

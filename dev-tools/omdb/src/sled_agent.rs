@@ -1,0 +1,88 @@
+//! `omdb sled-agent ...`: one sled's own view.
+
+use crate::to_json;
+use clap::{Args, Subcommand};
+use common::clients::sled_agent::Client;
+use serde::Serialize;
+use tabled::Tabled;
+
+#[derive(Args)]
+pub struct SledAgentArgs {
+    /// The sled-agent API, e.g. http://127.0.0.1:12345.
+    #[arg(long, env = "OMDB_SLED_URL", global = true)]
+    sled_url: String,
+    #[command(subcommand)]
+    command: SledAgentCommand,
+}
+
+#[derive(Subcommand)]
+enum SledAgentCommand {
+    /// The sled's artifact config generation, what it holds, and its M.2s.
+    Artifacts,
+}
+
+#[derive(Tabled, Serialize)]
+struct ArtifactRow {
+    #[tabled(rename = "SHA256")]
+    sha256: String,
+    #[tabled(rename = "COPIES")]
+    copies: usize,
+}
+
+#[derive(Tabled, Serialize)]
+struct M2Row {
+    #[tabled(rename = "SLOT")]
+    slot: u32,
+    #[tabled(rename = "STATE")]
+    state: String,
+    #[tabled(rename = "USED")]
+    used: u64,
+    #[tabled(rename = "QUOTA")]
+    quota: u64,
+    #[tabled(rename = "FILES")]
+    files: usize,
+    #[tabled(rename = "PATH")]
+    path: String,
+}
+
+impl SledAgentArgs {
+    pub async fn run(self, json: bool) -> anyhow::Result<String> {
+        let client = Client::new(&self.sled_url);
+        let SledAgentCommand::Artifacts = self.command;
+        let config = client.artifact_config_get().await.map_err(crate::sled_error)?.into_inner();
+        let list = client.artifact_list().await.map_err(crate::sled_error)?.into_inner();
+        let inventory = client.inventory().await.map_err(crate::sled_error)?.into_inner();
+        if json {
+            return Ok(to_json(&serde_json::json!({"config": config, "list": list, "inventory": inventory})));
+        }
+        let artifacts: Vec<ArtifactRow> = config
+            .artifacts
+            .iter()
+            .map(|hash| ArtifactRow {
+                sha256: hash.to_string(),
+                copies: list.list.get(hash).copied().unwrap_or(0),
+            })
+            .collect();
+        let m2s: Vec<M2Row> = inventory
+            .m2
+            .iter()
+            .map(|m2| M2Row {
+                slot: m2.slot,
+                state: format!("{:?}", m2.state).to_lowercase(),
+                used: m2.used_bytes,
+                quota: m2.quota_bytes,
+                files: m2.artifacts,
+                path: m2.path.clone(),
+            })
+            .collect();
+        Ok(format!(
+            "sled {} ({}): artifact config generation {}, {} artifacts\n{}\n{}",
+            inventory.serial,
+            inventory.sled_id,
+            config.generation,
+            config.artifacts.len(),
+            crate::render::table(artifacts),
+            crate::render::table(m2s)
+        ))
+    }
+}

@@ -1,0 +1,367 @@
+//! `rack-dev run-all`: a whole rack on this machine.
+//!
+//! Starts (or uses) PostgreSQL, brings its schema up to date, then starts
+//! each Nexus and each simulated sled agent as a child process with the real
+//! config files from `smf/` (ports, paths and serials filled in), waits until
+//! every sled has registered, writes the discovery file that the CLIs read,
+//! and prints where everything is.
+//!
+//! Stopping: SIGINT or SIGTERM stops the sleds, then Nexus, then PostgreSQL,
+//! and removes the run directory (unless `--dir` named one). If a child
+//! exits on its own, that is reported and the rest are stopped the same way.
+//! Children get `PR_SET_PDEATHSIG`, so even a `kill -9` of run-all leaves
+//! none behind.
+
+use crate::operator::wait_for_http;
+use anyhow::{Context, bail};
+use camino::{Utf8Path, Utf8PathBuf};
+use clap::Args;
+use common::discovery::{NexusEndpoints, RackDiscovery, SledEndpoints};
+use nexus::auth::OperatorToken;
+use nexus::db::DataStore;
+use nexus::db::datastore::PoolConfig;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use test_harness::PgServer;
+use tokio::signal::unix::{SignalKind, signal};
+
+const SMF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../smf");
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Args)]
+pub struct RunAllArgs {
+    /// Simulated sleds to run.
+    #[arg(long, default_value_t = 4)]
+    sleds: usize,
+    /// Nexus instances to run (all on the same database).
+    #[arg(long, default_value_t = 1)]
+    nexus: usize,
+    /// Use this database instead of starting a private PostgreSQL.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Log level of every process: trace, debug, info, warn, error.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Keep everything in this directory (kept at exit) instead of a temp
+    /// directory (removed at exit).
+    #[arg(long)]
+    dir: Option<Utf8PathBuf>,
+}
+
+/// A child process and where its output goes.
+struct Process {
+    name: String,
+    child: Child,
+    log: Utf8PathBuf,
+}
+
+pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
+    if args.sleds == 0 || args.nexus == 0 {
+        bail!("--sleds and --nexus must be at least 1");
+    }
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let temp_dir;
+    let run_dir: Utf8PathBuf = match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+            dir.clone()
+        }
+        None => {
+            temp_dir = camino_tempfile::Builder::new()
+                .prefix("rack-run-")
+                .tempdir()
+                .context("creating a run directory")?;
+            temp_dir.path().to_owned()
+        }
+    };
+    std::fs::create_dir_all(run_dir.join("logs"))?;
+
+    let mut postgres = None;
+    let database_url = match &args.database_url {
+        Some(url) => url.clone(),
+        None => {
+            let server = PgServer::start().await.context("starting PostgreSQL")?;
+            let url = server.create_database("rack").await.context("creating the rack database")?;
+            postgres = Some(server);
+            url
+        }
+    };
+    crate::upgrade(&database_url).await?;
+
+    let token_file = run_dir.join("operator-token");
+    let (token, _) = OperatorToken::load_or_create(&token_file)?;
+    let mut processes: Vec<Process> = Vec::new();
+    let outcome = start_rack(&args, &run_dir, &database_url, &token_file, &mut processes).await;
+    let discovery = match outcome {
+        Ok(discovery) => discovery,
+        Err(error) => {
+            stop_all(&mut processes);
+            return Err(error);
+        }
+    };
+    discovery.write().context("writing the discovery file")?;
+    print_banner(&discovery, token.as_str(), postgres.as_ref().map(|p| p.log_path()));
+
+    let reason = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break "SIGINT".to_string(),
+            _ = terminate.recv() => break "SIGTERM".to_string(),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Some(exited) = first_exited(&mut processes) {
+                    eprintln!("{exited}; stopping the rest");
+                    break exited;
+                }
+            }
+        }
+    };
+    println!("stopping ({reason})");
+    stop_all(&mut processes);
+    if let Some(mut server) = postgres {
+        server.stop();
+    }
+    RackDiscovery::remove();
+    if args.dir.is_none() {
+        println!("stopped; removed {run_dir}");
+    } else {
+        println!("stopped; kept {run_dir}");
+    }
+    Ok(())
+}
+
+async fn start_rack(
+    args: &RunAllArgs,
+    run_dir: &Utf8Path,
+    database_url: &str,
+    token_file: &Utf8Path,
+    processes: &mut Vec<Process>,
+) -> anyhow::Result<RackDiscovery> {
+    let mut nexus_endpoints = Vec::new();
+    for index in 0..args.nexus {
+        let (external, internal) = (free_port()?, free_port()?);
+        let dir = run_dir.join(format!("nexus-{index}"));
+        std::fs::create_dir_all(&dir)?;
+        let log = run_dir.join(format!("logs/nexus-{index}.log"));
+        let mut config = load_smf("nexus/config.toml")?;
+        set(&mut config, &["database", "url"], database_url.into());
+        set(&mut config, &["external_api", "listen"], format!("127.0.0.1:{external}").into());
+        set(&mut config, &["external_api", "token_file"], token_file.as_str().into());
+        set(&mut config, &["internal_api", "listen"], format!("127.0.0.1:{internal}").into());
+        set(&mut config, &["updates", "staging_dir"], dir.join("staging").as_str().into());
+        set_log(&mut config, &log, &args.log_level);
+        let min = config["background_tasks"]["tuf_artifact_replication"]["min_sled_replication"]
+            .as_integer()
+            .unwrap_or(3);
+        if (args.sleds as i64) < min {
+            // A small development rack: release staged artifacts once every
+            // sled holds them.
+            set(
+                &mut config,
+                &["background_tasks", "tuf_artifact_replication", "allow_fewer_sleds"],
+                true.into(),
+            );
+        }
+        let config_path = write_config(&dir, &config)?;
+        processes.push(spawn(format!("nexus-{index}"), "nexus", &config_path, &log)?);
+        let internal_url = format!("http://127.0.0.1:{internal}");
+        wait_for_http(&format!("{internal_url}/bgtasks"), READY_TIMEOUT)
+            .await
+            .with_context(|| format!("nexus-{index} did not start; see {log}"))?;
+        nexus_endpoints.push(NexusEndpoints {
+            external_url: format!("http://127.0.0.1:{external}"),
+            internal_url,
+            log: log.to_string(),
+        });
+    }
+
+    let mut sleds = Vec::new();
+    for index in 0..args.sleds {
+        let (api, depot) = (free_port()?, free_port()?);
+        let dir = run_dir.join(format!("sled-{index}"));
+        let log = run_dir.join(format!("logs/sled-{index}.log"));
+        let mut config = load_smf("sled-agent/config.toml")?;
+        let serial = format!("sim-{index}");
+        set(&mut config, &["serial"], serial.clone().into());
+        let nexus = &nexus_endpoints[index % nexus_endpoints.len()];
+        set(&mut config, &["nexus_internal_url"], nexus.internal_url.clone().into());
+        set(&mut config, &["registration_period_secs"], 5.into());
+        set(&mut config, &["sled_agent_api", "listen"], format!("127.0.0.1:{api}").into());
+        set(&mut config, &["repo_depot", "listen"], format!("127.0.0.1:{depot}").into());
+        let m2_count = config["storage"]["m2_count"].as_integer().unwrap_or(2);
+        let dirs: Vec<toml::Value> =
+            (0..m2_count).map(|slot| dir.join(format!("m2-{slot}")).as_str().into()).collect();
+        set(&mut config, &["storage", "m2_dirs"], toml::Value::Array(dirs));
+        set_log(&mut config, &log, &args.log_level);
+        std::fs::create_dir_all(&dir)?;
+        let config_path = write_config(&dir, &config)?;
+        processes.push(spawn(format!("sled-{index}"), "sled-agent", &config_path, &log)?);
+        sleds.push(SledEndpoints {
+            serial,
+            api_url: format!("http://127.0.0.1:{api}"),
+            depot_url: format!("http://127.0.0.1:{depot}"),
+            log: log.to_string(),
+        });
+    }
+
+    let datastore = DataStore::connect(database_url, &PoolConfig { max_connections: 2 }).await?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let registered = datastore.sled_list().await?.len();
+        if registered >= args.sleds {
+            break;
+        }
+        if let Some(exited) = first_exited(processes) {
+            bail!("{exited}");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {registered} of {} sleds registered within {READY_TIMEOUT:?}; see the logs in {run_dir}/logs",
+                args.sleds
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(RackDiscovery {
+        run_dir: run_dir.to_string(),
+        database_url: database_url.to_string(),
+        token_file: token_file.to_string(),
+        nexus: nexus_endpoints,
+        sleds,
+    })
+}
+
+fn print_banner(discovery: &RackDiscovery, token: &str, postgres_log: Option<std::path::PathBuf>) {
+    println!("The rack is running.");
+    println!("  run directory:   {}", discovery.run_dir);
+    println!("  database:        {}", discovery.database_url);
+    if let Some(log) = postgres_log {
+        println!("  database log:    {}", log.display());
+    }
+    for (index, nexus) in discovery.nexus.iter().enumerate() {
+        println!("  nexus-{index}:         external {}  internal {}", nexus.external_url, nexus.internal_url);
+        println!("                   log {}", nexus.log);
+    }
+    println!("  operator token:  {token}");
+    println!("                   (in {})", discovery.token_file);
+    for sled in &discovery.sleds {
+        println!("  {:<16} api {}  depot {}", format!("{}:", sled.serial), sled.api_url, sled.depot_url);
+    }
+    println!("  logs:            {}/logs/ (bunyan JSON)", discovery.run_dir);
+    println!();
+    println!("In another terminal (target/debug on PATH), try:");
+    println!("  tuf-forge keygen --out key.der");
+    println!("  tuf-forge root --key key.der --out root.json");
+    println!(
+        "  tuf-forge repo --key key.der --root root.json --system-version 1.0.0 --artifact host:1.0.0:os:8MiB --out repo.zip"
+    );
+    println!("  rack-dev trust-root add root.json");
+    println!("  rack-dev repo upload repo.zip");
+    println!("  omdb nexus background-tasks show tuf_artifact_replication");
+    println!("  omdb db validate artifact-replication");
+    println!("(rack-dev and omdb find this rack through {}.)", common::discovery::path().display());
+    println!("Ready. Press Ctrl-C to stop everything.");
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn load_smf(name: &str) -> anyhow::Result<toml::Table> {
+    let path = format!("{SMF}/{name}");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.parse().with_context(|| format!("parsing {path}"))
+}
+
+fn set(table: &mut toml::Table, keys: &[&str], value: toml::Value) {
+    let (last, parents) = keys.split_last().expect("at least one key");
+    let mut current = table;
+    for key in parents {
+        current = current
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("config sections are tables");
+    }
+    current.insert(last.to_string(), value);
+}
+
+fn set_log(config: &mut toml::Table, log: &Utf8Path, level: &str) {
+    let mut table = toml::Table::new();
+    table.insert("mode".into(), "file".into());
+    table.insert("level".into(), level.into());
+    table.insert("path".into(), log.as_str().into());
+    table.insert("if_exists".into(), "append".into());
+    config.insert("log".into(), toml::Value::Table(table));
+}
+
+fn write_config(dir: &Utf8Path, config: &toml::Table) -> anyhow::Result<Utf8PathBuf> {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, toml::to_string(config)?).with_context(|| format!("writing {path}"))?;
+    Ok(path)
+}
+
+/// A binary built beside this one.
+pub fn sibling_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("finding rack-dev's own path")?;
+    let path = exe.parent().context("rack-dev's directory")?.join(name);
+    if !path.exists() {
+        bail!("{} is missing: build the workspace first (cargo build)", path.display());
+    }
+    Ok(path)
+}
+
+fn spawn(name: String, binary: &str, config: &Utf8Path, log: &Utf8Path) -> anyhow::Result<Process> {
+    let program = sibling_binary(binary)?;
+    let output = std::fs::OpenOptions::new().create(true).append(true).open(log.with_extension("out"))?;
+    let mut command = Command::new(&program);
+    command.arg("--config").arg(config).stdin(Stdio::null()).stdout(output.try_clone()?).stderr(output);
+    // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
+    // The spawning thread is the main thread, which lives as long as
+    // run-all, so the signal fires exactly when run-all dies.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().with_context(|| format!("starting {}", program.display()))?;
+    Ok(Process { name, child, log: log.to_owned() })
+}
+
+fn first_exited(processes: &mut [Process]) -> Option<String> {
+    processes.iter_mut().find_map(|process| match process.child.try_wait() {
+        Ok(Some(status)) => {
+            Some(format!("{} exited unexpectedly ({status}); see {}", process.name, process.log))
+        }
+        _ => None,
+    })
+}
+
+/// Stops sleds first, then Nexus (the reverse of start order): SIGTERM,
+/// then SIGKILL after a bound.
+fn stop_all(processes: &mut Vec<Process>) {
+    while let Some(mut process) = processes.pop() {
+        if let Ok(Some(_)) = process.child.try_wait() {
+            continue;
+        }
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(process.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match process.child.try_wait() {
+                Ok(Some(_)) => break,
+                _ if Instant::now() > deadline => {
+                    eprintln!("{} did not stop within {STOP_TIMEOUT:?}; killing it", process.name);
+                    let _ = process.child.kill();
+                    let _ = process.child.wait();
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
