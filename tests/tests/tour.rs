@@ -1,0 +1,134 @@
+//! The README's 5-minute tour, run as written: `rack-dev run-all` as a
+//! subprocess, then every operator command through `bash -c`, with
+//! `target/debug` on PATH (the tour's `cargo build` and `export PATH` lines
+//! are what this test's own build and environment provide). Then SIGINT, and
+//! nothing may be left: no child process, no run directory, no database.
+
+use integration_tests::binary;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The lines of the fenced block that follows `<!-- tour:NAME -->`.
+fn tour_block(readme: &str, name: &str) -> Vec<String> {
+    let marker = format!("<!-- tour:{name} -->");
+    let start = readme.find(&marker).unwrap_or_else(|| panic!("README.md has no {marker}"));
+    let block = &readme[start..];
+    let body = block.split("```sh\n").nth(1).unwrap().split("```").next().unwrap();
+    body.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+#[test]
+fn the_readme_tour_works_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let rack_lines = tour_block(&readme, "rack");
+    let run_all =
+        rack_lines.iter().find(|line| line.starts_with("rack-dev run-all")).expect("the tour runs run-all");
+    assert!(
+        rack_lines
+            .iter()
+            .all(|l| l == run_all || l.starts_with("cargo build") || l.starts_with("export PATH"))
+    );
+    let operator_lines = tour_block(&readme, "operator");
+
+    let bin_dir: PathBuf = binary("rack-dev").parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let scratch = tempfile::tempdir().unwrap();
+    let discovery = scratch.path().join("current.json");
+    let command = |line: &str| {
+        let mut command = Command::new("bash");
+        command
+            .args(["-c", line])
+            .current_dir(scratch.path())
+            .env("PATH", &path)
+            .env("RACK_DEV_CURRENT", &discovery)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("OMDB_NEXUS_URL")
+            .env_remove("OMDB_DB_URL")
+            .env_remove("RACK_NEXUS_URL")
+            .env_remove("RACK_TOKEN");
+        command
+    };
+
+    let mut rack = command(run_all).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut banner = BufReader::new(rack.stdout.take().unwrap()).lines();
+    let mut run_dir = None;
+    let mut database_dir = None;
+    for line in banner.by_ref() {
+        let line = line.unwrap();
+        if let Some(dir) = line.trim().strip_prefix("run directory:") {
+            run_dir = Some(PathBuf::from(dir.trim()));
+        }
+        if let Some(log) = line.trim().strip_prefix("database log:") {
+            database_dir = Some(Path::new(log.trim()).parent().unwrap().to_path_buf());
+        }
+        if line.starts_with("Ready.") {
+            break;
+        }
+    }
+    let run_dir = run_dir.expect("run-all prints its run directory");
+    let database_dir = database_dir.expect("run-all prints where the database lives");
+
+    for line in &operator_lines {
+        // validate fails while copies are still landing: the tour says to
+        // run it again.
+        let retry_until =
+            Instant::now() + Duration::from_secs(if line.contains("validate") { 60 } else { 0 });
+        loop {
+            let output = command(line).output().unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            if output.status.success() {
+                println!("$ {line}\n{stdout}");
+                if line.contains("validate") {
+                    assert!(
+                        !stdout.contains("OLD") && !stdout.contains("BAD") && !stdout.contains("ERROR"),
+                        "{stdout}"
+                    );
+                    assert_eq!(stdout.matches(" OK ").count(), 4, "four sleds OK: {stdout}");
+                }
+                break;
+            }
+            assert!(
+                Instant::now() < retry_until,
+                "`{line}` failed:\n{stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    // After the prune, 1.0.0 is marked pruned.
+    let list = command("rack-dev repo list").output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    let pruned_line = list.lines().find(|l| l.trim_start().starts_with("1.0.0")).unwrap();
+    assert!(!pruned_line.contains(" - "), "1.0.0 is pruned: {list}");
+
+    assert!(!processes_mentioning(run_dir.to_str().unwrap()).is_empty(), "the rack's processes run");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(rack.id() as i32, libc::SIGINT) };
+    let status = rack.wait().unwrap();
+    assert!(status.success(), "run-all exited with {status}");
+    assert!(banner.any(|line| line.unwrap().starts_with("stopped")));
+    let leftovers = processes_mentioning(run_dir.to_str().unwrap());
+    assert!(leftovers.is_empty(), "processes outlived run-all: {leftovers:?}");
+    assert!(processes_mentioning(database_dir.to_str().unwrap()).is_empty(), "PostgreSQL outlived run-all");
+    assert!(!run_dir.exists(), "{} was left behind", run_dir.display());
+    assert!(!database_dir.exists(), "{} was left behind", database_dir.display());
+    assert!(!discovery.exists(), "the discovery file was left behind");
+}
