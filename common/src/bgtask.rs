@@ -112,6 +112,16 @@ pub mod details {
         },
     }
 
+    /// `inventory_collection`.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    pub struct InventoryCollectionStatus {
+        /// The collection recorded by this activation, if one was.
+        pub collection_id: Option<Uuid>,
+        pub sleds_ok: usize,
+        /// Sleds that could not be asked, and database errors.
+        pub errors: Vec<String>,
+    }
+
     /// `tuf_artifact_replication`.
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
     pub struct TufArtifactReplicationStatus {

@@ -107,6 +107,32 @@ pub struct BackgroundTasksConfig {
     pub tuf_repo_pruner: TufRepoPrunerConfig,
     #[serde(default)]
     pub tuf_artifact_replication: TufArtifactReplicationConfig,
+    #[serde(default)]
+    pub inventory_collection: InventoryCollectionConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryCollectionConfig {
+    pub period_secs: u64,
+    #[serde(default)]
+    pub disabled: bool,
+    /// Collections kept in the database; older ones are deleted.
+    pub keep_collections: usize,
+    pub max_concurrent_requests: usize,
+    pub request_timeout_secs: u64,
+}
+
+impl Default for InventoryCollectionConfig {
+    fn default() -> Self {
+        InventoryCollectionConfig {
+            period_secs: 60,
+            disabled: false,
+            keep_collections: 10,
+            max_concurrent_requests: 16,
+            request_timeout_secs: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -235,6 +261,20 @@ impl Config {
                 replication.request_timeout_secs,
             ),
             ("background_tasks.tuf_artifact_replication.put_timeout_secs", replication.put_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        let inventory = &self.background_tasks.inventory_collection;
+        for (key, value) in [
+            ("background_tasks.inventory_collection.period_secs", inventory.period_secs),
+            ("background_tasks.inventory_collection.keep_collections", inventory.keep_collections as u64),
+            (
+                "background_tasks.inventory_collection.max_concurrent_requests",
+                inventory.max_concurrent_requests as u64,
+            ),
+            ("background_tasks.inventory_collection.request_timeout_secs", inventory.request_timeout_secs),
         ] {
             if value == 0 {
                 return Err((key, "must be at least 1".into()));

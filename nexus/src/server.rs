@@ -69,6 +69,7 @@ impl Server {
             recovered,
             activator: replication_activator.clone(),
             progress: Arc::clone(&progress),
+            collector: format!("nexus {}", uuid::Uuid::new_v4()),
         };
         let definitions = background::register_all(&config.background_tasks, &datastore, wiring);
         let updates = &config.updates;

@@ -86,6 +86,7 @@ pub fn test_config(database_url: &str, dir: &Utf8Path) -> Config {
     config.updates.staging_dir = dir.join("staging");
     config.background_tasks.tuf_repo_pruner.period_secs = 3600;
     config.background_tasks.tuf_artifact_replication.period_secs = 3600;
+    config.background_tasks.inventory_collection.period_secs = 3600;
     config
 }
 

@@ -52,7 +52,10 @@ async fn background_tasks_are_listed_viewed_and_activated() {
     let nexus = TestNexus::start().await;
     let client = nexus.internal_client();
     let tasks = client.bgtask_list().await.unwrap().into_inner();
-    assert_eq!(tasks.keys().collect::<Vec<_>>(), ["tuf_artifact_replication", PRUNER]);
+    assert_eq!(
+        tasks.keys().collect::<Vec<_>>(),
+        ["inventory_collection", "tuf_artifact_replication", PRUNER]
+    );
     assert_eq!(tasks[PRUNER].period, Duration::from_secs(3600));
 
     let first = wait_past(&client, PRUNER, 0).await;
@@ -81,7 +84,7 @@ async fn unknown_task_names_are_404_and_activate_nothing() {
     assert_eq!(status_code(&error), 404);
     assert_eq!(
         message(error),
-        "no background task named [\"no_such_task\"]; known tasks: tuf_artifact_replication, tuf_repo_pruner"
+        "no background task named [\"no_such_task\"]; known tasks: inventory_collection, tuf_artifact_replication, tuf_repo_pruner"
     );
 
     let request = BackgroundTasksActivateRequest {

@@ -112,11 +112,14 @@ async fn unknown_tasks_and_missing_urls_are_explained() {
     let (_nexus, omdb) = settled_nexus().await;
     let stderr = omdb.failure(&["nexus", "background-tasks", "show", "tuf_repo_prunr"]).await;
     assert!(
-        stderr.contains("no background task named [\"tuf_repo_prunr\"]; known tasks: tuf_artifact_replication, tuf_repo_pruner"),
+        stderr.contains("no background task named [\"tuf_repo_prunr\"]; known tasks: inventory_collection, tuf_artifact_replication, tuf_repo_pruner"),
         "{stderr}"
     );
     let stderr = omdb.failure(&["nexus", "background-tasks", "activate", "tuf_repo_prunr", "--wait"]).await;
-    assert!(stderr.contains("known tasks: tuf_artifact_replication, tuf_repo_pruner"), "{stderr}");
+    assert!(
+        stderr.contains("known tasks: inventory_collection, tuf_artifact_replication, tuf_repo_pruner"),
+        "{stderr}"
+    );
 
     let output = Command::new(binary("omdb"))
         .args(["nexus", "background-tasks", "list"])

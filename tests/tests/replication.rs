@@ -354,3 +354,28 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
     }
     assert!(observations > 10, "the observer ran throughout");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_records_every_sled_including_unreachable_ones() {
+    let (rack, _factory) = rack_with_root(2, |_| {}).await;
+    rack.fail_m2(1, 1, M2State::Failed).await;
+    // A registered sled that does not answer.
+    let ghost = uuid::Uuid::new_v4();
+    let registration = nexus::db::model::SledRegistration {
+        id: ghost,
+        serial: "ghost".into(),
+        ip: "127.0.0.1".parse().unwrap(),
+        port: 1,
+        repo_depot_port: 2,
+    };
+    rack.nexus.server.nexus().datastore.sled_upsert(&registration).await.unwrap();
+    rack.activate("inventory_collection").await;
+    let inventory = rack.nexus.server.nexus().datastore.inventory_latest().await.unwrap().unwrap();
+    assert_eq!(inventory.sleds.len(), 3);
+    let ghost_row = inventory.sleds.iter().find(|s| s.sled_id == ghost).unwrap();
+    assert!(ghost_row.error.as_deref().is_some_and(|e| e.contains("127.0.0.1:1")), "{ghost_row:?}");
+    let failed =
+        inventory.m2s.iter().find(|m2| m2.sled_id == rack.sleds[1].server.sled_id && m2.slot == 1).unwrap();
+    assert_eq!(failed.state, "failed");
+    assert_eq!(inventory.m2s.len(), 4, "two M.2s for each reachable sled");
+}

@@ -34,6 +34,8 @@ enum DbCommand {
         #[arg(long)]
         repo: Option<String>,
     },
+    /// The newest inventory collection.
+    Inventory,
     /// Checks the database against the sleds.
     #[command(subcommand)]
     Validate(ValidateCommand),
@@ -58,6 +60,7 @@ impl DbArgs {
         match self.command {
             DbCommand::Sleds => sleds(&datastore, json).await,
             DbCommand::TufRepos => tuf_repos(&datastore, json).await,
+            DbCommand::Inventory => inventory(&datastore, json).await,
             DbCommand::TufArtifacts { repo } => tuf_artifacts(&datastore, repo.as_deref(), json).await,
             DbCommand::Validate(ValidateCommand::ArtifactReplication) => validate(&datastore, json).await,
         }
@@ -263,4 +266,51 @@ async fn validate(datastore: &DataStore, json: bool) -> anyhow::Result<String> {
         )
     };
     if all_ok { Ok(output) } else { Err(crate::PartialFailure(output).into()) }
+}
+
+#[derive(Tabled, Serialize)]
+struct InventoryRow {
+    #[tabled(rename = "SLED")]
+    sled_id: String,
+    #[tabled(rename = "GENERATION")]
+    generation: String,
+    #[tabled(rename = "M.2 SLOTS (state used/quota)")]
+    m2: String,
+    #[tabled(rename = "ERROR")]
+    error: String,
+}
+
+async fn inventory(datastore: &DataStore, json: bool) -> anyhow::Result<String> {
+    let Some(inventory) = datastore.inventory_latest().await? else {
+        return Ok("no inventory collected yet (activate inventory_collection)\n".to_string());
+    };
+    let rows: Vec<InventoryRow> = inventory
+        .sleds
+        .iter()
+        .map(|sled| InventoryRow {
+            sled_id: sled.sled_id.to_string(),
+            generation: sled.artifact_generation.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+            m2: inventory
+                .m2s
+                .iter()
+                .filter(|m2| m2.sled_id == sled.sled_id)
+                .map(|m2| format!("{}: {} {}/{}", m2.slot, m2.state, m2.used_bytes, m2.quota_bytes))
+                .collect::<Vec<_>>()
+                .join(", "),
+            error: sled.error.clone().unwrap_or_default(),
+        })
+        .collect();
+    let collection = &inventory.collection;
+    Ok(if json {
+        to_json(&rows)
+    } else {
+        format!(
+            "collection {} by {}, {} to {}\n{}",
+            collection.id,
+            collection.collector,
+            crate::render::time(&collection.time_started),
+            crate::render::time(&collection.time_done),
+            crate::render::table(rows)
+        )
+    })
 }

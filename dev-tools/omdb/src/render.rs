@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::bgtask::details::{
-    ReplicationCounters, ReplicationOutcome, RequestOperation, TufArtifactReplicationStatus,
-    TufRepoPrunerOutcome, TufRepoPrunerStatus,
+    InventoryCollectionStatus, ReplicationCounters, ReplicationOutcome, RequestOperation,
+    TufArtifactReplicationStatus, TufRepoPrunerOutcome, TufRepoPrunerStatus,
 };
 use common::bgtask::{ActivationReason, BackgroundTask, CurrentStatus, DriverDetails, LastResult};
 use std::fmt::Write;
@@ -124,6 +124,7 @@ fn details_lines(task: &str, details: &serde_json::Value) -> Vec<String> {
     let typed = match task {
         "tuf_repo_pruner" => serde_json::from_value(details.clone()).ok().map(pruner_lines),
         "tuf_artifact_replication" => serde_json::from_value(details.clone()).ok().map(replication_lines),
+        "inventory_collection" => serde_json::from_value(details.clone()).ok().map(inventory_lines),
         _ => None,
     };
     typed.unwrap_or_else(|| {
@@ -149,6 +150,15 @@ fn pruner_lines(status: TufRepoPrunerStatus) -> Vec<String> {
         TufRepoPrunerOutcome::Error { message } => format!("ERROR: {message}"),
     };
     vec![format!("keeps the {} newest repositories", status.nkeep), outcome]
+}
+
+fn inventory_lines(status: InventoryCollectionStatus) -> Vec<String> {
+    let mut lines = vec![match status.collection_id {
+        Some(id) => format!("recorded collection {id}: {} sleds answered", status.sleds_ok),
+        None => "recorded no collection".to_string(),
+    }];
+    lines.extend(status.errors.iter().map(|error| format!("ERROR: {error}")));
+    lines
 }
 
 fn replication_lines(status: TufArtifactReplicationStatus) -> Vec<String> {

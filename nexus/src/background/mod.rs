@@ -22,6 +22,8 @@ pub struct ReplicationWiring {
     pub recovered: Vec<StagedRepo>,
     pub activator: Activator,
     pub progress: ProgressMap,
+    /// This Nexus, as named in what its tasks record.
+    pub collector: String,
 }
 
 pub fn register_all(
@@ -41,7 +43,26 @@ pub fn register_all(
         request_timeout: Duration::from_secs(replication_config.request_timeout_secs),
         put_timeout: Duration::from_secs(replication_config.put_timeout_secs),
     };
+    let inventory = &config.inventory_collection;
     vec![
+        TaskDefinition {
+            name: "inventory_collection".into(),
+            description:
+                "records what every sled agent reports: M.2 devices, their state and usage, and its \
+                          artifact config generation"
+                    .into(),
+            period: Duration::from_secs(inventory.period_secs),
+            task: Box::new(tasks::inventory_collection::InventoryCollector::new(
+                datastore.clone(),
+                replication.collector.clone(),
+                inventory.keep_collections,
+                inventory.max_concurrent_requests,
+                Duration::from_secs(inventory.request_timeout_secs),
+            )),
+            activator: Activator::new(),
+            dependencies: Vec::new(),
+            enabled: !inventory.disabled,
+        },
         TaskDefinition {
             name: "tuf_artifact_replication".into(),
             description:

@@ -130,3 +130,43 @@ pub enum TufRepoInsertStatus {
     /// had been pruned, it is live again (and the generation was bumped).
     AlreadyExists,
 }
+
+#[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = super::schema::inv_collection, check_for_backend(Pg))]
+pub struct InvCollection {
+    pub id: Uuid,
+    pub time_started: DateTime<Utc>,
+    pub time_done: DateTime<Utc>,
+    /// Which Nexus collected it.
+    pub collector: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = super::schema::inv_sled, check_for_backend(Pg))]
+pub struct InvSled {
+    pub inv_collection_id: Uuid,
+    pub sled_id: Uuid,
+    pub time_collected: DateTime<Utc>,
+    pub artifact_generation: Option<i64>,
+    /// Why the sled could not be asked, if it could not.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = super::schema::inv_m2, check_for_backend(Pg))]
+pub struct InvM2 {
+    pub inv_collection_id: Uuid,
+    pub sled_id: Uuid,
+    pub slot: i32,
+    pub state: String,
+    pub used_bytes: i64,
+    pub quota_bytes: i64,
+}
+
+/// One inventory collection with everything it found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inventory {
+    pub collection: InvCollection,
+    pub sleds: Vec<InvSled>,
+    pub m2s: Vec<InvM2>,
+}

@@ -72,3 +72,33 @@ diesel::table! {
 diesel::joinable!(tuf_repo_artifact -> tuf_repo (tuf_repo_id));
 diesel::joinable!(tuf_repo_artifact -> tuf_artifact (tuf_artifact_id));
 diesel::allow_tables_to_appear_in_same_query!(tuf_repo, tuf_artifact, tuf_repo_artifact);
+
+diesel::table! {
+    inv_collection (id) {
+        id -> Uuid,
+        time_started -> Timestamptz,
+        time_done -> Timestamptz,
+        collector -> Text,
+    }
+}
+
+diesel::table! {
+    inv_sled (inv_collection_id, sled_id) {
+        inv_collection_id -> Uuid,
+        sled_id -> Uuid,
+        time_collected -> Timestamptz,
+        artifact_generation -> Nullable<Int8>,
+        error -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    inv_m2 (inv_collection_id, sled_id, slot) {
+        inv_collection_id -> Uuid,
+        sled_id -> Uuid,
+        slot -> Int4,
+        state -> Text,
+        used_bytes -> Int8,
+        quota_bytes -> Int8,
+    }
+}

@@ -6,6 +6,7 @@
 //! level CockroachDB offers and the one that makes the generation
 //! compare-and-swap safe under concurrent Nexus instances.
 
+mod inventory;
 mod sled;
 mod trust_root;
 mod tuf;
