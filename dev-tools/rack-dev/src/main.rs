@@ -4,7 +4,9 @@
 //! - `db-run`: a private PostgreSQL server with the current schema.
 //! - `db-upgrade`: bring an existing database to the schema this build needs.
 //! - `repo ...`, `trust-root ...`: the operator's side of the external API.
+//! - `bench ...`: performance against baselines measured in the same run.
 
+mod bench;
 mod operator;
 mod run_all;
 
@@ -46,6 +48,9 @@ enum Command {
         #[command(subcommand)]
         command: operator::RepoCommand,
     },
+    /// Measure performance against baselines from the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Trust roots that uploaded repositories must be signed under.
     TrustRoot {
         #[command(flatten)]
@@ -59,6 +64,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::RunAll(args) => run_all::run_all(args).await,
+        Command::Bench(command) => bench::bench(command).await,
         Command::DbRun => db_run().await,
         Command::DbUpgrade { database_url } => db_upgrade(&database_url).await,
         Command::Repo { connection, command } => operator::repo(&connection, command).await,

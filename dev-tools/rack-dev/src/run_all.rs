@@ -57,60 +57,207 @@ struct Process {
     log: Utf8PathBuf,
 }
 
-pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
-    if args.sleds == 0 || args.nexus == 0 {
-        bail!("--sleds and --nexus must be at least 1");
-    }
-    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let temp_dir;
-    let run_dir: Utf8PathBuf = match &args.dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
-            dir.clone()
-        }
-        None => {
-            temp_dir = camino_tempfile::Builder::new()
-                .prefix("rack-run-")
-                .tempdir()
-                .context("creating a run directory")?;
-            temp_dir.path().to_owned()
-        }
-    };
-    std::fs::create_dir_all(run_dir.join("logs"))?;
+/// How to start a rack; run-all's flags, and what benchmarks change.
+pub struct RackOptions {
+    pub sleds: usize,
+    pub nexus: usize,
+    pub database_url: Option<String>,
+    pub log_level: String,
+    pub dir: Option<Utf8PathBuf>,
+    /// Extra Nexus config settings: key path and value.
+    pub nexus_settings: Vec<(Vec<&'static str>, toml::Value)>,
+}
 
-    let mut postgres = None;
-    let database_url = match &args.database_url {
-        Some(url) => url.clone(),
-        None => {
-            let server = PgServer::start().await.context("starting PostgreSQL")?;
-            let url = server.create_database("rack").await.context("creating the rack database")?;
-            postgres = Some(server);
-            url
-        }
-    };
-    crate::upgrade(&database_url).await?;
+/// A running rack. [`Rack::stop`] stops it; dropping it without stopping
+/// still kills the children (they die with their parent).
+pub struct Rack {
+    pub discovery: RackDiscovery,
+    pub token: String,
+    processes: Vec<Process>,
+    postgres: Option<PgServer>,
+    keep_dir: bool,
+    _temp_dir: Option<camino_tempfile::Utf8TempDir>,
+}
 
-    let token_file = run_dir.join("operator-token");
-    let (token, _) = OperatorToken::load_or_create(&token_file)?;
-    let mut processes: Vec<Process> = Vec::new();
-    let outcome = start_rack(&args, &run_dir, &database_url, &token_file, &mut processes).await;
-    let discovery = match outcome {
-        Ok(discovery) => discovery,
-        Err(error) => {
-            stop_all(&mut processes);
+impl Rack {
+    pub async fn start(options: &RackOptions) -> anyhow::Result<Rack> {
+        if options.nexus == 0 {
+            bail!("--nexus must be at least 1");
+        }
+        let (run_dir, temp_dir) = match &options.dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+                (dir.clone(), None)
+            }
+            None => {
+                let temp = camino_tempfile::Builder::new().prefix("rack-run-").tempdir().context("creating a run directory")?;
+                (temp.path().to_owned(), Some(temp))
+            }
+        };
+        std::fs::create_dir_all(run_dir.join("logs"))?;
+        let mut postgres = None;
+        let database_url = match &options.database_url {
+            Some(url) => url.clone(),
+            None => {
+                let server = PgServer::start().await.context("starting PostgreSQL")?;
+                let url = server.create_database("rack").await.context("creating the rack database")?;
+                postgres = Some(server);
+                url
+            }
+        };
+        crate::upgrade(&database_url).await?;
+        let token_file = run_dir.join("operator-token");
+        let (token, _) = OperatorToken::load_or_create(&token_file)?;
+        let mut rack = Rack {
+            discovery: RackDiscovery {
+                run_dir: run_dir.to_string(),
+                database_url,
+                token_file: token_file.to_string(),
+                nexus: Vec::new(),
+                sleds: Vec::new(),
+            },
+            token: token.as_str().to_string(),
+            processes: Vec::new(),
+            postgres,
+            keep_dir: options.dir.is_some(),
+            _temp_dir: temp_dir,
+        };
+        if let Err(error) = rack.start_processes(options).await {
+            rack.stop();
             return Err(error);
         }
-    };
-    discovery.write().context("writing the discovery file")?;
-    print_banner(&discovery, token.as_str(), postgres.as_ref().map(|p| p.log_path()));
+        Ok(rack)
+    }
 
+    pub fn postgres_log(&self) -> Option<std::path::PathBuf> {
+        self.postgres.as_ref().map(|server| server.log_path())
+    }
+
+    /// The pid of a child ("nexus-0", "sled-3").
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.processes.iter().find(|p| p.name == name).map(|p| p.child.id())
+    }
+
+    /// A child that exited on its own, described.
+    pub fn first_exited(&mut self) -> Option<String> {
+        first_exited(&mut self.processes)
+    }
+
+    /// Stops sleds, then Nexus, then PostgreSQL; removes the run directory
+    /// unless it was named.
+    pub fn stop(mut self) {
+        stop_all(&mut self.processes);
+        if let Some(mut server) = self.postgres.take() {
+            server.stop();
+        }
+        // The temp directory (if any) is removed as `self` drops here.
+    }
+
+    async fn start_processes(&mut self, options: &RackOptions) -> anyhow::Result<()> {
+        let run_dir = Utf8PathBuf::from(&self.discovery.run_dir);
+        for index in 0..options.nexus {
+            let (external, internal) = (free_port()?, free_port()?);
+            let dir = run_dir.join(format!("nexus-{index}"));
+            std::fs::create_dir_all(&dir)?;
+            let log = run_dir.join(format!("logs/nexus-{index}.log"));
+            let mut config = load_smf("nexus/config.toml")?;
+            set(&mut config, &["database", "url"], self.discovery.database_url.clone().into());
+            set(&mut config, &["external_api", "listen"], format!("127.0.0.1:{external}").into());
+            set(&mut config, &["external_api", "token_file"], self.discovery.token_file.clone().into());
+            set(&mut config, &["internal_api", "listen"], format!("127.0.0.1:{internal}").into());
+            set(&mut config, &["updates", "staging_dir"], dir.join("staging").as_str().into());
+            set_log(&mut config, &log, &options.log_level);
+            let min =
+                config["background_tasks"]["tuf_artifact_replication"]["min_sled_replication"].as_integer().unwrap_or(3);
+            if (options.sleds as i64) < min {
+                // A small development rack: release staged artifacts once
+                // every sled holds them.
+                set(&mut config, &["background_tasks", "tuf_artifact_replication", "allow_fewer_sleds"], true.into());
+            }
+            for (keys, value) in &options.nexus_settings {
+                set(&mut config, keys, value.clone());
+            }
+            let config_path = write_config(&dir, &config)?;
+            self.processes.push(spawn(format!("nexus-{index}"), "nexus", &config_path, &log)?);
+            let internal_url = format!("http://127.0.0.1:{internal}");
+            wait_for_http(&format!("{internal_url}/bgtasks"), READY_TIMEOUT)
+                .await
+                .with_context(|| format!("nexus-{index} did not start; see {log}"))?;
+            self.discovery.nexus.push(NexusEndpoints {
+                external_url: format!("http://127.0.0.1:{external}"),
+                internal_url,
+                log: log.to_string(),
+            });
+        }
+
+        for index in 0..options.sleds {
+            let (api, depot) = (free_port()?, free_port()?);
+            let dir = run_dir.join(format!("sled-{index}"));
+            let log = run_dir.join(format!("logs/sled-{index}.log"));
+            let mut config = load_smf("sled-agent/config.toml")?;
+            let serial = format!("sim-{index}");
+            set(&mut config, &["serial"], serial.clone().into());
+            let nexus = &self.discovery.nexus[index % self.discovery.nexus.len()];
+            set(&mut config, &["nexus_internal_url"], nexus.internal_url.clone().into());
+            set(&mut config, &["registration_period_secs"], 5.into());
+            set(&mut config, &["sled_agent_api", "listen"], format!("127.0.0.1:{api}").into());
+            set(&mut config, &["repo_depot", "listen"], format!("127.0.0.1:{depot}").into());
+            let m2_count = config["storage"]["m2_count"].as_integer().unwrap_or(2);
+            let dirs: Vec<toml::Value> = (0..m2_count).map(|slot| dir.join(format!("m2-{slot}")).as_str().into()).collect();
+            set(&mut config, &["storage", "m2_dirs"], toml::Value::Array(dirs));
+            set_log(&mut config, &log, &options.log_level);
+            std::fs::create_dir_all(&dir)?;
+            let config_path = write_config(&dir, &config)?;
+            self.processes.push(spawn(format!("sled-{index}"), "sled-agent", &config_path, &log)?);
+            self.discovery.sleds.push(SledEndpoints {
+                serial,
+                api_url: format!("http://127.0.0.1:{api}"),
+                depot_url: format!("http://127.0.0.1:{depot}"),
+                log: log.to_string(),
+            });
+        }
+
+        let datastore = DataStore::connect(&self.discovery.database_url, &PoolConfig { max_connections: 2 }).await?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let registered = datastore.sled_list().await?.len();
+            if registered >= options.sleds {
+                return Ok(());
+            }
+            if let Some(exited) = first_exited(&mut self.processes) {
+                bail!("{exited}");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {registered} of {} sleds registered within {READY_TIMEOUT:?}; see the logs in {run_dir}/logs",
+                    options.sleds
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let options = RackOptions {
+        sleds: args.sleds,
+        nexus: args.nexus,
+        database_url: args.database_url,
+        log_level: args.log_level,
+        dir: args.dir,
+        nexus_settings: Vec::new(),
+    };
+    let mut rack = Rack::start(&options).await?;
+    rack.discovery.write().context("writing the discovery file")?;
+    print_banner(&rack.discovery, &rack.token, rack.postgres_log());
     let reason = loop {
         tokio::select! {
             _ = interrupt.recv() => break "SIGINT".to_string(),
             _ = terminate.recv() => break "SIGTERM".to_string(),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                if let Some(exited) = first_exited(&mut processes) {
+                if let Some(exited) = rack.first_exited() {
                     eprintln!("{exited}; stopping the rest");
                     break exited;
                 }
@@ -118,118 +265,16 @@ pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
         }
     };
     println!("stopping ({reason})");
-    stop_all(&mut processes);
-    if let Some(mut server) = postgres {
-        server.stop();
-    }
+    let run_dir = rack.discovery.run_dir.clone();
+    let kept = rack.keep_dir;
+    rack.stop();
     RackDiscovery::remove();
-    if args.dir.is_none() {
-        println!("stopped; removed {run_dir}");
-    } else {
+    if kept {
         println!("stopped; kept {run_dir}");
+    } else {
+        println!("stopped; removed {run_dir}");
     }
     Ok(())
-}
-
-async fn start_rack(
-    args: &RunAllArgs,
-    run_dir: &Utf8Path,
-    database_url: &str,
-    token_file: &Utf8Path,
-    processes: &mut Vec<Process>,
-) -> anyhow::Result<RackDiscovery> {
-    let mut nexus_endpoints = Vec::new();
-    for index in 0..args.nexus {
-        let (external, internal) = (free_port()?, free_port()?);
-        let dir = run_dir.join(format!("nexus-{index}"));
-        std::fs::create_dir_all(&dir)?;
-        let log = run_dir.join(format!("logs/nexus-{index}.log"));
-        let mut config = load_smf("nexus/config.toml")?;
-        set(&mut config, &["database", "url"], database_url.into());
-        set(&mut config, &["external_api", "listen"], format!("127.0.0.1:{external}").into());
-        set(&mut config, &["external_api", "token_file"], token_file.as_str().into());
-        set(&mut config, &["internal_api", "listen"], format!("127.0.0.1:{internal}").into());
-        set(&mut config, &["updates", "staging_dir"], dir.join("staging").as_str().into());
-        set_log(&mut config, &log, &args.log_level);
-        let min = config["background_tasks"]["tuf_artifact_replication"]["min_sled_replication"]
-            .as_integer()
-            .unwrap_or(3);
-        if (args.sleds as i64) < min {
-            // A small development rack: release staged artifacts once every
-            // sled holds them.
-            set(
-                &mut config,
-                &["background_tasks", "tuf_artifact_replication", "allow_fewer_sleds"],
-                true.into(),
-            );
-        }
-        let config_path = write_config(&dir, &config)?;
-        processes.push(spawn(format!("nexus-{index}"), "nexus", &config_path, &log)?);
-        let internal_url = format!("http://127.0.0.1:{internal}");
-        wait_for_http(&format!("{internal_url}/bgtasks"), READY_TIMEOUT)
-            .await
-            .with_context(|| format!("nexus-{index} did not start; see {log}"))?;
-        nexus_endpoints.push(NexusEndpoints {
-            external_url: format!("http://127.0.0.1:{external}"),
-            internal_url,
-            log: log.to_string(),
-        });
-    }
-
-    let mut sleds = Vec::new();
-    for index in 0..args.sleds {
-        let (api, depot) = (free_port()?, free_port()?);
-        let dir = run_dir.join(format!("sled-{index}"));
-        let log = run_dir.join(format!("logs/sled-{index}.log"));
-        let mut config = load_smf("sled-agent/config.toml")?;
-        let serial = format!("sim-{index}");
-        set(&mut config, &["serial"], serial.clone().into());
-        let nexus = &nexus_endpoints[index % nexus_endpoints.len()];
-        set(&mut config, &["nexus_internal_url"], nexus.internal_url.clone().into());
-        set(&mut config, &["registration_period_secs"], 5.into());
-        set(&mut config, &["sled_agent_api", "listen"], format!("127.0.0.1:{api}").into());
-        set(&mut config, &["repo_depot", "listen"], format!("127.0.0.1:{depot}").into());
-        let m2_count = config["storage"]["m2_count"].as_integer().unwrap_or(2);
-        let dirs: Vec<toml::Value> =
-            (0..m2_count).map(|slot| dir.join(format!("m2-{slot}")).as_str().into()).collect();
-        set(&mut config, &["storage", "m2_dirs"], toml::Value::Array(dirs));
-        set_log(&mut config, &log, &args.log_level);
-        std::fs::create_dir_all(&dir)?;
-        let config_path = write_config(&dir, &config)?;
-        processes.push(spawn(format!("sled-{index}"), "sled-agent", &config_path, &log)?);
-        sleds.push(SledEndpoints {
-            serial,
-            api_url: format!("http://127.0.0.1:{api}"),
-            depot_url: format!("http://127.0.0.1:{depot}"),
-            log: log.to_string(),
-        });
-    }
-
-    let datastore = DataStore::connect(database_url, &PoolConfig { max_connections: 2 }).await?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        let registered = datastore.sled_list().await?.len();
-        if registered >= args.sleds {
-            break;
-        }
-        if let Some(exited) = first_exited(processes) {
-            bail!("{exited}");
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "only {registered} of {} sleds registered within {READY_TIMEOUT:?}; see the logs in {run_dir}/logs",
-                args.sleds
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(RackDiscovery {
-        run_dir: run_dir.to_string(),
-        database_url: database_url.to_string(),
-        token_file: token_file.to_string(),
-        nexus: nexus_endpoints,
-        sleds,
-    })
 }
 
 fn print_banner(discovery: &RackDiscovery, token: &str, postgres_log: Option<std::path::PathBuf>) {
