@@ -46,6 +46,11 @@ impl From<UploadError> for HttpError {
                 server_error(StatusCode::SERVICE_UNAVAILABLE, "HANDOFF_FULL", message)
             }
             UploadError::Io { .. } => HttpError::for_internal_error(message),
+            UploadError::TooLarge { .. } => HttpError::for_client_error(
+                Some("TOO_LARGE".into()),
+                ClientErrorStatusCode::PAYLOAD_TOO_LARGE,
+                message,
+            ),
             UploadError::BadFileName(_)
             | UploadError::Body { .. }
             | UploadError::Zip(_)

@@ -22,6 +22,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The body limit of every endpoint but the upload (which streams and is
+/// bounded by `external_api.request_body_max_bytes`).
+const JSON_BODY_MAX_BYTES: usize = 1 << 20;
+
 /// How long in-flight background activations get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -78,6 +82,7 @@ impl Server {
             datastore: datastore.clone(),
             staging: staging_area,
             settings: UploadSettings {
+                max_bytes: config.external_api.request_body_max_bytes,
                 enforce_expiry: updates.enforce_expiry,
                 zip: ZipLimits {
                     max_entries: updates.max_zip_entries,
@@ -101,14 +106,14 @@ impl Server {
             "internal API",
             nexus_internal_api_mod::api_description::<NexusInternalApiImpl>(),
             config.internal_api.listen,
-            1 << 20,
+            JSON_BODY_MAX_BYTES,
             &nexus,
         )?;
         let external_api = start_http(
             "external API",
             external_api_mod::api_description::<ExternalApiImpl>(),
             config.external_api.listen,
-            usize::try_from(config.external_api.request_body_max_bytes).unwrap_or(usize::MAX),
+            JSON_BODY_MAX_BYTES,
             &nexus,
         )?;
         slog::info!(log, "nexus started"; "internal_api" => %internal_api.local_addr(), "external_api" => %external_api.local_addr());

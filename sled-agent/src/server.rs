@@ -80,8 +80,8 @@ impl Server {
             "sled-agent API",
             sled_agent_api_mod::api_description::<SledAgentImpl>(),
             api_address,
-            // Artifacts stream through the API: the body limit is the quota.
-            usize::try_from(storage.artifact_quota_bytes).unwrap_or(usize::MAX),
+            // JSON bodies only: artifact PUTs have their own limit.
+            1 << 20,
             context.clone(),
             &log,
         )?;

@@ -66,6 +66,11 @@ impl M2 {
         self.state() == M2State::Healthy
     }
 
+    /// Bytes still free under the quota.
+    pub fn available(&self) -> u64 {
+        self.quota.saturating_sub(self.used())
+    }
+
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::SeqCst)
     }

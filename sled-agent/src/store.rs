@@ -24,6 +24,7 @@ use common::api::sled_agent::{ArtifactListResponse, ArtifactPutResponse, M2State
 use common::{ArtifactConfig, ArtifactHash, Generation, error_chain};
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,8 +88,24 @@ pub struct ArtifactStore {
     /// quota accounting that depends on it agree.
     commit: Mutex<()>,
     copy_permits: Arc<Semaphore>,
+    /// Artifacts being copied now: a second request for one of them is
+    /// answered at once instead of copying the same bytes twice.
+    copies_in_flight: Arc<std::sync::Mutex<BTreeSet<ArtifactHash>>>,
     copy: CopyConfig,
     http: reqwest::Client,
+}
+
+/// Takes an artifact out of the in-flight set when its copy ends, however
+/// it ends.
+struct InFlight {
+    set: Arc<std::sync::Mutex<BTreeSet<ArtifactHash>>>,
+    hash: ArtifactHash,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.hash);
+    }
 }
 
 impl ArtifactStore {
@@ -124,6 +141,7 @@ impl ArtifactStore {
         let store = ArtifactStore {
             log,
             copy_permits: Arc::new(Semaphore::new(copy.max_concurrent)),
+            copies_in_flight: Default::default(),
             copy,
             http,
             commit: Mutex::new(()),
@@ -255,6 +273,14 @@ impl ArtifactStore {
         depot_base_url: &str,
     ) -> Result<(), StoreError> {
         self.check_request(&hash, generation).await?;
+        let in_flight = {
+            let mut set = self.copies_in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if !set.insert(hash) {
+                slog::debug!(self.log, "copy already in flight"; "hash" => %hash);
+                return Ok(());
+            }
+            InFlight { set: self.copies_in_flight.clone(), hash }
+        };
         let permit = self
             .copy_permits
             .clone()
@@ -262,7 +288,24 @@ impl ArtifactStore {
             .map_err(|_| StoreError::TooManyCopies { limit: self.copy.max_concurrent })?;
         let url = format!("{}/artifact/sha256/{hash}", depot_base_url.trim_end_matches('/'));
         let response = self.fetch(&url, 0).await?;
-        let write = self.begin_write(hash)?;
+        // Refuse now, not after the download, what cannot fit anywhere.
+        if let Some(length) = response.content_length() {
+            let healthy = self.healthy();
+            if let Some(fullest) =
+                healthy.iter().filter(|m2| m2.available() < length).min_by_key(|m2| m2.slot)
+                && healthy.iter().all(|m2| m2.available() < length)
+            {
+                let source = QuotaExceeded {
+                    slot: fullest.slot,
+                    used: fullest.used(),
+                    quota: fullest.used() + fullest.available(),
+                    wanted: length,
+                };
+                return Err(StoreError::QuotaExceeded { hash, source });
+            }
+        }
+        let mut write = self.begin_write(hash)?;
+        write.in_flight = Some(in_flight);
         let store = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -371,6 +414,7 @@ impl ArtifactStore {
             return Err(StoreError::AllWritesFailed { hash, errors: failures.join("; ") });
         }
         Ok(PendingWrite {
+            in_flight: None,
             hash,
             datasets: targets.len() + failures.len(),
             targets,
@@ -382,7 +426,10 @@ impl ArtifactStore {
     }
 
     async fn commit(&self, write: PendingWrite) -> Result<ArtifactPutResponse, StoreError> {
-        let PendingWrite { hash, datasets, mut targets, hasher, bytes, mut failures, .. } = write;
+        let PendingWrite { in_flight, hash, datasets, mut targets, hasher, bytes, mut failures, .. } = write;
+        // The bytes are all here: the copy is no longer "in flight" (and must
+        // not be still when the reservations are returned).
+        drop(in_flight);
         let actual = ArtifactHash(hasher.finalize().into());
         if actual != hash {
             return Err(StoreError::HashMismatch { expected: hash, actual, bytes });
@@ -502,6 +549,9 @@ impl ArtifactStore {
 
 /// A write in progress to the temp files of every healthy M.2.
 struct PendingWrite {
+    /// For copies: dropped first (fields drop in order), so that by the time
+    /// the reservations are returned the artifact is no longer in flight.
+    in_flight: Option<InFlight>,
     hash: ArtifactHash,
     datasets: usize,
     targets: Vec<Target>,

@@ -47,7 +47,11 @@ impl TestRack {
     }
 
     pub async fn add_sled(&mut self) -> &TestSled {
-        let sled = TestSled::start(&self.nexus.internal_url()).await;
+        self.add_sled_with(|_| {}).await
+    }
+
+    pub async fn add_sled_with(&mut self, adjust: impl FnOnce(&mut sled_agent::config::Config)) -> &TestSled {
+        let sled = TestSled::start_with(&self.nexus.internal_url(), adjust).await;
         let id = sled.server.sled_id;
         let datastore = self.nexus.server.nexus().datastore.clone();
         wait_until("the sled registers", Duration::from_secs(20), async || {

@@ -63,12 +63,12 @@ fn redact(text: &str) -> String {
     let duration = r"(\d+ms|\d+s|\d+m \d+s|\d+h \d+m)";
     let elapsed_column = Regex::new(&format!(r"(<TIME>\s+){duration}")).unwrap();
     let took = Regex::new(&format!(r"took {duration}")).unwrap();
-        let host = Regex::new(r"omdb \(tester@[^)]*\)").unwrap();
+    let host = Regex::new(r"omdb \(tester@[^)]*\)").unwrap();
     let uuid = Regex::new(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").unwrap();
     let text = time.replace_all(text, "<TIME>");
     let text = elapsed_column.replace_all(&text, "$1<ELAPSED>");
     let text = took.replace_all(&text, "took <ELAPSED>");
-        let text = host.replace_all(&text, "omdb (tester@<HOST>)");
+    let text = host.replace_all(&text, "omdb (tester@<HOST>)");
     let text = uuid.replace_all(&text, "<UUID>");
     // Collapse column padding, not indentation.
     let spaces = Regex::new(r"(\S) {2,}").unwrap();

@@ -222,10 +222,11 @@ async fn copies_beyond_the_limit_are_refused_with_retry_after() {
     let sled = TestSled::start_with(NO_NEXUS, |config| config.copy.max_concurrent = 1).await;
     let client = sled.client();
     let a = artifact(6, 64 << 10);
-    client.artifact_config_put(&config(1, &[&a])).await.unwrap();
+    let b = artifact(7, 64 << 10);
+    client.artifact_config_put(&config(1, &[&a, &b])).await.unwrap();
     let stalled = FakeDepot::start(a.bytes.clone(), Behavior::StallAfter(10)).await;
     client.artifact_copy_from_depot(&a.hash, 1, &copy_body(stalled.base_url())).await.unwrap();
-    match client.artifact_copy_from_depot(&a.hash, 1, &copy_body(stalled.base_url())).await.unwrap_err() {
+    match client.artifact_copy_from_depot(&b.hash, 1, &copy_body(stalled.base_url())).await.unwrap_err() {
         ClientError::ErrorResponse(response) => {
             assert_eq!(response.status().as_u16(), 503);
             assert_eq!(response.headers()["retry-after"], "1");
@@ -249,4 +250,27 @@ async fn sled_agents_register_with_nexus() {
     assert_eq!(registered.serial, sled.server.serial);
     assert_eq!(registered.port as u16, sled.server.api_address().port());
     assert_eq!(registered.repo_depot_port as u16, sled.server.depot_address().port());
+}
+
+#[tokio::test]
+async fn a_copy_already_in_flight_is_not_started_twice_and_one_that_cannot_fit_is_refused() {
+    let sled = TestSled::start_with(NO_NEXUS, |config| config.storage.artifact_quota_bytes = 1 << 20).await;
+    let client = sled.client();
+    let a = artifact(8, 512 << 10);
+    let big = artifact(9, 2 << 20);
+    client.artifact_config_put(&config(1, &[&a, &big])).await.unwrap();
+
+    let slow = FakeDepot::start(a.bytes.clone(), Behavior::StallAfter(1000)).await;
+    for _ in 0..3 {
+        client.artifact_copy_from_depot(&a.hash, 1, &copy_body(slow.base_url())).await.unwrap();
+    }
+    assert_eq!(slow.ranges().len(), 1, "one download for three requests");
+
+    let before = used_bytes(&client).await;
+    let source = FakeDepot::start(big.bytes.clone(), Behavior::ResetAfter(usize::MAX)).await;
+    let (status, body) = error_body(
+        client.artifact_copy_from_depot(&big.hash, 1, &copy_body(source.base_url())).await.unwrap_err(),
+    );
+    assert_eq!((status, body.error_code.as_deref()), (507, Some("QUOTA_EXCEEDED")), "{}", body.message);
+    assert_eq!(used_bytes(&client).await, before, "refused before storing anything");
 }

@@ -279,8 +279,8 @@ async fn bodies_over_the_limit_are_refused() {
     let before = traces(&nexus).await;
     let big = factory.build(&RepoFactory::spec("1.0.0", &[("os", 256 * 1024)], 1)).await;
     let (status, body) = upload(&nexus.external_url(), Some(&nexus.token), &big).await;
-    assert_eq!(status, 400, "{body}");
-    assert!(message(&body).contains("maximum size"), "{body}");
+    assert_eq!(status, 413, "{body}");
+    assert!(message(&body).contains("larger than the limit of 65536 bytes"), "{body}");
     assert_eq!(traces(&nexus).await, before);
 }
 

@@ -11,6 +11,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// dropshot's cap on an upload body. Nexus enforces its configured limit
+/// (`external_api.request_body_max_bytes`) itself, as the body streams, so
+/// that the other endpoints keep a small limit for their JSON bodies.
+pub const UPLOAD_BODY_MAX_BYTES: usize = 1 << 40;
+
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 pub struct UploadQuery {
     /// The name of the file being uploaded, recorded with the repository.
@@ -99,7 +104,11 @@ pub trait ExternalApi {
     /// Uploads a TUF repository (a zip of `repo/metadata/` and
     /// `repo/targets/`). The body streams; its size is limited by the
     /// server's `request_body_max_bytes`.
-    #[endpoint { method = PUT, path = "/v1/system/update/repositories" }]
+    #[endpoint {
+        method = PUT,
+        path = "/v1/system/update/repositories",
+        request_body_max_bytes = UPLOAD_BODY_MAX_BYTES,
+    }]
     async fn repository_upload(
         rqctx: RequestContext<Self::Context>,
         query: Query<UploadQuery>,

@@ -16,6 +16,11 @@ use uuid::Uuid;
 /// artifact config generation than the request assumed.
 pub const CONFIG_GENERATION: &str = "CONFIG_GENERATION";
 
+/// The body limit of an artifact PUT. The body streams to disk and each
+/// M.2's quota bounds it (507 when full); this only keeps dropshot's own cap
+/// out of the way. Other endpoints keep the server's small default.
+pub const ARTIFACT_BODY_MAX_BYTES: usize = 1 << 40;
+
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 pub struct ArtifactPathParam {
     pub sha256: ArtifactHash,
@@ -119,7 +124,11 @@ pub trait SledAgentApi {
 
     /// Stores an artifact on every healthy M.2. The body's SHA-256 must be
     /// the one in the path; otherwise nothing is stored.
-    #[endpoint { method = PUT, path = "/artifacts/{sha256}" }]
+    #[endpoint {
+        method = PUT,
+        path = "/artifacts/{sha256}",
+        request_body_max_bytes = ARTIFACT_BODY_MAX_BYTES,
+    }]
     async fn artifact_put(
         rqctx: RequestContext<Self::Context>,
         path: Path<ArtifactPathParam>,

@@ -57,9 +57,10 @@ struct Row {
 }
 
 fn report(name: &str, rows: Vec<(&str, String)>, json: serde_json::Value) {
-    let table = tabled::Table::new(rows.into_iter().map(|(measure, value)| Row { measure: measure.into(), value }))
-        .with(Style::blank())
-        .to_string();
+    let table =
+        tabled::Table::new(rows.into_iter().map(|(measure, value)| Row { measure: measure.into(), value }))
+            .with(Style::blank())
+            .to_string();
     println!("bench {name}\n{table}");
     println!("BENCH {}", serde_json::json!({"bench": name, "results": json}));
 }
@@ -74,7 +75,14 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn rack_options(sleds: usize, settings: Vec<(Vec<&'static str>, toml::Value)>) -> RackOptions {
-    RackOptions { sleds, nexus: 1, database_url: None, log_level: "warn".into(), dir: None, nexus_settings: settings }
+    RackOptions {
+        sleds,
+        nexus: 1,
+        database_url: None,
+        log_level: "warn".into(),
+        dir: None,
+        nexus_settings: settings,
+    }
 }
 
 /// A key, a root and a repository zip of `artifacts` random artifacts.
@@ -113,7 +121,10 @@ async fn forge(artifacts: u64, bytes_each: u64) -> anyhow::Result<Forged> {
 async fn upload_zip(rack: &Rack, forged: &Forged) -> anyhow::Result<()> {
     let url = &rack.discovery.nexus[0].external_url;
     let client = external::authenticated(url, &rack.token);
-    client.trust_root_create(&forged.root).await.map_err(|e| anyhow::anyhow!("adding the trust root: {e}"))?;
+    client
+        .trust_root_create(&forged.root)
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the trust root: {e}"))?;
     let file = tokio::fs::File::open(&forged.zip).await?;
     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
     client.repository_upload("repo.zip", body).await.map_err(|e| anyhow::anyhow!("uploading: {e}"))?;
@@ -138,7 +149,10 @@ async fn upload(size_mib: u64) -> anyhow::Result<()> {
 
     // Baseline: hash the file and copy it once, with the machine's tools.
     let started = Instant::now();
-    let status = std::process::Command::new("sha256sum").arg(&forged.zip).stdout(std::process::Stdio::null()).status()?;
+    let status = std::process::Command::new("sha256sum")
+        .arg(&forged.zip)
+        .stdout(std::process::Stdio::null())
+        .status()?;
     if !status.success() {
         bail!("sha256sum failed");
     }
@@ -197,7 +211,9 @@ async fn replication_status(rack: &Rack) -> anyhow::Result<(u64, TufArtifactRepl
 /// every healthy M.2.
 async fn all_hold(sleds: &[sled_agent::Client], expected: usize) -> bool {
     for client in sleds {
-        let (Ok(list), Ok(inventory)) = (client.artifact_list().await, client.inventory().await) else { return false };
+        let (Ok(list), Ok(inventory)) = (client.artifact_list().await, client.inventory().await) else {
+            return false;
+        };
         let healthy = inventory.m2.iter().filter(|m2| m2.state == M2State::Healthy).count();
         if list.list.len() != expected || list.list.values().any(|&copies| copies < healthy) {
             return false;
@@ -212,9 +228,13 @@ async fn replicate(sleds: usize, repo_mib: u64, artifacts: u64) -> anyhow::Resul
     }
     let each = (repo_mib << 20) / artifacts;
     let forged = forge(artifacts, each).await?;
-    let settings = vec![(vec!["external_api", "request_body_max_bytes"], toml::Value::Integer(((repo_mib + 64) << 21) as i64))];
+    let settings = vec![(
+        vec!["external_api", "request_body_max_bytes"],
+        toml::Value::Integer(((repo_mib + 64) << 21) as i64),
+    )];
     let rack = Rack::start(&rack_options(sleds, settings)).await?;
-    let sled_clients: Vec<_> = rack.discovery.sleds.iter().map(|s| sled_agent::Client::new(&s.api_url)).collect();
+    let sled_clients: Vec<_> =
+        rack.discovery.sleds.iter().map(|s| sled_agent::Client::new(&s.api_url)).collect();
     let (iteration_before, _) = replication_status(&rack).await?;
 
     upload_zip(&rack, &forged).await?;
@@ -416,7 +436,8 @@ fn plan(sleds: usize, artifacts: usize, repos: usize) -> anyhow::Result<()> {
     use nexus::background::tasks::replication_plan::{self, ArtifactState, Inventory, Limits, SledState};
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let sled_states: Vec<SledState> = (0..sleds).map(|i| SledState { id: uuid::Uuid::from_u128(i as u128 + 1), healthy_m2: 2 }).collect();
+    let sled_states: Vec<SledState> =
+        (0..sleds).map(|i| SledState { id: uuid::Uuid::from_u128(i as u128 + 1), healthy_m2: 2 }).collect();
     // Each repository's artifacts at a different stage: the newest only
     // staged here, older ones partly replicated.
     let mut inventory = Inventory { sleds: sled_states.clone(), artifacts: Default::default() };
@@ -444,7 +465,11 @@ fn plan(sleds: usize, artifacts: usize, repos: usize) -> anyhow::Result<()> {
         cloned.push(started.elapsed());
         std::hint::black_box(copy);
         let started = Instant::now();
-        let plan = replication_plan::plan(&inventory, &mut rand::rngs::StdRng::seed_from_u64(round as u64), Limits { min_sled_replication: 3 });
+        let plan = replication_plan::plan(
+            &inventory,
+            &mut rand::rngs::StdRng::seed_from_u64(round as u64),
+            Limits { min_sled_replication: 3 },
+        );
         planned.push(started.elapsed());
         requests = plan.requests.len();
     }

@@ -90,7 +90,10 @@ impl Rack {
                 (dir.clone(), None)
             }
             None => {
-                let temp = camino_tempfile::Builder::new().prefix("rack-run-").tempdir().context("creating a run directory")?;
+                let temp = camino_tempfile::Builder::new()
+                    .prefix("rack-run-")
+                    .tempdir()
+                    .context("creating a run directory")?;
                 (temp.path().to_owned(), Some(temp))
             }
         };
@@ -167,12 +170,17 @@ impl Rack {
             set(&mut config, &["internal_api", "listen"], format!("127.0.0.1:{internal}").into());
             set(&mut config, &["updates", "staging_dir"], dir.join("staging").as_str().into());
             set_log(&mut config, &log, &options.log_level);
-            let min =
-                config["background_tasks"]["tuf_artifact_replication"]["min_sled_replication"].as_integer().unwrap_or(3);
+            let min = config["background_tasks"]["tuf_artifact_replication"]["min_sled_replication"]
+                .as_integer()
+                .unwrap_or(3);
             if (options.sleds as i64) < min {
                 // A small development rack: release staged artifacts once
                 // every sled holds them.
-                set(&mut config, &["background_tasks", "tuf_artifact_replication", "allow_fewer_sleds"], true.into());
+                set(
+                    &mut config,
+                    &["background_tasks", "tuf_artifact_replication", "allow_fewer_sleds"],
+                    true.into(),
+                );
             }
             for (keys, value) in &options.nexus_settings {
                 set(&mut config, keys, value.clone());
@@ -203,7 +211,8 @@ impl Rack {
             set(&mut config, &["sled_agent_api", "listen"], format!("127.0.0.1:{api}").into());
             set(&mut config, &["repo_depot", "listen"], format!("127.0.0.1:{depot}").into());
             let m2_count = config["storage"]["m2_count"].as_integer().unwrap_or(2);
-            let dirs: Vec<toml::Value> = (0..m2_count).map(|slot| dir.join(format!("m2-{slot}")).as_str().into()).collect();
+            let dirs: Vec<toml::Value> =
+                (0..m2_count).map(|slot| dir.join(format!("m2-{slot}")).as_str().into()).collect();
             set(&mut config, &["storage", "m2_dirs"], toml::Value::Array(dirs));
             set_log(&mut config, &log, &options.log_level);
             std::fs::create_dir_all(&dir)?;
@@ -217,7 +226,8 @@ impl Rack {
             });
         }
 
-        let datastore = DataStore::connect(&self.discovery.database_url, &PoolConfig { max_connections: 2 }).await?;
+        let datastore =
+            DataStore::connect(&self.discovery.database_url, &PoolConfig { max_connections: 2 }).await?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let registered = datastore.sled_list().await?.len();

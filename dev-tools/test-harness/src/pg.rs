@@ -144,9 +144,32 @@ impl PgServer {
         self.dir.as_ref().expect("the directory lives until stop").path()
     }
 
+    /// Stops the server but keeps its data, for tests of what clients do
+    /// while the database is down. [`PgServer::resume`] starts it again.
+    pub fn pause(&mut self) {
+        self.halt();
+    }
+
+    /// Starts a paused server again, on the same port and data.
+    pub async fn resume(&mut self) -> Result<(), PgError> {
+        let bin_dir = find_bin_dir().ok_or(PgError::BinariesNotFound)?;
+        let run_as = run_as_user()?;
+        let (pid, exited) = spawn_postgres(&bin_dir, self.dir(), self.port, run_as)?;
+        self.pid = pid;
+        self.exited = exited;
+        self.stopped = false;
+        self.wait_ready().await
+    }
+
     /// Stops the server (fast shutdown, then SIGKILL after a bound) and removes
     /// its directory. Idempotent.
     pub fn stop(&mut self) {
+        self.halt();
+        // Dropping the TempDir removes it.
+        self.dir.take();
+    }
+
+    fn halt(&mut self) {
         if !self.stopped {
             self.stopped = true;
             // SAFETY: kill(2) has no memory-safety preconditions.
@@ -157,8 +180,6 @@ impl PgServer {
                 let _ = self.exited.recv_timeout(STOP_TIMEOUT);
             }
         }
-        // Dropping the TempDir removes it.
-        self.dir.take();
     }
 
     async fn wait_ready(&mut self) -> Result<(), PgError> {

@@ -39,6 +39,8 @@ use zip_intake::{ZipError, ZipLimits};
 
 #[derive(Clone, Debug)]
 pub struct UploadSettings {
+    /// The largest upload accepted.
+    pub max_bytes: u64,
     pub enforce_expiry: bool,
     pub zip: ZipLimits,
 }
@@ -47,6 +49,8 @@ pub struct UploadSettings {
 pub enum UploadError {
     #[error("file_name {0:?} must be 1 to 255 characters without '/'")]
     BadFileName(String),
+    #[error("the upload is larger than the limit of {limit} bytes (external_api.request_body_max_bytes)")]
+    TooLarge { limit: u64 },
     #[error("reading the upload failed after {bytes} bytes: {message}")]
     Body { bytes: u64, message: String },
     #[error(transparent)]
@@ -136,7 +140,7 @@ impl Uploader {
         E: std::error::Error,
     {
         let zip_path = dir.join("repo.zip");
-        let zip_sha256 = receive(&zip_path, body).await?;
+        let zip_sha256 = receive(&zip_path, body, self.settings.max_bytes).await?;
         let trust_roots = self.datastore.trust_root_list().await?;
         if trust_roots.is_empty() {
             return Err(UploadError::NoTrustRoots);
@@ -218,7 +222,8 @@ impl Uploader {
         let stream =
             repository.read_target(&name).await.map_err(|error| tuf_error(error))?.ok_or_else(missing)?;
         let mismatch = |message: String| UploadError::TargetMismatch { target: target.to_string(), message };
-        let written = write_stream(&tmp, stream, &mismatch).await;
+        let verified = stream.map(|chunk| chunk.map_err(|error| mismatch(error_chain(&error))));
+        let written = write_stream(&tmp, verified).await;
         let (actual, size) = match written {
             Ok(done) => done,
             Err(error) => {
@@ -240,26 +245,28 @@ impl Uploader {
     }
 }
 
-/// Writes the upload to `path`, returning its sha256.
-async fn receive<S, E>(path: &Utf8Path, body: S) -> Result<ArtifactHash, UploadError>
+/// Writes the upload to `path`, returning its sha256; stops as soon as it
+/// passes `limit` bytes.
+async fn receive<S, E>(path: &Utf8Path, body: S, limit: u64) -> Result<ArtifactHash, UploadError>
 where
     S: Stream<Item = Result<Bytes, E>>,
     E: std::error::Error,
 {
-    let body_error = |bytes, message| UploadError::Body { bytes, message };
-    let (hash, _) = write_stream(path, body, &|message| body_error(0, message)).await?;
+    let mut seen = 0u64;
+    let checked = body.map(move |chunk| {
+        let chunk = chunk.map_err(|error| UploadError::Body { bytes: seen, message: error_chain(&error) })?;
+        seen += chunk.len() as u64;
+        if seen > limit { Err(UploadError::TooLarge { limit }) } else { Ok(chunk) }
+    });
+    let (hash, _) = write_stream(path, checked).await?;
     Ok(hash)
 }
 
-/// Streams into a new file, hashing; stream errors become `on_error`.
-async fn write_stream<S, E>(
-    path: &Utf8Path,
-    stream: S,
-    on_error: &(dyn Fn(String) -> UploadError + Sync),
-) -> Result<(ArtifactHash, u64), UploadError>
+/// Streams into a new file, hashing. The stream's errors are returned as
+/// they are; the file is left for the caller's cleanup.
+async fn write_stream<S>(path: &Utf8Path, stream: S) -> Result<(ArtifactHash, u64), UploadError>
 where
-    S: Stream<Item = Result<Bytes, E>>,
-    E: std::error::Error,
+    S: Stream<Item = Result<Bytes, UploadError>>,
 {
     let io = |what, source| UploadError::Io { what, path: path.to_owned(), source };
     let mut file = tokio::fs::File::create_new(path).await.map_err(|source| io("creating", source))?;
@@ -267,8 +274,7 @@ where
     let mut bytes = 0u64;
     let mut stream = std::pin::pin!(stream);
     while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|error| on_error(format!("after {bytes} bytes: {}", error_chain(&error))))?;
+        let chunk = chunk?;
         hasher.update(&chunk);
         bytes += chunk.len() as u64;
         file.write_all(&chunk).await.map_err(|source| io("writing", source))?;
