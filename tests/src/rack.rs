@@ -14,9 +14,11 @@ use uuid::Uuid;
 pub const REPLICATION: &str = "tuf_artifact_replication";
 pub const PRUNER: &str = "tuf_repo_pruner";
 
+/// Sleds come first so that they are dropped (stop registering) before
+/// their Nexus goes away.
 pub struct TestRack {
-    pub nexus: TestNexus,
     pub sleds: Vec<TestSled>,
+    pub nexus: TestNexus,
 }
 
 /// What one sled holds, as it says over HTTP.

@@ -116,3 +116,28 @@ mod tests {
         assert!(error(missing_field).contains("missing field `target`"));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_documents_never_panic(text in ".{0,400}") {
+            let _ = parse(text.as_bytes());
+        }
+
+        #[test]
+        fn near_valid_documents_are_checked(name in "[a-z ]{0,8}", target in "[a-z.]{0,8}", twice in any::<bool>()) {
+            let entry = serde_json::json!({"name": name, "version": "1", "kind": "k", "target": target});
+            let entries = if twice { vec![entry.clone(), entry] } else { vec![entry] };
+            let text = serde_json::json!({"system_version": "1.0.0", "artifacts": entries}).to_string();
+            let parsed = parse(text.as_bytes());
+            let valid = !name.trim().is_empty() && !target.trim().is_empty() && !twice;
+            prop_assert_eq!(parsed.is_ok(), valid, "{:?}", parsed);
+        }
+    }
+}

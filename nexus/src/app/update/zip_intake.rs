@@ -270,3 +270,80 @@ fn find_duplicate(directory: &[u8]) -> Result<(), ZipError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    fn limits() -> ZipLimits {
+        ZipLimits { max_entries: 100, max_total_bytes: 1 << 20, max_compression_ratio: 50 }
+    }
+
+    /// A small valid repository-shaped zip.
+    fn valid_zip() -> Vec<u8> {
+        let mut cursor = std::io::Cursor::new(Vec::new());
+        let mut zip = zip::ZipWriter::new(&mut cursor);
+        let options =
+            zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        for (name, body) in
+            [("repo/metadata/1.root.json", &b"{\"a\": 1}"[..]), ("repo/targets/x", &[7u8; 300][..])]
+        {
+            zip.start_file(name, options).unwrap();
+            zip.write_all(body).unwrap();
+        }
+        zip.finish().unwrap();
+        cursor.into_inner()
+    }
+
+    /// Runs the intake on `bytes`; whatever it says, it must not panic, and
+    /// it must not write anything outside its destination.
+    fn intake(bytes: &[u8]) -> Result<(), ZipError> {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let zip_path = dir.path().join("upload.zip");
+        std::fs::write(&zip_path, bytes).unwrap();
+        let dest = dir.path().join("out");
+        let outcome = extract(&zip_path, &dest, &limits()).map(|_| ());
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert!(
+            names == ["upload.zip"] || names == ["out", "upload.zip"],
+            "wrote outside its destination: {names:?}"
+        );
+        outcome
+    }
+
+    #[test]
+    fn a_valid_zip_extracts() {
+        intake(&valid_zip()).unwrap();
+    }
+
+    proptest! {
+        // Longer runs: PROPTEST_CASES=100000 cargo test -p nexus zip_intake
+        // (dev-tools/fuzz-intake does that for a bounded time).
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = intake(&bytes);
+        }
+
+        #[test]
+        fn mutated_zips_never_panic(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..16),
+                                    cut in any::<prop::sample::Index>(), truncate in any::<bool>()) {
+            let mut bytes = valid_zip();
+            for (index, value) in flips {
+                let at = index.index(bytes.len());
+                bytes[at] = value;
+            }
+            if truncate {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            let _ = intake(&bytes);
+        }
+    }
+}
