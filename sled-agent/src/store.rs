@@ -221,7 +221,8 @@ impl ArtifactStore {
                 (copies > 0).then_some((*hash, copies))
             })
             .collect();
-        ArtifactListResponse { generation: config.generation, list }
+        let copies_in_flight = self.copies_in_flight.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        ArtifactListResponse { generation: config.generation, list, copies_in_flight }
     }
 
     /// Opens the artifact on the first healthy M.2 that has it.

@@ -9,7 +9,7 @@ use dropshot::{
 use http::Response;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
 /// The `error_code` of a 409 from a sled agent that holds a different
@@ -39,6 +39,10 @@ pub struct ArtifactListResponse {
     /// For each artifact of the current config that the sled holds, on how
     /// many healthy M.2 devices.
     pub list: BTreeMap<ArtifactHash, usize>,
+    /// Artifacts being copied to this sled right now: a planner should not
+    /// ask for them again.
+    #[serde(default)]
+    pub copies_in_flight: BTreeSet<ArtifactHash>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]

@@ -13,14 +13,16 @@
 //!   from another holder if there is one (else from its own depot, which
 //!   rewrites every healthy M.2);
 //! - an artifact that nobody holds and that is not staged here is reported
-//!   as unplaceable (another Nexus may hold it).
+//!   as unplaceable (another Nexus may hold it);
+//! - a sled that says it is copying an artifact now is left alone: asking
+//!   again would only be answered "already copying".
 //!
 //! Sleds with no healthy M.2 are neither targets nor sources.
 
 use common::ArtifactHash;
 use rand::Rng;
 use rand::seq::IndexedRandom;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
 pub type SledId = Uuid;
@@ -37,6 +39,8 @@ pub struct ArtifactState {
     pub copies: BTreeMap<SledId, usize>,
     /// Whether this Nexus has the artifact staged.
     pub local: bool,
+    /// Sleds copying it right now: not asked again, not used as sources.
+    pub incoming: BTreeSet<SledId>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -87,7 +91,7 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
         }
         let sources: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
         for sled in &usable {
-            if put_targets.contains(&sled.id) {
+            if put_targets.contains(&sled.id) || state.incoming.contains(&sled.id) {
                 continue;
             }
             match state.copies.get(&sled.id).copied().unwrap_or(0) {
@@ -160,8 +164,10 @@ mod tests {
     fn nothing_to_do_when_every_sled_holds_everything() {
         let sleds = sleds(4);
         let copies = sleds.iter().map(|s| (s.id, 2)).collect();
-        let inventory =
-            Inventory { artifacts: [(hash(1), ArtifactState { copies, local: true })].into(), sleds };
+        let inventory = Inventory {
+            artifacts: [(hash(1), ArtifactState { copies, local: true, ..Default::default() })].into(),
+            sleds,
+        };
         assert_eq!(plan(&inventory, &mut rng(), limits(3)), Plan::default());
         assert_eq!(plan(&Inventory::default(), &mut rng(), limits(3)), Plan::default());
     }
@@ -171,7 +177,11 @@ mod tests {
         for (sled_count, expected_puts) in [(1, 1), (3, 3), (16, 3)] {
             let inventory = Inventory {
                 sleds: sleds(sled_count),
-                artifacts: [(hash(1), ArtifactState { copies: BTreeMap::new(), local: true })].into(),
+                artifacts: [(
+                    hash(1),
+                    ArtifactState { copies: BTreeMap::new(), local: true, ..Default::default() },
+                )]
+                .into(),
             };
             let planned = plan(&inventory, &mut rng(), limits(3));
             assert_eq!(count(&planned), (expected_puts, sled_count - expected_puts, 0), "{sled_count} sleds");
@@ -204,7 +214,11 @@ mod tests {
         all.rotate_left(0);
         let inventory = Inventory {
             sleds: all,
-            artifacts: [(hash(1), ArtifactState { copies: copies.clone(), local: false })].into(),
+            artifacts: [(
+                hash(1),
+                ArtifactState { copies: copies.clone(), local: false, ..Default::default() },
+            )]
+            .into(),
         };
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert_eq!(planned.requests.len(), 1);
@@ -219,7 +233,7 @@ mod tests {
         let copies = [(all[0].id, 1), (all[1].id, 2)].into();
         let inventory = Inventory {
             sleds: all.clone(),
-            artifacts: [(hash(1), ArtifactState { copies, local: false })].into(),
+            artifacts: [(hash(1), ArtifactState { copies, local: false, ..Default::default() })].into(),
         };
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert_eq!(
@@ -238,7 +252,7 @@ mod tests {
         let copies = [(alone[0].id, 1)].into();
         let inventory = Inventory {
             sleds: alone.clone(),
-            artifacts: [(hash(1), ArtifactState { copies, local: false })].into(),
+            artifacts: [(hash(1), ArtifactState { copies, local: false, ..Default::default() })].into(),
         };
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert_eq!(
@@ -254,10 +268,33 @@ mod tests {
     }
 
     #[test]
+    fn sleds_already_copying_are_left_alone() {
+        let all = sleds(3);
+        let state =
+            ArtifactState { copies: [(all[0].id, 2)].into(), local: false, incoming: [all[1].id].into() };
+        let inventory = Inventory { sleds: all.clone(), artifacts: [(hash(1), state)].into() };
+        let planned = plan(&inventory, &mut rng(), limits(3));
+        assert_eq!(
+            planned.requests,
+            [Request::Copy {
+                hash: hash(1),
+                target: all[2].id,
+                source: all[0].id,
+                after_put: false,
+                recopy: false
+            }]
+        );
+    }
+
+    #[test]
     fn min_replication_beyond_the_sled_count_puts_to_every_sled() {
         let inventory = Inventory {
             sleds: sleds(2),
-            artifacts: [(hash(1), ArtifactState { copies: BTreeMap::new(), local: true })].into(),
+            artifacts: [(
+                hash(1),
+                ArtifactState { copies: BTreeMap::new(), local: true, ..Default::default() },
+            )]
+            .into(),
         };
         assert_eq!(count(&plan(&inventory, &mut rng(), limits(5))), (2, 0, 0));
     }
@@ -270,8 +307,8 @@ mod tests {
         let inventory = Inventory {
             sleds: all,
             artifacts: [
-                (hash(1), ArtifactState { copies: BTreeMap::new(), local: false }),
-                (hash(2), ArtifactState { copies: BTreeMap::new(), local: true }),
+                (hash(1), ArtifactState { copies: BTreeMap::new(), local: false, ..Default::default() }),
+                (hash(2), ArtifactState { copies: BTreeMap::new(), local: true, ..Default::default() }),
             ]
             .into(),
         };

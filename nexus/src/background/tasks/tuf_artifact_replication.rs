@@ -50,7 +50,7 @@ use crate::background::driver::{Activator, BackgroundTask};
 use crate::db::model::Sled;
 use crate::db::{DataStore, DataStoreError};
 use common::api::external::ReplicationProgress;
-use common::api::sled_agent::{ArtifactCopyFromDepotBody, CONFIG_GENERATION, M2State};
+use common::api::sled_agent::{ArtifactCopyFromDepotBody, ArtifactListResponse, CONFIG_GENERATION, M2State};
 use common::bgtask::details::{
     LocalRepoStatus, PlanSummary, ReplicationCounters, ReplicationOutcome, RepoReplication, RequestOperation,
     RequestRecord, TufArtifactReplicationStatus,
@@ -279,11 +279,14 @@ impl ArtifactReplication {
                     ));
                     return Err(Stop::Superseded { sled_id: sled.id, sled_generation: generation });
                 }
-                Ok((_, list, healthy_m2)) => {
+                Ok((_, listed, healthy_m2)) => {
                     records.push(Record::ok(sled.id, RequestOperation::List));
                     inventory.sleds.push(SledState { id: sled.id, healthy_m2 });
-                    for (hash, copies) in list {
+                    for (hash, copies) in listed.list {
                         inventory.artifacts.entry(hash).or_default().copies.insert(sled.id, copies);
+                    }
+                    for hash in listed.copies_in_flight {
+                        inventory.artifacts.entry(hash).or_default().incoming.insert(sled.id);
                     }
                     listed_sleds.push(sled);
                 }
@@ -570,12 +573,12 @@ async fn put_config(sled: &SledTarget, config: &ArtifactConfig) -> Result<(), Pu
     }
 }
 
-/// The generation a sled lists, its artifacts, and its healthy M.2 count.
-async fn list(sled: &SledTarget) -> Result<(Generation, BTreeMap<ArtifactHash, usize>, usize), String> {
+/// The generation a sled lists, what it lists, and its healthy M.2 count.
+async fn list(sled: &SledTarget) -> Result<(Generation, ArtifactListResponse, usize), String> {
     let listed = sled.client.artifact_list().await.map_err(describe)?.into_inner();
     let inventory = sled.client.inventory().await.map_err(describe)?.into_inner();
     let healthy = inventory.m2.iter().filter(|m2| m2.state == M2State::Healthy).count();
-    Ok((listed.generation, listed.list, healthy))
+    Ok((listed.generation, listed, healthy))
 }
 
 async fn sled_generation(sled: &SledTarget) -> Option<Generation> {
