@@ -251,16 +251,25 @@ impl ArtifactStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::error::Error,
     {
-        self.check_request(&hash, generation).await?;
-        let mut write = self.begin_write(hash)?;
         let mut body = std::pin::pin!(body);
+        let refusal = match self.check_request(&hash, generation).await {
+            Ok(()) => self.begin_write(hash),
+            Err(error) => Err(error),
+        };
+        let mut write = match refusal {
+            Ok(write) => write,
+            Err(error) => return Err(drain(body, error).await),
+        };
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|error| StoreError::Body {
                 hash,
                 bytes: write.bytes,
                 message: error_chain(&error),
             })?;
-            write.write(&chunk).await?;
+            if let Err(error) = write.write(&chunk).await {
+                drop(write);
+                return Err(drain(body, error).await);
+            }
         }
         self.commit(write).await
     }
@@ -629,6 +638,29 @@ impl PendingWrite {
         Ok(())
     }
 }
+
+/// Reads and discards the rest of a refused body (up to
+/// [`DRAIN_LIMIT_BYTES`]) before the error is answered. Answering while the
+/// client is still sending makes the server close the connection, and the
+/// client then sees a broken pipe instead of the reason (a 507 for a full
+/// sled, a 409 for a stale generation).
+async fn drain<S, E>(mut body: std::pin::Pin<&mut S>, error: StoreError) -> StoreError
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    let mut drained = 0u64;
+    while drained < DRAIN_LIMIT_BYTES {
+        match body.next().await {
+            Some(Ok(chunk)) => drained += chunk.len() as u64,
+            Some(Err(_)) | None => break,
+        }
+    }
+    error
+}
+
+/// Bodies of refused PUTs are read and thrown away up to this size; beyond
+/// it the connection is closed (the client then sees a broken pipe).
+const DRAIN_LIMIT_BYTES: u64 = 1 << 30;
 
 async fn sync(mut file: tokio::fs::File) -> std::io::Result<()> {
     file.flush().await?;

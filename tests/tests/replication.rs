@@ -293,7 +293,9 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut next_zip = 0;
-    for _round in 0..24 {
+    // RACK_TEST_ROUNDS makes a longer run of the same test.
+    let rounds: usize = std::env::var("RACK_TEST_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(24);
+    for _round in 0..rounds {
         match rng.random_range(0..4) {
             0 if next_zip < zips.len() => {
                 let target = all_nexus(rng.random_range(0..3));

@@ -132,3 +132,43 @@ fn the_readme_tour_works_as_written() {
     assert!(!database_dir.exists(), "{} was left behind", database_dir.display());
     assert!(!discovery.exists(), "the discovery file was left behind");
 }
+
+/// A child of run-all that dies is reported by name, the rest of the rack is
+/// stopped, and run-all exits non-zero with nothing left behind.
+#[test]
+fn run_all_reports_a_crashed_child_and_stops_the_rest() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut rack = Command::new(binary("rack-dev"))
+        .args(["run-all", "--sleds", "2"])
+        .env("RACK_DEV_CURRENT", scratch.path().join("current.json"))
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = BufReader::new(rack.stdout.take().unwrap()).lines();
+    let mut run_dir = None;
+    for line in banner.by_ref() {
+        let line = line.unwrap();
+        if let Some(dir) = line.trim().strip_prefix("run directory:") {
+            run_dir = Some(dir.trim().to_string());
+        }
+        if line.starts_with("Ready.") {
+            break;
+        }
+    }
+    let run_dir = run_dir.unwrap();
+    let victim = processes_mentioning(&format!("{run_dir}/sled-1/config.toml"));
+    assert_eq!(victim.len(), 1, "{victim:?}");
+    let pid: i32 = victim[0].split(':').next().unwrap().parse().unwrap();
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+
+    let status = rack.wait().unwrap();
+    assert!(!status.success(), "run-all must fail when a child crashes");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut rack.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("sled-1 exited unexpectedly"), "{stderr}");
+    assert!(processes_mentioning(&run_dir).is_empty(), "the rest of the rack was stopped");
+    assert!(!Path::new(&run_dir).exists(), "{run_dir} was removed");
+}

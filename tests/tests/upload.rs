@@ -116,6 +116,7 @@ async fn trust_roots_are_managed_and_checked() {
     assert_eq!(response.status().as_u16(), 400);
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(message(&body).contains("signatures do not verify"), "{body}");
+    assert_eq!(client.trust_root_list().await.unwrap().into_inner().len(), 1, "no row for the broken root");
     let response = reqwest::Client::new()
         .post(format!("{}/v1/system/update/trust-roots", nexus.external_url()))
         .bearer_auth(&nexus.token)

@@ -262,14 +262,14 @@ pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
     let mut rack = Rack::start(&options).await?;
     rack.discovery.write().context("writing the discovery file")?;
     print_banner(&rack.discovery, &rack.token, rack.postgres_log());
-    let reason = loop {
+    let (reason, crashed) = loop {
         tokio::select! {
-            _ = interrupt.recv() => break "SIGINT".to_string(),
-            _ = terminate.recv() => break "SIGTERM".to_string(),
+            _ = interrupt.recv() => break ("SIGINT".to_string(), false),
+            _ = terminate.recv() => break ("SIGTERM".to_string(), false),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if let Some(exited) = rack.first_exited() {
                     eprintln!("{exited}; stopping the rest");
-                    break exited;
+                    break (exited, true);
                 }
             }
         }
@@ -283,6 +283,9 @@ pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
         println!("stopped; kept {run_dir}");
     } else {
         println!("stopped; removed {run_dir}");
+    }
+    if crashed {
+        bail!("the rack stopped because {reason}");
     }
     Ok(())
 }
