@@ -8,6 +8,7 @@ pub mod api;
 pub mod artifact;
 pub mod bgtask;
 pub mod clients;
+pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod generation;

@@ -17,7 +17,7 @@ use crate::internal_api::NexusInternalApiImpl;
 use camino::Utf8PathBuf;
 use common::api::external::external_api_mod;
 use common::api::nexus_internal::nexus_internal_api_mod;
-use common::error_chain;
+use common::api::start_server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,8 +41,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting the {server} server on {address}: {message}")]
-    Http { server: &'static str, address: SocketAddr, message: String },
+    #[error(transparent)]
+    Http(#[from] common::api::ServerStartError),
 }
 
 pub struct Server {
@@ -102,19 +102,21 @@ impl Server {
             log: log.clone(),
         });
 
-        let internal_api = start_http(
+        let internal_api = start_server(
             "internal API",
             nexus_internal_api_mod::api_description::<NexusInternalApiImpl>(),
+            nexus.clone(),
             config.internal_api.listen,
             JSON_BODY_MAX_BYTES,
-            &nexus,
+            &log,
         )?;
-        let external_api = start_http(
+        let external_api = start_server(
             "external API",
             external_api_mod::api_description::<ExternalApiImpl>(),
+            nexus.clone(),
             config.external_api.listen,
             JSON_BODY_MAX_BYTES,
-            &nexus,
+            &log,
         )?;
         slog::info!(log, "nexus started"; "internal_api" => %internal_api.local_addr(), "external_api" => %external_api.local_addr());
         Ok(Server {
@@ -148,23 +150,4 @@ impl Server {
         self.nexus.background.shutdown(SHUTDOWN_GRACE).await;
         slog::info!(self.nexus.log, "nexus stopped");
     }
-}
-
-fn start_http<A: std::fmt::Display>(
-    server: &'static str,
-    api: Result<dropshot::ApiDescription<Arc<Nexus>>, A>,
-    address: SocketAddr,
-    max_body: usize,
-    nexus: &Arc<Nexus>,
-) -> Result<dropshot::HttpServer<Arc<Nexus>>, StartError> {
-    let api = api.map_err(|error| StartError::Http { server, address, message: error.to_string() })?;
-    let config = dropshot::ConfigDropshot {
-        bind_address: address,
-        default_request_body_max_bytes: max_body,
-        ..Default::default()
-    };
-    dropshot::ServerBuilder::new(api, nexus.clone(), nexus.log.new(slog::o!("server" => server)))
-        .config(config)
-        .start()
-        .map_err(|error| StartError::Http { server, address, message: error_chain(&error) })
 }

@@ -84,38 +84,20 @@ impl Default for CopyConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading config file {path}")]
-    Read {
-        path: Utf8PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: Utf8PathBuf, message: String },
-    #[error("config file {path}: {key} {problem}")]
-    Invalid { path: Utf8PathBuf, key: &'static str, problem: String },
-}
+pub use common::config::ConfigError;
 
 impl Config {
     pub fn from_file(path: &Utf8Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(path, &text)
+        common::config::from_file(path)
     }
 
+    /// Parses and validates; `path` is only used in messages.
     pub fn from_toml(path: &Utf8Path, text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|error| ConfigError::Parse { path: path.to_owned(), message: error.to_string() })?;
-        config.validate().map_err(|(key, problem)| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            problem,
-        })?;
-        Ok(config)
+        common::config::from_toml(path, text)
     }
+}
 
+impl common::config::Validate for Config {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         let storage = &self.storage;
         if storage.m2_count == 0 {

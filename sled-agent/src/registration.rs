@@ -41,7 +41,7 @@ pub fn spawn(
                 }
                 Err(error) => {
                     failures += 1;
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         slog::warn!(log, "registering with Nexus failed; retrying";
                             "failures" => failures, "error" => error_chain(&error));
                     }

@@ -11,7 +11,7 @@ use camino::Utf8PathBuf;
 use camino_tempfile::Utf8TempDir;
 use common::api::nexus_internal::SledAgentInfo;
 use common::api::sled_agent::{repo_depot_api_mod, sled_agent_api_mod};
-use common::error_chain;
+use common::api::start_server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +27,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("starting the {server} server on {address}: {message}")]
-    Http { server: &'static str, address: SocketAddr, message: String },
+    #[error(transparent)]
+    Http(#[from] common::api::ServerStartError),
 }
 
 pub struct Server {
@@ -76,21 +76,21 @@ impl Server {
         let context = Arc::new(SledContext { sled_id, serial: serial.clone(), store: Arc::new(store) });
 
         let api_address = config.sled_agent_api.listen;
-        let api = start_http(
+        let api = start_server(
             "sled-agent API",
             sled_agent_api_mod::api_description::<SledAgentImpl>(),
+            context.clone(),
             api_address,
             // JSON bodies only: artifact PUTs have their own limit.
             1 << 20,
-            context.clone(),
             &log,
         )?;
-        let depot = start_http(
+        let depot = start_server(
             "repo depot",
             repo_depot_api_mod::api_description::<RepoDepotImpl>(),
+            context,
             config.repo_depot.listen,
             4096,
-            context,
             &log,
         )?;
         let info = SledAgentInfo {
@@ -143,29 +143,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn start_http<A>(
-    server: &'static str,
-    api: Result<dropshot::ApiDescription<Arc<SledContext>>, A>,
-    address: SocketAddr,
-    max_body: usize,
-    context: Arc<SledContext>,
-    log: &slog::Logger,
-) -> Result<dropshot::HttpServer<Arc<SledContext>>, StartError>
-where
-    A: std::fmt::Display,
-{
-    let api = api.map_err(|error| StartError::Http { server, address, message: error.to_string() })?;
-    let config = dropshot::ConfigDropshot {
-        bind_address: address,
-        default_request_body_max_bytes: max_body,
-        ..Default::default()
-    };
-    dropshot::ServerBuilder::new(api, context, log.new(slog::o!("server" => server)))
-        .config(config)
-        .start()
-        .map_err(|error| StartError::Http { server, address, message: error_chain(&error) })
 }
 
 /// The sled id kept on the M.2s, or a new one written to all of them.

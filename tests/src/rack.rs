@@ -1,6 +1,7 @@
 //! A small rack in one process: a Nexus, several sled agents registered with
 //! it, and the means to drive replication and check convergence.
 
+use crate::repos::RepoFactory;
 use crate::{TestNexus, TestSled};
 use common::api::sled_agent::M2State;
 use common::bgtask::details::TufArtifactReplicationStatus;
@@ -46,6 +47,14 @@ impl TestRack {
             rack.add_sled().await;
         }
         rack
+    }
+
+    /// A rack that trusts the root of a new repository factory.
+    pub async fn with_trust_root(sleds: usize, adjust: impl FnOnce(&mut Config)) -> (TestRack, RepoFactory) {
+        let rack = TestRack::start(sleds, adjust).await;
+        let factory = RepoFactory::new().await;
+        rack.nexus.external_client().trust_root_create(&factory.root_json()).await.unwrap();
+        (rack, factory)
     }
 
     pub async fn add_sled(&mut self) -> &TestSled {

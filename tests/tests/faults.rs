@@ -11,16 +11,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-async fn rack_with_root(
-    sleds: usize,
-    adjust: impl FnOnce(&mut nexus::config::Config),
-) -> (TestRack, RepoFactory) {
-    let rack = TestRack::start(sleds, adjust).await;
-    let factory = RepoFactory::new().await;
-    rack.nexus.external_client().trust_root_create(&factory.root_json()).await.unwrap();
-    (rack, factory)
-}
-
 /// Starts a binary and returns it with the first `lines` lines it printed.
 fn spawn_reading(program: &str, config: &std::path::Path, lines: usize) -> (Child, Vec<String>) {
     let mut child = Command::new(binary(program))
@@ -59,7 +49,7 @@ fn after<'a>(lines: &'a [String], prefix: &str) -> &'a str {
 /// throws away its partial files, and converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sled_killed_mid_copy_converges_after_restart() {
-    let (rack, factory) = rack_with_root(3, |_| {}).await;
+    let (rack, factory) = TestRack::with_trust_root(3, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let m2 = [dir.path().join("m2-0"), dir.path().join("m2-1")];
     let config =
@@ -268,7 +258,7 @@ async fn a_database_restart_is_survived_without_restarting_nexus() {
 /// other sleds are not held back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sled_is_reported_and_does_not_hold_back_the_others() {
-    let (mut rack, factory) = rack_with_root(2, |_| {}).await;
+    let (mut rack, factory) = TestRack::with_trust_root(2, |_| {}).await;
     rack.add_sled_with(|config| config.storage.artifact_quota_bytes = 100 * 1024).await;
     let full = rack.sleds[2].server.sled_id;
     let zip = factory.build(&RepoFactory::spec("1.0.0", &[("os", 400 * 1024)], 1)).await;
@@ -295,7 +285,7 @@ async fn a_full_sled_is_reported_and_does_not_hold_back_the_others() {
 /// later activations heal the target from an honest sled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_from_a_lying_depot_are_healed_from_another_source() {
-    let (mut rack, factory) = rack_with_root(3, |_| {}).await;
+    let (mut rack, factory) = TestRack::with_trust_root(3, |_| {}).await;
     let artifacts: Vec<(String, u64)> = (0..6).map(|n| (format!("part{n}"), 30_000 + n)).collect();
     let names: Vec<(&str, u64)> = artifacts.iter().map(|(name, size)| (name.as_str(), *size)).collect();
     let zip = factory.build(&RepoFactory::spec("1.0.0", &names, 1)).await;

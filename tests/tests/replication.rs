@@ -6,16 +6,6 @@ use common::bgtask::details::ReplicationOutcome;
 use integration_tests::rack::{PRUNER, TestRack, holds_exactly};
 use integration_tests::repos::{RepoFactory, upload};
 
-async fn rack_with_root(
-    sleds: usize,
-    adjust: impl FnOnce(&mut nexus::config::Config),
-) -> (TestRack, RepoFactory) {
-    let rack = TestRack::start(sleds, adjust).await;
-    let factory = RepoFactory::new().await;
-    rack.nexus.external_client().trust_root_create(&factory.root_json()).await.unwrap();
-    (rack, factory)
-}
-
 async fn upload_ok(
     rack: &TestRack,
     factory: &RepoFactory,
@@ -30,7 +20,7 @@ async fn upload_ok(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_converges_on_every_sled_and_leaves_staging() {
-    let (rack, factory) = rack_with_root(4, |_| {}).await;
+    let (rack, factory) = TestRack::with_trust_root(4, |_| {}).await;
     upload_ok(&rack, &factory, "1.0.0", &[("os", 2 << 20), ("sp", 100_000), ("rot", 10_000)], 1).await;
     let activations = rack.converge(20).await;
     println!("converged after {activations} activations");
@@ -54,7 +44,8 @@ async fn an_upload_converges_on_every_sled_and_leaves_staging() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pruning_removes_unique_artifacts_and_keeps_shared_ones() {
-    let (rack, factory) = rack_with_root(3, |config| config.background_tasks.tuf_repo_pruner.nkeep = 1).await;
+    let (rack, factory) =
+        TestRack::with_trust_root(3, |config| config.background_tasks.tuf_repo_pruner.nkeep = 1).await;
     upload_ok(&rack, &factory, "1.0.0", &[("shared", 50_000), ("old-only", 20_000)], 1).await;
     let mut spec = RepoFactory::spec("2.0.0", &[("shared", 50_000), ("new-only", 30_000)], 1);
     spec.artifacts[1].version = "2.0.0".into();
@@ -75,7 +66,7 @@ async fn pruning_removes_unique_artifacts_and_keeps_shared_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_sled_receives_everything_and_a_restored_m2_is_healed() {
-    let (mut rack, factory) = rack_with_root(3, |_| {}).await;
+    let (mut rack, factory) = TestRack::with_trust_root(3, |_| {}).await;
     upload_ok(&rack, &factory, "1.0.0", &[("os", 300_000), ("sp", 40_000)], 1).await;
     rack.converge(20).await;
 
@@ -96,8 +87,10 @@ async fn a_new_sled_receives_everything_and_a_restored_m2_is_healed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nexus_restarted_between_upload_and_replication_loses_nothing() {
-    let (rack, factory) =
-        rack_with_root(3, |config| config.background_tasks.tuf_artifact_replication.disabled = true).await;
+    let (rack, factory) = TestRack::with_trust_root(3, |config| {
+        config.background_tasks.tuf_artifact_replication.disabled = true
+    })
+    .await;
     upload_ok(&rack, &factory, "1.0.0", &[("os", 200_000), ("sp", 30_000)], 1).await;
     let status = rack.activate(integration_tests::rack::REPLICATION).await;
     assert!(
@@ -125,7 +118,7 @@ async fn a_nexus_restarted_between_upload_and_replication_loses_nothing() {
 /// be refused by the sleds, and nothing B placed may disappear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_nexus_cannot_undo_a_newer_ones_work() {
-    let (rack, factory) = rack_with_root(3, |_| {}).await;
+    let (rack, factory) = TestRack::with_trust_root(3, |_| {}).await;
     let nexus_b = integration_tests::TestNexus::start_sharing(&rack.nexus.db, |config| {
         config.background_tasks.tuf_artifact_replication.followup_delay_millis = 100;
     })
@@ -213,7 +206,7 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
         config.background_tasks.tuf_artifact_replication.followup_delay_millis = 50;
         config.background_tasks.tuf_repo_pruner.nkeep = 2;
     };
-    let (rack, factory) = rack_with_root(4, adjust).await;
+    let (rack, factory) = TestRack::with_trust_root(4, adjust).await;
     let mut nexuses = vec![];
     for _ in 0..2 {
         nexuses.push(integration_tests::TestNexus::start_sharing(&rack.nexus.db, adjust).await);
@@ -359,7 +352,7 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_records_every_sled_including_unreachable_ones() {
-    let (rack, _factory) = rack_with_root(2, |_| {}).await;
+    let (rack, _factory) = TestRack::with_trust_root(2, |_| {}).await;
     rack.fail_m2(1, 1, M2State::Failed).await;
     // A registered sled that does not answer.
     let ghost = uuid::Uuid::new_v4();

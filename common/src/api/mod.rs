@@ -25,6 +25,37 @@ pub const DOCUMENTS: &[(&str, &str, StubApi)] = &[
     ("repo-depot.json", "Repo depot API", sled_agent::repo_depot_api_mod::stub_api_description),
 ];
 
+#[derive(Debug, thiserror::Error)]
+#[error("starting the {server} server on {address}: {message}")]
+pub struct ServerStartError {
+    pub server: &'static str,
+    pub address: std::net::SocketAddr,
+    pub message: String,
+}
+
+/// Starts one of our HTTP servers: `api` (from an API trait's
+/// `api_description`) on `address`, with `max_body` as the default body
+/// limit.
+pub fn start_server<C: dropshot::ServerContext, E: std::fmt::Display>(
+    server: &'static str,
+    api: Result<ApiDescription<C>, E>,
+    context: C,
+    address: std::net::SocketAddr,
+    max_body: usize,
+    log: &slog::Logger,
+) -> Result<dropshot::HttpServer<C>, ServerStartError> {
+    let api = api.map_err(|error| ServerStartError { server, address, message: error.to_string() })?;
+    let config = dropshot::ConfigDropshot {
+        bind_address: address,
+        default_request_body_max_bytes: max_body,
+        ..Default::default()
+    };
+    dropshot::ServerBuilder::new(api, context, log.new(slog::o!("server" => server)))
+        .config(config)
+        .start()
+        .map_err(|error| ServerStartError { server, address, message: crate::error_chain(&error) })
+}
+
 /// The OpenAPI document of one API, as checked in.
 pub fn openapi_document(title: &str, stub: StubApi) -> String {
     let description = stub().expect("the API description is valid");

@@ -97,7 +97,7 @@ pub fn check_version(found: Option<&str>) -> Result<(), SchemaError> {
     match pending_migrations(found) {
         Some(pending) => Err(SchemaError::Older {
             found: found.to_string(),
-            pending: pending.iter().map(|m| migration_label(m)).collect::<Vec<_>>().join(", "),
+            pending: pending.iter().map(migration_label).collect::<Vec<_>>().join(", "),
         }),
         None => Err(SchemaError::Unknown { found: found.to_string() }),
     }

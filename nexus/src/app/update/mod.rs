@@ -219,8 +219,7 @@ impl Uploader {
         let pin = self.staging.pin(hash);
         let path = self.staging.artifact_path(&hash);
         let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
-        let stream =
-            repository.read_target(&name).await.map_err(|error| tuf_error(error))?.ok_or_else(missing)?;
+        let stream = repository.read_target(&name).await.map_err(tuf_error)?.ok_or_else(missing)?;
         let mismatch = |message: String| UploadError::TargetMismatch { target: target.to_string(), message };
         let verified = stream.map(|chunk| chunk.map_err(|error| mismatch(error_chain(&error))));
         let written = write_stream(&tmp, verified).await;
