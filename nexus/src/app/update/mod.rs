@@ -175,7 +175,7 @@ impl Uploader {
         let mut artifacts = Vec::new();
         for entry in &document.artifacts {
             let (hash, size) =
-                self.stage_target(&repository, &entry.target, &entry.id(), &mut staged).await?;
+                self.stage_target(&repository, dir, &entry.target, &entry.id(), &mut staged).await?;
             artifacts.push(TufArtifactDescription { id: entry.id(), sha256: hash, size });
         }
         let description = TufRepoDescription {
@@ -196,12 +196,14 @@ impl Uploader {
         Ok(result)
     }
 
-    /// Streams one target through tough into the staging area. The target's
-    /// own sha256 (from the signed targets.json) names the file; tough fails
-    /// the stream if the bytes do not match it.
+    /// Streams one target through tough into the staging area (through a
+    /// file in the upload's directory, renamed into place). The target's own
+    /// sha256 (from the signed targets.json) names the file; tough fails the
+    /// stream if the bytes do not match it.
     async fn stage_target(
         &self,
         repository: &tough::Repository,
+        upload_dir: &Utf8Path,
         target: &str,
         artifact: &common::ArtifactId,
         staged: &mut Vec<StagedArtifact>,
@@ -218,7 +220,9 @@ impl Uploader {
         })?);
         let pin = self.staging.pin(hash);
         let path = self.staging.artifact_path(&hash);
-        let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+        // Written in the upload's own directory, so that a sweep of the
+        // staging area (after another upload's failure) never sees it.
+        let tmp = upload_dir.join(format!("staging-{hash}-{:016x}", rand::random::<u64>()));
         let stream = repository.read_target(&name).await.map_err(tuf_error)?.ok_or_else(missing)?;
         let mismatch = |message: String| UploadError::TargetMismatch { target: target.to_string(), message };
         let verified = stream.map(|chunk| chunk.map_err(|error| mismatch(error_chain(&error))));
