@@ -310,3 +310,26 @@ fn bomb(dir: &Utf8Path) -> camino::Utf8PathBuf {
     zip.finish().unwrap();
     path
 }
+
+#[tokio::test]
+async fn two_artifacts_may_name_one_target() {
+    let nexus = TestNexus::start().await;
+    let factory = RepoFactory::new().await;
+    add_trust_root(&nexus, &factory).await;
+    let spec = RepoFactory::spec("1.0.0", &[("os", 20_000)], 1);
+    let zip = factory
+        .build_with_targets(&spec, |targets| {
+            let document = serde_json::json!({"system_version": "1.0.0", "artifacts": [
+                {"name": "os", "version": "1.0.0", "kind": "zone", "target": "os-1.0.0.zone"},
+                {"name": "os-alias", "version": "1.0.0", "kind": "zone", "target": "os-1.0.0.zone"},
+            ]});
+            std::fs::write(targets.join("artifacts.json"), document.to_string()).unwrap();
+        })
+        .await;
+    let (status, body) = upload(&nexus.external_url(), Some(&nexus.token), &zip).await;
+    assert_eq!(status, 200, "{body}");
+    let artifacts = body["repo"]["artifacts"].as_array().unwrap();
+    assert_eq!(artifacts.len(), 2);
+    assert_eq!(artifacts[0]["sha256"], artifacts[1]["sha256"]);
+    assert_eq!(traces(&nexus).await.staged.len(), 1, "one staged file for both");
+}

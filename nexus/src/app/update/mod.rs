@@ -10,7 +10,8 @@
 //! 4. `artifacts.json` is read through tough (so its hash is verified) and
 //!    checked ([`artifacts_json`]).
 //! 5. Every artifact's target streams through tough, which verifies its hash
-//!    and length, into the staging area, pinned.
+//!    and length; the verified file is then moved into the staging area,
+//!    pinned.
 //! 6. The repository is recorded (one transaction). Only then is the staged
 //!    repository handed to `tuf_artifact_replication`; room in its queue is
 //!    reserved *before* recording, so a recorded repository is never left
@@ -32,6 +33,7 @@ use camino::{Utf8Path, Utf8PathBuf};
 use common::{ArtifactHash, error_chain};
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -173,9 +175,20 @@ impl Uploader {
             .map_err(|_| UploadError::HandoffFull { capacity: self.handoff.max_capacity() })?;
         let mut staged = Vec::new();
         let mut artifacts = Vec::new();
+        // Several artifacts may name one target; it is verified and moved once.
+        let mut targets_done: BTreeMap<&str, (ArtifactHash, u64)> = BTreeMap::new();
         for entry in &document.artifacts {
-            let (hash, size) =
-                self.stage_target(&repository, dir, &entry.target, &entry.id(), &mut staged).await?;
+            let (hash, size) = match targets_done.get(entry.target.as_str()) {
+                Some(&(hash, size)) => {
+                    staged.push(StagedArtifact { hash, size, pin: self.staging.pin(hash) });
+                    (hash, size)
+                }
+                None => {
+                    self.stage_target(&repository, &extracted, &entry.target, &entry.id(), &mut staged)
+                        .await?
+                }
+            };
+            targets_done.insert(&entry.target, (hash, size));
             artifacts.push(TufArtifactDescription { id: entry.id(), sha256: hash, size });
         }
         let description = TufRepoDescription {
@@ -196,14 +209,15 @@ impl Uploader {
         Ok(result)
     }
 
-    /// Streams one target through tough into the staging area (through a
-    /// file in the upload's directory, renamed into place). The target's own
-    /// sha256 (from the signed targets.json) names the file; tough fails the
-    /// stream if the bytes do not match it.
+    /// Verifies one target by streaming it through tough (which checks its
+    /// length and sha256 against the signed targets.json), then moves the
+    /// extracted file itself into the staging area under that sha256. The
+    /// file lives in this upload's private directory, so what was verified is
+    /// what is moved.
     async fn stage_target(
         &self,
         repository: &tough::Repository,
-        upload_dir: &Utf8Path,
+        extracted: &zip_intake::ExtractedRepo,
         target: &str,
         artifact: &common::ArtifactId,
         staged: &mut Vec<StagedArtifact>,
@@ -218,30 +232,25 @@ impl Uploader {
                 message: "its sha256 in targets.json is not 32 bytes".into(),
             }
         })?);
+        let mismatch = |message: String| UploadError::TargetMismatch { target: target.to_string(), message };
+        let mut stream = repository.read_target(&name).await.map_err(tuf_error)?.ok_or_else(missing)?;
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            size += chunk.map_err(|error| mismatch(error_chain(&error)))?.len() as u64;
+        }
+        // Where tough read it from: consistent snapshots prefix the hash.
+        let file_name = if repository.root().signed.consistent_snapshot {
+            format!("{hash}.{target}")
+        } else {
+            target.to_string()
+        };
+        let source = extracted.targets_dir.join(file_name);
         let pin = self.staging.pin(hash);
         let path = self.staging.artifact_path(&hash);
-        // Written in the upload's own directory, so that a sweep of the
-        // staging area (after another upload's failure) never sees it.
-        let tmp = upload_dir.join(format!("staging-{hash}-{:016x}", rand::random::<u64>()));
-        let stream = repository.read_target(&name).await.map_err(tuf_error)?.ok_or_else(missing)?;
-        let mismatch = |message: String| UploadError::TargetMismatch { target: target.to_string(), message };
-        let verified = stream.map(|chunk| chunk.map_err(|error| mismatch(error_chain(&error))));
-        let written = write_stream(&tmp, verified).await;
-        let (actual, size) = match written {
-            Ok(done) => done,
-            Err(error) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(error);
-            }
-        };
-        if actual != hash {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(mismatch(format!("its bytes have sha256 {actual}, targets.json says {hash}")));
-        }
-        std::fs::rename(&tmp, &path).map_err(|source| UploadError::Io {
+        std::fs::rename(&source, &path).map_err(|source_error| UploadError::Io {
             what: "staging",
             path: path.clone(),
-            source,
+            source: source_error,
         })?;
         staged.push(StagedArtifact { hash, size, pin });
         Ok((hash, size))
