@@ -66,7 +66,12 @@ async fn pruning_removes_unique_artifacts_and_keeps_shared_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_sled_receives_everything_and_a_restored_m2_is_healed() {
-    let (mut rack, factory) = TestRack::with_trust_root(3, |_| {}).await;
+    // No follow-up activations in the background: the test decides when
+    // replication runs, so that the restored device is seen unhealed.
+    let (mut rack, factory) = TestRack::with_trust_root(3, |config| {
+        config.background_tasks.tuf_artifact_replication.followup_delay_millis = 600_000;
+    })
+    .await;
     upload_ok(&rack, &factory, "1.0.0", &[("os", 300_000), ("sp", 40_000)], 1).await;
     rack.converge(20).await;
 

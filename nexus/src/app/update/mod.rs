@@ -264,15 +264,34 @@ where
     S: Stream<Item = Result<Bytes, E>>,
     E: std::error::Error,
 {
+    let mut body = std::pin::pin!(body);
     let mut seen = 0u64;
-    let checked = body.map(move |chunk| {
+    let checked = body.as_mut().map(move |chunk| {
         let chunk = chunk.map_err(|error| UploadError::Body { bytes: seen, message: error_chain(&error) })?;
         seen += chunk.len() as u64;
         if seen > limit { Err(UploadError::TooLarge { limit }) } else { Ok(chunk) }
     });
-    let (hash, _) = write_stream(path, checked).await?;
-    Ok(hash)
+    match write_stream(path, checked).await {
+        Ok((hash, _)) => Ok(hash),
+        Err(error @ UploadError::TooLarge { .. }) => {
+            // Read (and drop) a bounded rest of the body before answering:
+            // answering while the client still sends makes it see a broken
+            // pipe instead of the 413.
+            let mut drained = 0u64;
+            while drained < DRAIN_LIMIT_BYTES {
+                match body.next().await {
+                    Some(Ok(chunk)) => drained += chunk.len() as u64,
+                    Some(Err(_)) | None => break,
+                }
+            }
+            Err(error)
+        }
+        Err(error) => Err(error),
+    }
 }
+
+/// How much of an oversized upload is read and dropped before the 413.
+const DRAIN_LIMIT_BYTES: u64 = 64 << 20;
 
 /// Streams into a new file, hashing. The stream's errors are returned as
 /// they are; the file is left for the caller's cleanup.
