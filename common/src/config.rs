@@ -18,27 +18,27 @@ pub enum ConfigError {
     Invalid { path: Utf8PathBuf, key: &'static str, problem: String },
 }
 
-/// A config whose values need checks beyond their types.
-pub trait Validate {
+/// A service's config file: parsed, then checked beyond its types.
+pub trait ConfigFile: DeserializeOwned {
     /// The offending key and what is wrong with it.
     fn validate(&self) -> Result<(), (&'static str, String)>;
-}
 
-pub fn from_file<T: DeserializeOwned + Validate>(path: &Utf8Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    from_toml(path, &text)
-}
+    fn from_file(path: &Utf8Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(path, &text)
+    }
 
-/// Parses and validates; `path` is only used in messages.
-pub fn from_toml<T: DeserializeOwned + Validate>(path: &Utf8Path, text: &str) -> Result<T, ConfigError> {
-    // toml's message names the key and shows the offending line.
-    let config: T = toml::from_str(text)
-        .map_err(|error| ConfigError::Parse { path: path.to_owned(), message: error.to_string() })?;
-    config.validate().map_err(|(key, problem)| ConfigError::Invalid {
-        path: path.to_owned(),
-        key,
-        problem,
-    })?;
-    Ok(config)
+    /// Parses and validates; `path` is only used in messages.
+    fn from_toml(path: &Utf8Path, text: &str) -> Result<Self, ConfigError> {
+        // toml's message names the key and shows the offending line.
+        let config: Self = toml::from_str(text)
+            .map_err(|error| ConfigError::Parse { path: path.to_owned(), message: error.to_string() })?;
+        config.validate().map_err(|(key, problem)| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            problem,
+        })?;
+        Ok(config)
+    }
 }

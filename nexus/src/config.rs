@@ -4,7 +4,7 @@
 //! Unknown keys are errors, so a misspelt knob is caught at start-up instead
 //! of silently taking its default.
 
-use camino::{Utf8Path, Utf8PathBuf};
+use camino::Utf8PathBuf;
 use serde::Deserialize;
 use std::net::SocketAddr;
 
@@ -189,20 +189,9 @@ impl Default for TufRepoPrunerConfig {
     }
 }
 
-pub use common::config::ConfigError;
+pub use common::config::{ConfigError, ConfigFile};
 
-impl Config {
-    pub fn from_file(path: &Utf8Path) -> Result<Config, ConfigError> {
-        common::config::from_file(path)
-    }
-
-    /// Parses and validates; `path` is only used in messages.
-    pub fn from_toml(path: &Utf8Path, text: &str) -> Result<Config, ConfigError> {
-        common::config::from_toml(path, text)
-    }
-}
-
-impl common::config::Validate for Config {
+impl ConfigFile for Config {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "must be at least 1".into()));
@@ -277,6 +266,7 @@ impl common::config::Validate for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use camino::Utf8Path;
 
     const PATH: &str = "test.toml";
     const MINIMAL: &str = r#"

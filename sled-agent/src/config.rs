@@ -2,7 +2,7 @@
 //! the real default; `rack-dev run-all` starts from it and fills in ports,
 //! serials and paths.
 
-use camino::{Utf8Path, Utf8PathBuf};
+use camino::Utf8PathBuf;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use uuid::Uuid;
@@ -84,20 +84,9 @@ impl Default for CopyConfig {
     }
 }
 
-pub use common::config::ConfigError;
+pub use common::config::{ConfigError, ConfigFile};
 
-impl Config {
-    pub fn from_file(path: &Utf8Path) -> Result<Config, ConfigError> {
-        common::config::from_file(path)
-    }
-
-    /// Parses and validates; `path` is only used in messages.
-    pub fn from_toml(path: &Utf8Path, text: &str) -> Result<Config, ConfigError> {
-        common::config::from_toml(path, text)
-    }
-}
-
-impl common::config::Validate for Config {
+impl ConfigFile for Config {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         let storage = &self.storage;
         if storage.m2_count == 0 {
@@ -143,6 +132,7 @@ impl common::config::Validate for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use camino::Utf8Path;
 
     #[test]
     fn the_shipped_config_parses() {

@@ -2,7 +2,7 @@
 
 use camino::Utf8Path;
 use common::clients::nexus_internal;
-use nexus::config::Config;
+use nexus::config::{Config, ConfigFile};
 use nexus::server::Server;
 use std::path::PathBuf;
 use test_harness::TestDatabase;
@@ -154,7 +154,8 @@ pub use common::clients::sled_agent as sled_agent_client;
 /// 64 MiB quota, fast registration and a short copy read timeout.
 pub fn test_sled_config(nexus_internal_url: &str) -> sled_agent::config::Config {
     let path = Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/sled-agent/config.toml"));
-    let mut config = sled_agent::config::Config::from_file(path).expect("the shipped config parses");
+    let mut config =
+        <sled_agent::config::Config as ConfigFile>::from_file(path).expect("the shipped config parses");
     config.nexus_internal_url = nexus_internal_url.to_string();
     config.sled_agent_api.listen = "127.0.0.1:0".parse().unwrap();
     config.repo_depot.listen = "127.0.0.1:0".parse().unwrap();

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use camino::Utf8PathBuf;
 use clap::Parser;
-use nexus::config::Config;
+use nexus::config::{Config, ConfigFile};
 use nexus::server::Server;
 use tokio::signal::unix::{SignalKind, signal};
 

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use camino::Utf8PathBuf;
 use clap::Parser;
-use sled_agent::config::Config;
+use sled_agent::config::{Config, ConfigFile};
 use sled_agent::server::Server;
 use tokio::signal::unix::{SignalKind, signal};
 
