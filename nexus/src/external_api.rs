@@ -21,6 +21,10 @@ use std::sync::Arc;
 
 pub enum ExternalApiImpl {}
 
+/// How much of an unauthenticated upload is read before the 401: enough for
+/// small bodies, too little to be worth abusing.
+const UNAUTHORIZED_DRAIN_BYTES: u64 = 1 << 20;
+
 /// Refuses requests without the operator's token.
 fn authorize(rqctx: &RequestContext<Arc<Nexus>>) -> Result<(), HttpError> {
     let header =
@@ -103,7 +107,11 @@ impl ExternalApi for ExternalApiImpl {
         query: Query<UploadQuery>,
         body: StreamingBody,
     ) -> Result<HttpResponseOk<TufRepoUploadResponse>, HttpError> {
-        authorize(&rqctx)?;
+        if let Err(refusal) = authorize(&rqctx) {
+            // A little, so that a client that forgot its token reads the 401.
+            common::api::drain_body(body.into_stream(), UNAUTHORIZED_DRAIN_BYTES).await;
+            return Err(refusal);
+        }
         let nexus = rqctx.context();
         let result = nexus.uploader.upload(&query.into_inner().file_name, body.into_stream()).await?;
         let status = match result.status {

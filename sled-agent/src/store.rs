@@ -639,22 +639,13 @@ impl PendingWrite {
     }
 }
 
-/// Reads and discards the rest of a refused body (up to
-/// [`DRAIN_LIMIT_BYTES`]) before the error is answered. Answering while the
-/// client is still sending makes the server close the connection, and the
-/// client then sees a broken pipe instead of the reason (a 507 for a full
-/// sled, a 409 for a stale generation).
-async fn drain<S, E>(mut body: std::pin::Pin<&mut S>, error: StoreError) -> StoreError
+/// Drains the rest of a refused body (see [`common::api::drain_body`]) and
+/// passes the error on.
+async fn drain<S, E>(body: std::pin::Pin<&mut S>, error: StoreError) -> StoreError
 where
     S: Stream<Item = Result<Bytes, E>>,
 {
-    let mut drained = 0u64;
-    while drained < DRAIN_LIMIT_BYTES {
-        match body.next().await {
-            Some(Ok(chunk)) => drained += chunk.len() as u64,
-            Some(Err(_)) | None => break,
-        }
-    }
+    common::api::drain_body(body, DRAIN_LIMIT_BYTES).await;
     error
 }
 

@@ -56,6 +56,26 @@ pub fn start_server<C: dropshot::ServerContext, E: std::fmt::Display>(
         .map_err(|error| ServerStartError { server, address, message: crate::error_chain(&error) })
 }
 
+/// Reads and drops at most `limit` more bytes of a request body that is being
+/// refused. A server that answers while the client is still sending closes
+/// the connection, and the client then sees a broken pipe instead of the
+/// answer; draining a bounded amount first lets ordinary clients read why.
+pub async fn drain_body<S, B, E>(body: S, limit: u64)
+where
+    S: futures::Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+{
+    use futures::StreamExt;
+    let mut body = std::pin::pin!(body);
+    let mut drained = 0u64;
+    while drained < limit {
+        match body.next().await {
+            Some(Ok(chunk)) => drained += chunk.as_ref().len() as u64,
+            Some(Err(_)) | None => break,
+        }
+    }
+}
+
 /// The OpenAPI document of one API, as checked in.
 pub fn openapi_document(title: &str, stub: StubApi) -> String {
     let description = stub().expect("the API description is valid");

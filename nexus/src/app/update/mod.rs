@@ -274,16 +274,8 @@ where
     match write_stream(path, checked).await {
         Ok((hash, _)) => Ok(hash),
         Err(error @ UploadError::TooLarge { .. }) => {
-            // Read (and drop) a bounded rest of the body before answering:
-            // answering while the client still sends makes it see a broken
-            // pipe instead of the 413.
-            let mut drained = 0u64;
-            while drained < DRAIN_LIMIT_BYTES {
-                match body.next().await {
-                    Some(Ok(chunk)) => drained += chunk.len() as u64,
-                    Some(Err(_)) | None => break,
-                }
-            }
+            // So that the client reads the 413 rather than a broken pipe.
+            common::api::drain_body(body, DRAIN_LIMIT_BYTES).await;
             Err(error)
         }
         Err(error) => Err(error),
