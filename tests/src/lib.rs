@@ -64,6 +64,12 @@ impl TestNexus {
         self.dir.path().join("staging")
     }
 
+    /// Activates a task and waits for an iteration that started after the
+    /// activation (not a timer).
+    pub async fn activate(&self, task: &str) -> common::bgtask::BackgroundTask {
+        self.server.nexus().background.activate_and_wait(task).await.unwrap()
+    }
+
     pub fn internal_url(&self) -> String {
         format!("http://{}", self.server.internal_address())
     }

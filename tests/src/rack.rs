@@ -76,7 +76,7 @@ impl TestRack {
     /// Activates a task and waits for an iteration that started after the
     /// activation (not a timer).
     pub async fn activate(&self, task: &str) -> BackgroundTask {
-        self.nexus.server.nexus().background.activate_and_wait(task).await.unwrap()
+        self.nexus.activate(task).await
     }
 
     pub async fn replicate(&self) -> TufArtifactReplicationStatus {

@@ -137,13 +137,7 @@ async fn a_stale_nexus_cannot_undo_a_newer_ones_work() {
     let zip = factory.build(&RepoFactory::spec("2.0.0", &[("newer", 80_000)], 2)).await;
     assert_eq!(upload(&nexus_b.external_url(), Some(&nexus_b.token), &zip).await.0, 200);
     for _ in 0..20 {
-        nexus_b
-            .server
-            .nexus()
-            .background
-            .activate_and_wait(integration_tests::rack::REPLICATION)
-            .await
-            .unwrap();
+        nexus_b.activate(integration_tests::rack::REPLICATION).await;
         if rack.converged().await {
             break;
         }
@@ -304,7 +298,7 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
             }
             1 => {
                 let target = all_nexus(rng.random_range(0..3));
-                target.server.nexus().background.activate_and_wait(PRUNER).await.unwrap();
+                target.activate(PRUNER).await;
             }
             _ => {
                 // Two or three activations at once, on different instances.
@@ -328,13 +322,7 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
     // config and no staging area holds anything.
     for _ in 0..40 {
         for i in 0..3 {
-            all_nexus(i)
-                .server
-                .nexus()
-                .background
-                .activate_and_wait(integration_tests::rack::REPLICATION)
-                .await
-                .unwrap();
+            all_nexus(i).activate(integration_tests::rack::REPLICATION).await;
         }
         let staged: usize = (0..3)
             .map(|i| std::fs::read_dir(all_nexus(i).staging_dir().join("artifacts")).unwrap().count())

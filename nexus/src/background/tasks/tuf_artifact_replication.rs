@@ -383,7 +383,7 @@ impl ArtifactReplication {
         sleds: &BTreeMap<Uuid, &SledTarget>,
         generation: Generation,
     ) -> Record {
-        match request {
+        let (sled_id, operation, hash, source_sled_id, outcome) = match request {
             Request::Put { hash, sled } => {
                 let target = sleds[sled];
                 let path = self.staging.artifact_path(hash);
@@ -400,14 +400,7 @@ impl ArtifactReplication {
                         .map_err(Attempt::from)
                 })
                 .await;
-                Record {
-                    time: chrono::Utc::now(),
-                    sled_id: *sled,
-                    operation: RequestOperation::Put,
-                    hash: Some(*hash),
-                    source_sled_id: None,
-                    error: outcome.err(),
-                }
+                (*sled, RequestOperation::Put, *hash, None, outcome)
             }
             Request::Copy { hash, target, source, .. } => {
                 let body = ArtifactCopyFromDepotBody { depot_base_url: sleds[source].depot_url.clone() };
@@ -420,15 +413,16 @@ impl ArtifactReplication {
                         .map_err(Attempt::from)
                 })
                 .await;
-                Record {
-                    time: chrono::Utc::now(),
-                    sled_id: *target,
-                    operation: RequestOperation::Copy,
-                    hash: Some(*hash),
-                    source_sled_id: Some(*source),
-                    error: outcome.err(),
-                }
+                (*target, RequestOperation::Copy, *hash, Some(*source), outcome)
             }
+        };
+        Record {
+            time: chrono::Utc::now(),
+            sled_id,
+            operation,
+            hash: Some(hash),
+            source_sled_id,
+            error: outcome.err(),
         }
     }
 
