@@ -10,6 +10,7 @@ pub mod bgtask;
 pub mod clients;
 pub mod config;
 pub mod discovery;
+pub mod durable;
 pub mod error;
 pub mod generation;
 

@@ -23,6 +23,8 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub copy: CopyConfig,
+    #[serde(default)]
+    pub requests: RequestLimits,
     pub log: dropshot::ConfigLogging,
 }
 
@@ -84,6 +86,24 @@ impl Default for CopyConfig {
     }
 }
 
+/// Bounds on the streaming requests a sled serves at once. Beyond them a
+/// request is answered 503 with `Retry-After` rather than queued, so a burst
+/// cannot pile up open files, sockets and memory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestLimits {
+    /// Artifact PUTs (from Nexus) being received at once.
+    pub max_concurrent_puts: usize,
+    /// Depot downloads (by other sleds) being served at once.
+    pub max_concurrent_depot_reads: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits { max_concurrent_puts: 8, max_concurrent_depot_reads: 16 }
+    }
+}
+
 pub use common::config::{ConfigError, ConfigFile};
 
 impl ConfigFile for Config {
@@ -107,6 +127,12 @@ impl ConfigFile for Config {
         }
         if self.copy.max_concurrent == 0 {
             return Err(("copy.max_concurrent", "must be at least 1".into()));
+        }
+        if self.requests.max_concurrent_puts == 0 {
+            return Err(("requests.max_concurrent_puts", "must be at least 1".into()));
+        }
+        if self.requests.max_concurrent_depot_reads == 0 {
+            return Err(("requests.max_concurrent_depot_reads", "must be at least 1".into()));
         }
         if self.copy.read_timeout_secs == 0 {
             return Err(("copy.read_timeout_secs", "must be at least 1".into()));

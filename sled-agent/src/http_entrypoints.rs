@@ -5,7 +5,7 @@ use crate::range::{self, RangeDecision};
 use crate::store::{ArtifactStore, StoreError};
 use common::api::sled_agent::{
     ArtifactCopyFromDepotBody, ArtifactCopyFromDepotResponse, ArtifactListResponse, ArtifactPathParam,
-    ArtifactPutResponse, ArtifactQueryParam, CONFIG_GENERATION, M2PathParam, M2StateRequest, RepoDepotApi,
+    ArtifactPutResponse, ArtifactQueryParam, CONFIG_GENERATION, LEDGER_DAMAGED, M2PathParam, M2StateRequest, RepoDepotApi,
     SledAgentApi, SledInventory,
 };
 use common::error::server_error;
@@ -28,8 +28,12 @@ pub struct SledContext {
     pub store: Arc<ArtifactStore>,
 }
 
-/// Seconds a caller refused for the copy limit should wait.
-const COPY_RETRY_AFTER_SECS: u32 = 1;
+/// Seconds a caller refused for a concurrency limit should wait.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
+fn retry_after(error: HttpError, seconds: u64) -> HttpError {
+    error.with_header(header::RETRY_AFTER, seconds.to_string()).expect("a valid header")
+}
 
 impl From<StoreError> for HttpError {
     fn from(error: StoreError) -> HttpError {
@@ -42,15 +46,20 @@ impl From<StoreError> for HttpError {
             | StoreError::ConfigRefused { .. }
             | StoreError::ConfigChanged { .. } => client(CONFIG_GENERATION, ClientErrorStatusCode::CONFLICT),
             StoreError::NotInConfig { .. } => client("NOT_IN_CONFIG", ClientErrorStatusCode::BAD_REQUEST),
+            StoreError::ConfigTooLarge { .. } => client("CONFIG_TOO_LARGE", ClientErrorStatusCode::BAD_REQUEST),
+            StoreError::LedgerDamaged { .. } => server(LEDGER_DAMAGED, StatusCode::SERVICE_UNAVAILABLE),
             StoreError::HashMismatch { .. } => client("HASH_MISMATCH", ClientErrorStatusCode::BAD_REQUEST),
             StoreError::Body { .. } => client("BAD_BODY", ClientErrorStatusCode::BAD_REQUEST),
             StoreError::NotFound { .. } | StoreError::NoSuchSlot { .. } => {
                 client("NOT_FOUND", ClientErrorStatusCode::NOT_FOUND)
             }
             StoreError::QuotaExceeded { .. } => server("QUOTA_EXCEEDED", StatusCode::INSUFFICIENT_STORAGE),
-            StoreError::TooManyCopies { .. } => server("TOO_MANY_COPIES", StatusCode::SERVICE_UNAVAILABLE)
-                .with_header(header::RETRY_AFTER, COPY_RETRY_AFTER_SECS.to_string())
-                .expect("a valid header"),
+            StoreError::Busy { .. } => {
+                retry_after(server("BUSY", StatusCode::SERVICE_UNAVAILABLE), BUSY_RETRY_AFTER_SECS)
+            }
+            StoreError::SourceBusy { retry_after_secs, .. } => {
+                retry_after(server("DEPOT_BUSY", StatusCode::SERVICE_UNAVAILABLE), retry_after_secs)
+            }
             StoreError::NoHealthyM2 { .. } => server("NO_HEALTHY_M2", StatusCode::SERVICE_UNAVAILABLE),
             StoreError::SourceUnreachable { .. }
             | StoreError::SourceStatus { .. }
@@ -70,7 +79,7 @@ impl SledAgentApi for SledAgentImpl {
     async fn artifact_config_get(
         rqctx: RequestContext<Self::Context>,
     ) -> Result<HttpResponseOk<ArtifactConfig>, HttpError> {
-        Ok(HttpResponseOk(rqctx.context().store.config().await))
+        Ok(HttpResponseOk(rqctx.context().store.config().await?))
     }
 
     async fn artifact_config_put(
@@ -119,8 +128,9 @@ impl SledAgentApi for SledAgentImpl {
         Ok(HttpResponseOk(SledInventory {
             sled_id: context.sled_id,
             serial: context.serial.clone(),
-            artifact_generation: context.store.config().await.generation,
+            artifact_generation: context.store.generation().await,
             m2: context.store.m2s().iter().map(|m2| m2.inventory()).collect(),
+            ledger_damage: context.store.ledger_problems(),
         }))
     }
 
@@ -144,7 +154,7 @@ impl RepoDepotApi for RepoDepotImpl {
         path: Path<ArtifactPathParam>,
     ) -> Result<Response<Body>, HttpError> {
         let hash = path.into_inner().sha256;
-        let (mut file, length) = rqctx.context().store.open_artifact(&hash).await?;
+        let (mut file, length, permit) = rqctx.context().store.open_artifact(&hash).await?;
         let range_header = rqctx.request.headers().get(header::RANGE).and_then(|value| value.to_str().ok());
         let (status, start, end) = match range::decide(range_header, length) {
             RangeDecision::Whole => (StatusCode::OK, 0, length.saturating_sub(1)),
@@ -163,7 +173,11 @@ impl RepoDepotApi for RepoDepotImpl {
         file.seek(std::io::SeekFrom::Start(start))
             .await
             .map_err(|error| HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}")))?;
-        let stream = tokio_util::io::ReaderStream::new(file.take(count)).map_ok(Frame::data);
+        // The permit is released when the body is done (or dropped).
+        let stream = tokio_util::io::ReaderStream::new(file.take(count)).map_ok(move |bytes| {
+            let _held = &permit;
+            Frame::data(bytes)
+        });
         let mut response = Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, "application/octet-stream")

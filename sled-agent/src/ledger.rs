@@ -1,62 +1,137 @@
-//! The artifact config ledger: one JSON file per M.2, written atomically
-//! (temp file, fsync, rename, fsync of the directory). At start-up the copy
-//! with the highest generation that parses wins, so a torn or corrupt ledger
-//! on one device never hides a good one on another.
+//! The artifact config ledger: the config this sled enforces, kept on every
+//! M.2 so that it survives restarts and the loss of a device.
+//!
+//! Each copy is a file named after its generation,
+//! `artifact-config.g<generation, 20 digits>.json`, written durably (temp
+//! file, fsync, rename, fsync of the directory; see [`common::durable`]).
+//! Older generations are removed only after the new one is durable.
+//!
+//! # Damage is not absence (DESIGN §11)
+//!
+//! A ledger file that exists but cannot be read or parsed, or whose contents
+//! disagree with its name, is *damage*. Because the generation is in the file
+//! name, it stays known even when the contents are lost. [`load`] therefore
+//! reports two things: the newest copy whose contents are intact, and the
+//! highest generation any copy's name claims. If the latter is higher, the
+//! sled knows it once accepted a config it can no longer read: it must not
+//! fall back to the older one (that would move it back a generation, accept a
+//! stale Nexus's config, and delete whatever the newer config added). The
+//! store then enforces only the generation and deletes nothing until a Nexus
+//! pushes a config at least that new.
 
 use crate::storage::M2;
-use camino::Utf8Path;
+use camino::{Utf8Path, Utf8PathBuf};
 use common::{ArtifactConfig, Generation};
-use std::io::Write;
 use std::sync::Arc;
+
+const PREFIX: &str = "artifact-config.g";
+const SUFFIX: &str = ".json";
 
 /// What a sled that never received a config enforces.
 pub fn empty_config() -> ArtifactConfig {
     ArtifactConfig { generation: Generation::new(0), artifacts: Default::default() }
 }
 
-/// The newest valid ledger among the healthy devices, and a note for each
-/// device whose ledger was unreadable.
-pub fn load(m2s: &[Arc<M2>]) -> (ArtifactConfig, Vec<String>) {
-    let mut best = empty_config();
-    let mut problems = Vec::new();
+/// The ledger copies found on the healthy devices.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Loaded {
+    /// The newest copy whose contents are intact (generation 0 if none).
+    pub newest_intact: ArtifactConfig,
+    /// The highest generation any copy's file name claims.
+    pub newest_named: Generation,
+    /// One line per damaged copy, naming the file and the problem.
+    pub damage: Vec<String>,
+}
+
+impl Loaded {
+    /// Whether the newest generation this sled accepted is unreadable.
+    pub fn is_damaged(&self) -> bool {
+        self.newest_named > self.newest_intact.generation
+    }
+}
+
+pub fn path_for(m2: &M2, generation: Generation) -> Utf8PathBuf {
+    m2.root().join(format!("{PREFIX}{:020}{SUFFIX}", generation.get()))
+}
+
+/// The generation a ledger file name claims, if it is one.
+fn named_generation(name: &str) -> Option<Generation> {
+    let digits = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(Generation::new(digits.parse().ok()?))
+}
+
+/// The ledger files on one device, newest first.
+fn ledger_files(m2: &M2) -> std::io::Result<Vec<(Generation, Utf8PathBuf)>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(m2.root())? {
+        let entry = entry?;
+        if let Some(generation) = entry.file_name().to_str().and_then(named_generation) {
+            files.push((generation, m2.root().join(entry.file_name().to_str().expect("checked UTF-8"))));
+        }
+    }
+    files.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(files)
+}
+
+/// Reads every ledger copy on the healthy devices.
+pub fn load(m2s: &[Arc<M2>]) -> Loaded {
+    let mut loaded =
+        Loaded { newest_intact: empty_config(), newest_named: Generation::new(0), damage: Vec::new() };
     for m2 in m2s.iter().filter(|m2| m2.is_healthy()) {
-        let path = m2.ledger_path();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+        let files = match ledger_files(m2) {
+            Ok(files) => files,
             Err(error) => {
-                problems.push(format!("reading ledger {path}: {error}"));
+                loaded.damage.push(format!("listing the ledger directory {}: {error}", m2.root()));
                 continue;
             }
         };
-        match serde_json::from_str::<ArtifactConfig>(&text) {
-            Ok(config) if config.generation > best.generation => best = config,
-            Ok(_) => {}
-            Err(error) => problems.push(format!("ledger {path} is corrupt and was ignored: {error}")),
+        for (generation, path) in files {
+            loaded.newest_named = loaded.newest_named.max(generation);
+            if generation <= loaded.newest_intact.generation {
+                continue;
+            }
+            match read_copy(&path, generation) {
+                Ok(config) => loaded.newest_intact = config,
+                Err(problem) => loaded.damage.push(format!("ledger {path}: {problem}")),
+            }
         }
     }
-    (best, problems)
+    loaded
 }
 
-/// Writes the config to one device's ledger.
-pub fn write_one(m2: &M2, config: &ArtifactConfig) -> std::io::Result<()> {
-    let path = m2.ledger_path();
-    let tmp = path.with_extension(format!("json.tmp-{:016x}", rand::random::<u64>()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&serde_json::to_vec(config).expect("configs serialize"))?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        sync_dir(m2.root())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+fn read_copy(path: &Utf8Path, generation: Generation) -> Result<ArtifactConfig, String> {
+    fail::fail_point!("sled_agent::ledger::read", |_| Err("injected I/O error (failpoint)".to_string()));
+    let text = std::fs::read(path).map_err(|error| format!("cannot be read: {error}"))?;
+    let config: ArtifactConfig =
+        serde_json::from_slice(&text).map_err(|error| format!("cannot be parsed: {error}"))?;
+    if config.generation != generation {
+        return Err(format!("holds generation {} under the name of generation {generation}", config.generation));
     }
-    result
+    Ok(config)
 }
 
-pub fn sync_dir(dir: &Utf8Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+/// Writes `config` to one device's ledger, durably, then removes that
+/// device's older copies.
+pub fn write_one(m2: &M2, config: &ArtifactConfig) -> std::io::Result<()> {
+    let path = path_for(m2, config.generation);
+    let bytes = serde_json::to_vec(config).expect("configs serialize");
+    fail::fail_point!("sled_agent::ledger::before_write", |_| std::process::abort());
+    common::durable::replace_file(&path, &bytes, 0o644)?;
+    fail::fail_point!("sled_agent::ledger::after_write", |_| std::process::abort());
+    let mut removed = false;
+    for (generation, old) in ledger_files(m2)? {
+        if generation < config.generation {
+            std::fs::remove_file(&old)?;
+            removed = true;
+        }
+    }
+    if removed {
+        common::durable::sync_dir(m2.root())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -81,21 +156,61 @@ mod tests {
         }
     }
 
+    fn names(m2: &M2) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(m2.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with("artifact-config"))
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
-    fn the_highest_valid_generation_wins_and_corruption_is_reported() {
+    fn a_write_replaces_older_copies_and_the_newest_wins() {
         let dir = camino_tempfile::tempdir().unwrap();
-        let m2s = devices(dir.path(), 3);
-        assert_eq!(load(&m2s).0, empty_config());
+        let m2s = devices(dir.path(), 2);
+        let nothing = load(&m2s);
+        assert_eq!(nothing.newest_intact, empty_config());
+        assert!(!nothing.is_damaged());
 
         write_one(&m2s[0], &config(5)).unwrap();
-        write_one(&m2s[1], &config(7)).unwrap();
-        std::fs::write(m2s[2].ledger_path(), b"{\"generation\": 9, \"artifa").unwrap();
-        let (loaded, problems) = load(&m2s);
-        assert_eq!(loaded, config(7));
-        assert_eq!(problems.len(), 1);
-        assert!(problems[0].contains("m2-2") && problems[0].contains("corrupt"), "{problems:?}");
+        write_one(&m2s[0], &config(7)).unwrap();
+        write_one(&m2s[1], &config(5)).unwrap();
+        assert_eq!(names(&m2s[0]), ["artifact-config.g00000000000000000007.json"]);
+        let loaded = load(&m2s);
+        assert_eq!((loaded.newest_intact, loaded.damage.len()), (config(7), 0));
+        m2s[0].set_state(common::api::sled_agent::M2State::Failed);
+        assert_eq!(load(&m2s).newest_intact, config(5), "a failed device is not read");
+    }
 
-        m2s[1].set_state(common::api::sled_agent::M2State::Failed);
-        assert_eq!(load(&m2s).0, config(5), "a failed device is not read");
+    #[test]
+    fn damage_to_the_newest_copy_keeps_its_generation_known() {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let m2s = devices(dir.path(), 3);
+        write_one(&m2s[0], &config(5)).unwrap();
+        write_one(&m2s[1], &config(7)).unwrap();
+        // Torn contents on one device, an unreadable file (a directory in
+        // its place: EISDIR) on another, each claiming a newer generation.
+        std::fs::write(path_for(&m2s[1], Generation::new(8)), b"{\"generation\": 8, \"artifa").unwrap();
+        std::fs::create_dir(path_for(&m2s[2], Generation::new(9))).unwrap();
+        let loaded = load(&m2s);
+        assert_eq!(loaded.newest_intact, config(7));
+        assert_eq!(loaded.newest_named, Generation::new(9));
+        assert!(loaded.is_damaged());
+        assert_eq!(loaded.damage.len(), 2, "{:?}", loaded.damage);
+        assert!(loaded.damage.iter().any(|d| d.contains("m2-1") && d.contains("cannot be parsed")));
+        assert!(loaded.damage.iter().any(|d| d.contains("m2-2") && d.contains("cannot be read")));
+    }
+
+    #[test]
+    fn contents_that_disagree_with_the_name_are_damage() {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let m2s = devices(dir.path(), 1);
+        write_one(&m2s[0], &config(3)).unwrap();
+        std::fs::write(path_for(&m2s[0], Generation::new(6)), serde_json::to_vec(&config(2)).unwrap()).unwrap();
+        let loaded = load(&m2s);
+        assert_eq!((loaded.newest_intact, loaded.newest_named), (config(3), Generation::new(6)));
+        assert!(loaded.damage[0].contains("holds generation 2 under the name of generation 6"), "{:?}", loaded.damage);
     }
 }

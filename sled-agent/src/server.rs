@@ -71,8 +71,14 @@ impl Server {
         let serial =
             config.serial.clone().unwrap_or_else(|| format!("sim-{}", &sled_id.simple().to_string()[..8]));
         let log = log.new(slog::o!("sled_id" => sled_id.to_string(), "serial" => serial.clone()));
-        let store =
-            ArtifactStore::open(log.clone(), m2s, config.copy.clone(), storage.verify_workers).await?;
+        let store = ArtifactStore::open(
+            log.clone(),
+            m2s,
+            config.copy.clone(),
+            config.requests.clone(),
+            storage.verify_workers,
+        )
+        .await?;
         let context = Arc::new(SledContext { sled_id, serial: serial.clone(), store: Arc::new(store) });
 
         let api_address = config.sled_agent_api.listen;
@@ -154,7 +160,7 @@ fn persisted_sled_id(m2s: &[Arc<M2>]) -> Result<Uuid, StartError> {
     let id = Uuid::new_v4();
     for m2 in m2s {
         std::fs::create_dir_all(m2.root())
-            .and_then(|()| std::fs::write(file(m2), id.to_string()))
+            .and_then(|()| common::durable::replace_file(&file(m2), id.to_string().as_bytes(), 0o644))
             .map_err(|source| StartError::Storage { path: m2.root().to_owned(), source })?;
     }
     Ok(id)

@@ -230,7 +230,9 @@ async fn copies_beyond_the_limit_are_refused_with_retry_after() {
         ClientError::ErrorResponse(response) => {
             assert_eq!(response.status().as_u16(), 503);
             assert_eq!(response.headers()["retry-after"], "1");
-            assert_eq!(response.into_inner().error_code.as_deref(), Some("TOO_MANY_COPIES"));
+            let body = response.into_inner();
+            assert_eq!(body.error_code.as_deref(), Some("BUSY"));
+            assert!(body.message.contains("running copies (1, its limit)"), "{}", body.message);
         }
         other => panic!("expected 503, got {other:?}"),
     }

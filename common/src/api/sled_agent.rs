@@ -16,6 +16,21 @@ use uuid::Uuid;
 /// artifact config generation than the request assumed.
 pub const CONFIG_GENERATION: &str = "CONFIG_GENERATION";
 
+/// The `error_code` of a 503 from a sled agent whose newest config ledger
+/// copy is damaged: it knows that copy's generation but not its artifacts,
+/// and acts on nothing until a Nexus pushes a config at least that new.
+pub const LEDGER_DAMAGED: &str = "LEDGER_DAMAGED";
+
+/// The most artifacts one config may list. It bounds the config's body
+/// (see [`ARTIFACT_CONFIG_BODY_MAX_BYTES`]) and the ledger written per M.2.
+pub const MAX_CONFIG_ARTIFACTS: usize = 100_000;
+
+/// The body limit of `PUT /artifacts-config`, derived from
+/// [`MAX_CONFIG_ARTIFACTS`]: each hash is 64 hex digits, quotes and a comma
+/// (67 bytes compact), with room for whitespace around each and the rest of
+/// the document.
+pub const ARTIFACT_CONFIG_BODY_MAX_BYTES: usize = MAX_CONFIG_ARTIFACTS * 96 + 4096;
+
 /// The body limit of an artifact PUT. The body streams to disk and each
 /// M.2's quota bounds it (507 when full); this only keeps dropshot's own cap
 /// out of the way. Other endpoints keep the server's small default.
@@ -43,6 +58,28 @@ pub struct ArtifactListResponse {
     /// ask for them again.
     #[serde(default)]
     pub copies_in_flight: BTreeSet<ArtifactHash>,
+    /// Artifacts whose last copies to this sled failed after the copy was
+    /// accepted (202), with how often and why. An entry goes when a copy
+    /// succeeds or the artifact leaves the config.
+    #[serde(default)]
+    pub copy_failures: BTreeMap<ArtifactHash, CopyFailure>,
+    /// Non-empty when the newest config ledger copy is damaged: `generation`
+    /// is then the one its file name claims, `list` is empty (the sled no
+    /// longer knows its config's artifacts) and every PUT and copy is
+    /// refused until a config at least that new arrives.
+    #[serde(default)]
+    pub ledger_damage: Vec<String>,
+}
+
+/// Copies of one artifact to a sled that failed in the background.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct CopyFailure {
+    /// Consecutive failed copies.
+    pub failures: u32,
+    pub last_error: String,
+    /// The depot the last failed copy read from.
+    pub last_source: String,
+    pub time_last_failed: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -88,6 +125,11 @@ pub struct SledInventory {
     pub serial: String,
     pub artifact_generation: Generation,
     pub m2: Vec<M2Inventory>,
+    /// Problems with config ledger copies found at start-up or when a device
+    /// came back; see [`ArtifactListResponse::ledger_damage`]. Cleared once a
+    /// config is accepted and written.
+    #[serde(default)]
+    pub ledger_damage: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -114,7 +156,11 @@ pub trait SledAgentApi {
     /// Replaces the artifact config if its generation is newer; the same
     /// generation with the same artifacts is a no-op. Anything else is 409
     /// `CONFIG_GENERATION`. Artifacts outside the new config are deleted.
-    #[endpoint { method = PUT, path = "/artifacts-config" }]
+    #[endpoint {
+        method = PUT,
+        path = "/artifacts-config",
+        request_body_max_bytes = ARTIFACT_CONFIG_BODY_MAX_BYTES,
+    }]
     async fn artifact_config_put(
         rqctx: RequestContext<Self::Context>,
         body: TypedBody<ArtifactConfig>,

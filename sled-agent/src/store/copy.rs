@@ -1,0 +1,224 @@
+//! Copies from another sled's repo depot.
+//!
+//! `copy_from_depot` answers once the source has answered (so a missing
+//! artifact or an unreachable depot is the caller's error, not a background
+//! one), then streams the body through the shared write path in the
+//! background, bounded by `copy.max_concurrent`. A stream that breaks
+//! resumes with a Range request from the bytes already written, up to
+//! `copy.resume_attempts` times; the whole hash is verified before anything
+//! is renamed into place.
+//!
+//! Each artifact is copied at most once at a time: it is "in flight" from
+//! the request until its commit has finished (renamed and synced) or failed.
+//! A copy that fails in the background is recorded with its error and a
+//! count of consecutive failures, which `GET /artifacts` reports so that
+//! Nexus can back off instead of asking again at once.
+
+use super::write::PendingWrite;
+use super::{ArtifactStore, StoreError};
+use crate::storage::QuotaExceeded;
+use common::api::sled_agent::{ArtifactPutResponse, CopyFailure};
+use common::{ArtifactHash, Generation, error_chain};
+use futures::StreamExt;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The longest `Retry-After` of a busy depot honoured while resuming.
+const MAX_SOURCE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Takes an artifact out of the in-flight set when its copy ends, however
+/// it ends.
+pub(super) struct InFlight {
+    set: Arc<std::sync::Mutex<BTreeSet<ArtifactHash>>>,
+    hash: ArtifactHash,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.hash);
+    }
+}
+
+impl ArtifactStore {
+    /// Starts copying `hash` from another sled's depot. Returns once the
+    /// source has answered; the copy finishes in the background.
+    pub async fn copy_from_depot(
+        self: &Arc<Self>,
+        hash: ArtifactHash,
+        generation: Generation,
+        depot_base_url: &str,
+    ) -> Result<(), StoreError> {
+        self.check_request(&hash, generation).await?;
+        let in_flight = {
+            let mut set = self.copies_in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if !set.insert(hash) {
+                slog::debug!(self.log, "copy already in flight"; "hash" => %hash);
+                return Ok(());
+            }
+            InFlight { set: self.copies_in_flight.clone(), hash }
+        };
+        let permit = self.copy_permits.clone().try_acquire_owned().map_err(|_| StoreError::Busy {
+            activity: "running copies",
+            limit: self.copy.max_concurrent,
+        })?;
+        let url = format!("{}/artifact/sha256/{hash}", depot_base_url.trim_end_matches('/'));
+        let response = self.fetch(&url, 0).await?;
+        let length = response.content_length();
+        if let Some(length) = length {
+            self.refuse_if_it_fits_nowhere(hash, length)?;
+        }
+        let mut write = self.begin_write(hash)?;
+        write.in_flight = Some(in_flight);
+        let store = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match store.download(write, response, length, &url).await {
+                Ok(outcome) => {
+                    store.forget_copy_failures(&hash);
+                    slog::info!(store.log, "copied artifact"; "hash" => %hash, "from" => &url,
+                        "successful_writes" => outcome.successful_writes)
+                }
+                Err(error) => {
+                    let message = error_chain(&error);
+                    slog::warn!(store.log, "copy failed"; "hash" => %hash, "from" => &url, "error" => &message);
+                    store.record_copy_failure(hash, &url, message).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Refuses now, not after the download, what cannot fit anywhere.
+    fn refuse_if_it_fits_nowhere(&self, hash: ArtifactHash, length: u64) -> Result<(), StoreError> {
+        let healthy = self.healthy();
+        if !healthy.is_empty() && healthy.iter().all(|m2| m2.available() < length) {
+            let fullest = healthy.iter().min_by_key(|m2| m2.slot).expect("not empty");
+            let source = QuotaExceeded {
+                slot: fullest.slot,
+                used: fullest.used(),
+                quota: fullest.used() + fullest.available(),
+                wanted: length,
+            };
+            return Err(StoreError::QuotaExceeded { hash, source });
+        }
+        Ok(())
+    }
+
+    pub(super) fn forget_copy_failures(&self, hash: &ArtifactHash) {
+        self.copy_failures.lock().unwrap_or_else(|e| e.into_inner()).remove(hash);
+    }
+
+    async fn record_copy_failure(&self, hash: ArtifactHash, source: &str, last_error: String) {
+        // Only for artifacts still wanted: the map stays within the config.
+        let wanted = self.config.read().await.known().is_ok_and(|config| config.artifacts.contains(&hash));
+        if !wanted {
+            return;
+        }
+        let mut failures = self.copy_failures.lock().unwrap_or_else(|e| e.into_inner());
+        let failure = failures.entry(hash).or_insert_with(|| CopyFailure {
+            failures: 0,
+            last_error: String::new(),
+            last_source: String::new(),
+            time_last_failed: chrono::Utc::now(),
+        });
+        failure.failures = failure.failures.saturating_add(1);
+        failure.last_error = last_error;
+        failure.last_source = source.to_string();
+        failure.time_last_failed = chrono::Utc::now();
+    }
+
+    /// GETs the artifact, from `offset` on if it is not zero.
+    async fn fetch(&self, url: &str, offset: u64) -> Result<reqwest::Response, StoreError> {
+        let mut request = self.http.get(url);
+        if offset > 0 {
+            request = request.header(http::header::RANGE, format!("bytes={offset}-"));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|source| StoreError::SourceUnreachable { url: url.to_string(), source })?;
+        let status = response.status().as_u16();
+        if status == 503 || status == 429 {
+            let retry_after_secs = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok()?.parse().ok())
+                .unwrap_or(1);
+            return Err(StoreError::SourceBusy { url: url.to_string(), retry_after_secs });
+        }
+        if offset == 0 {
+            return if status == 200 {
+                Ok(response)
+            } else {
+                Err(StoreError::SourceStatus { url: url.to_string(), status })
+            };
+        }
+        let content_range = response
+            .headers()
+            .get(http::header::CONTENT_RANGE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        if status != 206 || !content_range.starts_with(&format!("bytes {offset}-")) {
+            return Err(StoreError::SourceResume {
+                url: url.to_string(),
+                offset,
+                detail: format!("answered {status} with Content-Range {content_range:?}"),
+            });
+        }
+        Ok(response)
+    }
+
+    /// Streams a depot's response into the pending write, resuming with a
+    /// Range request where the stream broke, then commits. `length` is the
+    /// whole artifact's length, if the source said.
+    async fn download(
+        &self,
+        mut write: PendingWrite,
+        mut response: reqwest::Response,
+        length: Option<u64>,
+        url: &str,
+    ) -> Result<ArtifactPutResponse, StoreError> {
+        let mut resumes = 0;
+        loop {
+            let mut stream = response.bytes_stream();
+            let broke = loop {
+                match stream.next().await {
+                    None => break None,
+                    Some(Ok(chunk)) => write.write(&chunk).await?,
+                    Some(Err(error)) => break Some(error),
+                }
+            };
+            let Some(error) = broke else { break };
+            if length == Some(write.bytes) {
+                // Every byte arrived before the stream broke: asking for
+                // `bytes=length-` could only be refused. The hash decides.
+                slog::info!(self.log, "copy stream broke after its last byte"; "from" => url,
+                    "error" => error_chain(&error));
+                break;
+            }
+            if resumes == self.copy.resume_attempts {
+                return Err(StoreError::Body {
+                    hash: write.hash,
+                    bytes: write.bytes,
+                    message: format!("from {url}: {}", error_chain(&error)),
+                });
+            }
+            slog::info!(self.log, "copy interrupted; resuming"; "from" => url, "offset" => write.bytes,
+                "attempt" => resumes + 1, "error" => error_chain(&error));
+            response = loop {
+                resumes += 1;
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
+                match self.fetch(url, write.bytes).await {
+                    Err(StoreError::SourceBusy { retry_after_secs, .. }) if resumes < self.copy.resume_attempts => {
+                        tokio::time::sleep(Duration::from_secs(retry_after_secs).min(MAX_SOURCE_RETRY_AFTER))
+                            .await;
+                    }
+                    other => break other?,
+                }
+            };
+        }
+        self.commit(write).await
+    }
+}

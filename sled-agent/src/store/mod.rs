@@ -1,0 +1,421 @@
+//! The artifact store: content-addressed files on every healthy M.2, the
+//! config that says which artifacts belong, and copies from other sleds'
+//! depots.
+//!
+//! - [`write`]: the one write path of PUTs and copies (temp file per M.2,
+//!   hashed while written, fsync, rename, directory fsync).
+//! - [`copy`]: copies from another sled's depot, resumed with Range requests,
+//!   and the record of copies that failed.
+//! - [`reconcile`]: deleting what the config no longer lists.
+//! - [`verify`]: re-hashing what is stored, at start-up.
+//!
+//! # The config this sled enforces
+//!
+//! Usually the newest config in the ledger ([`crate::ledger`]). If the newest
+//! ledger copy is damaged, the sled knows only that copy's generation
+//! ([`Enforced::Damaged`]): it refuses configs older than that, refuses every
+//! PUT and copy, and deletes nothing, until a Nexus pushes a config at least
+//! that new, which repairs the ledger. A config of the same generation is
+//! accepted as the repair because the database names exactly one set of
+//! artifacts by each generation (every change to the set bumps it).
+//!
+//! # Locks
+//!
+//! `config` (read by requests, written by config changes and device
+//! restores) is taken before `commit` (renames into place). Holding the
+//! config lock across a rename means the reconciler can never delete an
+//! artifact a moment before a write renames it back.
+
+mod copy;
+mod reconcile;
+mod verify;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+use crate::config::{CopyConfig, RequestLimits};
+use crate::ledger;
+use crate::storage::{M2, QuotaExceeded};
+use camino::Utf8PathBuf;
+use common::api::sled_agent::{ArtifactListResponse, CopyFailure, M2State, MAX_CONFIG_ARTIFACTS};
+use common::{ArtifactConfig, ArtifactHash, Generation};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, RwLock, Semaphore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the sled holds artifact config generation {current}; the request is for generation {requested}")]
+    GenerationMismatch { requested: Generation, current: Generation },
+    #[error("artifact {hash} is not in the sled's artifact config (generation {generation})")]
+    NotInConfig { hash: ArtifactHash, generation: Generation },
+    #[error("artifact config generation {offered} refused: the sled holds generation {current}{detail}")]
+    ConfigRefused { offered: Generation, current: Generation, detail: &'static str },
+    #[error("artifact config generation {generation} lists {count} artifacts; a config may list at most {max}")]
+    ConfigTooLarge { generation: Generation, count: usize, max: usize },
+    #[error(
+        "the sled's newest artifact config ledger copy (generation {generation}) is damaged: {}; \
+         it acts on nothing until a config of generation {generation} or newer is pushed",
+        damage.join("; ")
+    )]
+    LedgerDamaged { generation: Generation, damage: Vec<String> },
+    #[error("no healthy M.2 device to {action}")]
+    NoHealthyM2 { action: &'static str },
+    #[error("artifact {hash} does not fit on any M.2")]
+    QuotaExceeded {
+        hash: ArtifactHash,
+        #[source]
+        source: QuotaExceeded,
+    },
+    #[error("artifact {expected}: the data received has sha256 {actual} ({bytes} bytes); nothing was stored")]
+    HashMismatch { expected: ArtifactHash, actual: ArtifactHash, bytes: u64 },
+    #[error("artifact {hash}: every M.2 write failed: {errors}")]
+    AllWritesFailed { hash: ArtifactHash, errors: String },
+    #[error("artifact {hash}: the artifact config changed during the write and no longer includes it")]
+    ConfigChanged { hash: ArtifactHash },
+    #[error("artifact {hash}: reading the data failed after {bytes} bytes: {message}")]
+    Body { hash: ArtifactHash, bytes: u64, message: String },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: Utf8PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("this sled is already {activity} ({limit}, its limit); retry later")]
+    Busy { activity: &'static str, limit: usize },
+    #[error("depot {url} is busy; it asked to retry after {retry_after_secs} s")]
+    SourceBusy { url: String, retry_after_secs: u64 },
+    #[error("depot {url} could not be reached")]
+    SourceUnreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("depot {url} answered {status}")]
+    SourceStatus { url: String, status: u16 },
+    #[error("depot {url} did not resume at byte {offset}: {detail}")]
+    SourceResume { url: String, offset: u64, detail: String },
+    #[error("artifact {hash} is not on any healthy M.2 of this sled")]
+    NotFound { hash: ArtifactHash },
+    #[error("this sled has no M.2 in slot {slot} (it has {count})")]
+    NoSuchSlot { slot: u32, count: usize },
+}
+
+/// The config this sled enforces (see the module doc).
+#[derive(Clone, Debug)]
+enum Enforced {
+    Known(ArtifactConfig),
+    /// The newest ledger copy, of this generation, is damaged.
+    Damaged { generation: Generation, damage: Vec<String> },
+}
+
+impl Enforced {
+    fn generation(&self) -> Generation {
+        match self {
+            Enforced::Known(config) => config.generation,
+            Enforced::Damaged { generation, .. } => *generation,
+        }
+    }
+
+    fn from_ledger(loaded: ledger::Loaded) -> Enforced {
+        if loaded.is_damaged() {
+            Enforced::Damaged { generation: loaded.newest_named, damage: loaded.damage }
+        } else {
+            Enforced::Known(loaded.newest_intact)
+        }
+    }
+
+    fn known(&self) -> Result<&ArtifactConfig, StoreError> {
+        match self {
+            Enforced::Known(config) => Ok(config),
+            Enforced::Damaged { generation, damage } => {
+                Err(StoreError::LedgerDamaged { generation: *generation, damage: damage.clone() })
+            }
+        }
+    }
+}
+
+pub struct ArtifactStore {
+    log: slog::Logger,
+    m2s: Vec<Arc<M2>>,
+    config: RwLock<Enforced>,
+    /// Ledger problems seen at start-up or on a device's return, shown in
+    /// inventory until a config is written again.
+    ledger_problems: std::sync::Mutex<Vec<String>>,
+    /// Serializes renames into place, so that "did the file exist" and the
+    /// quota accounting that depends on it agree.
+    commit: Mutex<()>,
+    copy_permits: Arc<Semaphore>,
+    put_permits: Arc<Semaphore>,
+    depot_permits: Arc<Semaphore>,
+    limits: RequestLimits,
+    /// Artifacts being copied now: a second request for one of them is
+    /// answered at once instead of copying the same bytes twice.
+    copies_in_flight: Arc<std::sync::Mutex<BTreeSet<ArtifactHash>>>,
+    copy_failures: std::sync::Mutex<BTreeMap<ArtifactHash, CopyFailure>>,
+    copy: CopyConfig,
+    http: reqwest::Client,
+}
+
+impl ArtifactStore {
+    /// Opens the store: removes temp leftovers, loads the ledger, re-hashes
+    /// every stored artifact (`verify_workers` at a time) deleting corrupt
+    /// ones, and deletes artifacts outside the config (unless the ledger is
+    /// damaged: then nothing is deleted).
+    pub async fn open(
+        log: slog::Logger,
+        m2s: Vec<Arc<M2>>,
+        copy: CopyConfig,
+        limits: RequestLimits,
+        verify_workers: usize,
+    ) -> Result<ArtifactStore, StoreError> {
+        for m2 in &m2s {
+            let removed = m2.prepare().map_err(|source| StoreError::Io {
+                what: "preparing the artifact dataset of",
+                path: m2.root().to_owned(),
+                source,
+            })?;
+            if removed > 0 {
+                slog::info!(log, "removed temp files of unfinished writes"; "slot" => m2.slot, "count" => removed);
+            }
+        }
+        let loaded = ledger::load(&m2s);
+        for problem in &loaded.damage {
+            slog::error!(log, "artifact config ledger damaged"; "problem" => problem);
+        }
+        let problems = loaded.damage.clone();
+        let enforced = Enforced::from_ledger(loaded);
+        if let Enforced::Damaged { generation, .. } = &enforced {
+            slog::error!(log, "the newest config ledger copy is unreadable: deleting nothing and acting on \
+                nothing until Nexus pushes this generation or a newer one"; "generation" => %generation);
+        }
+        verify::verify_all(&log, &m2s, verify_workers).await;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(copy.read_timeout_secs))
+            .build()
+            .expect("a plain HTTP client builds");
+        let store = ArtifactStore {
+            log,
+            copy_permits: Arc::new(Semaphore::new(copy.max_concurrent)),
+            put_permits: Arc::new(Semaphore::new(limits.max_concurrent_puts)),
+            depot_permits: Arc::new(Semaphore::new(limits.max_concurrent_depot_reads)),
+            limits,
+            copies_in_flight: Default::default(),
+            copy_failures: Default::default(),
+            copy,
+            http,
+            commit: Mutex::new(()),
+            ledger_problems: std::sync::Mutex::new(problems),
+            config: RwLock::new(enforced.clone()),
+            m2s,
+        };
+        for m2 in store.healthy() {
+            store.adopt(&m2, &enforced)?;
+        }
+        slog::info!(store.log, "artifact store open"; "generation" => %enforced.generation(),
+            "damaged" => matches!(enforced, Enforced::Damaged { .. }));
+        Ok(store)
+    }
+
+    pub fn m2s(&self) -> &[Arc<M2>] {
+        &self.m2s
+    }
+
+    fn healthy(&self) -> Vec<Arc<M2>> {
+        self.m2s.iter().filter(|m2| m2.is_healthy()).cloned().collect()
+    }
+
+    /// The config this sled enforces; an error if its ledger is damaged.
+    pub async fn config(&self) -> Result<ArtifactConfig, StoreError> {
+        self.config.read().await.known().cloned()
+    }
+
+    /// The generation this sled enforces, whether or not its ledger is
+    /// damaged.
+    pub async fn generation(&self) -> Generation {
+        self.config.read().await.generation()
+    }
+
+    pub fn ledger_problems(&self) -> Vec<String> {
+        self.ledger_problems.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Accepts a newer config (returns true), ignores the same one (false),
+    /// refuses anything else. A damaged ledger accepts its own generation or
+    /// a newer one, which repairs it.
+    pub async fn put_config(&self, offered: ArtifactConfig) -> Result<bool, StoreError> {
+        if offered.artifacts.len() > MAX_CONFIG_ARTIFACTS {
+            return Err(StoreError::ConfigTooLarge {
+                generation: offered.generation,
+                count: offered.artifacts.len(),
+                max: MAX_CONFIG_ARTIFACTS,
+            });
+        }
+        let mut enforced = self.config.write().await;
+        match &*enforced {
+            Enforced::Known(config) if offered == *config => return Ok(false),
+            Enforced::Known(config) if offered.generation <= config.generation => {
+                let detail = if offered.generation == config.generation {
+                    " with a different set of artifacts"
+                } else {
+                    ""
+                };
+                return Err(StoreError::ConfigRefused {
+                    offered: offered.generation,
+                    current: config.generation,
+                    detail,
+                });
+            }
+            Enforced::Damaged { generation, .. } if offered.generation < *generation => {
+                return Err(StoreError::ConfigRefused {
+                    offered: offered.generation,
+                    current: *generation,
+                    detail: " (its ledger copy of that generation is damaged; \
+                        only that generation or a newer one can repair it)",
+                });
+            }
+            _ => {}
+        }
+        let healthy = self.healthy();
+        if healthy.is_empty() {
+            return Err(StoreError::NoHealthyM2 { action: "record the artifact config on" });
+        }
+        let mut written = 0;
+        for m2 in &healthy {
+            match ledger::write_one(m2, &offered) {
+                Ok(()) => written += 1,
+                Err(error) => {
+                    slog::warn!(self.log, "writing the config ledger failed"; "slot" => m2.slot, "error" => %error)
+                }
+            }
+        }
+        if written == 0 {
+            return Err(StoreError::NoHealthyM2 { action: "write the artifact config ledger to" });
+        }
+        let repaired = matches!(&*enforced, Enforced::Damaged { .. });
+        *enforced = Enforced::Known(offered);
+        self.ledger_problems.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let Enforced::Known(config) = &*enforced else { unreachable!("just set") };
+        for m2 in &healthy {
+            self.delete_unreferenced(m2, config);
+        }
+        self.copy_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|hash, _| config.artifacts.contains(hash));
+        slog::info!(self.log, "accepted artifact config"; "generation" => %config.generation,
+            "artifacts" => config.artifacts.len(), "repaired_ledger" => repaired);
+        Ok(true)
+    }
+
+    pub async fn list(&self) -> ArtifactListResponse {
+        let enforced = self.config.read().await;
+        let copies_in_flight = self.copies_in_flight.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let copy_failures = self.copy_failures.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (list, ledger_damage) = match &*enforced {
+            Enforced::Known(config) => {
+                let healthy = self.healthy();
+                let list = config
+                    .artifacts
+                    .iter()
+                    .filter_map(|hash| {
+                        let copies = healthy.iter().filter(|m2| m2.artifact_path(hash).is_file()).count();
+                        (copies > 0).then_some((*hash, copies))
+                    })
+                    .collect();
+                (list, Vec::new())
+            }
+            Enforced::Damaged { damage, .. } => (BTreeMap::new(), damage.clone()),
+        };
+        ArtifactListResponse {
+            generation: enforced.generation(),
+            list,
+            copies_in_flight,
+            copy_failures,
+            ledger_damage,
+        }
+    }
+
+    /// Opens the artifact on the first healthy M.2 that has it, for the
+    /// depot. The permit bounds the downloads served at once; it must live
+    /// as long as the response body.
+    pub async fn open_artifact(
+        &self,
+        hash: &ArtifactHash,
+    ) -> Result<(tokio::fs::File, u64, tokio::sync::OwnedSemaphorePermit), StoreError> {
+        let permit = self.depot_permits.clone().try_acquire_owned().map_err(|_| StoreError::Busy {
+            activity: "serving depot downloads",
+            limit: self.limits.max_concurrent_depot_reads,
+        })?;
+        for m2 in self.healthy() {
+            if let Ok(file) = tokio::fs::File::open(m2.artifact_path(hash)).await {
+                let length = file.metadata().await.map_err(|source| StoreError::Io {
+                    what: "reading the size of",
+                    path: m2.artifact_path(hash),
+                    source,
+                })?;
+                return Ok((file, length.len(), permit));
+            }
+        }
+        Err(StoreError::NotFound { hash: *hash })
+    }
+
+    /// Fails, removes or restores an M.2. A restored device's ledger is read
+    /// again (it may hold a newer generation, or damage), then the device
+    /// gets the current ledger and loses artifacts that left the config.
+    pub async fn set_m2_state(&self, slot: u32, state: M2State) -> Result<(), StoreError> {
+        let m2 = self
+            .m2s
+            .iter()
+            .find(|m2| m2.slot == slot)
+            .ok_or(StoreError::NoSuchSlot { slot, count: self.m2s.len() })?;
+        let mut enforced = self.config.write().await;
+        let before = m2.set_state(state);
+        if state == M2State::Healthy && before != M2State::Healthy {
+            let returning = ledger::load(std::slice::from_ref(m2));
+            if returning.newest_named > enforced.generation() {
+                slog::warn!(self.log, "a returning M.2 holds a newer config ledger"; "slot" => slot,
+                    "generation" => %returning.newest_named, "damaged" => returning.is_damaged());
+                self.ledger_problems.lock().unwrap_or_else(|e| e.into_inner()).extend(returning.damage.clone());
+                *enforced = Enforced::from_ledger(returning);
+                for other in self.healthy() {
+                    self.adopt(&other, &enforced)?;
+                }
+            } else {
+                self.adopt(m2, &enforced)?;
+            }
+        }
+        slog::info!(self.log, "M.2 state changed"; "slot" => slot, "from" => ?before, "to" => ?state);
+        Ok(())
+    }
+
+    /// Brings one device in line with the enforced config: its ledger, its
+    /// files, its usage count. With a damaged ledger it only recounts.
+    fn adopt(&self, m2: &M2, enforced: &Enforced) -> Result<(), StoreError> {
+        let io = |what, source| StoreError::Io { what, path: m2.root().to_owned(), source };
+        m2.create_dirs().map_err(|source| io("preparing the artifact dataset of", source))?;
+        if let Enforced::Known(config) = enforced {
+            if config.generation > Generation::new(0) {
+                ledger::write_one(m2, config).map_err(|source| io("writing the config ledger of", source))?;
+            }
+            self.delete_unreferenced(m2, config);
+        }
+        m2.recount_stored().map_err(|source| io("measuring the artifact dataset of", source))
+    }
+
+    async fn check_request(&self, hash: &ArtifactHash, generation: Generation) -> Result<(), StoreError> {
+        let enforced = self.config.read().await;
+        let config = enforced.known()?;
+        if config.generation != generation {
+            return Err(StoreError::GenerationMismatch { requested: generation, current: config.generation });
+        }
+        if !config.artifacts.contains(hash) {
+            return Err(StoreError::NotInConfig { hash: *hash, generation: config.generation });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,432 @@
+use super::*;
+use crate::config::{CopyConfig, RequestLimits};
+use bytes::Bytes;
+use common::api::sled_agent::ArtifactPutResponse;
+use common::error_chain;
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use camino::Utf8Path;
+use camino_tempfile::Utf8TempDir;
+use std::collections::BTreeSet;
+
+const QUOTA: u64 = 1 << 20;
+
+struct Sled {
+    dir: Utf8TempDir,
+    m2_count: u32,
+    store: Arc<ArtifactStore>,
+}
+
+fn log() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+async fn open_store(dir: &Utf8Path, m2_count: u32, quota: u64) -> ArtifactStore {
+    let m2s = (0..m2_count)
+        .map(|slot| Arc::new(M2::new(slot, dir.join(format!("m2-{slot}")), quota)))
+        .collect();
+    ArtifactStore::open(log(), m2s, CopyConfig::default(), RequestLimits::default(), 2).await.unwrap()
+}
+
+impl Sled {
+    async fn new(m2_count: u32) -> Sled {
+        Self::with_quota(m2_count, QUOTA).await
+    }
+
+    async fn with_quota(m2_count: u32, quota: u64) -> Sled {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let store = Arc::new(open_store(dir.path(), m2_count, quota).await);
+        Sled { dir, m2_count, store }
+    }
+
+    /// Simulates a restart: a new store on the same directories.
+    async fn restart(self) -> Sled {
+        let Sled { dir, m2_count, store } = self;
+        drop(store);
+        let store = Arc::new(open_store(dir.path(), m2_count, QUOTA).await);
+        Sled { dir, m2_count, store }
+    }
+
+    fn m2(&self, slot: u32) -> &Arc<M2> {
+        &self.store.m2s()[slot as usize]
+    }
+
+    /// Every file under every M.2 dataset, temp files included.
+    fn files(&self) -> BTreeSet<String> {
+        let mut files = BTreeSet::new();
+        for m2 in self.store.m2s() {
+            for dir in [m2.dataset(), m2.tmp_dir()] {
+                for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                    if entry.file_type().unwrap().is_file() {
+                        files.insert(format!("{}/{}", m2.slot, entry.file_name().to_str().unwrap()));
+                    }
+                }
+            }
+        }
+        files
+    }
+
+    async fn configure(&self, generation: u64, artifacts: &[&Artifact]) {
+        let config = ArtifactConfig {
+            generation: Generation::new(generation),
+            artifacts: artifacts.iter().map(|a| a.hash).collect(),
+        };
+        self.store.put_config(config).await.unwrap();
+    }
+
+    async fn put(&self, artifact: &Artifact) -> Result<ArtifactPutResponse, StoreError> {
+        let generation = self.store.generation().await;
+        self.store.put(artifact.hash, generation, chunks(&artifact.bytes)).await
+    }
+}
+
+struct Artifact {
+    bytes: Vec<u8>,
+    hash: ArtifactHash,
+}
+
+fn artifact(seed: u8, size: usize) -> Artifact {
+    let bytes: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    let hash = ArtifactHash(Sha256::digest(&bytes).into());
+    Artifact { bytes, hash }
+}
+
+/// The body in 4 KiB chunks, as a stream.
+fn chunks(bytes: &[u8]) -> impl Stream<Item = Result<Bytes, std::io::Error>> + use<> {
+    let chunks: Vec<_> = bytes.chunks(4096).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    futures::stream::iter(chunks)
+}
+
+async fn read_back(store: &ArtifactStore, hash: &ArtifactHash) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let (mut file, length, _permit) = store.open_artifact(hash).await.unwrap();
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).await.unwrap();
+    assert_eq!(bytes.len() as u64, length);
+    bytes
+}
+
+#[tokio::test]
+async fn put_list_and_read_on_one_two_and_three_m2s() {
+    for m2_count in 1..=3 {
+        let sled = Sled::new(m2_count).await;
+        let a = artifact(1, 10_000);
+        let b = artifact(2, 0);
+        sled.configure(1, &[&a, &b]).await;
+        let response = sled.put(&a).await.unwrap();
+        assert_eq!(
+            response,
+            ArtifactPutResponse { datasets: m2_count as usize, successful_writes: m2_count as usize }
+        );
+        sled.put(&b).await.unwrap();
+        let list = sled.store.list().await;
+        assert_eq!(list.generation, Generation::new(1));
+        assert_eq!(list.list, [(a.hash, m2_count as usize), (b.hash, m2_count as usize)].into());
+        assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes);
+        assert!(read_back(&sled.store, &b.hash).await.is_empty());
+        assert_eq!(sled.m2(0).used(), 10_000);
+        assert_eq!(sled.files().len(), 2 * m2_count as usize, "no temp files remain");
+    }
+}
+
+#[tokio::test]
+async fn requests_must_match_the_generation_and_the_config() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 100);
+    let stranger = artifact(9, 100);
+    sled.configure(3, &[&a]).await;
+    let error = sled.store.put(a.hash, Generation::new(2), chunks(&a.bytes)).await.unwrap_err();
+    assert!(matches!(error, StoreError::GenerationMismatch { .. }), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "the sled holds artifact config generation 3; the request is for generation 2"
+    );
+    let error = sled.put(&stranger).await.unwrap_err();
+    assert!(matches!(error, StoreError::NotInConfig { .. }), "{error}");
+    assert!(sled.files().is_empty());
+}
+
+#[tokio::test]
+async fn a_wrong_hash_leaves_nothing() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 50_000);
+    sled.configure(1, &[&a]).await;
+    let mut corrupted = a.bytes.clone();
+    corrupted[25_000] ^= 1;
+    let error = sled.store.put(a.hash, Generation::new(1), chunks(&corrupted)).await.unwrap_err();
+    let StoreError::HashMismatch { expected, actual, bytes } = error else { panic!("{error:?}") };
+    assert_eq!((expected, bytes), (a.hash, 50_000));
+    assert_ne!(actual, a.hash);
+    assert!(sled.files().is_empty(), "{:?}", sled.files());
+    assert_eq!(sled.m2(0).used(), 0, "the reservation was returned");
+    assert!(sled.store.list().await.list.is_empty());
+}
+
+#[tokio::test]
+async fn exceeding_the_quota_is_refused_and_leaves_nothing() {
+    let sled = Sled::with_quota(2, 64 * 1024).await;
+    let small = artifact(1, 40 * 1024);
+    let big = artifact(2, 40 * 1024);
+    sled.configure(1, &[&small, &big]).await;
+    sled.put(&small).await.unwrap();
+    let error = sled.put(&big).await.unwrap_err();
+    assert!(matches!(error, StoreError::QuotaExceeded { .. }), "{error:?}");
+    assert!(error_chain(&error).contains("is full"), "{}", error_chain(&error));
+    assert_eq!(sled.files().len(), 2, "only the small artifact's two copies: {:?}", sled.files());
+    assert_eq!(sled.m2(1).used(), 40 * 1024);
+}
+
+#[tokio::test]
+async fn a_failed_m2_is_skipped_and_healed_after_restore() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 20_000);
+    sled.configure(1, &[&a]).await;
+    sled.store.set_m2_state(0, M2State::Failed).await.unwrap();
+    let response = sled.put(&a).await.unwrap();
+    assert_eq!(response, ArtifactPutResponse { datasets: 1, successful_writes: 1 });
+    assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes, "read from the healthy M.2");
+    assert_eq!(sled.store.list().await.list[&a.hash], 1);
+
+    sled.store.set_m2_state(0, M2State::Healthy).await.unwrap();
+    assert_eq!(
+        sled.store.list().await.list[&a.hash],
+        1,
+        "one copy, two healthy devices: needs a re-copy"
+    );
+    sled.put(&a).await.unwrap();
+    assert_eq!(sled.store.list().await.list[&a.hash], 2);
+    assert_eq!(sled.m2(1).used(), 20_000, "the re-copy did not count the existing copy twice");
+}
+
+#[tokio::test]
+async fn an_m2_that_fails_mid_write_drops_out_and_the_other_copy_lands() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 64 * 1024);
+    sled.configure(1, &[&a]).await;
+    let m2 = sled.m2(1).clone();
+    let body = chunks(&a.bytes).enumerate().map(move |(index, chunk)| {
+        if index == 4 {
+            m2.set_state(M2State::Failed);
+        }
+        chunk
+    });
+    let response = sled.store.put(a.hash, Generation::new(1), body).await.unwrap();
+    assert_eq!(response, ArtifactPutResponse { datasets: 2, successful_writes: 1 });
+    assert_eq!(sled.files(), [format!("0/{}", a.hash)].into(), "no temp file on the failed device");
+    assert_eq!(sled.m2(1).used(), 0);
+}
+
+#[tokio::test]
+async fn config_generations_only_move_forward_across_restarts() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 10);
+    let b = artifact(2, 10);
+    let config = |generation, artifacts: &[&Artifact]| ArtifactConfig {
+        generation: Generation::new(generation),
+        artifacts: artifacts.iter().map(|x| x.hash).collect(),
+    };
+    assert!(sled.store.put_config(config(2, &[&a])).await.unwrap());
+    assert!(!sled.store.put_config(config(2, &[&a])).await.unwrap(), "same config: no-op");
+    let error = sled.store.put_config(config(2, &[&b])).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "artifact config generation 2 refused: the sled holds generation 2 with a different set of artifacts"
+    );
+    let error = sled.store.put_config(config(1, &[&a, &b])).await.unwrap_err();
+    assert!(matches!(error, StoreError::ConfigRefused { .. }), "{error}");
+    assert!(sled.store.put_config(config(5, &[&a, &b])).await.unwrap());
+
+    // A torn copy on one device does not hide the good one on the other.
+    let ledger_0 = ledger::path_for(sled.m2(0), Generation::new(5));
+    std::fs::write(&ledger_0, b"{\"generation\":").unwrap();
+    let sled = sled.restart().await;
+    assert_eq!(sled.store.config().await.unwrap(), config(5, &[&a, &b]));
+    let error = sled.store.put_config(config(4, &[&a])).await.unwrap_err();
+    assert!(matches!(error, StoreError::ConfigRefused { .. }), "{error}");
+    let repaired = std::fs::read_to_string(&ledger_0).unwrap();
+    assert!(repaired.contains("\"generation\":5"), "the torn ledger was rewritten: {repaired}");
+}
+
+#[tokio::test]
+async fn unreferenced_files_are_deleted_on_change_and_at_start_up() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 1000);
+    let b = artifact(2, 1000);
+    sled.configure(1, &[&a, &b]).await;
+    sled.put(&a).await.unwrap();
+    sled.put(&b).await.unwrap();
+    sled.configure(2, &[&a]).await;
+    assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
+    assert_eq!(sled.m2(0).used(), 1000);
+
+    // Files that appear while the agent is down: an artifact outside the
+    // config, a stray file, and a temp file of an unfinished write.
+    std::fs::write(sled.m2(0).artifact_path(&b.hash), &b.bytes).unwrap();
+    std::fs::write(sled.m2(1).dataset().join("notes.txt"), b"hello").unwrap();
+    std::fs::write(sled.m2(1).tmp_dir().join("x.tmp"), b"partial").unwrap();
+    let sled = sled.restart().await;
+    assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
+    assert_eq!(sled.m2(1).used(), 1000);
+}
+
+#[tokio::test]
+async fn a_corrupt_copy_is_found_at_start_up_and_removed() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 30_000);
+    sled.configure(1, &[&a]).await;
+    sled.put(&a).await.unwrap();
+    let path = sled.m2(1).artifact_path(&a.hash);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let sled = sled.restart().await;
+    assert_eq!(sled.files(), [format!("0/{}", a.hash)].into());
+    assert_eq!(sled.store.list().await.list[&a.hash], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_of_one_artifact_leave_one_correct_file() {
+    // In-progress temp files count against the quota: room for all 8.
+    let sled = Sled::with_quota(2, 4 << 20).await;
+    let a = artifact(7, 200_000);
+    sled.configure(1, &[&a]).await;
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = sled.store.clone();
+            let bytes = a.bytes.clone();
+            let hash = a.hash;
+            tokio::spawn(async move { store.put(hash, Generation::new(1), chunks(&bytes)).await })
+        })
+        .collect();
+    for writer in writers {
+        assert_eq!(writer.await.unwrap().unwrap().successful_writes, 2);
+    }
+    assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
+    assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes);
+    assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (200_000, 200_000));
+}
+
+/// DESIGN §11: an unreadable newest ledger copy is damage, not absence. The
+/// sled must not fall back to the older copy: no generation regression, no
+/// deletion on its basis, no stale config accepted; the damage is reported;
+/// a config at least as new repairs it.
+#[tokio::test]
+async fn a_damaged_newest_ledger_fails_closed_until_a_new_config_repairs_it() {
+    let sled = Sled::new(2).await;
+    let (a, b, c) = (artifact(1, 1000), artifact(2, 1000), artifact(3, 1000));
+    sled.configure(4, &[&a]).await;
+    sled.put(&a).await.unwrap();
+    sled.configure(5, &[&a, &b]).await;
+    sled.put(&b).await.unwrap();
+    // Generation 4's copy survives on one device (as after a crash between
+    // the two devices' writes); generation 5's becomes unreadable on both:
+    // torn on one, an I/O error (a directory in its place) on the other.
+    ledger::write_one(sled.m2(0), &config_of(4, &[&a])).unwrap();
+    std::fs::write(ledger::path_for(sled.m2(0), Generation::new(5)), b"{\"gener").unwrap();
+    let path_1 = ledger::path_for(sled.m2(1), Generation::new(5));
+    std::fs::remove_file(&path_1).unwrap();
+    std::fs::create_dir(&path_1).unwrap();
+
+    let sled = sled.restart().await;
+    assert_eq!(sled.store.generation().await, Generation::new(5), "no regression to generation 4");
+    assert!(matches!(sled.store.config().await, Err(StoreError::LedgerDamaged { .. })));
+    assert!(sled.files().contains(&format!("0/{}", b.hash)), "b (only in generation 5) was not deleted");
+    let list = sled.store.list().await;
+    assert_eq!((list.generation, list.list.len()), (Generation::new(5), 0));
+    assert_eq!(list.ledger_damage.len(), 2, "{:?}", list.ledger_damage);
+    assert_eq!(sled.store.ledger_problems().len(), 2);
+    let error = sled.store.put_config(config_of(4, &[&a])).await.unwrap_err();
+    assert!(error.to_string().contains("damaged"), "a stale config is refused: {error}");
+    let error = sled.store.put(a.hash, Generation::new(5), chunks(&a.bytes)).await.unwrap_err();
+    assert!(matches!(error, StoreError::LedgerDamaged { .. }), "{error}");
+    assert!(sled.files().contains(&format!("1/{}", b.hash)));
+
+    // Nexus pushes generation 6: the ledger is repaired and only now is
+    // what left the config deleted.
+    std::fs::remove_dir(&path_1).unwrap();
+    assert!(sled.store.put_config(config_of(6, &[&a, &c])).await.unwrap());
+    assert_eq!(sled.store.config().await.unwrap(), config_of(6, &[&a, &c]));
+    assert!(sled.store.ledger_problems().is_empty());
+    assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
+    let sled = sled.restart().await;
+    assert_eq!(sled.store.config().await.unwrap(), config_of(6, &[&a, &c]));
+}
+
+/// The same generation as the damaged copy repairs it too (the database
+/// names one set per generation).
+#[tokio::test]
+async fn the_damaged_generation_itself_repairs_the_ledger() {
+    let sled = Sled::new(1).await;
+    let a = artifact(1, 100);
+    sled.configure(3, &[&a]).await;
+    std::fs::write(ledger::path_for(sled.m2(0), Generation::new(3)), b"garbage").unwrap();
+    let sled = sled.restart().await;
+    assert_eq!(sled.store.generation().await, Generation::new(3));
+    assert!(sled.store.put_config(config_of(3, &[&a])).await.unwrap());
+    assert_eq!(sled.store.config().await.unwrap(), config_of(3, &[&a]));
+}
+
+fn config_of(generation: u64, artifacts: &[&Artifact]) -> ArtifactConfig {
+    ArtifactConfig {
+        generation: Generation::new(generation),
+        artifacts: artifacts.iter().map(|x| x.hash).collect(),
+    }
+}
+
+/// A device restored while a write to it is in progress recounts its stored
+/// bytes; the write's reservation must survive that, so that returning it
+/// later cannot wrap the usage (which read as "full" until a restart).
+#[tokio::test]
+async fn restoring_an_m2_mid_write_keeps_its_quota_accounting_exact() {
+    let sled = Arc::new(Sled::new(2).await);
+    let a = artifact(1, 64 * 1024);
+    sled.configure(1, &[&a]).await;
+    let mut corrupted = a.bytes.clone();
+    corrupted[60_000] ^= 1;
+    let during = sled.clone();
+    let body = chunks(&corrupted).enumerate().then(move |(index, chunk)| {
+        let sled = during.clone();
+        async move {
+            if index == 4 {
+                // Failed and back between two chunks: the write never noticed.
+                sled.store.set_m2_state(1, M2State::Failed).await.unwrap();
+                sled.store.set_m2_state(1, M2State::Healthy).await.unwrap();
+            }
+            chunk
+        }
+    });
+    let error = sled.store.put(a.hash, Generation::new(1), body).await.unwrap_err();
+    assert!(matches!(error, StoreError::HashMismatch { .. }), "{error}");
+    for slot in 0..2 {
+        assert_eq!(sled.m2(slot).used(), 0, "slot {slot}: every reservation returned, nothing wrapped");
+        assert_eq!(sled.m2(slot).available(), QUOTA);
+    }
+    sled.put(&a).await.unwrap();
+    assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (64 * 1024, 64 * 1024));
+}
+
+#[tokio::test]
+async fn a_config_may_list_up_to_the_limit() {
+    let sled = Sled::new(1).await;
+    let hashes = |count: usize| -> BTreeSet<ArtifactHash> {
+        (0..count as u32)
+            .map(|i| {
+                let mut bytes = [0u8; 32];
+                bytes[..4].copy_from_slice(&i.to_be_bytes());
+                ArtifactHash(bytes)
+            })
+            .collect()
+    };
+    let at_limit = ArtifactConfig { generation: Generation::new(1), artifacts: hashes(MAX_CONFIG_ARTIFACTS) };
+    assert!(sled.store.put_config(at_limit).await.unwrap());
+    let over = ArtifactConfig { generation: Generation::new(2), artifacts: hashes(MAX_CONFIG_ARTIFACTS + 1) };
+    let error = sled.store.put_config(over).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "artifact config generation 2 lists {} artifacts; a config may list at most {MAX_CONFIG_ARTIFACTS}",
+            MAX_CONFIG_ARTIFACTS + 1
+        )
+    );
+    assert_eq!(sled.store.generation().await, Generation::new(1));
+}
