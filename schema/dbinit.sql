@@ -27,11 +27,14 @@ CREATE TABLE tuf_repo (
     system_version TEXT NOT NULL,
     file_name TEXT NOT NULL,
     time_pruned TIMESTAMPTZ,
+    -- The latest upload (insert, re-upload or unprune): the pruner's order.
+    time_last_uploaded TIMESTAMPTZ NOT NULL,
     CONSTRAINT tuf_repo_sha256_key UNIQUE (sha256),
     CONSTRAINT tuf_repo_system_version_key UNIQUE (system_version)
 );
 
 CREATE INDEX tuf_repo_by_time_created ON tuf_repo (time_created, id);
+CREATE INDEX tuf_repo_by_time_last_uploaded ON tuf_repo (time_last_uploaded, id);
 
 CREATE TABLE tuf_artifact (
     id UUID PRIMARY KEY,
@@ -85,6 +88,8 @@ CREATE TABLE inv_sled (
     -- NULL when the sled agent could not be reached; error says why.
     artifact_generation INT8,
     error TEXT,
+    -- Damaged config ledger copies the sled reported, one per line.
+    ledger_damage TEXT,
     PRIMARY KEY (inv_collection_id, sled_id)
 );
 
@@ -99,4 +104,4 @@ CREATE TABLE inv_m2 (
 );
 
 INSERT INTO db_metadata (singleton, version, time_modified)
-    VALUES (TRUE, '2.0.0', now());
+    VALUES (TRUE, '3.0.0', now());

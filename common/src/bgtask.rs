@@ -139,8 +139,30 @@ pub mod details {
         pub repos: Vec<RepoReplication>,
         /// The last requests, oldest first.
         pub ring: Vec<RequestRecord>,
-        /// Whether another activation was scheduled because work remains.
+        /// (sled, artifact) pairs this Nexus does not ask for now because
+        /// their last attempts failed: exponential back-off, capped.
+        #[serde(default)]
+        pub backoff: Vec<BackoffStatus>,
+        /// Copies running on sleds after this activation (started by it or
+        /// still running from an earlier one).
+        #[serde(default)]
+        pub copies_in_flight: usize,
+        /// Whether another activation was scheduled because work remains:
+        /// copies in flight, or staged repositories that made progress.
         pub followup_scheduled: bool,
+    }
+
+    /// A (sled, artifact) pair in back-off.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    pub struct BackoffStatus {
+        pub sled_id: Uuid,
+        pub hash: ArtifactHash,
+        /// Consecutive failures seen (failed requests, and copies the sled
+        /// reported failed after accepting them).
+        pub failures: u32,
+        /// Not asked again before this.
+        pub retry_after: DateTime<Utc>,
+        pub last_error: String,
     }
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -168,6 +190,12 @@ pub mod details {
         pub put_err: u64,
         pub copy_ok: u64,
         pub copy_err: u64,
+        /// Copies that a sled accepted (202) and later reported failed.
+        #[serde(default)]
+        pub copy_failed_on_sled: u64,
+        /// Requests not sent because their (sled, artifact) is backing off.
+        #[serde(default)]
+        pub skipped_backoff: u64,
     }
 
     impl ReplicationCounters {
@@ -180,6 +208,8 @@ pub mod details {
             self.put_err += other.put_err;
             self.copy_ok += other.copy_ok;
             self.copy_err += other.copy_err;
+            self.copy_failed_on_sled += other.copy_failed_on_sled;
+            self.skipped_backoff += other.skipped_backoff;
         }
     }
 
@@ -218,6 +248,8 @@ pub mod details {
         List,
         Put,
         Copy,
+        /// Not a request: a sled reported that a copy it had accepted failed.
+        CopyFailedOnSled,
     }
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -1,13 +1,12 @@
 //! The operator's bearer token for the external API.
 //!
 //! The token lives in a file (mode 0600). If the file does not exist at
-//! start-up, a random token is generated and written there, and Nexus prints
-//! it once; several Nexus instances share a token by sharing the file's
-//! contents.
+//! start-up, a random token is generated and written there durably (temp
+//! file, fsync, link into place, directory fsync: a crash never leaves an
+//! empty token file), and Nexus prints it once; several Nexus instances
+//! share a token by sharing the file's contents.
 
 use camino::{Utf8Path, Utf8PathBuf};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 
 #[derive(Clone)]
 pub struct OperatorToken(String);
@@ -43,14 +42,14 @@ impl OperatorToken {
                         .map_err(|source| io("creating the directory of", source))?;
                 }
                 let token = hex::encode(rand::random::<[u8; 32]>());
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(|source| io("creating", source))?;
-                file.write_all(token.as_bytes()).map_err(|source| io("writing", source))?;
-                Ok((OperatorToken(token), true))
+                match common::durable::create_file(path, token.as_bytes(), 0o600) {
+                    Ok(()) => Ok((OperatorToken(token), true)),
+                    // Another Nexus sharing the file created it first.
+                    Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Self::load_or_create(path)
+                    }
+                    Err(source) => Err(io("creating", source)),
+                }
             }
             Err(error) => Err(io("reading", error)),
         }

@@ -151,6 +151,11 @@ pub struct TufArtifactReplicationConfig {
     pub ring_buffer_size: usize,
     /// Delay before the follow-up activation while work remains.
     pub followup_delay_millis: u64,
+    /// After a failed request or a copy a sled reports failed, that (sled,
+    /// artifact) is not asked again for this long, doubled with every
+    /// further failure up to `backoff_max_secs`.
+    pub backoff_base_millis: u64,
+    pub backoff_max_secs: u64,
     pub request_timeout_secs: u64,
     /// Bounds one artifact PUT to a sled, body included.
     pub put_timeout_secs: u64,
@@ -166,6 +171,8 @@ impl Default for TufArtifactReplicationConfig {
             max_concurrent_requests: 16,
             ring_buffer_size: 64,
             followup_delay_millis: 1000,
+            backoff_base_millis: 2000,
+            backoff_max_secs: 300,
             request_timeout_secs: 30,
             put_timeout_secs: 600,
         }
@@ -230,6 +237,8 @@ impl ConfigFile for Config {
                 replication.request_timeout_secs,
             ),
             ("background_tasks.tuf_artifact_replication.put_timeout_secs", replication.put_timeout_secs),
+            ("background_tasks.tuf_artifact_replication.backoff_base_millis", replication.backoff_base_millis),
+            ("background_tasks.tuf_artifact_replication.backoff_max_secs", replication.backoff_max_secs),
         ] {
             if value == 0 {
                 return Err((key, "must be at least 1".into()));

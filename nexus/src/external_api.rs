@@ -81,6 +81,7 @@ pub fn repo_view(nexus: &Nexus, recorded: TufRepoWithArtifacts) -> TufRepoView {
         sha256: repo.sha256.0,
         file_name: repo.file_name,
         time_created: repo.time_created,
+        time_last_uploaded: repo.time_last_uploaded,
         time_pruned: repo.time_pruned,
         artifacts: artifacts
             .into_iter()

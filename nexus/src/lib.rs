@@ -6,6 +6,7 @@ pub mod background;
 pub mod config;
 pub mod db;
 pub mod external_api;
+pub mod failpoints;
 mod http_error;
 pub mod internal_api;
 pub mod server;

@@ -62,8 +62,10 @@ impl Server {
         let staging_area = StagingArea::open(staging_dir)
             .map_err(|source| StartError::Staging { path: staging_dir.clone(), source })?;
         let unpruned = datastore.tuf_repo_list_unpruned_with_artifacts().await?;
-        let recovered = staging::recover(&staging_area, &unpruned, &log).await;
+        let handoff_slots = Arc::new(tokio::sync::Semaphore::new(config.updates.handoff_capacity));
+        let recovered = staging::recover(&staging_area, &unpruned, &handoff_slots, &log).await;
 
+        let nexus_id = uuid::Uuid::new_v4();
         let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(config.updates.handoff_capacity);
         let replication_activator = Activator::new();
         let progress = Default::default();
@@ -73,7 +75,7 @@ impl Server {
             recovered,
             activator: replication_activator.clone(),
             progress: Arc::clone(&progress),
-            collector: format!("nexus {}", uuid::Uuid::new_v4()),
+            nexus_id,
         };
         let definitions = background::register_all(&config.background_tasks, &datastore, wiring);
         let updates = &config.updates;
@@ -91,9 +93,11 @@ impl Server {
                 },
             },
             handoff: handoff_tx,
+            handoff_slots,
             replication: replication_activator,
         };
         let nexus = Arc::new(Nexus {
+            id: nexus_id,
             background: Driver::start(definitions, &log),
             datastore,
             uploader,

@@ -67,6 +67,10 @@ pub struct TufRepoView {
     pub sha256: ArtifactHash,
     pub file_name: String,
     pub time_created: DateTime<Utc>,
+    /// The latest upload of this repository (first upload, re-upload or
+    /// unprune). The pruner keeps the most recently uploaded repositories,
+    /// ranked by this time, so a re-uploaded old repository counts as new.
+    pub time_last_uploaded: DateTime<Utc>,
     pub time_pruned: Option<DateTime<Utc>>,
     pub artifacts: Vec<TufArtifactView>,
     /// Known once a `tuf_artifact_replication` activation of the Nexus that

@@ -5,7 +5,7 @@ use crate::to_json;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use common::ArtifactConfig;
-use common::api::sled_agent::{ArtifactListResponse, M2State};
+use common::api::sled_agent::{ArtifactListResponse, LEDGER_DAMAGED, M2State};
 use common::clients::sled_agent::Client as SledClient;
 use nexus::db::DataStore;
 use nexus::db::datastore::PoolConfig;
@@ -244,6 +244,11 @@ async fn validate(datastore: &DataStore, json: bool) -> anyhow::Result<String> {
                 let (status, detail) = judge(&config, &sled_config, &list, healthy);
                 (status, sled_config.generation.to_string(), detail)
             }
+            Err(common::clients::sled_agent::Error::ErrorResponse(response))
+                if response.error_code.as_deref() == Some(LEDGER_DAMAGED) =>
+            {
+                ("DAMAGED", "-".to_string(), response.into_inner().message)
+            }
             Err(error) => ("ERROR", "-".to_string(), common::error_chain(&error)),
         };
         rows.push(ValidationRow {
@@ -276,6 +281,8 @@ struct InventoryRow {
     generation: String,
     #[tabled(rename = "M.2 SLOTS (state used/quota)")]
     m2: String,
+    #[tabled(rename = "LEDGER")]
+    ledger: String,
     #[tabled(rename = "ERROR")]
     error: String,
 }
@@ -297,6 +304,11 @@ async fn inventory(datastore: &DataStore, json: bool) -> anyhow::Result<String> 
                 .map(|m2| format!("{}: {} {}/{}", m2.slot, m2.state, m2.used_bytes, m2.quota_bytes))
                 .collect::<Vec<_>>()
                 .join(", "),
+            ledger: match &sled.ledger_damage {
+                None if sled.error.is_some() => "-".to_string(),
+                None => "ok".to_string(),
+                Some(damage) => format!("DAMAGED: {}", damage.replace('\n', "; ")),
+            },
             error: sled.error.clone().unwrap_or_default(),
         })
         .collect();

@@ -196,6 +196,22 @@ fn replication_lines(status: TufArtifactReplicationStatus) -> Vec<String> {
             format!("{all_ok}/{all_err}")
         ));
     }
+    lines.push(format!(
+        "copies failed on sleds after 202: {} last run, {} lifetime; requests skipped for back-off: {} last run",
+        status.last_run.copy_failed_on_sled, status.lifetime.copy_failed_on_sled, status.last_run.skipped_backoff
+    ));
+    lines.push(format!("copies in flight on sleds: {}", status.copies_in_flight));
+    lines.push(format!("backing off (sled, artifact): {}", status.backoff.len()));
+    for backoff in &status.backoff {
+        lines.push(format!(
+            "  sled {} artifact {}: {} failures, not before {}: {}",
+            backoff.sled_id,
+            backoff.hash,
+            backoff.failures,
+            time(&backoff.retry_after),
+            backoff.last_error
+        ));
+    }
     lines.push(format!("local repositories (staged here): {}", status.local_repos.len()));
     for repo in &status.local_repos {
         lines.push(format!(
@@ -217,6 +233,7 @@ fn replication_lines(status: TufArtifactReplicationStatus) -> Vec<String> {
             RequestOperation::List => "list",
             RequestOperation::Put => "put",
             RequestOperation::Copy => "copy",
+            RequestOperation::CopyFailedOnSled => "copy failed on the sled",
         };
         let mut line = format!("  {} {operation:<10} sled {}", time(&record.time), record.sled_id);
         if let Some(hash) = &record.hash {

@@ -45,24 +45,33 @@ struct M2Row {
     path: String,
 }
 
+#[derive(Tabled, Serialize)]
+struct CopyFailureRow {
+    #[tabled(rename = "SHA256")]
+    sha256: String,
+    #[tabled(rename = "FAILURES")]
+    failures: u32,
+    #[tabled(rename = "LAST FAILED")]
+    time: String,
+    #[tabled(rename = "LAST ERROR")]
+    error: String,
+}
+
 impl SledAgentArgs {
     pub async fn run(self, json: bool) -> anyhow::Result<String> {
         let client = Client::new(&self.sled_url);
         let SledAgentCommand::Artifacts = self.command;
-        let config = client.artifact_config_get().await.map_err(crate::sled_error)?.into_inner();
         let list = client.artifact_list().await.map_err(crate::sled_error)?.into_inner();
         let inventory = client.inventory().await.map_err(crate::sled_error)?.into_inner();
+        // A sled with a damaged ledger no longer knows its config's artifacts.
+        let config = if list.ledger_damage.is_empty() {
+            Some(client.artifact_config_get().await.map_err(crate::sled_error)?.into_inner())
+        } else {
+            None
+        };
         if json {
             return Ok(to_json(&serde_json::json!({"config": config, "list": list, "inventory": inventory})));
         }
-        let artifacts: Vec<ArtifactRow> = config
-            .artifacts
-            .iter()
-            .map(|hash| ArtifactRow {
-                sha256: hash.to_string(),
-                copies: list.list.get(hash).copied().unwrap_or(0),
-            })
-            .collect();
         let m2s: Vec<M2Row> = inventory
             .m2
             .iter()
@@ -75,14 +84,52 @@ impl SledAgentArgs {
                 path: m2.path.clone(),
             })
             .collect();
-        Ok(format!(
-            "sled {} ({}): artifact config generation {}, {} artifacts\n{}\n{}",
-            inventory.serial,
-            inventory.sled_id,
-            config.generation,
-            config.artifacts.len(),
-            crate::render::table(artifacts),
-            crate::render::table(m2s)
-        ))
+        let mut out = format!("sled {} ({}): ", inventory.serial, inventory.sled_id);
+        match &config {
+            Some(config) => {
+                let artifacts: Vec<ArtifactRow> = config
+                    .artifacts
+                    .iter()
+                    .map(|hash| ArtifactRow {
+                        sha256: hash.to_string(),
+                        copies: list.list.get(hash).copied().unwrap_or(0),
+                    })
+                    .collect();
+                out += &format!(
+                    "artifact config generation {}, {} artifacts\n{}\n",
+                    config.generation,
+                    config.artifacts.len(),
+                    crate::render::table(artifacts)
+                );
+            }
+            None => {
+                out += &format!(
+                    "artifact config ledger DAMAGED at generation {}: the sled acts on nothing until a \
+                     config of that generation or newer is pushed\n",
+                    list.generation
+                );
+                for damage in &list.ledger_damage {
+                    out += &format!("  {damage}\n");
+                }
+            }
+        }
+        if !list.copies_in_flight.is_empty() {
+            out += &format!("copies in flight: {}\n", list.copies_in_flight.len());
+        }
+        if !list.copy_failures.is_empty() {
+            let failures: Vec<CopyFailureRow> = list
+                .copy_failures
+                .iter()
+                .map(|(hash, failure)| CopyFailureRow {
+                    sha256: hash.to_string(),
+                    failures: failure.failures,
+                    time: crate::render::time(&failure.time_last_failed),
+                    error: failure.last_error.clone(),
+                })
+                .collect();
+            out += &format!("failed copies:\n{}\n", crate::render::table(failures));
+        }
+        out += &crate::render::table(m2s);
+        Ok(out)
     }
 }

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub struct Nexus {
+    /// Names this process in what it records (and in test delay points).
+    pub id: Uuid,
     pub log: slog::Logger,
     pub datastore: Arc<DataStore>,
     pub background: Driver,

@@ -63,8 +63,12 @@ impl StagingArea {
         &self.root
     }
 
+    pub fn artifacts_dir(&self) -> Utf8PathBuf {
+        self.root.join("artifacts")
+    }
+
     pub fn artifact_path(&self, hash: &ArtifactHash) -> Utf8PathBuf {
-        self.root.join("artifacts").join(hash.to_string())
+        self.artifacts_dir().join(hash.to_string())
     }
 
     pub fn uploads_dir(&self) -> Utf8PathBuf {
@@ -134,6 +138,12 @@ pub struct StagedRepo {
     pub repo_id: uuid::Uuid,
     pub system_version: String,
     pub artifacts: Vec<StagedArtifact>,
+    /// One of `updates.handoff_capacity` slots, held until replication lets
+    /// the repository go: it bounds the staged repositories this Nexus
+    /// holds, queued and in the task alike. `None` for repositories
+    /// recovered at start-up beyond the capacity (at most the unpruned
+    /// repositories, which the pruner bounds).
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 pub struct StagedArtifact {
@@ -148,6 +158,7 @@ pub struct StagedArtifact {
 pub async fn recover(
     staging: &Arc<StagingArea>,
     repos: &[crate::db::model::TufRepoWithArtifacts],
+    slots: &Arc<tokio::sync::Semaphore>,
     log: &slog::Logger,
 ) -> Vec<StagedRepo> {
     let mut verified: BTreeMap<ArtifactHash, bool> = BTreeMap::new();
@@ -175,6 +186,7 @@ pub async fn recover(
                 repo_id: recorded.repo.id,
                 system_version: recorded.repo.system_version.clone(),
                 artifacts,
+                slot: slots.clone().try_acquire_owned().ok(),
             });
         }
     }

@@ -8,8 +8,11 @@
 //!
 //! Coalescing: an [`Activator`] is a `Notify` permit. Any number of
 //! activations that arrive while the task runs leave one permit, so they
-//! cause exactly one follow-up run. The period is measured from the end of
-//! the last run.
+//! cause exactly one follow-up run. Just before a run starts, every signal
+//! still pending (a permit, an unseen dependency change) is consumed: the
+//! run has not read its inputs yet, so it serves them all. An explicit
+//! activation and a dependency change during one run therefore cause one
+//! follow-up, not two. The period is measured from the end of the last run.
 //!
 //! Failure containment: a panic inside `activate` is caught and recorded as
 //! the last result; the loop goes on. A dependency whose sender was dropped is
@@ -59,11 +62,17 @@ impl Activator {
 pub trait Dependency: Send {
     /// Resolves when the value changed; an error means the sender is gone.
     fn changed(&mut self) -> BoxFuture<'_, Result<(), watch::error::RecvError>>;
+    /// Forgets a change not yet waited for: a run about to start covers it.
+    fn mark_seen(&mut self);
 }
 
 impl<T: Send + Sync> Dependency for watch::Receiver<T> {
     fn changed(&mut self) -> BoxFuture<'_, Result<(), watch::error::RecvError>> {
         Box::pin(watch::Receiver::changed(self))
+    }
+
+    fn mark_seen(&mut self) {
+        self.mark_unchanged();
     }
 }
 
@@ -275,6 +284,11 @@ impl TaskLoop {
     }
 
     async fn run_once(&mut self, reason: ActivationReason) {
+        // Whatever else asked for a run before this point is served by it.
+        let _ = self.notify.notified().now_or_never();
+        for dependency in &mut self.dependencies {
+            dependency.mark_seen();
+        }
         let start_time = chrono::Utc::now();
         let started = Instant::now();
         let (iteration, switch) = {
@@ -509,6 +523,29 @@ mod tests {
         assert_eq!(harness.activations.load(Ordering::SeqCst), 2, "three activations, one follow-up run");
         assert_eq!(harness.last().1, ActivationReason::Signaled);
         assert_eq!(harness.driver.view("scripted").unwrap().current, CurrentStatus::Idle);
+    }
+
+    /// An explicit activation and a dependency change, both during one run,
+    /// are served by one follow-up run.
+    #[tokio::test(start_paused = true)]
+    async fn an_activation_and_a_dependency_change_during_a_run_give_one_follow_up() {
+        let (sender, receiver) = watch::channel(0u64);
+        let harness = start(HOUR, true, None, vec![Box::new(receiver)]);
+        while harness.activations.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        harness.driver.activate(&["scripted"]).unwrap();
+        sender.send_replace(1);
+        harness.gate.add_permits(10);
+        harness.wait_completed(2).await;
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(harness.activations.load(Ordering::SeqCst), 2, "one follow-up for both signals");
+        // A change after the follow-up started still activates once more.
+        sender.send_replace(2);
+        harness.wait_completed(3).await;
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(harness.activations.load(Ordering::SeqCst), 3);
+        assert_eq!(harness.last().1, ActivationReason::Dependency);
     }
 
     #[tokio::test(start_paused = true)]

@@ -22,8 +22,8 @@ pub struct ReplicationWiring {
     pub recovered: Vec<StagedRepo>,
     pub activator: Activator,
     pub progress: ProgressMap,
-    /// This Nexus, as named in what its tasks record.
-    pub collector: String,
+    /// This Nexus (named in what its tasks record).
+    pub nexus_id: uuid::Uuid,
 }
 
 pub fn register_all(
@@ -40,6 +40,8 @@ pub fn register_all(
         max_concurrent_requests: replication_config.max_concurrent_requests,
         ring_buffer_size: replication_config.ring_buffer_size,
         followup_delay: Duration::from_millis(replication_config.followup_delay_millis),
+        backoff_base: Duration::from_millis(replication_config.backoff_base_millis),
+        backoff_max: Duration::from_secs(replication_config.backoff_max_secs),
         request_timeout: Duration::from_secs(replication_config.request_timeout_secs),
         put_timeout: Duration::from_secs(replication_config.put_timeout_secs),
     };
@@ -54,7 +56,7 @@ pub fn register_all(
             period: Duration::from_secs(inventory.period_secs),
             task: Box::new(tasks::inventory_collection::InventoryCollector::new(
                 datastore.clone(),
-                replication.collector.clone(),
+                format!("nexus {}", replication.nexus_id),
                 inventory.keep_collections,
                 inventory.max_concurrent_requests,
                 Duration::from_secs(inventory.request_timeout_secs),
@@ -77,6 +79,7 @@ pub fn register_all(
                 settings,
                 replication.activator.clone(),
                 replication.progress,
+                replication.nexus_id,
             )),
             activator: replication.activator,
             dependencies: vec![Box::new(pruned_rx)],

@@ -22,6 +22,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Test builds only: crash and delay points named in $FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let mut config = Config::from_file(&args.config)?;
     if let Some(url) = args.database_url {
         config.database.url = url;

@@ -62,6 +62,8 @@ pub struct TufRepo {
     pub system_version: String,
     pub file_name: String,
     pub time_pruned: Option<DateTime<Utc>>,
+    /// The latest upload: insert, re-upload or unprune.
+    pub time_last_uploaded: DateTime<Utc>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable)]
@@ -150,6 +152,8 @@ pub struct InvSled {
     pub artifact_generation: Option<i64>,
     /// Why the sled could not be asked, if it could not.
     pub error: Option<String>,
+    /// Damaged config ledger copies the sled reported, one per line.
+    pub ledger_damage: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable)]

@@ -30,6 +30,7 @@ diesel::table! {
         system_version -> Text,
         file_name -> Text,
         time_pruned -> Nullable<Timestamptz>,
+        time_last_uploaded -> Timestamptz,
     }
 }
 
@@ -89,6 +90,7 @@ diesel::table! {
         time_collected -> Timestamptz,
         artifact_generation -> Nullable<Int8>,
         error -> Nullable<Text>,
+        ledger_damage -> Nullable<Text>,
     }
 }
 

@@ -31,13 +31,18 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "inventory",
         up_sql: include_str!("../../../schema/migrations/0002-inventory/up.sql"),
     },
+    Migration {
+        number: 3,
+        name: "durability",
+        up_sql: include_str!("../../../schema/migrations/0003-durability/up.sql"),
+    },
 ];
 
 /// The whole current schema.
 pub const DBINIT_SQL: &str = include_str!("../../../schema/dbinit.sql");
 
 /// The version this Nexus needs: that of the last migration.
-pub const SCHEMA_VERSION: &str = "2.0.0";
+pub const SCHEMA_VERSION: &str = "3.0.0";
 
 const UPGRADE_HINT: &str = "rack-dev db-upgrade --database-url URL";
 
@@ -287,7 +292,10 @@ mod tests {
         let outcome = upgrade(&mut conn).await.unwrap();
         assert_eq!(
             outcome,
-            UpgradeOutcome::Migrated { from: "1.0.0".into(), applied: vec!["0002-inventory".into()] }
+            UpgradeOutcome::Migrated {
+                from: "1.0.0".into(),
+                applied: vec!["0002-inventory".into(), "0003-durability".into()]
+            }
         );
         let actual = schema_snapshot(&mut conn).await;
 

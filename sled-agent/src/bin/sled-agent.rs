@@ -18,6 +18,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Test builds only: crash points named in $FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let config = Config::from_file(&args.config)?;
     let log = config.log.to_logger("sled-agent").context("setting up logging")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;

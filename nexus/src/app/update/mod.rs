@@ -10,12 +10,16 @@
 //! 4. `artifacts.json` is read through tough (so its hash is verified) and
 //!    checked ([`artifacts_json`]).
 //! 5. Every artifact's target streams through tough, which verifies its hash
-//!    and length; the verified file is then moved into the staging area,
-//!    pinned.
-//! 6. The repository is recorded (one transaction). Only then is the staged
-//!    repository handed to `tuf_artifact_replication`; room in its queue is
-//!    reserved *before* recording, so a recorded repository is never left
-//!    without its staged bytes.
+//!    and length; the verified file is then fsynced and moved into the
+//!    staging area, pinned; after the last one the staging directory is
+//!    fsynced.
+//! 6. The repository is recorded (one transaction). Its COMMIT therefore
+//!    comes after every staged byte is durable (DESIGN §11): a crash at any
+//!    point leaves no repository, or a repository whose bytes are staged.
+//!    Only then is the staged repository handed to
+//!    `tuf_artifact_replication`; room in its queue is reserved *before*
+//!    recording, so a recorded repository is never left without its staged
+//!    bytes.
 //!
 //! Any failure before the hand-off drops the pins, sweeps unpinned staged
 //! files and removes the upload directory: bad input leaves nothing behind.
@@ -99,6 +103,9 @@ pub struct Uploader {
     pub staging: Arc<StagingArea>,
     pub settings: UploadSettings,
     pub handoff: mpsc::Sender<StagedRepo>,
+    /// Bounds the staged repositories held for replication (see
+    /// [`StagedRepo::slot`]).
+    pub handoff_slots: Arc<tokio::sync::Semaphore>,
     pub replication: Activator,
 }
 
@@ -143,6 +150,7 @@ impl Uploader {
     {
         let zip_path = dir.join("repo.zip");
         let zip_sha256 = receive(&zip_path, body, self.settings.max_bytes).await?;
+        fail::fail_point!("nexus::upload::after_receive", |_| std::process::abort());
         let trust_roots = self.datastore.trust_root_list().await?;
         if trust_roots.is_empty() {
             return Err(UploadError::NoTrustRoots);
@@ -169,10 +177,9 @@ impl Uploader {
             load_repository(&extracted, &datastore_dir, &roots, self.settings.enforce_expiry).await?;
         let document = read_artifacts_json(&repository).await?;
 
-        let permit = self
-            .handoff
-            .try_reserve()
-            .map_err(|_| UploadError::HandoffFull { capacity: self.handoff.max_capacity() })?;
+        let full = || UploadError::HandoffFull { capacity: self.handoff.max_capacity() };
+        let slot = self.handoff_slots.clone().try_acquire_owned().map_err(|_| full())?;
+        let permit = self.handoff.try_reserve().map_err(|_| full())?;
         let mut staged = Vec::new();
         let mut artifacts = Vec::new();
         // Several artifacts may name one target; it is verified and moved once.
@@ -191,6 +198,13 @@ impl Uploader {
             targets_done.insert(&entry.target, (hash, size));
             artifacts.push(TufArtifactDescription { id: entry.id(), sha256: hash, size });
         }
+        let staged_dir = self.staging.artifacts_dir();
+        common::durable::sync_dir(&staged_dir).map_err(|source| UploadError::Io {
+            what: "syncing the staging directory",
+            path: staged_dir,
+            source,
+        })?;
+        fail::fail_point!("nexus::upload::after_staging", |_| std::process::abort());
         let description = TufRepoDescription {
             system_version: document.system_version.clone(),
             sha256: zip_sha256,
@@ -198,10 +212,14 @@ impl Uploader {
             artifacts,
         };
         let result = self.datastore.tuf_repo_insert(&description).await?;
+        // Committed, not yet handed to replication: recovery at start-up
+        // hands the staged files over instead.
+        fail::fail_point!("nexus::upload::after_insert", |_| std::process::abort());
         permit.send(StagedRepo {
             repo_id: result.recorded.repo.id,
             system_version: description.system_version.clone(),
             artifacts: staged,
+            slot: Some(slot),
         });
         self.replication.activate();
         slog::info!(self.log, "repository uploaded"; "system_version" => &description.system_version,
@@ -247,11 +265,12 @@ impl Uploader {
         let source = extracted.targets_dir.join(file_name);
         let pin = self.staging.pin(hash);
         let path = self.staging.artifact_path(&hash);
-        std::fs::rename(&source, &path).map_err(|source_error| UploadError::Io {
-            what: "staging",
-            path: path.clone(),
-            source: source_error,
-        })?;
+        // Data first, then the name: the directory is synced once for all
+        // targets, before the database records them.
+        std::fs::File::open(&source)
+            .and_then(|file| file.sync_all())
+            .and_then(|()| std::fs::rename(&source, &path))
+            .map_err(|source_error| UploadError::Io { what: "staging", path: path.clone(), source: source_error })?;
         staged.push(StagedArtifact { hash, size, pin });
         Ok((hash, size))
     }
@@ -302,8 +321,9 @@ where
         bytes += chunk.len() as u64;
         file.write_all(&chunk).await.map_err(|source| io("writing", source))?;
     }
+    // Not fsynced: the zip is scratch, removed after the upload and at
+    // start-up. What must survive is staged (and fsynced) from it.
     file.flush().await.map_err(|source| io("writing", source))?;
-    file.sync_all().await.map_err(|source| io("syncing", source))?;
     Ok((ArtifactHash(hasher.finalize().into()), bytes))
 }
 

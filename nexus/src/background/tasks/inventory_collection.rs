@@ -75,6 +75,8 @@ impl InventoryCollector {
                         time_collected,
                         artifact_generation: i64::try_from(reported.artifact_generation.get()).ok(),
                         error: None,
+                        ledger_damage: (!reported.ledger_damage.is_empty())
+                            .then(|| reported.ledger_damage.join("\n")),
                     });
                     inventory.m2s.extend(reported.m2.iter().map(|m2| {
                         InvM2 {
@@ -99,6 +101,7 @@ impl InventoryCollector {
                         time_collected,
                         artifact_generation: None,
                         error: Some(message),
+                        ledger_damage: None,
                     });
                 }
             }

@@ -15,9 +15,17 @@
 //! - an artifact that nobody holds and that is not staged here is reported
 //!   as unplaceable (another Nexus may hold it);
 //! - a sled that says it is copying an artifact now is left alone: asking
-//!   again would only be answered "already copying".
+//!   again would only be answered "already copying";
+//! - a sled backing off for an artifact (its last requests or copies of it
+//!   failed) is not asked for it, and not chosen as a PUT target; it may
+//!   still serve as a source if it holds the artifact.
 //!
 //! Sleds with no healthy M.2 are neither targets nor sources.
+//!
+//! Concurrency: the executor runs every PUT of a plan at once, then every
+//! copy at once. So a copy reads only from a sled that held the artifact
+//! before the activation, or (marked `after_put`) from one of this round's
+//! PUT targets, never from a sled that another copy of the same round fills.
 
 use common::ArtifactHash;
 use rand::Rng;
@@ -41,6 +49,8 @@ pub struct ArtifactState {
     pub local: bool,
     /// Sleds copying it right now: not asked again, not used as sources.
     pub incoming: BTreeSet<SledId>,
+    /// Sleds not to ask for it now (back-off after failures).
+    pub backing_off: BTreeSet<SledId>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -65,6 +75,8 @@ pub struct Plan {
     /// PUTs first, then copies.
     pub requests: Vec<Request>,
     pub unplaceable: Vec<ArtifactHash>,
+    /// Requests left out because their (sled, artifact) is backing off.
+    pub skipped_backoff: usize,
 }
 
 pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
@@ -72,6 +84,7 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
     let mut puts = Vec::new();
     let mut copies = Vec::new();
     let mut unplaceable = Vec::new();
+    let mut skipped_backoff = 0;
     for (hash, state) in &inventory.artifacts {
         let holders: Vec<SledId> = usable
             .iter()
@@ -84,45 +97,45 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 unplaceable.push(*hash);
                 continue;
             }
-            let count = limits.min_sled_replication.min(usable.len());
-            put_targets = usable.choose_multiple(rng, count).map(|sled| sled.id).collect();
+            let candidates: Vec<&&SledState> = usable
+                .iter()
+                .filter(|sled| !state.backing_off.contains(&sled.id) && !state.incoming.contains(&sled.id))
+                .collect();
+            let count = limits.min_sled_replication.min(candidates.len());
+            put_targets = candidates.choose_multiple(rng, count).map(|sled| sled.id).collect();
             put_targets.sort();
             puts.extend(put_targets.iter().map(|&sled| Request::Put { hash: *hash, sled }));
+            if put_targets.is_empty() {
+                skipped_backoff += usable.len();
+                continue;
+            }
         }
         let sources: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
         for sled in &usable {
             if put_targets.contains(&sled.id) || state.incoming.contains(&sled.id) {
                 continue;
             }
-            match state.copies.get(&sled.id).copied().unwrap_or(0) {
-                0 => {
-                    let source = *sources.choose(rng).expect("holders or PUT targets exist here");
-                    let after_put = put_targets.contains(&source);
-                    copies.push(Request::Copy {
-                        hash: *hash,
-                        target: sled.id,
-                        source,
-                        after_put,
-                        recopy: false,
-                    });
-                }
-                held if held < sled.healthy_m2 => {
-                    let others: Vec<SledId> = holders.iter().copied().filter(|&id| id != sled.id).collect();
-                    let source = others.choose(rng).copied().unwrap_or(sled.id);
-                    copies.push(Request::Copy {
-                        hash: *hash,
-                        target: sled.id,
-                        source,
-                        after_put: false,
-                        recopy: true,
-                    });
-                }
-                _ => {}
+            let held = state.copies.get(&sled.id).copied().unwrap_or(0);
+            if held >= sled.healthy_m2 {
+                continue;
+            }
+            if state.backing_off.contains(&sled.id) {
+                skipped_backoff += 1;
+                continue;
+            }
+            if held == 0 {
+                let source = *sources.choose(rng).expect("holders or PUT targets exist here");
+                let after_put = put_targets.contains(&source);
+                copies.push(Request::Copy { hash: *hash, target: sled.id, source, after_put, recopy: false });
+            } else {
+                let others: Vec<SledId> = holders.iter().copied().filter(|&id| id != sled.id).collect();
+                let source = others.choose(rng).copied().unwrap_or(sled.id);
+                copies.push(Request::Copy { hash: *hash, target: sled.id, source, after_put: false, recopy: true });
             }
         }
     }
     puts.extend(copies);
-    Plan { requests: puts, unplaceable }
+    Plan { requests: puts, unplaceable, skipped_backoff }
 }
 
 #[cfg(test)]
@@ -270,8 +283,12 @@ mod tests {
     #[test]
     fn sleds_already_copying_are_left_alone() {
         let all = sleds(3);
-        let state =
-            ArtifactState { copies: [(all[0].id, 2)].into(), local: false, incoming: [all[1].id].into() };
+        let state = ArtifactState {
+            copies: [(all[0].id, 2)].into(),
+            local: false,
+            incoming: [all[1].id].into(),
+            ..Default::default()
+        };
         let inventory = Inventory { sleds: all.clone(), artifacts: [(hash(1), state)].into() };
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert_eq!(
@@ -318,13 +335,18 @@ mod tests {
         assert!(planned.requests.iter().all(|r| !matches!(r, Request::Put { sled, .. } | Request::Copy { target: sled, .. } if *sled == broken)));
     }
 
-    /// Over many random worlds: executing the plan (PUTs, then copies in
-    /// order) leaves every usable sled with every placeable artifact on all
-    /// its healthy M.2s, and no copy ever reads from a sled that lacks the
-    /// artifact at that moment.
+    /// Over many random worlds, executing the plan as the executor does
+    /// (every PUT at once, then every copy at once):
+    /// - a copy reads from a sled that held the artifact before the round,
+    ///   or, only if marked `after_put`, from one of the round's PUT targets:
+    ///   never from a sled another copy of the same round is filling;
+    /// - no request goes to a sled copying that artifact already or backing
+    ///   off for it;
+    /// - afterwards every other usable sled holds every placeable artifact
+    ///   on all its healthy M.2s.
     #[test]
-    fn executing_any_plan_converges_and_never_copies_from_an_empty_source() {
-        for seed in 0..500u64 {
+    fn executing_any_plan_concurrently_converges_and_reads_only_settled_sources() {
+        for seed in 0..1000u64 {
             let mut world_rng = StdRng::seed_from_u64(seed);
             let sled_count = world_rng.random_range(1..=12);
             let mut all = sleds(sled_count);
@@ -337,6 +359,11 @@ mod tests {
                 for sled in &all {
                     if sled.healthy_m2 > 0 && world_rng.random_bool(0.3) {
                         state.copies.insert(sled.id, world_rng.random_range(1..=sled.healthy_m2));
+                    } else if world_rng.random_bool(0.1) {
+                        state.incoming.insert(sled.id);
+                    }
+                    if world_rng.random_bool(0.15) {
+                        state.backing_off.insert(sled.id);
                     }
                 }
                 artifacts.insert(hash(n), state);
@@ -346,35 +373,76 @@ mod tests {
             let planned = plan(&inventory, &mut StdRng::seed_from_u64(seed ^ 0xabc), limits(min));
 
             let healthy: BTreeMap<SledId, usize> = all.iter().map(|s| (s.id, s.healthy_m2)).collect();
-            let mut world: BTreeMap<ArtifactHash, BTreeMap<SledId, usize>> =
+            let before: BTreeMap<ArtifactHash, BTreeMap<SledId, usize>> =
                 inventory.artifacts.iter().map(|(h, s)| (*h, s.copies.clone())).collect();
+            let mut after_puts = before.clone();
+            let mut put_targets: BTreeSet<(ArtifactHash, SledId)> = BTreeSet::new();
+            let mut seen_copy = false;
             for request in &planned.requests {
-                match request {
-                    Request::Put { hash, sled } => {
-                        assert!(inventory.artifacts[hash].local, "seed {seed}: PUT of an unstaged artifact");
-                        world.get_mut(hash).unwrap().insert(*sled, healthy[sled]);
-                    }
-                    Request::Copy { hash, target, source, .. } => {
-                        let held = world[hash].get(source).copied().unwrap_or(0);
-                        assert!(held > 0, "seed {seed}: copy from {source}, which lacks {hash}");
-                        world.get_mut(hash).unwrap().insert(*target, healthy[target]);
-                    }
+                let (hash, target) = match request {
+                    Request::Put { hash, sled } => (hash, sled),
+                    Request::Copy { hash, target, .. } => (hash, target),
+                };
+                let state = &inventory.artifacts[hash];
+                assert!(!state.incoming.contains(target), "seed {seed}: {target} is already copying {hash}");
+                assert!(!state.backing_off.contains(target), "seed {seed}: {target} is backing off {hash}");
+                if let Request::Put { hash, sled } = request {
+                    assert!(!seen_copy, "seed {seed}: PUTs come first");
+                    assert!(state.local, "seed {seed}: PUT of an unstaged artifact");
+                    after_puts.get_mut(hash).unwrap().insert(*sled, healthy[sled]);
+                    put_targets.insert((*hash, *sled));
+                } else {
+                    seen_copy = true;
                 }
             }
-            for (hash, holders) in &world {
+            let mut after = after_puts.clone();
+            for request in &planned.requests {
+                let Request::Copy { hash, target, source, after_put, .. } = request else { continue };
+                let settled = if *after_put {
+                    assert!(put_targets.contains(&(*hash, *source)), "seed {seed}: after_put names no PUT");
+                    &after_puts
+                } else {
+                    &before
+                };
+                let held = settled[hash].get(source).copied().unwrap_or(0);
+                assert!(held > 0, "seed {seed}: copy of {hash} from {source}, which is still being filled");
+                after.get_mut(hash).unwrap().insert(*target, healthy[target]);
+            }
+            for (hash, holders) in &after {
+                let state = &inventory.artifacts[hash];
                 if planned.unplaceable.contains(hash) {
-                    assert!(holders.is_empty() && !inventory.artifacts[hash].local, "seed {seed}");
+                    assert!(holders.is_empty() && !state.local, "seed {seed}");
                     continue;
                 }
                 for sled in all.iter().filter(|s| s.healthy_m2 > 0) {
-                    assert_eq!(
-                        holders.get(&sled.id).copied().unwrap_or(0),
-                        sled.healthy_m2,
-                        "seed {seed}: {hash} on {}",
-                        sled.id
-                    );
+                    let left_alone = state.incoming.contains(&sled.id) || state.backing_off.contains(&sled.id);
+                    if !left_alone && (!holders.is_empty() || state.local) {
+                        assert_eq!(
+                            holders.get(&sled.id).copied().unwrap_or(0),
+                            sled.healthy_m2,
+                            "seed {seed}: {hash} on {}",
+                            sled.id
+                        );
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn sleds_backing_off_are_neither_asked_nor_put_to() {
+        let all = sleds(4);
+        let state = ArtifactState { local: true, backing_off: [all[0].id, all[1].id].into(), ..Default::default() };
+        let inventory = Inventory { sleds: all.clone(), artifacts: [(hash(1), state)].into() };
+        let planned = plan(&inventory, &mut rng(), limits(3));
+        assert_eq!(count(&planned), (2, 0, 0), "PUTs to the two sleds not backing off: {planned:?}");
+        assert_eq!(planned.skipped_backoff, 2);
+        assert!(planned.requests.iter().all(|r| matches!(r, Request::Put { sled, .. } if *sled == all[2].id || *sled == all[3].id)));
+
+        let everyone = ArtifactState { local: true, backing_off: all.iter().map(|s| s.id).collect(), ..Default::default() };
+        let inventory = Inventory { sleds: all, artifacts: [(hash(1), everyone)].into() };
+        let planned = plan(&inventory, &mut rng(), limits(3));
+        assert!(planned.requests.is_empty());
+        assert_eq!(planned.skipped_backoff, 4);
     }
 }

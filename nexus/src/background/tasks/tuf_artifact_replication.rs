@@ -21,9 +21,21 @@
 //!    just filled), `max_concurrent_requests` at a time. A 503/429 with
 //!    `Retry-After` is waited out and retried, a bounded number of times.
 //!    Every request lands in the ring buffer with its full error chain.
-//! 7. If copies were started (they finish in the background on the sleds) or
-//!    staged repositories remain, and this activation made progress,
-//!    activate again after `followup_delay` instead of waiting a period.
+//! 7. If copies are running on sleds (started now or earlier), or a PUT made
+//!    progress on a staged repository, activate again after
+//!    `followup_delay` instead of waiting a period.
+//!
+//! # Back-off
+//!
+//! A (sled, artifact) whose request failed, or whose copy the sled accepted
+//! (202) and later reported failed (`copy_failures` in its listing), is not
+//! asked for that artifact again until `backoff_base × 2^(failures−1)` has
+//! passed, capped at `backoff_max`. The entry goes once the sled holds the
+//! artifact on every healthy M.2, or the artifact or the sled leaves. So a
+//! copy that can never succeed costs one request per back-off interval, not
+//! one per follow-up, and it never counts as progress: follow-ups are driven
+//! only by copies actually running and PUTs that succeeded. The back-off is
+//! per Nexus (each instance learns failures from the same sled listings).
 //!
 //! # Why concurrent Nexus instances cannot hurt each other
 //!
@@ -44,24 +56,26 @@
 //!   `min_sled_replication` sleds hold them.
 //! - *Two pushers of the same generation* send the same set: a no-op.
 
-use super::replication_plan::{self, Inventory, Limits, Request, SledState};
+use super::replication_plan::{self, Inventory, Limits, Plan, Request, SledState};
 use crate::app::staging::{StagedRepo, StagingArea};
 use crate::background::driver::{Activator, BackgroundTask};
 use crate::db::model::Sled;
 use crate::db::{DataStore, DataStoreError};
 use common::api::external::ReplicationProgress;
-use common::api::sled_agent::{ArtifactCopyFromDepotBody, ArtifactListResponse, CONFIG_GENERATION, M2State};
+use common::api::sled_agent::{
+    ArtifactCopyFromDepotBody, ArtifactListResponse, CONFIG_GENERATION, CopyFailure, M2State,
+};
 use common::bgtask::details::{
-    LocalRepoStatus, PlanSummary, ReplicationCounters, ReplicationOutcome, RepoReplication, RequestOperation,
-    RequestRecord, TufArtifactReplicationStatus,
+    BackoffStatus, LocalRepoStatus, PlanSummary, ReplicationCounters, ReplicationOutcome, RepoReplication,
+    RequestOperation, RequestRecord, TufArtifactReplicationStatus,
 };
 use common::clients::sled_agent::{Client as SledClient, Error as SledError};
 use common::{ArtifactConfig, ArtifactHash, Generation, error_chain};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -79,6 +93,10 @@ pub struct ReplicationSettings {
     pub max_concurrent_requests: usize,
     pub ring_buffer_size: usize,
     pub followup_delay: Duration,
+    /// Back-off after failures of one (sled, artifact): base, doubled per
+    /// further failure, at most max.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
     /// Bounds one control request (config, list, copy start).
     pub request_timeout: Duration,
     /// Bounds one artifact PUT, body included.
@@ -101,6 +119,18 @@ pub struct ArtifactReplication {
     ring: VecDeque<RequestRecord>,
     lifetime: ReplicationCounters,
     progress: ProgressMap,
+    backoff: BTreeMap<(Uuid, ArtifactHash), Backoff>,
+    nexus_id: Uuid,
+}
+
+/// Failures of one (sled, artifact) and when to ask again.
+struct Backoff {
+    failures: u32,
+    /// Failed copies the sled last reported, so a report counts once.
+    sled_reported: u32,
+    until: Instant,
+    retry_after: chrono::DateTime<chrono::Utc>,
+    last_error: String,
 }
 
 /// A sled as this activation sees it.
@@ -120,6 +150,9 @@ struct Record {
     hash: Option<ArtifactHash>,
     source_sled_id: Option<Uuid>,
     error: Option<String>,
+    /// The sled refused because it holds another generation: not a failure
+    /// of this (sled, artifact), so no back-off.
+    generation_conflict: bool,
 }
 
 /// Why an activation stopped early.
@@ -137,6 +170,7 @@ impl ArtifactReplication {
         settings: ReplicationSettings,
         activator: Activator,
         progress: ProgressMap,
+        nexus_id: Uuid,
     ) -> ArtifactReplication {
         let client = |timeout| {
             reqwest::Client::builder().timeout(timeout).build().expect("a plain HTTP client builds")
@@ -153,6 +187,8 @@ impl ArtifactReplication {
             ring: VecDeque::new(),
             lifetime: ReplicationCounters::default(),
             progress,
+            backoff: BTreeMap::new(),
+            nexus_id,
         }
     }
 
@@ -171,6 +207,8 @@ impl ArtifactReplication {
             plan: PlanSummary::default(),
             repos: Vec::new(),
             ring: Vec::new(),
+            backoff: Vec::new(),
+            copies_in_flight: 0,
             followup_scheduled: false,
         };
         let mut records = Vec::new();
@@ -200,6 +238,8 @@ impl ArtifactReplication {
         while self.ring.len() > self.settings.ring_buffer_size {
             self.ring.pop_front();
         }
+        // Set by the plan, not by a record.
+        counters.skipped_backoff = status.last_run.skipped_backoff;
         self.lifetime.add(&counters);
         status.last_run = counters;
         status.lifetime = self.lifetime.clone();
@@ -214,9 +254,22 @@ impl ArtifactReplication {
                 bytes: repo.artifacts.iter().map(|a| a.size).sum(),
             })
             .collect();
-        let made_progress = status.last_run.put_ok + status.last_run.copy_ok > 0;
-        let work_remains = status.last_run.copy_ok > 0 || !self.local_repos.is_empty();
-        if made_progress && work_remains && status.outcome == ReplicationOutcome::Completed {
+        status.backoff = self
+            .backoff
+            .iter()
+            .map(|((sled_id, hash), backoff)| BackoffStatus {
+                sled_id: *sled_id,
+                hash: *hash,
+                failures: backoff.failures,
+                retry_after: backoff.retry_after,
+                last_error: backoff.last_error.clone(),
+            })
+            .collect();
+        // Progress, not mere activity: copies running on sleds will finish
+        // and need a look; a successful PUT lets staged repositories go.
+        let work_remains = status.copies_in_flight > 0
+            || (status.last_run.put_ok > 0 && !self.local_repos.is_empty());
+        if work_remains && status.outcome == ReplicationOutcome::Completed {
             let activator = self.activator.clone();
             let delay = self.settings.followup_delay;
             tokio::spawn(async move {
@@ -241,6 +294,9 @@ impl ArtifactReplication {
         status.sleds_in_service = sleds.len();
         let owned: Vec<SledTarget> = sleds.iter().map(|sled| self.target(sled)).collect();
         let targets: Vec<&SledTarget> = owned.iter().collect();
+        // Tests widen the window between reading the config and pushing it,
+        // to make this Nexus the stale one of a race on purpose.
+        crate::failpoints::delay("nexus::replication::before_config_push", self.nexus_id).await;
 
         // 3. Push the config.
         let pushed = self.bounded(targets.iter().map(|&sled| put_config(sled, &config)).collect()).await;
@@ -266,6 +322,7 @@ impl ArtifactReplication {
         let listed = self.bounded(reachable.iter().map(|&sled| list(sled)).collect()).await;
         let mut inventory = Inventory::default();
         let mut listed_sleds = Vec::new();
+        let mut copy_failures = Vec::new();
         for (&sled, outcome) in reachable.iter().zip(listed) {
             match outcome {
                 Ok((generation, _, _)) if generation != config.generation => {
@@ -288,13 +345,14 @@ impl ArtifactReplication {
                     for hash in listed.copies_in_flight {
                         inventory.artifacts.entry(hash).or_default().incoming.insert(sled.id);
                     }
+                    copy_failures.extend(listed.copy_failures.into_iter().map(|(hash, f)| (sled.id, hash, f)));
                     listed_sleds.push(sled);
                 }
                 Err(message) => records.push(Record::failed(sled.id, RequestOperation::List, message)),
             }
         }
 
-        // 5. Inventory and the staged repositories it lets go.
+        // 5. Inventory, back-off, and the staged repositories it lets go.
         for hash in &config.artifacts {
             inventory.artifacts.entry(*hash).or_default();
         }
@@ -306,26 +364,43 @@ impl ArtifactReplication {
                 }
             }
         }
+        for (sled_id, hash, failure) in copy_failures {
+            if self.observe_sled_copy_failure(sled_id, hash, &failure) {
+                records.push(Record {
+                    time: failure.time_last_failed,
+                    sled_id,
+                    operation: RequestOperation::CopyFailedOnSled,
+                    hash: Some(hash),
+                    source_sled_id: None,
+                    error: Some(format!(
+                        "{} (from {}; {} consecutive failures)",
+                        failure.last_error, failure.last_source, failure.failures
+                    )),
+                    generation_conflict: false,
+                });
+            }
+        }
+        self.forget_settled_backoff(&inventory);
+        let now = Instant::now();
+        for ((sled_id, hash), backoff) in &self.backoff {
+            if backoff.until > now
+                && let Some(state) = inventory.artifacts.get_mut(hash)
+            {
+                state.backing_off.insert(*sled_id);
+            }
+        }
         self.release_replicated(log, &config, &inventory, sleds.len());
         self.publish_progress(&config, &inventory, &repos, sleds.len(), status);
 
         // 6. Plan and execute.
         let limits = Limits { min_sled_replication: self.settings.min_sled_replication };
         let plan = replication_plan::plan(&inventory, &mut rand::rng(), limits);
-        status.plan = PlanSummary {
-            puts: plan.requests.iter().filter(|r| matches!(r, Request::Put { .. })).count(),
-            copies: plan.requests.iter().filter(|r| matches!(r, Request::Copy { recopy: false, .. })).count(),
-            recopies: plan
-                .requests
-                .iter()
-                .filter(|r| matches!(r, Request::Copy { recopy: true, .. }))
-                .count(),
-            unplaceable: plan.unplaceable.clone(),
-        };
+        status.plan = summarize(&plan);
         let by_id: BTreeMap<Uuid, &SledTarget> = listed_sleds.iter().map(|&sled| (sled.id, sled)).collect();
         let (puts, copies): (Vec<Request>, Vec<Request>) =
             plan.requests.into_iter().partition(|request| matches!(request, Request::Put { .. }));
         let put_results = self.execute(&puts, &by_id, config.generation).await;
+        fail::fail_point!("nexus::replication::between_puts_and_copies", |_| std::process::abort());
         let failed_puts: Vec<(ArtifactHash, Uuid)> = put_results
             .iter()
             .filter(|record| record.error.is_some())
@@ -342,8 +417,67 @@ impl ArtifactReplication {
                 _ => true,
             })
             .collect();
-        records.extend(self.execute(&copies, &by_id, config.generation).await);
+        let copy_results = self.execute(&copies, &by_id, config.generation).await;
+        let mut in_flight: BTreeSet<(Uuid, ArtifactHash)> = inventory
+            .artifacts
+            .iter()
+            .flat_map(|(hash, state)| state.incoming.iter().map(move |sled| (*sled, *hash)))
+            .collect();
+        in_flight.extend(
+            copy_results.iter().filter(|r| r.error.is_none()).filter_map(|r| Some((r.sled_id, r.hash?))),
+        );
+        status.copies_in_flight = in_flight.len();
+        records.extend(copy_results);
+        for record in records.iter().filter(|r| r.error.is_some() && !r.generation_conflict) {
+            if let (Some(hash), RequestOperation::Put | RequestOperation::Copy) = (record.hash, record.operation) {
+                let error = record.error.clone().unwrap_or_default();
+                self.note_failure(record.sled_id, hash, 1, error);
+            }
+        }
+        status.last_run.skipped_backoff = plan.skipped_backoff as u64;
         Ok(())
+    }
+
+    /// Takes in a copy failure a sled reported. Returns whether it is new.
+    fn observe_sled_copy_failure(&mut self, sled_id: Uuid, hash: ArtifactHash, failure: &CopyFailure) -> bool {
+        let seen = self.backoff.get(&(sled_id, hash)).map_or(0, |backoff| backoff.sled_reported);
+        // A count lower than the last one seen means the sled restarted.
+        let new = if failure.failures >= seen { failure.failures - seen } else { failure.failures };
+        if new > 0 {
+            self.note_failure(sled_id, hash, new, failure.last_error.clone());
+        }
+        if let Some(backoff) = self.backoff.get_mut(&(sled_id, hash)) {
+            backoff.sled_reported = failure.failures;
+        }
+        new > 0
+    }
+
+    fn note_failure(&mut self, sled_id: Uuid, hash: ArtifactHash, count: u32, last_error: String) {
+        let backoff = self.backoff.entry((sled_id, hash)).or_insert_with(|| Backoff {
+            failures: 0,
+            sled_reported: 0,
+            until: Instant::now(),
+            retry_after: chrono::Utc::now(),
+            last_error: String::new(),
+        });
+        backoff.failures = backoff.failures.saturating_add(count);
+        let delay = backoff_delay(self.settings.backoff_base, self.settings.backoff_max, backoff.failures);
+        backoff.until = Instant::now() + delay;
+        backoff.retry_after = chrono::Utc::now() + delay;
+        backoff.last_error = last_error;
+    }
+
+    /// Drops back-off entries whose sled now holds the artifact on every
+    /// healthy M.2, or whose sled or artifact is no longer part of this
+    /// activation's picture. Bounds the map by sleds × artifacts.
+    fn forget_settled_backoff(&mut self, inventory: &Inventory) {
+        let healthy: BTreeMap<Uuid, usize> =
+            inventory.sleds.iter().map(|sled| (sled.id, sled.healthy_m2)).collect();
+        self.backoff.retain(|(sled_id, hash), _| {
+            let Some(&wanted) = healthy.get(sled_id) else { return false };
+            let Some(state) = inventory.artifacts.get(hash) else { return false };
+            state.copies.get(sled_id).copied().unwrap_or(0) < wanted
+        });
     }
 
     fn target(&self, sled: &Sled) -> SledTarget {
@@ -390,7 +524,7 @@ impl ArtifactReplication {
                 let outcome = with_busy_retries(|| async {
                     let file = tokio::fs::File::open(&path)
                         .await
-                        .map_err(|error| Attempt::Final(format!("opening staged {path}: {error}")))?;
+                        .map_err(|error| Attempt::other(format!("opening staged {path}: {error}")))?;
                     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
                     target
                         .put_client
@@ -416,14 +550,12 @@ impl ArtifactReplication {
                 (*target, RequestOperation::Copy, *hash, Some(*source), outcome)
             }
         };
-        Record {
-            time: chrono::Utc::now(),
-            sled_id,
-            operation,
-            hash: Some(hash),
-            source_sled_id,
-            error: outcome.err(),
-        }
+        let (error, generation_conflict) = match outcome {
+            Ok(()) => (None, false),
+            Err(Attempt::Final { message, generation_conflict }) => (Some(message), generation_conflict),
+            Err(Attempt::Busy { message, .. }) => (Some(message), false),
+        };
+        Record { time: chrono::Utc::now(), sled_id, operation, hash: Some(hash), source_sled_id, error, generation_conflict }
     }
 
     /// Lets go of staged repositories that enough sleds hold, or that left
@@ -523,19 +655,36 @@ impl BackgroundTask for ArtifactReplication {
 
 impl Record {
     fn ok(sled_id: Uuid, operation: RequestOperation) -> Record {
-        Record { time: chrono::Utc::now(), sled_id, operation, hash: None, source_sled_id: None, error: None }
-    }
-
-    fn failed(sled_id: Uuid, operation: RequestOperation, error: String) -> Record {
         Record {
             time: chrono::Utc::now(),
             sled_id,
             operation,
             hash: None,
             source_sled_id: None,
-            error: Some(error),
+            error: None,
+            generation_conflict: false,
         }
     }
+
+    fn failed(sled_id: Uuid, operation: RequestOperation, error: String) -> Record {
+        Record { error: Some(error), ..Record::ok(sled_id, operation) }
+    }
+}
+
+fn summarize(plan: &Plan) -> PlanSummary {
+    let count = |wanted: fn(&Request) -> bool| plan.requests.iter().filter(|r| wanted(r)).count();
+    PlanSummary {
+        puts: count(|r| matches!(r, Request::Put { .. })),
+        copies: count(|r| matches!(r, Request::Copy { recopy: false, .. })),
+        recopies: count(|r| matches!(r, Request::Copy { recopy: true, .. })),
+        unplaceable: plan.unplaceable.clone(),
+    }
+}
+
+/// `base × 2^(failures−1)`, at most `max`.
+fn backoff_delay(base: Duration, max: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    base.checked_mul(1 << doublings).unwrap_or(max).min(max)
 }
 
 fn count(counters: &mut ReplicationCounters, record: &Record) {
@@ -545,6 +694,10 @@ fn count(counters: &mut ReplicationCounters, record: &Record) {
         RequestOperation::List => (&mut counters.list_ok, &mut counters.list_err),
         RequestOperation::Put => (&mut counters.put_ok, &mut counters.put_err),
         RequestOperation::Copy => (&mut counters.copy_ok, &mut counters.copy_err),
+        RequestOperation::CopyFailedOnSled => {
+            counters.copy_failed_on_sled += 1;
+            return;
+        }
     };
     *if ok { good } else { bad } += 1;
 }
@@ -582,7 +735,13 @@ async fn sled_generation(sled: &SledTarget) -> Option<Generation> {
 /// One try of a request: retry after a while, or give up with a message.
 enum Attempt {
     Busy { retry_after: Duration, message: String },
-    Final(String),
+    Final { message: String, generation_conflict: bool },
+}
+
+impl Attempt {
+    fn other(message: String) -> Attempt {
+        Attempt::Final { message, generation_conflict: false }
+    }
 }
 
 impl From<SledError<common::clients::sled_agent::types::Error>> for Attempt {
@@ -602,12 +761,15 @@ impl From<SledError<common::clients::sled_agent::types::Error>> for Attempt {
                     };
                 }
             }
+            if status == 409 && response.error_code.as_deref() == Some(CONFIG_GENERATION) {
+                return Attempt::Final { message: describe(error), generation_conflict: true };
+            }
         }
-        Attempt::Final(describe(error))
+        Attempt::other(describe(error))
     }
 }
 
-async fn with_busy_retries<F, Fut>(mut attempt: F) -> Result<(), String>
+async fn with_busy_retries<F, Fut>(mut attempt: F) -> Result<(), Attempt>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), Attempt>>,
@@ -619,11 +781,11 @@ where
             Err(Attempt::Busy { retry_after, message }) => {
                 tries += 1;
                 if tries > BUSY_RETRIES {
-                    return Err(format!("{message} (still busy after {BUSY_RETRIES} retries)"));
+                    return Err(Attempt::other(format!("{message} (still busy after {BUSY_RETRIES} retries)")));
                 }
                 tokio::time::sleep(retry_after).await;
             }
-            Err(Attempt::Final(message)) => return Err(message),
+            Err(error) => return Err(error),
         }
     }
 }

@@ -1,5 +1,7 @@
-//! `tuf_repo_pruner`: keeps the `nkeep` newest repositories (by upload time)
-//! and marks older ones pruned, at most one per activation.
+//! `tuf_repo_pruner`: keeps the `nkeep` most recently uploaded repositories
+//! and marks older ones pruned, at most one per activation. "Uploaded" means
+//! the latest upload (`time_last_uploaded`): re-uploading an old repository,
+//! pruned or not, makes it the newest, so it is not pruned again at once.
 //!
 //! Algorithm: read the generation, then list the unpruned repositories; if
 //! there are more than `nkeep`, mark the oldest pruned *on condition that the
@@ -134,5 +136,30 @@ mod tests {
         let live: Vec<String> =
             datastore.tuf_repo_list_unpruned().await.unwrap().into_iter().map(|r| r.system_version).collect();
         assert_eq!(live, ["4.0.0", "3.0.0"]);
+    }
+
+    /// A pruned repository uploaded again is the newest upload: the pruner
+    /// prunes the oldest *other* repository, not the one just re-uploaded.
+    #[tokio::test]
+    async fn a_reuploaded_repository_ranks_as_the_newest() {
+        let (_db, datastore) = datastore().await;
+        let datastore = Arc::new(datastore);
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let (pruned, _pruned_rx) = watch::channel(Generation::FIRST);
+        let mut pruner = TufRepoPruner::new(datastore.clone(), 2, pruned);
+        for version in ["1.0.0", "2.0.0", "3.0.0"] {
+            datastore.tuf_repo_insert(&repo(version)).await.unwrap();
+        }
+        let first = outcome(pruner.activate(&log).await);
+        assert!(matches!(&first, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "1.0.0"));
+        datastore.tuf_repo_insert(&repo("1.0.0")).await.unwrap();
+        let second = outcome(pruner.activate(&log).await);
+        assert!(
+            matches!(&second, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "2.0.0"),
+            "{second:?}"
+        );
+        let live: Vec<String> =
+            datastore.tuf_repo_list_unpruned().await.unwrap().into_iter().map(|r| r.system_version).collect();
+        assert_eq!(live, ["1.0.0", "3.0.0"]);
     }
 }

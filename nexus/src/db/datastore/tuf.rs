@@ -96,12 +96,13 @@ impl DataStore {
             .map_err(|source| DataStoreError::Query { operation: "tuf_repo_list", source })
     }
 
-    /// Unpruned repositories, newest first.
+    /// Unpruned repositories, most recently uploaded first (the pruner's
+    /// order: a re-upload makes an old repository new again).
     pub async fn tuf_repo_list_unpruned(&self) -> Result<Vec<TufRepo>, DataStoreError> {
         let mut conn = self.connection().await?;
         tuf_repo::table
             .filter(tuf_repo::time_pruned.is_null())
-            .order((tuf_repo::time_created.desc(), tuf_repo::id.desc()))
+            .order((tuf_repo::time_last_uploaded.desc(), tuf_repo::id.desc()))
             .select(TufRepo::as_select())
             .load(&mut conn)
             .await
@@ -243,12 +244,15 @@ async fn insert_in_txn(
         if repo.sha256.0 != description.sha256 {
             return Err(DataStoreError::Conflict(describe_difference(&repo, &artifacts, description)).into());
         }
-        let generation = if repo.time_pruned.is_some() {
-            diesel::update(tuf_repo::table.find(repo.id))
-                .set(tuf_repo::time_pruned.eq(None::<DateTime<Utc>>))
-                .execute(conn)
-                .await?;
-            repo.time_pruned = None;
+        // Every upload counts as the newest for the pruner, and an upload of
+        // a pruned repository unprunes it.
+        let now = Utc::now().trunc_subsecs(6);
+        diesel::update(tuf_repo::table.find(repo.id))
+            .set((tuf_repo::time_pruned.eq(None::<DateTime<Utc>>), tuf_repo::time_last_uploaded.eq(now)))
+            .execute(conn)
+            .await?;
+        repo.time_last_uploaded = now;
+        let generation = if repo.time_pruned.take().is_some() {
             bump_generation(conn, generation).await?
         } else {
             generation
@@ -328,6 +332,7 @@ async fn insert_in_txn(
         system_version: description.system_version.clone(),
         file_name: description.file_name.clone(),
         time_pruned: None,
+        time_last_uploaded: now,
     };
     diesel::insert_into(tuf_repo::table).values(&repo).execute(conn).await?;
     diesel::insert_into(tuf_artifact::table).values(&new_rows).execute(conn).await?;
@@ -496,9 +501,15 @@ mod tests {
         assert_eq!(generation, Generation::new(2));
         assert_eq!(hashes, description.artifacts.iter().map(|a| a.sha256).collect());
 
-        let again = datastore.tuf_repo_insert(&description).await.unwrap();
+        let mut again = datastore.tuf_repo_insert(&description).await.unwrap();
         assert_eq!(again.status, TufRepoInsertStatus::AlreadyExists);
-        assert_eq!(again.recorded, inserted.recorded);
+        assert!(
+            again.recorded.repo.time_last_uploaded > inserted.recorded.repo.time_last_uploaded,
+            "a re-upload is the latest upload"
+        );
+        assert_eq!(datastore.tuf_repo_get_by_version("1.0.0").await.unwrap(), again.recorded);
+        again.recorded.repo.time_last_uploaded = inserted.recorded.repo.time_last_uploaded;
+        assert_eq!(again.recorded, inserted.recorded, "nothing else changed");
         assert_eq!(
             datastore.tuf_generation_get().await.unwrap(),
             Generation::new(2),
