@@ -12,6 +12,7 @@ use test_harness::TestDatabase;
 pub struct TestNexus {
     pub db: TestDatabase,
     pub server: Server,
+    pub log: TestLog,
     /// Staging area and token file.
     pub dir: camino_tempfile::Utf8TempDir,
     pub token: String,
@@ -42,9 +43,10 @@ impl TestNexus {
 
     /// Starts on an existing database and directory: for restarts.
     pub async fn start_on(db: TestDatabase, dir: camino_tempfile::Utf8TempDir, config: &Config) -> TestNexus {
-        let server = Server::start(config, test_log()).await.expect("test Nexus starts");
+        let log = TestLog::new("nexus");
+        let server = Server::start(config, log.logger.clone()).await.expect("test Nexus starts");
         let token = std::fs::read_to_string(&config.external_api.token_file).unwrap();
-        TestNexus { db, server, dir, token }
+        TestNexus { db, server, log, dir, token }
     }
 
     /// The config this Nexus runs with (rebuilt from its database and dir).
@@ -98,12 +100,44 @@ pub fn test_config(database_url: &str, dir: &Utf8Path) -> Config {
 
 pub use common::clients::external as external_client;
 
-/// Warnings and errors go to stderr, where a failing test shows them.
+/// The log of a server a test runs in this process. It goes to a file of
+/// its own and is printed only if the test fails (the test thread is
+/// panicking when the server's owner is dropped), so that passing tests are
+/// quiet and failing ones show what the servers said.
+pub struct TestLog {
+    pub logger: slog::Logger,
+    name: String,
+    file: camino_tempfile::NamedUtf8TempFile,
+}
+
+impl TestLog {
+    pub fn new(name: &str) -> TestLog {
+        use slog::Drain;
+        let file = camino_tempfile::Builder::new().prefix("test-log-").tempfile().unwrap();
+        let writer = file.reopen().unwrap();
+        let decorator = slog_term::PlainSyncDecorator::new(writer);
+        let drain = slog_term::FullFormat::new(decorator).build().filter_level(slog::Level::Info).fuse();
+        TestLog { logger: slog::Logger::root(drain, slog::o!()), name: name.to_string(), file }
+    }
+
+    pub fn path(&self) -> &camino::Utf8Path {
+        self.file.path()
+    }
+}
+
+impl Drop for TestLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(self.file.path()).unwrap_or_default();
+            eprintln!("---- log of {} (the test failed) ----\n{text}---- end of log of {} ----", self.name, self.name);
+        }
+    }
+}
+
+/// A logger for a server a test starts itself; see [`TestLog`] for one that
+/// is printed when the test fails. This one keeps nothing.
 pub fn test_log() -> slog::Logger {
-    use slog::Drain;
-    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
-    let drain = slog_term::FullFormat::new(decorator).build().filter_level(slog::Level::Warning).fuse();
-    slog::Logger::root(drain, slog::o!())
+    slog::Logger::root(slog::Discard, slog::o!())
 }
 
 /// A workspace binary, built by `cargo test --workspace` before any test runs.
@@ -123,6 +157,7 @@ pub fn binary(name: &str) -> PathBuf {
 /// real HTTP servers on free loopback ports.
 pub struct TestSled {
     pub server: sled_agent::server::Server,
+    pub log: TestLog,
 }
 
 impl TestSled {
@@ -136,9 +171,10 @@ impl TestSled {
     ) -> TestSled {
         let mut config = test_sled_config(nexus_internal_url);
         adjust(&mut config);
+        let log = TestLog::new("sled agent");
         let server =
-            sled_agent::server::Server::start(&config, test_log()).await.expect("test sled agent starts");
-        TestSled { server }
+            sled_agent::server::Server::start(&config, log.logger.clone()).await.expect("test sled agent starts");
+        TestSled { server, log }
     }
 
     pub fn api_url(&self) -> String {
