@@ -212,3 +212,5 @@ pub mod fake_depot;
 pub mod repos;
 
 pub mod rack;
+
+pub mod processes;

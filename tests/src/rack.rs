@@ -34,11 +34,12 @@ pub struct SledView {
 }
 
 impl TestRack {
-    /// A Nexus (replication follow-ups after 100 ms) and `sleds` sled agents,
-    /// all registered.
+    /// A Nexus (replication follow-ups after 100 ms, back-off from 100 ms)
+    /// and `sleds` sled agents, all registered.
     pub async fn start(sleds: usize, adjust: impl FnOnce(&mut Config)) -> TestRack {
         let nexus = TestNexus::start_with(|config| {
             config.background_tasks.tuf_artifact_replication.followup_delay_millis = 100;
+            config.background_tasks.tuf_artifact_replication.backoff_base_millis = 100;
             adjust(config);
         })
         .await;
@@ -134,7 +135,12 @@ pub fn holds_exactly(view: &SledView, config: &ArtifactConfig) -> bool {
 }
 
 pub async fn sled_view(sled: &TestSled) -> SledView {
-    let client = sled.client();
+    sled_view_at(&sled.api_url()).await
+}
+
+/// What the sled agent at `api_url` says it holds.
+pub async fn sled_view_at(api_url: &str) -> SledView {
+    let client = crate::sled_agent_client::Client::new(api_url);
     let list = client.artifact_list().await.unwrap().into_inner();
     let inventory = client.inventory().await.unwrap().into_inner();
     let healthy: Vec<_> = inventory.m2.iter().filter(|m2| m2.state == M2State::Healthy).collect();

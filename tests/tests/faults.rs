@@ -6,67 +6,19 @@ use common::bgtask::details::{ReplicationOutcome, RequestOperation};
 use integration_tests::fake_depot::{Behavior, FakeDepot};
 use integration_tests::rack::{TestRack, holds_exactly, wait_until};
 use integration_tests::repos::{RepoFactory, upload};
-use integration_tests::{binary, test_config, test_log};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use integration_tests::processes::{NexusProcess, SledProcess, write_nexus_config, write_sled_config};
+use integration_tests::{test_config, test_log};
 use std::time::Duration;
-
-/// Starts a binary and returns it with the first `lines` lines it printed.
-fn spawn_reading(program: &str, config: &std::path::Path, lines: usize) -> (Child, Vec<String>) {
-    let mut child = Command::new(binary(program))
-        .arg("--config")
-        .arg(config)
-        .env_remove("RUST_BACKTRACE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut printed = Vec::new();
-    for _ in 0..lines {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        printed.push(line.trim().to_string());
-    }
-    // Keep draining so the child never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    (child, printed)
-}
-
-fn kill_9(child: &mut Child) {
-    child.kill().unwrap();
-    child.wait().unwrap();
-}
-
-fn after<'a>(lines: &'a [String], prefix: &str) -> &'a str {
-    lines
-        .iter()
-        .find_map(|line| line.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} in {lines:?}"))
-}
 
 /// A sled agent killed (SIGKILL) while copies to it are in flight comes back,
 /// throws away its partial files, and converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sled_killed_mid_copy_converges_after_restart() {
     let (rack, factory) = TestRack::with_trust_root(3, |_| {}).await;
-    let dir = tempfile::tempdir().unwrap();
-    let m2 = [dir.path().join("m2-0"), dir.path().join("m2-1")];
-    let config =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/sled-agent/config.toml"))
-            .unwrap()
-            .replace("127.0.0.1:12345", "127.0.0.1:0")
-            .replace("127.0.0.1:12346", "127.0.0.1:0")
-            .replace("http://127.0.0.1:12221", &rack.nexus.internal_url())
-            .replace("registration_period_secs = 30", "registration_period_secs = 1")
-            .replace(
-                "# m2_dirs = [\"/var/tmp/sled0/m2-0\", \"/var/tmp/sled0/m2-1\"]   # temp dirs if absent",
-                &format!("m2_dirs = [{:?}, {:?}]", m2[0], m2[1]),
-            );
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let (mut victim, printed) = spawn_reading("sled-agent", &config_path, 2);
-    let victim_id: uuid::Uuid = printed[0].split_whitespace().nth(1).unwrap().parse().unwrap();
+    let dir = camino_tempfile::tempdir().unwrap();
+    let m2 = write_sled_config(dir.path(), &rack.nexus.internal_url());
+    let victim = SledProcess::start(dir.path(), None);
+    let victim_id = victim.sled_id;
     let datastore = rack.nexus.server.nexus().datastore.clone();
     wait_until("the victim registers", Duration::from_secs(20), async || {
         datastore.sled_get(victim_id).await.is_ok()
@@ -78,11 +30,11 @@ async fn a_sled_killed_mid_copy_converges_after_restart() {
         .await;
     assert_eq!(upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await.0, 200);
     rack.replicate().await;
-    kill_9(&mut victim);
+    victim.process.kill_9();
 
-    let (mut victim, printed) = spawn_reading("sled-agent", &config_path, 2);
-    let api = after(&printed, "sled-agent API: ").to_string();
-    let client = integration_tests::sled_agent_client::Client::new(&api);
+    let victim = SledProcess::start(dir.path(), None);
+    let api = victim.api_url.clone();
+    let client = victim.client();
     wait_until("the victim re-registers at its new address", Duration::from_secs(20), async || {
         datastore.sled_get(victim_id).await.is_ok_and(|sled| api.ends_with(&format!(":{}", sled.port)))
     })
@@ -114,7 +66,7 @@ async fn a_sled_killed_mid_copy_converges_after_restart() {
             );
         }
     }
-    kill_9(&mut victim);
+    victim.process.kill_9();
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -128,30 +80,19 @@ fn hex(bytes: &[u8]) -> String {
 async fn nexus_killed_mid_upload_and_before_replication() {
     let db = test_harness::TestDatabase::new().await;
     let dir = camino_tempfile::tempdir().unwrap();
-    let mut config = test_config(db.url(), dir.path());
-    config.background_tasks.tuf_artifact_replication.disabled = true;
     let write_config = |replication_disabled: bool| {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/nexus/config.toml"))
-            .unwrap()
-            .replace("127.0.0.1:12221", "127.0.0.1:0")
-            .replace("127.0.0.1:12220", "127.0.0.1:0")
-            .replace("/var/tmp/rack/nexus", dir.path().as_str())
-            .replace("postgresql://postgres@127.0.0.1:5432/rack", db.url())
-            .replace(
-                "[background_tasks.tuf_artifact_replication]\nperiod_secs = 60\ndisabled = false",
-                &format!("[background_tasks.tuf_artifact_replication]\nperiod_secs = 60\ndisabled = {replication_disabled}"),
-            );
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, text).unwrap();
-        path
+        write_nexus_config(dir.path(), db.url(), |text| {
+            text.replace(
+                "[background_tasks.tuf_artifact_replication]\nperiod_secs = 3600\ndisabled = false",
+                &format!("[background_tasks.tuf_artifact_replication]\nperiod_secs = 3600\ndisabled = {replication_disabled}"),
+            )
+        })
     };
-    let config_path = write_config(true);
-    let (mut nexus, printed) = spawn_reading("nexus", config_path.as_std_path(), 2);
-    let external = after(&printed, "nexus external API: ").to_string();
-    let token = std::fs::read_to_string(dir.path().join("operator-token")).unwrap();
+    write_config(true);
+    let nexus = NexusProcess::start(dir.path(), None);
+    let (external, token) = (nexus.external_url.clone(), nexus.token.clone());
     let factory = RepoFactory::new().await;
-    let client = integration_tests::external_client::authenticated(&external, &token);
-    client.trust_root_create(&factory.root_json()).await.unwrap();
+    nexus.external_client().trust_root_create(&factory.root_json()).await.unwrap();
 
     // Kill Nexus with half the upload sent.
     let zip = factory.build(&RepoFactory::spec("1.0.0", &[("os", 16 << 20)], 1)).await;
@@ -175,14 +116,13 @@ async fn nexus_killed_mid_upload_and_before_replication() {
     );
     sent_rx.await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    kill_9(&mut nexus);
+    nexus.process.kill_9();
     assert!(request.await.unwrap().is_err(), "the upload cannot have succeeded");
     let uploads = dir.path().join("staging/uploads");
     assert!(std::fs::read_dir(&uploads).unwrap().count() > 0, "the killed upload left its directory");
 
-    let (mut nexus, printed) = spawn_reading("nexus", config_path.as_std_path(), 2);
-    let external = after(&printed, "nexus external API: ").to_string();
-    let internal = after(&printed, "nexus internal API: ").to_string();
+    let nexus = NexusProcess::start(dir.path(), None);
+    let (external, internal) = (nexus.external_url.clone(), nexus.internal_url.clone());
     let datastore = nexus::db::DataStore::connect(db.url(), &Default::default()).await.unwrap();
     assert!(datastore.tuf_repo_list_unpruned().await.unwrap().is_empty(), "no rows");
     assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0, "no upload leftovers");
@@ -199,12 +139,11 @@ async fn nexus_killed_mid_upload_and_before_replication() {
     }
     let (status, body) = upload(&external, Some(&token), &zip).await;
     assert_eq!(status, 200, "{body}");
-    kill_9(&mut nexus);
+    nexus.process.kill_9();
 
-    let config_path = write_config(false);
-    let (mut nexus, printed) = spawn_reading("nexus", config_path.as_std_path(), 2);
-    let internal = after(&printed, "nexus internal API: ").to_string();
-    let internal_client = common::clients::nexus_internal::Client::new(&internal);
+    write_config(false);
+    let nexus = NexusProcess::start(dir.path(), None);
+    let internal_client = nexus.internal_client();
     let wanted = datastore.tuf_artifact_config().await.unwrap();
     let request = common::api::nexus_internal::BackgroundTasksActivateRequest {
         bgtask_names: ["tuf_artifact_replication".to_string()].into(),
@@ -219,8 +158,7 @@ async fn nexus_killed_mid_upload_and_before_replication() {
         all
     })
     .await;
-    kill_9(&mut nexus);
-    drop(config);
+    nexus.process.kill_9();
 }
 
 /// PostgreSQL stops and starts again under a running Nexus: activations in
@@ -281,41 +219,129 @@ async fn a_full_sled_is_reported_and_does_not_hold_back_the_others() {
     assert_eq!(repo.replication.unwrap().sleds_complete, 2);
 }
 
-/// A sled whose depot serves wrong bytes: copies from it store nothing, and
-/// later activations heal the target from an honest sled.
+/// Every holder's depot serves wrong bytes: a new sled accepts each copy
+/// (the source answered 200), then the copy fails on the sled. The sled
+/// reports the failures; Nexus backs off for those (sled, artifact) pairs
+/// and schedules no follow-up for work that cannot progress (before, each
+/// accepted copy counted as progress and the rack was re-activated every
+/// follow-up delay, forever). Once the depots are honest again, the back-off
+/// expires and the new sled converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copies_from_a_lying_depot_are_healed_from_another_source() {
-    let (mut rack, factory) = TestRack::with_trust_root(3, |_| {}).await;
-    let artifacts: Vec<(String, u64)> = (0..6).map(|n| (format!("part{n}"), 30_000 + n)).collect();
+async fn copies_that_keep_failing_back_off_and_heal_once_sources_are_honest() {
+    let (mut rack, factory) = TestRack::with_trust_root(2, |config| {
+        config.background_tasks.tuf_artifact_replication.backoff_base_millis = 3000;
+        config.background_tasks.tuf_artifact_replication.allow_fewer_sleds = true;
+    })
+    .await;
+    let artifacts: Vec<(String, u64)> = (0..4).map(|n| (format!("part{n}"), 30_000 + n)).collect();
     let names: Vec<(&str, u64)> = artifacts.iter().map(|(name, size)| (name.as_str(), *size)).collect();
     let zip = factory.build(&RepoFactory::spec("1.0.0", &names, 1)).await;
     assert_eq!(upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await.0, 200);
     rack.converge(20).await;
+    let config = rack.config().await;
 
-    // Sled 0's registration now points at a depot that lies.
+    // Both holders' registrations point at a depot that lies.
     let liar = FakeDepot::start(vec![0u8; 30_000], Behavior::WrongBytes(vec![0u8; 30_000])).await;
     let datastore = rack.nexus.server.nexus().datastore.clone();
-    let sled = datastore.sled_get(rack.sleds[0].server.sled_id).await.unwrap();
-    let registration = nexus::db::model::SledRegistration {
-        id: sled.id,
-        serial: sled.serial.clone(),
-        ip: sled.ip.parse().unwrap(),
-        port: sled.port as u16,
-        repo_depot_port: liar.address.port(),
-    };
-    // Its agent re-registers every second; keep the lie in place meanwhile.
+    let mut lies = Vec::new();
+    for sled in &rack.sleds {
+        let row = datastore.sled_get(sled.server.sled_id).await.unwrap();
+        lies.push(nexus::db::model::SledRegistration {
+            id: row.id,
+            serial: row.serial.clone(),
+            ip: row.ip.parse().unwrap(),
+            port: row.port as u16,
+            repo_depot_port: liar.address.port(),
+        });
+    }
+    // The agents re-register every second; keep the lie in place meanwhile.
     let keep_lying = {
         let datastore = datastore.clone();
-        let registration = registration.clone();
         tokio::spawn(async move {
             loop {
-                datastore.sled_upsert(&registration).await.unwrap();
+                for lie in &lies {
+                    datastore.sled_upsert(lie).await.unwrap();
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
     };
-    rack.add_sled().await;
-    rack.converge(40).await;
+    let newcomer = rack.add_sled().await.server.sled_id;
+    let client = rack.sleds[2].client();
+    wait_until("the newcomer reports every copy failed", Duration::from_secs(20), async || {
+        rack.replicate().await;
+        let listed = client.artifact_list().await.unwrap().into_inner();
+        listed.copies_in_flight.is_empty() && listed.copy_failures.len() == config.artifacts.len()
+    })
+    .await;
+    assert!(liar.served_bytes() > 0, "the lying depot served the copies");
+
+    let failed = rack.replicate().await;
+    assert!(failed.lifetime.copy_failed_on_sled >= config.artifacts.len() as u64, "{:?}", failed.lifetime);
+    assert_eq!(failed.last_run.copy_ok, 0, "no copy is asked for again while backing off");
+    assert_eq!(failed.last_run.skipped_backoff, config.artifacts.len() as u64);
+    assert!(!failed.followup_scheduled, "nothing can progress: no follow-up");
+    assert_eq!(failed.backoff.len(), config.artifacts.len());
+    for backoff in &failed.backoff {
+        assert_eq!(backoff.sled_id, newcomer);
+        assert!(backoff.failures >= 1 && backoff.last_error.contains("sha256"), "{backoff:?}");
+    }
+    assert!(failed.ring.iter().any(|r| r.operation == RequestOperation::CopyFailedOnSled && r.sled_id == newcomer));
+    let again = rack.replicate().await;
+    assert_eq!((again.last_run.copy_failed_on_sled, again.last_run.copy_ok), (0, 0), "a report counts once");
+
     keep_lying.abort();
-    println!("the lying depot served {} bytes", liar.served_bytes());
+    let honest = rack.sleds[0].depot_url();
+    wait_until("the holders re-register their real depots", Duration::from_secs(10), async || {
+        let row = datastore.sled_get(rack.sleds[0].server.sled_id).await.unwrap();
+        honest.ends_with(&format!(":{}", row.repo_depot_port))
+    })
+    .await;
+    wait_until("the back-off expires and the newcomer converges", Duration::from_secs(30), async || {
+        rack.replicate().await;
+        rack.converged().await
+    })
+    .await;
+    assert!(rack.replicate().await.backoff.is_empty(), "a sled that holds the artifact leaves back-off");
+}
+
+/// A copy still running on a sled is work that remains: the activation that
+/// sees it in flight schedules a follow-up even though it sent nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_running_on_sleds_keep_follow_ups_coming() {
+    let (mut rack, factory) = TestRack::with_trust_root(1, |config| {
+        config.background_tasks.tuf_artifact_replication.allow_fewer_sleds = true;
+    })
+    .await;
+    let zip = factory.build(&RepoFactory::spec("1.0.0", &[("os", 200_000)], 1)).await;
+    assert_eq!(upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await.0, 200);
+    rack.converge(20).await;
+    let stalling = FakeDepot::start(vec![0u8; 200_000], Behavior::StallAfter(1000)).await;
+    let datastore = rack.nexus.server.nexus().datastore.clone();
+    let row = datastore.sled_get(rack.sleds[0].server.sled_id).await.unwrap();
+    let lie = nexus::db::model::SledRegistration {
+        id: row.id,
+        serial: row.serial.clone(),
+        ip: row.ip.parse().unwrap(),
+        port: row.port as u16,
+        repo_depot_port: stalling.address.port(),
+    };
+    let keep_lying = {
+        let datastore = datastore.clone();
+        tokio::spawn(async move {
+            loop {
+                datastore.sled_upsert(&lie).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // The newcomer's copy reads from the stalling depot for its read timeout.
+    rack.add_sled_with(|config| config.copy.read_timeout_secs = 5).await;
+    let first = rack.replicate().await;
+    assert_eq!(first.last_run.copy_ok, 1, "{first:?}");
+    let second = rack.replicate().await;
+    assert_eq!((second.last_run.copy_ok, second.last_run.put_ok), (0, 0), "nothing new was sent");
+    assert_eq!(second.copies_in_flight, 1, "{second:?}");
+    assert!(second.followup_scheduled, "a copy in flight needs a look when it ends");
+    keep_lying.abort();
 }

@@ -400,7 +400,9 @@ impl ArtifactReplication {
         let (puts, copies): (Vec<Request>, Vec<Request>) =
             plan.requests.into_iter().partition(|request| matches!(request, Request::Put { .. }));
         let put_results = self.execute(&puts, &by_id, config.generation).await;
-        fail::fail_point!("nexus::replication::between_puts_and_copies", |_| std::process::abort());
+        fail::fail_point!("nexus::replication::between_puts_and_copies", !puts.is_empty(), |_| {
+            std::process::abort()
+        });
         let failed_puts: Vec<(ArtifactHash, Uuid)> = put_results
             .iter()
             .filter(|record| record.error.is_some())
