@@ -8,7 +8,7 @@
 //! the first fsync a power cut can leave the new name pointing at an empty or
 //! partial file; without the second, at nothing.
 //!
-//! `tests/tests/durability.rs` checks this order in the system calls of the
+//! `tests/tests/power_cut_ordering.rs` checks this order in the system calls of the
 //! real `nexus` and `sled-agent` binaries.
 
 use camino::{Utf8Path, Utf8PathBuf};

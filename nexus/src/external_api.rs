@@ -41,6 +41,10 @@ fn authorize(rqctx: &RequestContext<Arc<Nexus>>) -> Result<(), HttpError> {
     .expect("a valid header"))
 }
 
+/// How long a client refused for a full hand-off queue should wait: about
+/// one replication round on a small rack.
+const HANDOFF_RETRY_AFTER_SECS: u64 = 10;
+
 impl From<UploadError> for HttpError {
     fn from(error: UploadError) -> HttpError {
         let message = error_chain(&error);
@@ -48,6 +52,8 @@ impl From<UploadError> for HttpError {
             UploadError::Database(error) => error.into(),
             UploadError::HandoffFull { .. } => {
                 server_error(StatusCode::SERVICE_UNAVAILABLE, "HANDOFF_FULL", message)
+                    .with_header(http::header::RETRY_AFTER, HANDOFF_RETRY_AFTER_SECS.to_string())
+                    .expect("a valid header")
             }
             UploadError::Io { .. } => HttpError::for_internal_error(message),
             UploadError::TooLarge { .. } => HttpError::for_client_error(

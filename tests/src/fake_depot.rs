@@ -19,6 +19,11 @@ pub enum Behavior {
     ResetAfter(usize),
     /// Sends this many bytes, then nothing, keeping the connection open.
     StallAfter(usize),
+    /// Sends every byte as one chunk of a chunked body, then closes the
+    /// connection without the final chunk: the stream breaks after its last
+    /// byte. A Range request for what follows gets 416, as from a real
+    /// depot.
+    CutAfterLastByte,
 }
 
 pub struct FakeDepot {
@@ -111,6 +116,7 @@ async fn serve(
             (if start > 0 { "206 Partial Content" } else { "200 OK" }, &artifact[start..], artifact.len())
         }
         Behavior::StallAfter(count) => ("200 OK", artifact, *count),
+        Behavior::CutAfterLastByte => return serve_cut_after_last_byte(stream, artifact, start, served).await,
     };
     let mut response =
         format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
@@ -131,4 +137,27 @@ async fn serve(
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     Ok(())
+}
+
+async fn serve_cut_after_last_byte(
+    mut stream: TcpStream,
+    artifact: &[u8],
+    start: usize,
+    served: &AtomicU64,
+) -> std::io::Result<()> {
+    if start >= artifact.len() && start > 0 {
+        let response = format!(
+            "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n",
+            artifact.len()
+        );
+        return stream.write_all(response.as_bytes()).await;
+    }
+    let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(format!("{:x}\r\n", artifact.len()).as_bytes()).await?;
+    stream.write_all(artifact).await?;
+    stream.write_all(b"\r\n").await?;
+    served.fetch_add(artifact.len() as u64, Ordering::SeqCst);
+    stream.flush().await
 }

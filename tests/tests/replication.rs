@@ -192,9 +192,14 @@ async fn a_stale_nexus_cannot_undo_a_newer_ones_work() {
 }
 
 /// Three Nexus instances on one database race uploads, prunes and
-/// replication activations. At every observation, every artifact of every
-/// unpruned repository has a copy somewhere (a sled or a staging area), and
-/// no sled's generation ever goes back. In the end the rack converges.
+/// replication activations. One of them is slow between reading the config
+/// and pushing it (a failpoint delay), so a stale reader is in every run by
+/// construction, not by chance; the test first makes it stale on purpose and
+/// checks that it stops. At every observation (a consistent snapshot: the
+/// database generation did not move while it was taken), every artifact of
+/// every unpruned repository has a copy somewhere (a sled or a staging
+/// area), and no sled's generation ever goes back. In the end the rack
+/// converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_nexus_instances_never_lose_an_artifact() {
     use rand::{Rng, SeedableRng};
@@ -210,6 +215,9 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
     for _ in 0..2 {
         nexuses.push(integration_tests::TestNexus::start_sharing(&rack.nexus.db, adjust).await);
     }
+    let slow = nexuses[1].server.nexus().id;
+    // Only the slow instance matches; the others in this process pass by.
+    fail::cfg("nexus::replication::before_config_push", &format!("return({slow}:300)")).unwrap();
     let rack = Arc::new(rack);
     let nexuses = Arc::new(nexuses);
     let all_nexus = |i: usize| if i == 0 { &rack.nexus } else { &nexuses[i - 1] };
@@ -231,9 +239,10 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
         let (rack, nexuses, stop) = (rack.clone(), nexuses.clone(), stop.clone());
         tokio::spawn(async move {
             let mut highest: BTreeMap<uuid::Uuid, common::Generation> = BTreeMap::new();
-            let mut observations = 0;
+            let (mut observations, mut inconsistent) = (0, 0);
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let datastore = &rack.nexus.server.nexus().datastore;
+                let generation = datastore.tuf_generation_get().await.unwrap();
                 let repos = datastore.tuf_repo_list_unpruned_with_artifacts().await.unwrap();
                 let staging_dirs: Vec<_> =
                     std::iter::once(&rack.nexus).chain(nexuses.iter()).map(|n| n.staging_dir()).collect();
@@ -255,36 +264,47 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
                         view.generation
                     );
                 }
+                // The set of live repositories changed while we looked: this
+                // snapshot cannot judge invariant 1.
+                if datastore.tuf_generation_get().await.unwrap() != generation {
+                    inconsistent += 1;
+                    continue;
+                }
                 for recorded in &repos {
                     for artifact in &recorded.artifacts {
                         let hash = artifact.sha256.0;
                         let on_a_sled =
                             views.iter().any(|view| view.copies.get(&hash).is_some_and(|&n| n > 0));
-                        if on_a_sled || staged_now.contains(&hash) {
-                            continue;
-                        }
-                        // Pruned since we read the list: then it may go.
-                        let still_live = datastore
-                            .tuf_repo_list_unpruned_with_artifacts()
-                            .await
-                            .unwrap()
-                            .iter()
-                            .any(|r| r.artifacts.iter().any(|a| a.sha256.0 == hash));
                         assert!(
-                            !still_live,
-                            "artifact {hash} of {} has no copy anywhere",
+                            on_a_sled || staged_now.contains(&hash),
+                            "generation {generation}: artifact {hash} of {} has no copy anywhere",
                             recorded.repo.system_version
                         );
                     }
                 }
                 observations += 1;
             }
-            observations
+            (observations, inconsistent)
         })
     };
 
+    // The slow instance reads the config, then an upload elsewhere moves the
+    // generation before it pushes: it must stop, superseded, and undo
+    // nothing (the observer watches meanwhile).
+    rack.converge(20).await;
+    let stale_run = tokio::spawn({
+        let nexus = nexuses[1].server.nexus().clone();
+        async move { nexus.background.activate_and_wait(integration_tests::rack::REPLICATION).await.unwrap() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, body) = upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zips[0]).await;
+    assert_eq!(status, 200, "{body}");
+    rack.replicate().await;
+    let stale = integration_tests::rack::replication_status(&stale_run.await.unwrap());
+    assert!(matches!(stale.outcome, ReplicationOutcome::Superseded { .. }), "{:?}", stale.outcome);
+
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut next_zip = 0;
+    let mut next_zip = 1;
     // RACK_TEST_ROUNDS makes a longer run of the same test.
     let rounds: usize = std::env::var("RACK_TEST_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(24);
     for _round in 0..rounds {
@@ -334,8 +354,9 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let observations = observer.await.unwrap();
-    println!("{observations} observations, {next_zip} uploads");
+    let (observations, inconsistent) = observer.await.unwrap();
+    println!("{observations} consistent observations ({inconsistent} discarded), {next_zip} uploads");
+    fail::remove("nexus::replication::before_config_push");
     let config = rack.config().await;
     for view in rack.views().await {
         assert!(holds_exactly(&view, &config), "did not converge: {view:?}");

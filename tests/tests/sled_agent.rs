@@ -6,6 +6,7 @@ use common::{ArtifactConfig, ArtifactHash, Generation};
 use integration_tests::fake_depot::{Behavior, FakeDepot};
 use integration_tests::sled_agent_client::{Client, Error as ClientError, types};
 use integration_tests::{TestNexus, TestSled};
+use futures::StreamExt;
 use sha2::Digest;
 use std::time::{Duration, Instant};
 
@@ -275,4 +276,94 @@ async fn a_copy_already_in_flight_is_not_started_twice_and_one_that_cannot_fit_i
     );
     assert_eq!((status, body.error_code.as_deref()), (507, Some("QUOTA_EXCEEDED")), "{}", body.message);
     assert_eq!(used_bytes(&client).await, before, "refused before storing anything");
+}
+
+/// A chunked body cut after its last byte: the copy asks for the rest, is
+/// told there is none (416), and lands the bytes it has after checking the
+/// hash (before, the whole copy was thrown away).
+#[tokio::test]
+async fn a_stream_that_breaks_after_its_last_byte_still_lands() {
+    let sled = TestSled::start(NO_NEXUS).await;
+    let client = sled.client();
+    let a = artifact(10, 200_000);
+    client.artifact_config_put(&config(1, &[&a])).await.unwrap();
+    let source = FakeDepot::start(a.bytes.clone(), Behavior::CutAfterLastByte).await;
+    client.artifact_copy_from_depot(&a.hash, 1, &copy_body(source.base_url())).await.unwrap();
+    wait_for("the copy lands", async || copies(&client, &a).await == 2).await;
+    assert_eq!(source.ranges(), [None, Some("bytes=200000-".to_string())]);
+    assert!(client.artifact_list().await.unwrap().into_inner().copy_failures.is_empty());
+}
+
+/// Artifact PUTs and depot downloads beyond their limits are refused at
+/// once with 503 and Retry-After, not queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_and_depot_downloads_beyond_their_limits_are_refused_with_retry_after() {
+    let sled = TestSled::start_with(NO_NEXUS, |config| {
+        config.requests.max_concurrent_puts = 1;
+        config.requests.max_concurrent_depot_reads = 1;
+    })
+    .await;
+    let client = sled.client();
+    let (a, b) = (artifact(11, 100_000), artifact(12, 8 << 20));
+    client.artifact_config_put(&config(1, &[&a, &b])).await.unwrap();
+
+    // A PUT whose body is still coming holds the one PUT slot.
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let first_half = a.bytes[..50_000].to_vec();
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first_half) })
+        .chain(futures::stream::once(async move {
+            let _ = released.await;
+            Err(std::io::Error::other("the test ends this body"))
+        }));
+    let url = format!("{}/artifacts/{}?generation=1", sled.api_url(), a.hash);
+    let slow_put =
+        tokio::spawn(reqwest::Client::new().put(url).body(reqwest::Body::wrap_stream(body)).send());
+    wait_for("the slow PUT is being received", async || used_bytes(&client).await > 0).await;
+    let (status, body) = error_body(put(&client, &a, 1).await.unwrap_err());
+    assert_eq!((status, body.error_code.as_deref()), (503, Some("BUSY")), "{}", body.message);
+    assert!(body.message.contains("receiving artifact PUTs (1, its limit)"), "{}", body.message);
+    drop(release);
+    let _ = slow_put.await;
+    put(&client, &a, 1).await.unwrap();
+
+    // A download whose body is not being read holds the one depot slot.
+    put(&client, &b, 1).await.unwrap();
+    let depot_url = format!("{}/artifact/sha256/{}", sled.depot_url(), b.hash);
+    let held = reqwest::get(&depot_url).await.unwrap();
+    assert_eq!(held.status().as_u16(), 200);
+    let refused = reqwest::get(&depot_url).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let message = refused.text().await.unwrap();
+    assert!(message.contains("serving depot downloads (1, its limit)"), "{message}");
+    let body = held.bytes().await.unwrap();
+    assert_eq!(body.len(), b.bytes.len());
+    assert_eq!(reqwest::get(&depot_url).await.unwrap().status().as_u16(), 200, "the slot came back");
+}
+
+/// The config body limit follows from MAX_CONFIG_ARTIFACTS: a config at the
+/// limit is accepted over HTTP, one past it refused with a message that
+/// says so, and the sled keeps its config.
+#[tokio::test]
+async fn a_config_at_the_artifact_limit_is_accepted_and_one_past_it_refused() {
+    use common::api::sled_agent::MAX_CONFIG_ARTIFACTS;
+    let sled = TestSled::start(NO_NEXUS).await;
+    let client = sled.client();
+    let hashes = |count: usize| -> std::collections::BTreeSet<ArtifactHash> {
+        (0..count as u32)
+            .map(|i| {
+                let mut bytes = [0xabu8; 32];
+                bytes[..4].copy_from_slice(&i.to_be_bytes());
+                ArtifactHash(bytes)
+            })
+            .collect()
+    };
+    let at_limit = ArtifactConfig { generation: Generation::new(1), artifacts: hashes(MAX_CONFIG_ARTIFACTS) };
+    client.artifact_config_put(&at_limit).await.unwrap();
+    let over = ArtifactConfig { generation: Generation::new(2), artifacts: hashes(MAX_CONFIG_ARTIFACTS + 1) };
+    let (status, body) = error_body(client.artifact_config_put(&over).await.unwrap_err());
+    assert_eq!((status, body.error_code.as_deref()), (400, Some("CONFIG_TOO_LARGE")), "{}", body.message);
+    assert!(body.message.contains(&format!("at most {MAX_CONFIG_ARTIFACTS}")), "{}", body.message);
+    let kept = client.artifact_config_get().await.unwrap().into_inner();
+    assert_eq!(kept.generation, Generation::new(1));
 }

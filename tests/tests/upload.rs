@@ -333,3 +333,36 @@ async fn two_artifacts_may_name_one_target() {
     assert_eq!(artifacts[0]["sha256"], artifacts[1]["sha256"]);
     assert_eq!(traces(&nexus).await.staged.len(), 1, "one staged file for both");
 }
+
+/// Staged repositories held for replication are bounded as a whole, queued
+/// or already taken in by the replication task (before, the task's own list
+/// grew without bound once it drained the queue). Beyond the bound an upload
+/// gets 503 with Retry-After and leaves nothing behind.
+#[tokio::test]
+async fn staged_repositories_waiting_for_replication_are_bounded() {
+    let nexus = TestNexus::start_with(|config| config.updates.handoff_capacity = 1).await;
+    let factory = RepoFactory::new().await;
+    add_trust_root(&nexus, &factory).await;
+    let first = factory.build(&RepoFactory::spec("1.0.0", &[("os", 10_000)], 1)).await;
+    let (status, body) = upload(&nexus.external_url(), Some(&nexus.token), &first).await;
+    assert_eq!(status, 200, "{body}");
+    // No sleds: replication takes the repository in and must keep it staged.
+    let task = nexus.activate("tuf_artifact_replication").await;
+    let status = integration_tests::rack::replication_status(&task);
+    assert_eq!(status.local_repos.len(), 1);
+    let before = traces(&nexus).await;
+
+    let second = factory.build(&RepoFactory::spec("2.0.0", &[("os2", 10_000)], 2)).await;
+    let response = reqwest::Client::new()
+        .put(format!("{}/v1/system/update/repositories?file_name=second.zip", nexus.external_url()))
+        .bearer_auth(&nexus.token)
+        .body(std::fs::read(&second).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().contains_key("retry-after"), "{:?}", response.headers());
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(message(&body).contains("hand-off queue is full (1 staged"), "{body}");
+    assert_eq!(traces(&nexus).await, before, "the refused upload left nothing");
+}

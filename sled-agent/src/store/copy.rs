@@ -63,7 +63,7 @@ impl ArtifactStore {
             limit: self.copy.max_concurrent,
         })?;
         let url = format!("{}/artifact/sha256/{hash}", depot_base_url.trim_end_matches('/'));
-        let response = self.fetch(&url, 0).await?;
+        let response = self.fetch(&url).await?;
         let length = response.content_length();
         if let Some(length) = length {
             self.refuse_if_it_fits_nowhere(hash, length)?;
@@ -128,10 +128,41 @@ impl ArtifactStore {
         failure.time_last_failed = chrono::Utc::now();
     }
 
-    /// GETs the artifact, from `offset` on if it is not zero.
-    async fn fetch(&self, url: &str, offset: u64) -> Result<reqwest::Response, StoreError> {
+    /// GETs the whole artifact.
+    async fn fetch(&self, url: &str) -> Result<reqwest::Response, StoreError> {
+        let response = self.send(url, None).await?;
+        let status = response.status().as_u16();
+        if status == 200 { Ok(response) } else { Err(StoreError::SourceStatus { url: url.to_string(), status }) }
+    }
+
+    /// GETs the artifact from `offset` on, after a broken stream.
+    async fn resume(&self, url: &str, offset: u64) -> Result<Resumed, StoreError> {
+        let response = self.send(url, Some(offset)).await?;
+        let status = response.status().as_u16();
+        let content_range = response
+            .headers()
+            .get(http::header::CONTENT_RANGE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        if status == 206 && content_range.starts_with(&format!("bytes {offset}-")) {
+            return Ok(Resumed::Rest(response));
+        }
+        // The stream broke after its last byte (a chunked body cut before
+        // its end, say): there is nothing left to fetch. The hash decides.
+        if status == 416 && content_range == format!("bytes */{offset}") {
+            return Ok(Resumed::AtEnd);
+        }
+        Err(StoreError::SourceResume {
+            url: url.to_string(),
+            offset,
+            detail: format!("answered {status} with Content-Range {content_range:?}"),
+        })
+    }
+
+    async fn send(&self, url: &str, offset: Option<u64>) -> Result<reqwest::Response, StoreError> {
         let mut request = self.http.get(url);
-        if offset > 0 {
+        if let Some(offset) = offset {
             request = request.header(http::header::RANGE, format!("bytes={offset}-"));
         }
         let response = request
@@ -146,26 +177,6 @@ impl ArtifactStore {
                 .and_then(|value| value.to_str().ok()?.parse().ok())
                 .unwrap_or(1);
             return Err(StoreError::SourceBusy { url: url.to_string(), retry_after_secs });
-        }
-        if offset == 0 {
-            return if status == 200 {
-                Ok(response)
-            } else {
-                Err(StoreError::SourceStatus { url: url.to_string(), status })
-            };
-        }
-        let content_range = response
-            .headers()
-            .get(http::header::CONTENT_RANGE)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        if status != 206 || !content_range.starts_with(&format!("bytes {offset}-")) {
-            return Err(StoreError::SourceResume {
-                url: url.to_string(),
-                offset,
-                detail: format!("answered {status} with Content-Range {content_range:?}"),
-            });
         }
         Ok(response)
     }
@@ -207,10 +218,10 @@ impl ArtifactStore {
             }
             slog::info!(self.log, "copy interrupted; resuming"; "from" => url, "offset" => write.bytes,
                 "attempt" => resumes + 1, "error" => error_chain(&error));
-            response = loop {
+            let resumed = loop {
                 resumes += 1;
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
-                match self.fetch(url, write.bytes).await {
+                match self.resume(url, write.bytes).await {
                     Err(StoreError::SourceBusy { retry_after_secs, .. }) if resumes < self.copy.resume_attempts => {
                         tokio::time::sleep(Duration::from_secs(retry_after_secs).min(MAX_SOURCE_RETRY_AFTER))
                             .await;
@@ -218,7 +229,18 @@ impl ArtifactStore {
                     other => break other?,
                 }
             };
+            match resumed {
+                Resumed::Rest(rest) => response = rest,
+                Resumed::AtEnd => break,
+            }
         }
         self.commit(write).await
     }
+}
+
+/// What a Range request after a broken stream found.
+enum Resumed {
+    Rest(reqwest::Response),
+    /// The source has no byte past the ones already written.
+    AtEnd,
 }
