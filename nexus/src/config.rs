@@ -237,7 +237,10 @@ impl ConfigFile for Config {
                 replication.request_timeout_secs,
             ),
             ("background_tasks.tuf_artifact_replication.put_timeout_secs", replication.put_timeout_secs),
-            ("background_tasks.tuf_artifact_replication.backoff_base_millis", replication.backoff_base_millis),
+            (
+                "background_tasks.tuf_artifact_replication.backoff_base_millis",
+                replication.backoff_base_millis,
+            ),
             ("background_tasks.tuf_artifact_replication.backoff_max_secs", replication.backoff_max_secs),
         ] {
             if value == 0 {

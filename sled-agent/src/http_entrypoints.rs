@@ -5,8 +5,8 @@ use crate::range::{self, RangeDecision};
 use crate::store::{ArtifactStore, StoreError};
 use common::api::sled_agent::{
     ArtifactCopyFromDepotBody, ArtifactCopyFromDepotResponse, ArtifactListResponse, ArtifactPathParam,
-    ArtifactPutResponse, ArtifactQueryParam, CONFIG_GENERATION, LEDGER_DAMAGED, M2PathParam, M2StateRequest, RepoDepotApi,
-    SledAgentApi, SledInventory,
+    ArtifactPutResponse, ArtifactQueryParam, CONFIG_GENERATION, LEDGER_DAMAGED, M2PathParam, M2StateRequest,
+    RepoDepotApi, SledAgentApi, SledInventory,
 };
 use common::error::server_error;
 use common::{ArtifactConfig, error_chain};
@@ -46,7 +46,9 @@ impl From<StoreError> for HttpError {
             | StoreError::ConfigRefused { .. }
             | StoreError::ConfigChanged { .. } => client(CONFIG_GENERATION, ClientErrorStatusCode::CONFLICT),
             StoreError::NotInConfig { .. } => client("NOT_IN_CONFIG", ClientErrorStatusCode::BAD_REQUEST),
-            StoreError::ConfigTooLarge { .. } => client("CONFIG_TOO_LARGE", ClientErrorStatusCode::BAD_REQUEST),
+            StoreError::ConfigTooLarge { .. } => {
+                client("CONFIG_TOO_LARGE", ClientErrorStatusCode::BAD_REQUEST)
+            }
             StoreError::LedgerDamaged { .. } => server(LEDGER_DAMAGED, StatusCode::SERVICE_UNAVAILABLE),
             StoreError::HashMismatch { .. } => client("HASH_MISMATCH", ClientErrorStatusCode::BAD_REQUEST),
             StoreError::Body { .. } => client("BAD_BODY", ClientErrorStatusCode::BAD_REQUEST),

@@ -72,7 +72,7 @@ fn ledger_files(m2: &M2) -> std::io::Result<Vec<(Generation, Utf8PathBuf)>> {
             files.push((generation, m2.root().join(entry.file_name().to_str().expect("checked UTF-8"))));
         }
     }
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|(generation, _)| std::cmp::Reverse(*generation));
     Ok(files)
 }
 
@@ -103,12 +103,14 @@ pub fn load(m2s: &[Arc<M2>]) -> Loaded {
 }
 
 fn read_copy(path: &Utf8Path, generation: Generation) -> Result<ArtifactConfig, String> {
-    fail::fail_point!("sled_agent::ledger::read", |_| Err("injected I/O error (failpoint)".to_string()));
     let text = std::fs::read(path).map_err(|error| format!("cannot be read: {error}"))?;
     let config: ArtifactConfig =
         serde_json::from_slice(&text).map_err(|error| format!("cannot be parsed: {error}"))?;
     if config.generation != generation {
-        return Err(format!("holds generation {} under the name of generation {generation}", config.generation));
+        return Err(format!(
+            "holds generation {} under the name of generation {generation}",
+            config.generation
+        ));
     }
     Ok(config)
 }
@@ -208,9 +210,14 @@ mod tests {
         let dir = camino_tempfile::tempdir().unwrap();
         let m2s = devices(dir.path(), 1);
         write_one(&m2s[0], &config(3)).unwrap();
-        std::fs::write(path_for(&m2s[0], Generation::new(6)), serde_json::to_vec(&config(2)).unwrap()).unwrap();
+        std::fs::write(path_for(&m2s[0], Generation::new(6)), serde_json::to_vec(&config(2)).unwrap())
+            .unwrap();
         let loaded = load(&m2s);
         assert_eq!((loaded.newest_intact, loaded.newest_named), (config(3), Generation::new(6)));
-        assert!(loaded.damage[0].contains("holds generation 2 under the name of generation 6"), "{:?}", loaded.damage);
+        assert!(
+            loaded.damage[0].contains("holds generation 2 under the name of generation 6"),
+            "{:?}",
+            loaded.damage
+        );
     }
 }

@@ -116,7 +116,9 @@ async fn serve(
             (if start > 0 { "206 Partial Content" } else { "200 OK" }, &artifact[start..], artifact.len())
         }
         Behavior::StallAfter(count) => ("200 OK", artifact, *count),
-        Behavior::CutAfterLastByte => return serve_cut_after_last_byte(stream, artifact, start, served).await,
+        Behavior::CutAfterLastByte => {
+            return serve_cut_after_last_byte(stream, artifact, start, served).await;
+        }
     };
     let mut response =
         format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());

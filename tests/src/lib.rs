@@ -129,7 +129,10 @@ impl Drop for TestLog {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let text = std::fs::read_to_string(self.file.path()).unwrap_or_default();
-            eprintln!("---- log of {} (the test failed) ----\n{text}---- end of log of {} ----", self.name, self.name);
+            eprintln!(
+                "---- log of {} (the test failed) ----\n{text}---- end of log of {} ----",
+                self.name, self.name
+            );
         }
     }
 }
@@ -172,8 +175,9 @@ impl TestSled {
         let mut config = test_sled_config(nexus_internal_url);
         adjust(&mut config);
         let log = TestLog::new("sled agent");
-        let server =
-            sled_agent::server::Server::start(&config, log.logger.clone()).await.expect("test sled agent starts");
+        let server = sled_agent::server::Server::start(&config, log.logger.clone())
+            .await
+            .expect("test sled agent starts");
         TestSled { server, log }
     }
 

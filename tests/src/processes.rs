@@ -124,7 +124,8 @@ impl NexusProcess {
 /// period an hour (tests activate explicitly). `edit` may change the text
 /// further.
 pub fn write_nexus_config(dir: &Utf8Path, database_url: &str, edit: impl FnOnce(String) -> String) {
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/nexus/config.toml")).unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/nexus/config.toml")).unwrap();
     let text = shipped
         .replace("127.0.0.1:12221", "127.0.0.1:0")
         .replace("127.0.0.1:12220", "127.0.0.1:0")
@@ -167,7 +168,8 @@ impl SledProcess {
 pub fn write_sled_config(dir: &Utf8Path, nexus_internal_url: &str) -> [Utf8PathBuf; 2] {
     let m2 = [dir.join("m2-0"), dir.join("m2-1")];
     let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/sled-agent/config.toml")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/sled-agent/config.toml"))
+            .unwrap();
     let text = shipped
         .replace("127.0.0.1:12345", "127.0.0.1:0")
         .replace("127.0.0.1:12346", "127.0.0.1:0")

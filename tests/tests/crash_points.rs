@@ -76,7 +76,11 @@ async fn nexus_crashing_during_an_upload_keeps_all_or_nothing() {
         for artifact in &repos[0].artifacts {
             let path = staging.join("artifacts").join(artifact.sha256.0.to_string());
             let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{point}: staged {path}: {e}"));
-            assert_eq!(ArtifactHash(sha2::Sha256::digest(&bytes).into()), artifact.sha256.0, "{point}: {path}");
+            assert_eq!(
+                ArtifactHash(sha2::Sha256::digest(&bytes).into()),
+                artifact.sha256.0,
+                "{point}: {path}"
+            );
         }
         let sleds = [
             integration_tests::TestSled::start(&nexus.internal_url).await,
@@ -94,7 +98,9 @@ async fn nexus_crashing_mid_replication_recovers_and_converges() {
     let point = "nexus::replication::between_puts_and_copies";
     let db = test_harness::TestDatabase::new().await;
     let dir = camino_tempfile::tempdir().unwrap();
-    write_nexus_config(dir.path(), db.url(), |text| text.replace("min_sled_replication = 3", "min_sled_replication = 1"));
+    write_nexus_config(dir.path(), db.url(), |text| {
+        text.replace("min_sled_replication = 3", "min_sled_replication = 1")
+    });
     let nexus = NexusProcess::start(dir.path(), Some(&format!("{point}=return")));
     let sleds = [
         integration_tests::TestSled::start(&nexus.internal_url).await,
@@ -208,7 +214,10 @@ async fn a_sled_crashing_in_its_store_or_ledger_comes_back_consistent() {
             assert!(generation < acknowledged, "{point}: the config was never written");
         }
         wait_until("the victim re-registers", Duration::from_secs(20), async || {
-            datastore.sled_get(victim_id).await.is_ok_and(|sled| victim.api_url.ends_with(&format!(":{}", sled.port)))
+            datastore
+                .sled_get(victim_id)
+                .await
+                .is_ok_and(|sled| victim.api_url.ends_with(&format!(":{}", sled.port)))
         })
         .await;
         let wanted = rack.config().await;

@@ -4,9 +4,9 @@
 
 use common::bgtask::details::{ReplicationOutcome, RequestOperation};
 use integration_tests::fake_depot::{Behavior, FakeDepot};
+use integration_tests::processes::{NexusProcess, SledProcess, write_nexus_config, write_sled_config};
 use integration_tests::rack::{TestRack, holds_exactly, wait_until};
 use integration_tests::repos::{RepoFactory, upload};
-use integration_tests::processes::{NexusProcess, SledProcess, write_nexus_config, write_sled_config};
 use integration_tests::{test_config, test_log};
 use std::time::Duration;
 
@@ -243,29 +243,7 @@ async fn copies_that_keep_failing_back_off_and_heal_once_sources_are_honest() {
     // Both holders' registrations point at a depot that lies.
     let liar = FakeDepot::start(vec![0u8; 30_000], Behavior::WrongBytes(vec![0u8; 30_000])).await;
     let datastore = rack.nexus.server.nexus().datastore.clone();
-    let mut lies = Vec::new();
-    for sled in &rack.sleds {
-        let row = datastore.sled_get(sled.server.sled_id).await.unwrap();
-        lies.push(nexus::db::model::SledRegistration {
-            id: row.id,
-            serial: row.serial.clone(),
-            ip: row.ip.parse().unwrap(),
-            port: row.port as u16,
-            repo_depot_port: liar.address.port(),
-        });
-    }
-    // The agents re-register every second; keep the lie in place meanwhile.
-    let keep_lying = {
-        let datastore = datastore.clone();
-        tokio::spawn(async move {
-            loop {
-                for lie in &lies {
-                    datastore.sled_upsert(lie).await.unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let keep_lying = redirect_depots(&rack, &[0, 1], &liar).await;
     let newcomer = rack.add_sled().await.server.sled_id;
     let client = rack.sleds[2].client();
     wait_until("the newcomer reports every copy failed", Duration::from_secs(20), async || {
@@ -286,7 +264,12 @@ async fn copies_that_keep_failing_back_off_and_heal_once_sources_are_honest() {
         assert_eq!(backoff.sled_id, newcomer);
         assert!(backoff.failures >= 1 && backoff.last_error.contains("sha256"), "{backoff:?}");
     }
-    assert!(failed.ring.iter().any(|r| r.operation == RequestOperation::CopyFailedOnSled && r.sled_id == newcomer));
+    assert!(
+        failed
+            .ring
+            .iter()
+            .any(|r| r.operation == RequestOperation::CopyFailedOnSled && r.sled_id == newcomer)
+    );
     let again = rack.replicate().await;
     assert_eq!((again.last_run.copy_failed_on_sled, again.last_run.copy_ok), (0, 0), "a report counts once");
 
@@ -317,24 +300,7 @@ async fn copies_running_on_sleds_keep_follow_ups_coming() {
     assert_eq!(upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await.0, 200);
     rack.converge(20).await;
     let stalling = FakeDepot::start(vec![0u8; 200_000], Behavior::StallAfter(1000)).await;
-    let datastore = rack.nexus.server.nexus().datastore.clone();
-    let row = datastore.sled_get(rack.sleds[0].server.sled_id).await.unwrap();
-    let lie = nexus::db::model::SledRegistration {
-        id: row.id,
-        serial: row.serial.clone(),
-        ip: row.ip.parse().unwrap(),
-        port: row.port as u16,
-        repo_depot_port: stalling.address.port(),
-    };
-    let keep_lying = {
-        let datastore = datastore.clone();
-        tokio::spawn(async move {
-            loop {
-                datastore.sled_upsert(&lie).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let keep_lying = redirect_depots(&rack, &[0], &stalling).await;
     // The newcomer's copy reads from the stalling depot for its read timeout.
     rack.add_sled_with(|config| config.copy.read_timeout_secs = 5).await;
     let first = rack.replicate().await;
@@ -344,4 +310,30 @@ async fn copies_running_on_sleds_keep_follow_ups_coming() {
     assert_eq!(second.copies_in_flight, 1, "{second:?}");
     assert!(second.followup_scheduled, "a copy in flight needs a look when it ends");
     keep_lying.abort();
+}
+
+/// Points the registrations of the given sleds at `depot` and keeps them
+/// there (their agents re-register every second) until the handle is
+/// aborted.
+async fn redirect_depots(rack: &TestRack, sleds: &[usize], depot: &FakeDepot) -> tokio::task::JoinHandle<()> {
+    let datastore = rack.nexus.server.nexus().datastore.clone();
+    let mut lies = Vec::new();
+    for &index in sleds {
+        let row = datastore.sled_get(rack.sleds[index].server.sled_id).await.unwrap();
+        lies.push(nexus::db::model::SledRegistration {
+            id: row.id,
+            serial: row.serial.clone(),
+            ip: row.ip.parse().unwrap(),
+            port: row.port as u16,
+            repo_depot_port: depot.address.port(),
+        });
+    }
+    tokio::spawn(async move {
+        loop {
+            for lie in &lies {
+                datastore.sled_upsert(lie).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
 }

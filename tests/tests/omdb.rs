@@ -132,3 +132,71 @@ async fn unknown_tasks_and_missing_urls_are_explained() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--nexus-internal-url") && stderr.contains("OMDB_NEXUS_URL"), "{stderr}");
 }
+
+/// A sled whose newest config ledger copy is damaged (DESIGN §11) says so
+/// in its inventory and listing, and omdb shows it in `sled-agent
+/// artifacts`, `db inventory` and `db validate`. It keeps the generation and
+/// every artifact; the next replication activation pushes the current config,
+/// which repairs the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
+    use integration_tests::rack::{TestRack, holds_exactly, sled_view};
+    use integration_tests::repos::{RepoFactory, upload};
+    let (mut rack, factory) = TestRack::with_trust_root(1, |config| {
+        config.background_tasks.tuf_artifact_replication.allow_fewer_sleds = true;
+    })
+    .await;
+    let m2_dir = camino_tempfile::tempdir().unwrap();
+    let m2s = vec![m2_dir.path().join("m2-0"), m2_dir.path().join("m2-1")];
+    let with_dirs = |config: &mut sled_agent::config::Config| config.storage.m2_dirs = m2s.clone();
+    rack.add_sled_with(with_dirs).await;
+    let zip = factory.build(&RepoFactory::spec("1.0.0", &[("os", 50_000)], 1)).await;
+    assert_eq!(upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await.0, 200);
+    rack.converge(20).await;
+    let config = rack.config().await;
+
+    // No replication (a follow-up would repair the damage) until the test
+    // has looked at it.
+    let nexus = rack.nexus.server.nexus().clone();
+    let background = &nexus.background;
+    background.set_enabled(integration_tests::rack::REPLICATION, false, "test").unwrap();
+    // Stop the sled, make its newest ledger copy unreadable on both M.2s
+    // (torn on one, a directory in its place on the other), start it again.
+    let stopped = rack.sleds.pop().unwrap();
+    stopped.server.shutdown().await;
+    let name = format!("artifact-config.g{:020}.json", config.generation.get());
+    std::fs::write(m2s[0].join(&name), b"{\"generation\":").unwrap();
+    std::fs::remove_file(m2s[1].join(&name)).unwrap();
+    std::fs::create_dir(m2s[1].join(&name)).unwrap();
+    let sled = rack.add_sled_with(with_dirs).await;
+    let api_url = sled.api_url();
+    let listed = sled.client().artifact_list().await.unwrap().into_inner();
+    assert_eq!(listed.generation, config.generation, "the generation survives the damage");
+    assert_eq!(listed.ledger_damage.len(), 2, "{listed:?}");
+    let inventory = sled.client().inventory().await.unwrap().into_inner();
+    assert_eq!(inventory.ledger_damage.len(), 2);
+    for m2 in &inventory.m2 {
+        assert_eq!(m2.artifacts, 1, "nothing was deleted on the basis of an older config");
+    }
+
+    let omdb = Omdb { url: rack.nexus.internal_url() };
+    let shown = omdb.success(&["sled-agent", "artifacts", "--sled-url", &api_url]).await;
+    assert!(shown.contains(&format!("ledger DAMAGED at generation {}", config.generation)), "{shown}");
+    assert!(shown.contains("cannot be parsed") && shown.contains("cannot be read"), "{shown}");
+    rack.activate("inventory_collection").await;
+    let db = rack.nexus.db.url().to_string();
+    let inventory = omdb.success(&["db", "--db-url", &db, "inventory"]).await;
+    assert!(inventory.contains("DAMAGED: ledger"), "{inventory}");
+    let validated = omdb.run(&["db", "--db-url", &db, "validate", "artifact-replication"]).await;
+    let validated = String::from_utf8(validated.stdout).unwrap();
+    assert!(validated.contains("DAMAGED"), "{validated}");
+
+    background.set_enabled(integration_tests::rack::REPLICATION, true, "test").unwrap();
+    rack.replicate().await;
+    let view = sled_view(&rack.sleds[0]).await;
+    assert!(holds_exactly(&view, &config), "repaired by the push: {view:?}");
+    let listed = rack.sleds[0].client().artifact_list().await.unwrap().into_inner();
+    assert!(listed.ledger_damage.is_empty());
+    let shown = omdb.success(&["sled-agent", "artifacts", "--sled-url", &api_url]).await;
+    assert!(shown.contains(&format!("artifact config generation {}", config.generation)), "{shown}");
+}

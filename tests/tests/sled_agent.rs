@@ -3,10 +3,10 @@
 
 use common::api::sled_agent::{ArtifactCopyFromDepotBody, CONFIG_GENERATION, M2State, M2StateRequest};
 use common::{ArtifactConfig, ArtifactHash, Generation};
+use futures::StreamExt;
 use integration_tests::fake_depot::{Behavior, FakeDepot};
 use integration_tests::sled_agent_client::{Client, Error as ClientError, types};
 use integration_tests::{TestNexus, TestSled};
-use futures::StreamExt;
 use sha2::Digest;
 use std::time::{Duration, Instant};
 
@@ -310,11 +310,12 @@ async fn puts_and_depot_downloads_beyond_their_limits_are_refused_with_retry_aft
     // A PUT whose body is still coming holds the one PUT slot.
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     let first_half = a.bytes[..50_000].to_vec();
-    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first_half) })
-        .chain(futures::stream::once(async move {
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first_half) }).chain(
+        futures::stream::once(async move {
             let _ = released.await;
             Err(std::io::Error::other("the test ends this body"))
-        }));
+        }),
+    );
     let url = format!("{}/artifacts/{}?generation=1", sled.api_url(), a.hash);
     let slow_put =
         tokio::spawn(reqwest::Client::new().put(url).body(reqwest::Body::wrap_stream(body)).send());

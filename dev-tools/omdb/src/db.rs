@@ -45,7 +45,9 @@ enum DbCommand {
 enum ValidateCommand {
     /// For each sled: OK (current generation, holds every artifact on every
     /// healthy M.2), OLD (an older generation), BAD (current generation,
-    /// wrong contents), ERROR (unreachable). Exits non-zero unless all are OK.
+    /// wrong contents), DAMAGED (its newest config ledger copy is unreadable;
+    /// it acts on nothing until a config at least that new is pushed), ERROR
+    /// (unreachable). Exits non-zero unless all are OK.
     ArtifactReplication,
 }
 

@@ -8,17 +8,19 @@ use tabled::Tabled;
 
 #[derive(Args)]
 pub struct SledAgentArgs {
-    /// The sled-agent API, e.g. http://127.0.0.1:12345.
-    #[arg(long, env = "OMDB_SLED_URL", global = true)]
-    sled_url: String,
     #[command(subcommand)]
     command: SledAgentCommand,
 }
 
 #[derive(Subcommand)]
 enum SledAgentCommand {
-    /// The sled's artifact config generation, what it holds, and its M.2s.
-    Artifacts,
+    /// The sled's artifact config generation, what it holds, copies that
+    /// failed, ledger damage, and its M.2s.
+    Artifacts {
+        /// The sled-agent API, e.g. http://127.0.0.1:12345.
+        #[arg(long, env = "OMDB_SLED_URL")]
+        sled_url: String,
+    },
 }
 
 #[derive(Tabled, Serialize)]
@@ -59,8 +61,8 @@ struct CopyFailureRow {
 
 impl SledAgentArgs {
     pub async fn run(self, json: bool) -> anyhow::Result<String> {
-        let client = Client::new(&self.sled_url);
-        let SledAgentCommand::Artifacts = self.command;
+        let SledAgentCommand::Artifacts { sled_url } = self.command;
+        let client = Client::new(&sled_url);
         let list = client.artifact_list().await.map_err(crate::sled_error)?.into_inner();
         let inventory = client.inventory().await.map_err(crate::sled_error)?.into_inner();
         // A sled with a damaged ledger no longer knows its config's artifacts.

@@ -58,10 +58,11 @@ impl ArtifactStore {
             }
             InFlight { set: self.copies_in_flight.clone(), hash }
         };
-        let permit = self.copy_permits.clone().try_acquire_owned().map_err(|_| StoreError::Busy {
-            activity: "running copies",
-            limit: self.copy.max_concurrent,
-        })?;
+        let permit = self
+            .copy_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| StoreError::Busy { activity: "running copies", limit: self.copy.max_concurrent })?;
         let url = format!("{}/artifact/sha256/{hash}", depot_base_url.trim_end_matches('/'));
         let response = self.fetch(&url).await?;
         let length = response.content_length();
@@ -132,7 +133,11 @@ impl ArtifactStore {
     async fn fetch(&self, url: &str) -> Result<reqwest::Response, StoreError> {
         let response = self.send(url, None).await?;
         let status = response.status().as_u16();
-        if status == 200 { Ok(response) } else { Err(StoreError::SourceStatus { url: url.to_string(), status }) }
+        if status == 200 {
+            Ok(response)
+        } else {
+            Err(StoreError::SourceStatus { url: url.to_string(), status })
+        }
     }
 
     /// GETs the artifact from `offset` on, after a broken stream.
@@ -222,7 +227,9 @@ impl ArtifactStore {
                 resumes += 1;
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
                 match self.resume(url, write.bytes).await {
-                    Err(StoreError::SourceBusy { retry_after_secs, .. }) if resumes < self.copy.resume_attempts => {
+                    Err(StoreError::SourceBusy { retry_after_secs, .. })
+                        if resumes < self.copy.resume_attempts =>
+                    {
                         tokio::time::sleep(Duration::from_secs(retry_after_secs).min(MAX_SOURCE_RETRY_AFTER))
                             .await;
                     }

@@ -53,7 +53,9 @@ pub enum StoreError {
     NotInConfig { hash: ArtifactHash, generation: Generation },
     #[error("artifact config generation {offered} refused: the sled holds generation {current}{detail}")]
     ConfigRefused { offered: Generation, current: Generation, detail: &'static str },
-    #[error("artifact config generation {generation} lists {count} artifacts; a config may list at most {max}")]
+    #[error(
+        "artifact config generation {generation} lists {count} artifacts; a config may list at most {max}"
+    )]
     ConfigTooLarge { generation: Generation, count: usize, max: usize },
     #[error(
         "the sled's newest artifact config ledger copy (generation {generation}) is damaged: {}; \
@@ -109,7 +111,10 @@ pub enum StoreError {
 enum Enforced {
     Known(ArtifactConfig),
     /// The newest ledger copy, of this generation, is damaged.
-    Damaged { generation: Generation, damage: Vec<String> },
+    Damaged {
+        generation: Generation,
+        damage: Vec<String>,
+    },
 }
 
 impl Enforced {
@@ -380,7 +385,10 @@ impl ArtifactStore {
             if returning.newest_named > enforced.generation() {
                 slog::warn!(self.log, "a returning M.2 holds a newer config ledger"; "slot" => slot,
                     "generation" => %returning.newest_named, "damaged" => returning.is_damaged());
-                self.ledger_problems.lock().unwrap_or_else(|e| e.into_inner()).extend(returning.damage.clone());
+                self.ledger_problems
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(returning.damage.clone());
                 *enforced = Enforced::from_ledger(returning);
                 for other in self.healthy() {
                     self.adopt(&other, &enforced)?;

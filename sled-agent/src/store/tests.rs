@@ -1,12 +1,12 @@
 use super::*;
 use crate::config::{CopyConfig, RequestLimits};
 use bytes::Bytes;
+use camino::Utf8Path;
+use camino_tempfile::Utf8TempDir;
 use common::api::sled_agent::ArtifactPutResponse;
 use common::error_chain;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
-use camino::Utf8Path;
-use camino_tempfile::Utf8TempDir;
 use std::collections::BTreeSet;
 
 const QUOTA: u64 = 1 << 20;
@@ -22,9 +22,8 @@ fn log() -> slog::Logger {
 }
 
 async fn open_store(dir: &Utf8Path, m2_count: u32, quota: u64) -> ArtifactStore {
-    let m2s = (0..m2_count)
-        .map(|slot| Arc::new(M2::new(slot, dir.join(format!("m2-{slot}")), quota)))
-        .collect();
+    let m2s =
+        (0..m2_count).map(|slot| Arc::new(M2::new(slot, dir.join(format!("m2-{slot}")), quota))).collect();
     ArtifactStore::open(log(), m2s, CopyConfig::default(), RequestLimits::default(), 2).await.unwrap()
 }
 
@@ -188,11 +187,7 @@ async fn a_failed_m2_is_skipped_and_healed_after_restore() {
     assert_eq!(sled.store.list().await.list[&a.hash], 1);
 
     sled.store.set_m2_state(0, M2State::Healthy).await.unwrap();
-    assert_eq!(
-        sled.store.list().await.list[&a.hash],
-        1,
-        "one copy, two healthy devices: needs a re-copy"
-    );
+    assert_eq!(sled.store.list().await.list[&a.hash], 1, "one copy, two healthy devices: needs a re-copy");
     sled.put(&a).await.unwrap();
     assert_eq!(sled.store.list().await.list[&a.hash], 2);
     assert_eq!(sled.m2(1).used(), 20_000, "the re-copy did not count the existing copy twice");

@@ -64,4 +64,3 @@ fn verify_file(path: &camino::Utf8Path) -> Result<(), String> {
     let actual = ArtifactHash(hasher.finalize().into());
     if actual == expected { Ok(()) } else { Err(format!("contents have sha256 {actual}")) }
 }
-

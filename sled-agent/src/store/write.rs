@@ -10,8 +10,8 @@
 //! artifact's name, and two writers of the same hash can only ever rename
 //! identical, verified bytes over each other.
 
-use super::{ArtifactStore, StoreError};
 use super::copy::InFlight;
+use super::{ArtifactStore, StoreError};
 use crate::storage::{M2, QuotaExceeded};
 use bytes::Bytes;
 use camino::Utf8PathBuf;

@@ -270,7 +270,11 @@ impl Uploader {
         std::fs::File::open(&source)
             .and_then(|file| file.sync_all())
             .and_then(|()| std::fs::rename(&source, &path))
-            .map_err(|source_error| UploadError::Io { what: "staging", path: path.clone(), source: source_error })?;
+            .map_err(|source_error| UploadError::Io {
+                what: "staging",
+                path: path.clone(),
+                source: source_error,
+            })?;
         staged.push(StagedArtifact { hash, size, pin });
         Ok((hash, size))
     }

@@ -130,7 +130,13 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
             } else {
                 let others: Vec<SledId> = holders.iter().copied().filter(|&id| id != sled.id).collect();
                 let source = others.choose(rng).copied().unwrap_or(sled.id);
-                copies.push(Request::Copy { hash: *hash, target: sled.id, source, after_put: false, recopy: true });
+                copies.push(Request::Copy {
+                    hash: *hash,
+                    target: sled.id,
+                    source,
+                    after_put: false,
+                    recopy: true,
+                });
             }
         }
     }
@@ -415,7 +421,8 @@ mod tests {
                     continue;
                 }
                 for sled in all.iter().filter(|s| s.healthy_m2 > 0) {
-                    let left_alone = state.incoming.contains(&sled.id) || state.backing_off.contains(&sled.id);
+                    let left_alone =
+                        state.incoming.contains(&sled.id) || state.backing_off.contains(&sled.id);
                     if !left_alone && (!holders.is_empty() || state.local) {
                         assert_eq!(
                             holders.get(&sled.id).copied().unwrap_or(0),
@@ -432,14 +439,24 @@ mod tests {
     #[test]
     fn sleds_backing_off_are_neither_asked_nor_put_to() {
         let all = sleds(4);
-        let state = ArtifactState { local: true, backing_off: [all[0].id, all[1].id].into(), ..Default::default() };
+        let state =
+            ArtifactState { local: true, backing_off: [all[0].id, all[1].id].into(), ..Default::default() };
         let inventory = Inventory { sleds: all.clone(), artifacts: [(hash(1), state)].into() };
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert_eq!(count(&planned), (2, 0, 0), "PUTs to the two sleds not backing off: {planned:?}");
         assert_eq!(planned.skipped_backoff, 2);
-        assert!(planned.requests.iter().all(|r| matches!(r, Request::Put { sled, .. } if *sled == all[2].id || *sled == all[3].id)));
+        assert!(
+            planned
+                .requests
+                .iter()
+                .all(|r| matches!(r, Request::Put { sled, .. } if *sled == all[2].id || *sled == all[3].id))
+        );
 
-        let everyone = ArtifactState { local: true, backing_off: all.iter().map(|s| s.id).collect(), ..Default::default() };
+        let everyone = ArtifactState {
+            local: true,
+            backing_off: all.iter().map(|s| s.id).collect(),
+            ..Default::default()
+        };
         let inventory = Inventory { sleds: all, artifacts: [(hash(1), everyone)].into() };
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert!(planned.requests.is_empty());

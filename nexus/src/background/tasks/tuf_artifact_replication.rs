@@ -164,31 +164,26 @@ enum Stop {
 impl ArtifactReplication {
     pub fn new(
         datastore: Arc<DataStore>,
-        staging: Arc<StagingArea>,
-        handoff: mpsc::Receiver<StagedRepo>,
-        recovered: Vec<StagedRepo>,
         settings: ReplicationSettings,
-        activator: Activator,
-        progress: ProgressMap,
-        nexus_id: Uuid,
+        wiring: crate::background::ReplicationWiring,
     ) -> ArtifactReplication {
         let client = |timeout| {
             reqwest::Client::builder().timeout(timeout).build().expect("a plain HTTP client builds")
         };
         ArtifactReplication {
             datastore,
-            staging,
-            handoff,
-            local_repos: recovered,
+            staging: wiring.staging,
+            handoff: wiring.handoff,
+            local_repos: wiring.recovered,
             http: client(settings.request_timeout),
             put_http: client(settings.put_timeout),
             settings,
-            activator,
+            activator: wiring.activator,
             ring: VecDeque::new(),
             lifetime: ReplicationCounters::default(),
-            progress,
+            progress: wiring.progress,
             backoff: BTreeMap::new(),
-            nexus_id,
+            nexus_id: wiring.nexus_id,
         }
     }
 
@@ -267,8 +262,8 @@ impl ArtifactReplication {
             .collect();
         // Progress, not mere activity: copies running on sleds will finish
         // and need a look; a successful PUT lets staged repositories go.
-        let work_remains = status.copies_in_flight > 0
-            || (status.last_run.put_ok > 0 && !self.local_repos.is_empty());
+        let work_remains =
+            status.copies_in_flight > 0 || (status.last_run.put_ok > 0 && !self.local_repos.is_empty());
         if work_remains && status.outcome == ReplicationOutcome::Completed {
             let activator = self.activator.clone();
             let delay = self.settings.followup_delay;
@@ -345,7 +340,8 @@ impl ArtifactReplication {
                     for hash in listed.copies_in_flight {
                         inventory.artifacts.entry(hash).or_default().incoming.insert(sled.id);
                     }
-                    copy_failures.extend(listed.copy_failures.into_iter().map(|(hash, f)| (sled.id, hash, f)));
+                    copy_failures
+                        .extend(listed.copy_failures.into_iter().map(|(hash, f)| (sled.id, hash, f)));
                     listed_sleds.push(sled);
                 }
                 Err(message) => records.push(Record::failed(sled.id, RequestOperation::List, message)),
@@ -431,7 +427,9 @@ impl ArtifactReplication {
         status.copies_in_flight = in_flight.len();
         records.extend(copy_results);
         for record in records.iter().filter(|r| r.error.is_some() && !r.generation_conflict) {
-            if let (Some(hash), RequestOperation::Put | RequestOperation::Copy) = (record.hash, record.operation) {
+            if let (Some(hash), RequestOperation::Put | RequestOperation::Copy) =
+                (record.hash, record.operation)
+            {
                 let error = record.error.clone().unwrap_or_default();
                 self.note_failure(record.sled_id, hash, 1, error);
             }
@@ -441,7 +439,12 @@ impl ArtifactReplication {
     }
 
     /// Takes in a copy failure a sled reported. Returns whether it is new.
-    fn observe_sled_copy_failure(&mut self, sled_id: Uuid, hash: ArtifactHash, failure: &CopyFailure) -> bool {
+    fn observe_sled_copy_failure(
+        &mut self,
+        sled_id: Uuid,
+        hash: ArtifactHash,
+        failure: &CopyFailure,
+    ) -> bool {
         let seen = self.backoff.get(&(sled_id, hash)).map_or(0, |backoff| backoff.sled_reported);
         // A count lower than the last one seen means the sled restarted.
         let new = if failure.failures >= seen { failure.failures - seen } else { failure.failures };
@@ -557,7 +560,15 @@ impl ArtifactReplication {
             Err(Attempt::Final { message, generation_conflict }) => (Some(message), generation_conflict),
             Err(Attempt::Busy { message, .. }) => (Some(message), false),
         };
-        Record { time: chrono::Utc::now(), sled_id, operation, hash: Some(hash), source_sled_id, error, generation_conflict }
+        Record {
+            time: chrono::Utc::now(),
+            sled_id,
+            operation,
+            hash: Some(hash),
+            source_sled_id,
+            error,
+            generation_conflict,
+        }
     }
 
     /// Lets go of staged repositories that enough sleds hold, or that left
@@ -783,7 +794,9 @@ where
             Err(Attempt::Busy { retry_after, message }) => {
                 tries += 1;
                 if tries > BUSY_RETRIES {
-                    return Err(Attempt::other(format!("{message} (still busy after {BUSY_RETRIES} retries)")));
+                    return Err(Attempt::other(format!(
+                        "{message} (still busy after {BUSY_RETRIES} retries)"
+                    )));
                 }
                 tokio::time::sleep(retry_after).await;
             }

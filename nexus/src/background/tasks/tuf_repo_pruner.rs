@@ -151,7 +151,9 @@ mod tests {
             datastore.tuf_repo_insert(&repo(version)).await.unwrap();
         }
         let first = outcome(pruner.activate(&log).await);
-        assert!(matches!(&first, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "1.0.0"));
+        assert!(
+            matches!(&first, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "1.0.0")
+        );
         datastore.tuf_repo_insert(&repo("1.0.0")).await.unwrap();
         let second = outcome(pruner.activate(&log).await);
         assert!(
