@@ -325,7 +325,8 @@ async fn puts_and_depot_downloads_beyond_their_limits_are_refused_with_retry_aft
     assert!(body.message.contains("receiving artifact PUTs (1, its limit)"), "{}", body.message);
     drop(release);
     let _ = slow_put.await;
-    put(&client, &a, 1).await.unwrap();
+    // The server notices the broken body a moment after the client does.
+    wait_for("the PUT slot comes back", async || put(&client, &a, 1).await.is_ok()).await;
 
     // A download whose body is not being read holds the one depot slot.
     put(&client, &b, 1).await.unwrap();
