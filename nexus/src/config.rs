@@ -4,16 +4,17 @@
 //! Unknown keys are errors, so a misspelt knob is caught at start-up instead
 //! of silently taking its default.
 
-use camino::Utf8PathBuf;
+use camino::{Utf8Path, Utf8PathBuf};
 use serde::Deserialize;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub database: DatabaseConfig,
     pub external_api: ExternalApiConfig,
-    pub internal_api: ApiConfig,
+    pub internal_api: InternalApiConfig,
     pub updates: UpdatesConfig,
     pub log: dropshot::ConfigLogging,
     #[serde(default)]
@@ -33,11 +34,19 @@ fn default_max_connections() -> u32 {
     16
 }
 
+/// The API for background tasks and sled agents. It has no authentication,
+/// so it must face only the rack's internal network, never operators or
+/// untrusted networks.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ApiConfig {
-    /// Address and port to listen on; port 0 picks a free one.
+pub struct InternalApiConfig {
+    /// Address and port to listen on; port 0 picks a free one. A loopback
+    /// address unless `expose_beyond_loopback` is set.
     pub listen: SocketAddr,
+    /// Allows a `listen` address that is not loopback (or is 0.0.0.0/::):
+    /// set it only when that address is on the rack's internal network.
+    #[serde(default)]
+    pub expose_beyond_loopback: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -45,15 +54,24 @@ pub struct ApiConfig {
 pub struct ExternalApiConfig {
     pub listen: SocketAddr,
     /// The operator's bearer token. If the file does not exist, a token is
-    /// generated, written there (mode 0600) and printed once.
+    /// generated, written there (mode 0600) and printed once if stdout is a
+    /// terminal. Not in a directory anyone can rename files in.
     pub token_file: Utf8PathBuf,
     /// The largest request body, i.e. the largest repository upload.
     #[serde(default = "default_request_body_max_bytes")]
     pub request_body_max_bytes: u64,
+    /// An upload whose body sends nothing for this long is cut off (408), so
+    /// a stalled client cannot hold an upload slot for ever.
+    #[serde(default = "default_upload_idle_timeout_secs")]
+    pub upload_idle_timeout_secs: u64,
 }
 
 fn default_request_body_max_bytes() -> u64 {
     4 << 30
+}
+
+fn default_upload_idle_timeout_secs() -> u64 {
+    60
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -74,6 +92,10 @@ pub struct UpdatesConfig {
     /// likely decompression bombs.
     #[serde(default = "default_max_compression_ratio")]
     pub max_compression_ratio: u64,
+    /// Uploads received and verified at once; more are refused with 503 and
+    /// Retry-After. Each holds its zip on disk and a verification in flight.
+    #[serde(default = "default_max_concurrent_uploads")]
+    pub max_concurrent_uploads: usize,
     /// Recorded repositories waiting for the replication task; uploads beyond
     /// it are refused with 503 until it catches up.
     #[serde(default = "default_handoff_capacity")]
@@ -94,6 +116,10 @@ fn default_max_uncompressed_bytes() -> u64 {
 
 fn default_max_compression_ratio() -> u64 {
     200
+}
+
+fn default_max_concurrent_uploads() -> usize {
+    4
 }
 
 fn default_handoff_capacity() -> usize {
@@ -206,12 +232,29 @@ impl ConfigFile for Config {
         if self.external_api.request_body_max_bytes == 0 {
             return Err(("external_api.request_body_max_bytes", "must be at least 1".into()));
         }
+        check_token_directories(&self.external_api.token_file)?;
+        let internal = &self.internal_api;
+        // to_canonical: ::ffff:127.0.0.1 is loopback too.
+        if !internal.listen.ip().to_canonical().is_loopback() && !internal.expose_beyond_loopback {
+            return Err((
+                "internal_api.listen",
+                format!(
+                    "is {}, which is not a loopback address; the internal API has no authentication and \
+                     must face only the rack's internal network, never operators or untrusted networks: \
+                     listen on 127.0.0.1 (or ::1), or set internal_api.expose_beyond_loopback = true if \
+                     this address is on the rack's internal network only",
+                    internal.listen
+                ),
+            ));
+        }
         let updates = &self.updates;
         for (key, value) in [
             ("updates.max_zip_entries", updates.max_zip_entries as u64),
             ("updates.max_uncompressed_bytes", updates.max_uncompressed_bytes),
             ("updates.max_compression_ratio", updates.max_compression_ratio),
             ("updates.handoff_capacity", updates.handoff_capacity as u64),
+            ("updates.max_concurrent_uploads", updates.max_concurrent_uploads as u64),
+            ("external_api.upload_idle_timeout_secs", self.external_api.upload_idle_timeout_secs),
         ] {
             if value == 0 {
                 return Err((key, "must be at least 1".into()));
@@ -275,10 +318,33 @@ impl ConfigFile for Config {
     }
 }
 
+/// Refuses a token file in a directory that anyone can write to without the
+/// sticky bit: anyone could rename or replace the file there (or, for a
+/// directory further up, the directories holding it). Directories that do
+/// not exist yet are skipped: Nexus creates them, for its user only.
+fn check_token_directories(token_file: &Utf8Path) -> Result<(), (&'static str, String)> {
+    for dir in token_file.ancestors().skip(1) {
+        let dir = if dir.as_str().is_empty() { Utf8Path::new(".") } else { dir };
+        let Ok(metadata) = std::fs::metadata(dir) else { continue };
+        let mode = metadata.permissions().mode();
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err((
+                "external_api.token_file",
+                format!(
+                    "{token_file} is under {dir} (mode {:04o}), which anyone can write to and which \
+                     lacks the sticky bit, so anyone could replace the token file: put it in a directory \
+                     only nexus's user can write (such as /var/lib/rack/nexus), or `chmod o-w {dir}`",
+                    mode & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use camino::Utf8Path;
 
     const PATH: &str = "test.toml";
     const MINIMAL: &str = r#"
@@ -305,6 +371,68 @@ mod tests {
         let path = Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/nexus/config.toml"));
         let config = Config::from_file(path).unwrap();
         assert_eq!(config.background_tasks.tuf_repo_pruner.nkeep, 3);
+        assert!(config.internal_api.listen.ip().is_loopback());
+        assert!(!config.internal_api.expose_beyond_loopback);
+        for path in [&config.external_api.token_file, &config.updates.staging_dir] {
+            assert!(path.starts_with("/var/lib/rack/nexus"), "{path} is not in nexus's state directory");
+        }
+    }
+
+    fn with_internal_listen(address: &str) -> String {
+        let from = "[internal_api]\n        listen = \"127.0.0.1:0\"";
+        assert!(MINIMAL.contains(from));
+        MINIMAL.replace(from, &format!("[internal_api]\n        listen = \"{address}\""))
+    }
+
+    #[test]
+    fn the_internal_api_stays_on_loopback_unless_told_otherwise() {
+        for address in ["0.0.0.0:12221", "[::]:12221", "192.0.2.7:12221", "[2001:db8::7]:12221"] {
+            let text = with_internal_listen(address);
+            let message = error_for(&text);
+            assert!(
+                message.contains("internal_api.listen")
+                    && message.contains(address)
+                    && message.contains("internal_api.expose_beyond_loopback"),
+                "{message}"
+            );
+
+            let text = text.replace(
+                &format!("listen = \"{address}\""),
+                &format!("listen = \"{address}\"\n        expose_beyond_loopback = true"),
+            );
+            let config = Config::from_toml(Utf8Path::new(PATH), &text).unwrap();
+            assert_eq!(config.internal_api.listen.to_string(), address);
+        }
+        for address in ["127.0.0.1:0", "127.0.0.2:0", "[::1]:0", "[::ffff:127.0.0.1]:0"] {
+            Config::from_toml(Utf8Path::new(PATH), &with_internal_listen(address)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_token_file_in_a_directory_anyone_can_rename_in_is_refused() {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let with_token_in = |token_file: &Utf8Path| {
+            MINIMAL.replace("token_file = \"/tmp/token\"", &format!("token_file = \"{token_file}\""))
+        };
+        for token_file in [open.join("operator-token"), open.join("not-yet/operator-token")] {
+            let message = error_for(&with_token_in(&token_file));
+            assert!(
+                message.contains("external_api.token_file")
+                    && message.contains(&format!("under {open} (mode 0777)"))
+                    && message.contains("sticky"),
+                "{message}"
+            );
+        }
+
+        // The sticky bit (as on /tmp) lets only a file's owner rename it.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        Config::from_toml(Utf8Path::new(PATH), &with_token_in(&open.join("operator-token"))).unwrap();
+        // A directory that does not exist yet is created by nexus, privately.
+        Config::from_toml(Utf8Path::new(PATH), &with_token_in(Utf8Path::new("/nonexistent/operator-token")))
+            .unwrap();
     }
 
     #[test]

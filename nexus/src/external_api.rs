@@ -3,6 +3,7 @@
 
 use crate::app::Nexus;
 use crate::app::update::UploadError;
+use crate::app::update::zip_intake::ZipError;
 use crate::db::datastore::TufRepoPage;
 use crate::db::model::{TufRepoInsertStatus, TufRepoWithArtifacts, TufTrustRoot};
 use common::api::external::{
@@ -45,20 +46,42 @@ fn authorize(rqctx: &RequestContext<Arc<Nexus>>) -> Result<(), HttpError> {
 /// one replication round on a small rack.
 const HANDOFF_RETRY_AFTER_SECS: u64 = 10;
 
+/// How long a client refused for too many concurrent uploads should wait.
+const BUSY_RETRY_AFTER_SECS: u64 = 5;
+
+fn retry_after(error: HttpError, seconds: u64) -> HttpError {
+    error.with_header(http::header::RETRY_AFTER, seconds.to_string()).expect("a valid header")
+}
+
 impl From<UploadError> for HttpError {
     fn from(error: UploadError) -> HttpError {
         let message = error_chain(&error);
+        let out_of_space = error.is_out_of_space();
         match error {
             UploadError::Database(error) => error.into(),
-            UploadError::HandoffFull { .. } => {
-                server_error(StatusCode::SERVICE_UNAVAILABLE, "HANDOFF_FULL", message)
-                    .with_header(http::header::RETRY_AFTER, HANDOFF_RETRY_AFTER_SECS.to_string())
-                    .expect("a valid header")
+            UploadError::HandoffFull { .. } => retry_after(
+                server_error(StatusCode::SERVICE_UNAVAILABLE, "HANDOFF_FULL", message),
+                HANDOFF_RETRY_AFTER_SECS,
+            ),
+            UploadError::TooManyUploads { .. } => retry_after(
+                server_error(StatusCode::SERVICE_UNAVAILABLE, "TOO_MANY_UPLOADS", message),
+                BUSY_RETRY_AFTER_SECS,
+            ),
+            // The server's own storage failed: never the client's fault.
+            UploadError::Storage { .. } | UploadError::Zip(ZipError::Io { .. }) if out_of_space => {
+                server_error(StatusCode::INSUFFICIENT_STORAGE, "OUT_OF_SPACE", message)
             }
-            UploadError::Io { .. } => HttpError::for_internal_error(message),
+            UploadError::Storage { .. } | UploadError::Zip(ZipError::Io { .. }) => {
+                server_error(StatusCode::SERVICE_UNAVAILABLE, "STORAGE", message)
+            }
             UploadError::TooLarge { .. } => HttpError::for_client_error(
                 Some("TOO_LARGE".into()),
                 ClientErrorStatusCode::PAYLOAD_TOO_LARGE,
+                message,
+            ),
+            UploadError::BodyIdle { .. } => HttpError::for_client_error(
+                Some("UPLOAD_STALLED".into()),
+                ClientErrorStatusCode::REQUEST_TIMEOUT,
                 message,
             ),
             UploadError::BadFileName(_)
@@ -71,6 +94,8 @@ impl From<UploadError> for HttpError {
             | UploadError::MissingArtifactsJson
             | UploadError::ArtifactsJson(_)
             | UploadError::MissingTarget { .. }
+            | UploadError::TargetNotInArchive { .. }
+            | UploadError::UnfetchableTarget { .. }
             | UploadError::TargetMismatch { .. } => {
                 HttpError::for_bad_request(Some("BAD_REPOSITORY".into()), message)
             }
@@ -186,6 +211,10 @@ impl ExternalApi for ExternalApiImpl {
                 error_chain(&error)
             ))
         })?;
+        // An expired root could verify nothing: uploads enforce expiry.
+        if root.signed.expires <= jiff::Timestamp::now() {
+            return Err(bad(format!("the trust root expired at {}", root.signed.expires)));
+        }
         let created = rqctx.context().datastore.trust_root_add(root_role).await?;
         Ok(HttpResponseCreated(trust_root_view(created)))
     }

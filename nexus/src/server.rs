@@ -80,11 +80,14 @@ impl Server {
         let definitions = background::register_all(&config.background_tasks, &datastore, wiring);
         let updates = &config.updates;
         let uploader = Uploader {
+            nexus_id,
             log: log.new(slog::o!("component" => "upload")),
             datastore: datastore.clone(),
             staging: staging_area,
             settings: UploadSettings {
                 max_bytes: config.external_api.request_body_max_bytes,
+                idle_timeout: Duration::from_secs(config.external_api.upload_idle_timeout_secs),
+                max_concurrent: updates.max_concurrent_uploads,
                 enforce_expiry: updates.enforce_expiry,
                 zip: ZipLimits {
                     max_entries: updates.max_zip_entries,
@@ -92,6 +95,7 @@ impl Server {
                     max_compression_ratio: updates.max_compression_ratio,
                 },
             },
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(updates.max_concurrent_uploads)),
             handoff: handoff_tx,
             handoff_slots,
             replication: replication_activator,

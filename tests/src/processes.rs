@@ -53,6 +53,10 @@ impl Process {
             .unwrap_or_else(|| panic!("no {prefix:?} in {:?}", self.printed))
     }
 
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill_9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -129,7 +133,7 @@ pub fn write_nexus_config(dir: &Utf8Path, database_url: &str, edit: impl FnOnce(
     let text = shipped
         .replace("127.0.0.1:12221", "127.0.0.1:0")
         .replace("127.0.0.1:12220", "127.0.0.1:0")
-        .replace("/var/tmp/rack/nexus", dir.as_str())
+        .replace("/var/lib/rack/nexus", dir.as_str())
         .replace("postgresql://postgres@127.0.0.1:5432/rack", database_url)
         .replace("period_secs = 60", "period_secs = 3600")
         .replace("period_secs = 300", "period_secs = 3600");

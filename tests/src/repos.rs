@@ -103,61 +103,11 @@ pub async fn upload(external_url: &str, token: Option<&str>, file: &Utf8Path) ->
     (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
 }
 
-/// A zip of raw entries, written by hand (stored, no compression) so that
-/// it can hold what a well-behaved zip writer refuses: duplicate names,
+/// A zip of stored entries written by hand (see [`tuf_forge::raw_zip`]), so
+/// that it can hold what a well-behaved zip writer refuses: duplicate names,
 /// `..`, absolute paths.
 pub fn raw_zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut central = Vec::new();
-    for (name, data) in entries {
-        let offset = out.len() as u32;
-        let crc = crc32(data);
-        let header = |signature: u32, central: bool| {
-            let mut h = Vec::new();
-            h.extend(signature.to_le_bytes());
-            if central {
-                h.extend(20u16.to_le_bytes());
-            }
-            h.extend(20u16.to_le_bytes()); // version needed
-            h.extend(0u16.to_le_bytes()); // flags
-            h.extend(0u16.to_le_bytes()); // stored
-            h.extend(0u32.to_le_bytes()); // time, date
-            h.extend(crc.to_le_bytes());
-            h.extend((data.len() as u32).to_le_bytes());
-            h.extend((data.len() as u32).to_le_bytes());
-            h.extend((name.len() as u16).to_le_bytes());
-            h.extend(0u16.to_le_bytes()); // extra
-            if central {
-                h.extend([0u8; 6]); // comment len, disk, internal attrs
-                h.extend(0u32.to_le_bytes()); // external attrs
-                h.extend(offset.to_le_bytes());
-            }
-            h.extend(name.as_bytes());
-            h
-        };
-        out.extend(header(0x0403_4b50, false));
-        out.extend(*data);
-        central.extend(header(0x0201_4b50, true));
-    }
-    let central_offset = out.len() as u32;
-    out.extend(&central);
-    out.extend(0x0605_4b50u32.to_le_bytes());
-    out.extend([0u8; 4]);
-    out.extend((entries.len() as u16).to_le_bytes());
-    out.extend((entries.len() as u16).to_le_bytes());
-    out.extend((central.len() as u32).to_le_bytes());
-    out.extend(central_offset.to_le_bytes());
-    out.extend(0u16.to_le_bytes());
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for byte in data {
-        crc ^= u32::from(*byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
+    let entries: Vec<_> =
+        entries.iter().map(|(name, data)| tuf_forge::raw_zip::RawEntry::new(name, data)).collect();
+    tuf_forge::raw_zip::build(&entries, false)
 }

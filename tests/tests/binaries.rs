@@ -12,7 +12,7 @@ fn shipped_config(dir: &tempfile::TempDir) -> String {
         .unwrap()
         .replace("127.0.0.1:12221", "127.0.0.1:0")
         .replace("127.0.0.1:12220", "127.0.0.1:0")
-        .replace("/var/tmp/rack/nexus", dir)
+        .replace("/var/lib/rack/nexus", dir)
 }
 
 fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
@@ -82,6 +82,67 @@ async fn nexus_serves_until_sigterm() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(status.success(), "nexus exited with {status} on SIGTERM");
+}
+
+#[tokio::test]
+async fn nexus_refuses_a_token_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &shipped_config(&dir));
+    let token_file = dir.path().join("operator-token");
+    std::fs::write(&token_file, "secret").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let db = TestDatabase::new().await;
+    let stderr = refusal(&config, db.url());
+    assert!(
+        stderr.contains(token_file.to_str().unwrap())
+            && stderr.contains("0644")
+            && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+}
+
+/// Without a terminal, stdout is a service log: the generated token is
+/// stored in its file but not printed.
+#[tokio::test]
+async fn nexus_does_not_print_a_generated_token_to_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &shipped_config(&dir));
+    let db = TestDatabase::new().await;
+    let mut child = Command::new(binary("nexus"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--database-url", db.url()])
+        .stdout(Stdio::piped())
+        // A file, not a pipe: nothing reads stderr until nexus has exited.
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let token_file = dir.path().join("operator-token");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("operator token");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    printed.extend(lines.map(Result::unwrap));
+    let status = child.wait().unwrap();
+    let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert!(status.success(), "{printed:?}\n{stderr}");
+
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.len(), 64, "{token:?}");
+    let stdout = printed.join("\n");
+    let expected = format!("operator token generated now and stored in {} (mode 0600)", token_file.display());
+    assert!(stdout.contains(&expected), "{stdout}");
+    assert!(!stdout.contains(&token), "the token was printed: {stdout}");
+    assert!(!stderr.contains(&token), "the token was logged: {stderr}");
 }
 
 #[tokio::test]

@@ -177,7 +177,54 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     ));
     let mut junk = good_bytes.clone();
     junk.extend_from_slice(b"trailing junk!");
-    cases.push(("trailing junk", write(dir, "junk.zip", &junk), 400, "14 bytes of trailing data".into()));
+    cases.push((
+        "trailing junk",
+        write(dir, "junk.zip", &junk),
+        400,
+        "14 bytes after the zip archive's end record".into(),
+    ));
+    use tuf_forge::raw_zip::{RawEntry, append_end_record, build, prepend};
+    cases.push((
+        "a second end record appended",
+        write(dir, "second-end.zip", &append_end_record(&good_bytes)),
+        400,
+        "second end-of-central-directory record".into(),
+    ));
+    cases.push((
+        "data prepended, offsets fixed up",
+        write(dir, "prepended.zip", &prepend(&good_bytes, 512)),
+        400,
+        "512 bytes of data before the zip archive's first entry".into(),
+    ));
+    let renamed = RawEntry::new("repo/targets/a", b"x").renamed_to("repo/targets/b");
+    cases.push((
+        "Unicode Path extra field",
+        write(dir, "renamed.zip", &build(&[renamed], false)),
+        400,
+        "\"repo/targets/a\" carries a Unicode Path extra field".into(),
+    ));
+    let mut other_local = RawEntry::new("repo/targets/a", b"x");
+    other_local.local_name = Some("repo/targets/b".into());
+    cases.push((
+        "local name differs",
+        write(dir, "local-name.zip", &build(&[other_local], false)),
+        400,
+        "its local header disagrees with the central directory (name)".into(),
+    ));
+    let twice = [RawEntry::new("repo/targets/a", b"1"), RawEntry::new("repo/targets/a", b"2")];
+    cases.push((
+        "duplicate entries in a ZIP64 archive",
+        write(dir, "duplicate64.zip", &build(&twice, true)),
+        400,
+        "\"repo/targets/a\" appears more than once".into(),
+    ));
+    let long_name = format!("repo/targets/{}", "n".repeat(1100));
+    cases.push((
+        "a name over 1,024 bytes",
+        write(dir, "long-name.zip", &build(&[RawEntry::new(&long_name, b"x")], false)),
+        400,
+        "a name of 1113 bytes; at most 1024 are accepted".into(),
+    ));
     cases.push((
         "path traversal",
         write(
@@ -248,6 +295,33 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
             std::fs::remove_file(targets.join("os-1.0.0.zone")).unwrap();
         })
         .await;
+    let absent = factory
+        .build_then_tamper(&RepoFactory::spec("1.0.7", &[("os", 1000)], 8), |repo| {
+            for entry in std::fs::read_dir(repo.join("targets")).unwrap() {
+                let path = entry.unwrap().path();
+                if path.to_str().unwrap().ends_with(".os-1.0.0.zone") {
+                    std::fs::remove_file(path).unwrap();
+                }
+            }
+        })
+        .await;
+    cases.push((
+        "target signed but not in the archive",
+        absent,
+        400,
+        "target \"os-1.0.0.zone\" is listed in targets.json but missing from the archive".into(),
+    ));
+    let unfetchable = factory
+        .build_with_targets(&RepoFactory::spec("1.0.8", &[("os", 1000)], 9), |targets| {
+            rename_target(targets, "os-1.0.0.zone", "os#1.zone")
+        })
+        .await;
+    cases.push((
+        "a target name that changes in a URL",
+        unfetchable,
+        400,
+        "target \"os#1.zone\" cannot be fetched unambiguously".into(),
+    ));
     cases.push((
         "target missing",
         dangling,
@@ -264,10 +338,12 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
     ));
 
     let before = traces(&nexus).await;
+    let server_dir = nexus.dir.path().to_string();
     for (name, file, expected_status, phrase) in cases {
         let (status, body) = upload(&nexus.external_url(), Some(&nexus.token), &file).await;
         assert_eq!(status, expected_status, "{name}: {body}");
         assert!(message(&body).contains(&phrase), "{name}: {:?} should contain {phrase:?}", message(&body));
+        assert!(!message(&body).contains(&server_dir), "{name}: a server path in {body}");
         assert_eq!(traces(&nexus).await, before, "{name} left traces");
     }
 }
@@ -309,6 +385,45 @@ fn bomb(dir: &Utf8Path) -> camino::Utf8PathBuf {
     }
     zip.finish().unwrap();
     path
+}
+
+/// Renames a target file before signing and points artifacts.json at the
+/// new name.
+fn rename_target(targets: &Utf8Path, from: &str, to: &str) {
+    std::fs::rename(targets.join(from), targets.join(to)).unwrap();
+    let path = targets.join("artifacts.json");
+    let document = std::fs::read_to_string(&path).unwrap().replace(from, to);
+    std::fs::write(path, document).unwrap();
+}
+
+/// A target whose name changes when percent-encoded (a space, non-ASCII)
+/// uploads, and what is staged is exactly the signed bytes (before, tough
+/// verified `os%20image.zone` while the upload staged `os image.zone`, and
+/// such a repository could not be uploaded at all).
+#[tokio::test]
+async fn targets_named_with_spaces_and_non_ascii_upload_verified() {
+    let nexus = TestNexus::start().await;
+    let factory = RepoFactory::new().await;
+    add_trust_root(&nexus, &factory).await;
+    let spec = RepoFactory::spec("1.0.0", &[("os", 20_000), ("sp", 3000)], 1);
+    let mut signed = Vec::new();
+    let zip = factory
+        .build_with_targets(&spec, |targets| {
+            rename_target(targets, "os-1.0.0.zone", "os image.zone");
+            rename_target(targets, "sp-1.0.0.zone", "spé ünï.zone");
+            for name in ["os image.zone", "spé ünï.zone"] {
+                signed.push(std::fs::read(targets.join(name)).unwrap());
+            }
+        })
+        .await;
+    let (status, body) = upload(&nexus.external_url(), Some(&nexus.token), &zip).await;
+    assert_eq!(status, 200, "{body}");
+    for bytes in signed {
+        use sha2::Digest;
+        let hash = common::ArtifactHash(sha2::Sha256::digest(&bytes).into()).to_string();
+        let staged = std::fs::read(nexus.staging_dir().join("artifacts").join(&hash)).unwrap();
+        assert_eq!(staged, bytes, "the staged bytes are the signed ones");
+    }
 }
 
 #[tokio::test]

@@ -6,6 +6,8 @@
 //!
 //! Keys are Ed25519 in PKCS#8 DER, which `tuftool` reads too.
 
+pub mod raw_zip;
+
 use anyhow::{Context, bail};
 use camino::{Utf8Path, Utf8PathBuf};
 use jiff::Timestamp;

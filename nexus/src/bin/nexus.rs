@@ -6,6 +6,7 @@ use camino::Utf8PathBuf;
 use clap::Parser;
 use nexus::config::{Config, ConfigFile};
 use nexus::server::Server;
+use std::io::IsTerminal;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -38,7 +39,15 @@ async fn main() -> anyhow::Result<()> {
     println!("nexus internal API: http://{}", server.internal_address());
     println!("nexus external API: http://{}", server.external_address());
     if let Some(token) = &server.generated_token {
-        println!("operator token (generated now, stored in {}): {token}", config.external_api.token_file);
+        let token_file = &config.external_api.token_file;
+        // A service's stdout goes to its log, which outlives the moment and
+        // is read by more people than the operator: the token itself is
+        // shown only to a person at a terminal, and is always in the file.
+        if std::io::stdout().is_terminal() {
+            println!("operator token (generated now, stored in {token_file}): {token}");
+        } else {
+            println!("operator token generated now and stored in {token_file} (mode 0600)");
+        }
     }
     tokio::select! {
         _ = interrupt.recv() => {}

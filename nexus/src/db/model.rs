@@ -108,6 +108,9 @@ pub struct TufRepoDescription {
     /// The hash of the uploaded zip file.
     pub sha256: ArtifactHash,
     pub file_name: String,
+    /// The trust root the upload verified against: the insert fails if it
+    /// stopped being trusted meanwhile.
+    pub trust_root_id: Uuid,
     pub artifacts: Vec<TufArtifactDescription>,
 }
 

@@ -87,6 +87,7 @@ mod tests {
             system_version: version.into(),
             sha256: ArtifactHash([byte; 32]),
             file_name: format!("{version}.zip"),
+            trust_root_id: crate::db::datastore::test_support::TEST_TRUST_ROOT,
             artifacts: vec![TufArtifactDescription {
                 id: ArtifactId { name: format!("os-{version}"), version: version.into(), kind: "os".into() },
                 sha256: ArtifactHash([byte.wrapping_add(1); 32]),

@@ -226,11 +226,26 @@ pub(crate) mod test_support {
     use super::*;
     use test_harness::TestDatabase;
 
-    /// A datastore on a fresh database of the test's own. The database is
-    /// returned too, to keep its URL at hand.
+    /// The trust root every test datastore has, for repositories recorded
+    /// without an upload.
+    pub const TEST_TRUST_ROOT: uuid::Uuid = uuid::Uuid::from_u128(0x7e57);
+
+    /// A datastore on a fresh database of the test's own, with
+    /// [`TEST_TRUST_ROOT`] trusted. The database is returned too, to keep
+    /// its URL at hand.
     pub async fn datastore() -> (TestDatabase, DataStore) {
+        use diesel_async::RunQueryDsl;
         let db = TestDatabase::new().await;
         let datastore = DataStore::connect(db.url(), &PoolConfig::default()).await.unwrap();
+        let root = crate::db::model::TufTrustRoot {
+            id: TEST_TRUST_ROOT,
+            time_created: chrono::Utc::now(),
+            time_deleted: None,
+            root_role: serde_json::json!({"test": "root"}),
+        };
+        let mut conn = datastore.connection().await.unwrap();
+        diesel::insert_into(crate::db::schema::tuf_trust_root::table).values(&root).execute(&mut conn).await.unwrap();
+        drop(conn);
         (db, datastore)
     }
 }

@@ -18,7 +18,7 @@ use crate::db::model::{
     DbArtifactHash, TufArtifact, TufRepo, TufRepoArtifact, TufRepoDescription, TufRepoInsertStatus,
     TufRepoWithArtifacts,
 };
-use crate::db::schema::{tuf_artifact, tuf_generation, tuf_repo, tuf_repo_artifact};
+use crate::db::schema::{tuf_artifact, tuf_generation, tuf_repo, tuf_repo_artifact, tuf_trust_root};
 use chrono::{DateTime, SubsecRound, Utc};
 use common::{ArtifactConfig, ArtifactId, Generation};
 use diesel::prelude::*;
@@ -233,6 +233,20 @@ async fn insert_in_txn(
     description: &TufRepoDescription,
 ) -> Result<TufRepoInsertResult, TxnError> {
     let generation = read_generation(conn).await?;
+    // The root the upload verified with must still be trusted when the
+    // repository is recorded (it may have been deleted during the upload).
+    let trusted = tuf_trust_root::table
+        .filter(tuf_trust_root::id.eq(description.trust_root_id).and(tuf_trust_root::time_deleted.is_null()))
+        .count()
+        .get_result::<i64>(conn)
+        .await?;
+    if trusted == 0 {
+        return Err(DataStoreError::Conflict(format!(
+            "trust root {} verified this repository but was deleted during the upload; nothing was recorded",
+            description.trust_root_id
+        ))
+        .into());
+    }
     let existing = tuf_repo::table
         .filter(tuf_repo::system_version.eq(&description.system_version))
         .select(TufRepo::as_select())
@@ -451,7 +465,7 @@ fn generation_from_sql(value: i64) -> Result<Generation, TxnError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::datastore;
+    use super::super::test_support::{TEST_TRUST_ROOT, datastore};
     use super::*;
     use crate::db::model::TufArtifactDescription;
     use common::ArtifactHash;
@@ -474,6 +488,7 @@ mod tests {
             system_version: version.into(),
             sha256: hash(&format!("zip of {version} {artifacts:?}")),
             file_name: format!("repo-{version}.zip"),
+            trust_root_id: TEST_TRUST_ROOT,
             artifacts,
         }
     }
@@ -518,6 +533,18 @@ mod tests {
 
         let error = datastore.tuf_repo_get_by_version("9.9.9").await.unwrap_err();
         assert_eq!(error.to_string(), "TUF repository with system version 9.9.9 not found");
+    }
+
+    /// The trust root an upload verified with must still be trusted when
+    /// the repository is recorded.
+    #[tokio::test]
+    async fn a_repository_verified_by_a_root_deleted_meanwhile_is_not_recorded() {
+        let (_db, datastore) = datastore().await;
+        datastore.trust_root_delete(TEST_TRUST_ROOT).await.unwrap();
+        let error = datastore.tuf_repo_insert(&repo("1.0.0", vec![artifact("a", "1")])).await.unwrap_err();
+        assert!(matches!(error, DataStoreError::Conflict(_)), "{error:?}");
+        assert!(error.to_string().contains("was deleted during the upload"), "{error}");
+        assert_eq!(config_hashes(&datastore).await, (Generation::new(1), BTreeSet::new()), "nothing recorded");
     }
 
     #[tokio::test]
