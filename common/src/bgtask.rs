@@ -2,26 +2,118 @@
 //! it.
 //!
 //! A task's `details` are the JSON its activation returned. Where the driver
-//! itself decided the outcome (the task panicked, or is disabled) the details
-//! are a [`DriverDetails`] instead. Tasks of ours publish typed details,
-//! defined in [`details`], so omdb can render them field by field.
+//! itself decided the outcome (the task panicked, or its switch skipped the
+//! activation) the details are a [`DriverDetails`] instead. Tasks of ours
+//! publish typed details, defined in [`details`], so omdb can render them
+//! field by field.
+//!
+//! The switch ([`TaskSwitch`]) is cluster-wide: it lives in the database and
+//! every Nexus honours it. While the database has no switch for a task, each
+//! Nexus uses its config file's (`disabled = true` means [`TaskMode::Disabled`],
+//! otherwise [`TaskMode::Enabled`]); once someone sets the switch, the
+//! database's wins over every config file.
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use uuid::Uuid;
 
-/// Why an activation ran.
+/// Why an activation ran. The task is told (its `activate` receives it), and
+/// the switch's mode decides by it whether the activation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ActivationReason {
     /// The task's period elapsed (this includes the first activation, at
     /// start-up).
-    Timeout,
-    /// Someone asked: the internal API, omdb, or another part of Nexus.
-    Signaled,
+    Periodic,
+    /// Someone asked: the internal API, omdb, or another part of Nexus (an
+    /// upload, or the task itself scheduling a follow-up).
+    Explicit,
     /// A task this one depends on published new data.
     Dependency,
+}
+
+impl ActivationReason {
+    /// The name stored in the database and shown by omdb.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActivationReason::Periodic => "periodic",
+            ActivationReason::Explicit => "explicit",
+            ActivationReason::Dependency => "dependency",
+        }
+    }
+}
+
+impl std::str::FromStr for ActivationReason {
+    type Err = UnknownName;
+
+    fn from_str(name: &str) -> Result<Self, UnknownName> {
+        [ActivationReason::Periodic, ActivationReason::Explicit, ActivationReason::Dependency]
+            .into_iter()
+            .find(|reason| reason.as_str() == name)
+            .ok_or_else(|| UnknownName { kind: "activation reason", name: name.to_string() })
+    }
+}
+
+/// What a task's switch lets run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskMode {
+    /// Every activation runs.
+    Enabled,
+    /// Periodic activations are skipped (the timer is stopped); explicit
+    /// ones run, and so do dependency ones: a dependency publishes only
+    /// because work was done upstream (often after an explicit activation
+    /// there), and that work's consequences should follow it.
+    Manual,
+    /// No activation runs.
+    Disabled,
+}
+
+impl TaskMode {
+    /// Whether an activation for `reason` does the task's work.
+    pub fn runs(self, reason: ActivationReason) -> bool {
+        match self {
+            TaskMode::Enabled => true,
+            TaskMode::Manual => reason != ActivationReason::Periodic,
+            TaskMode::Disabled => false,
+        }
+    }
+
+    /// The name stored in the database and shown by omdb.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskMode::Enabled => "enabled",
+            TaskMode::Manual => "manual",
+            TaskMode::Disabled => "disabled",
+        }
+    }
+}
+
+impl std::str::FromStr for TaskMode {
+    type Err = UnknownName;
+
+    fn from_str(name: &str) -> Result<Self, UnknownName> {
+        [TaskMode::Enabled, TaskMode::Manual, TaskMode::Disabled]
+            .into_iter()
+            .find(|mode| mode.as_str() == name)
+            .ok_or_else(|| UnknownName { kind: "task mode", name: name.to_string() })
+    }
+}
+
+impl std::fmt::Display for TaskMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored name that is not one of an enum's.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown {kind} {name:?}")]
+pub struct UnknownName {
+    pub kind: &'static str,
+    pub name: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -44,13 +136,14 @@ pub enum LastResult {
     },
 }
 
-/// Whether a task does its work when activated, and who decided.
+/// Which activations of a task do its work, and who decided, when and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskSwitch {
-    pub enabled: bool,
-    /// Who or what set the switch last: "config file" at start-up, or what the
-    /// caller of the internal API said (omdb says user and host).
+    pub mode: TaskMode,
+    /// Who set the switch: what the caller of the internal API said (omdb
+    /// says user and host), or "config file" while the database has none.
     pub changed_by: String,
+    pub reason: String,
     pub time_changed: DateTime<Utc>,
 }
 
@@ -61,8 +154,22 @@ pub enum DriverDetails {
     /// The activation panicked; the task stays registered and is activated
     /// again as usual.
     Panicked { message: String },
-    /// The task is disabled and did no work.
-    Disabled { changed_by: String, time_changed: DateTime<Utc> },
+    /// The switch's mode does not let this activation run (`disabled` skips
+    /// every one, `manual` the periodic ones); the task did no work. The
+    /// rest is the switch that decided.
+    Skipped { mode: TaskMode, changed_by: String, reason: String, time_changed: DateTime<Utc> },
+}
+
+/// One Nexus's last activation of a task that did the task's work (skipped
+/// ones are not recorded), as the database has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NexusActivation {
+    pub nexus_id: Uuid,
+    pub iteration: u64,
+    pub reason: ActivationReason,
+    pub time_started: DateTime<Utc>,
+    /// `None` while it runs, or if that Nexus stopped before it finished.
+    pub time_done: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -70,9 +177,20 @@ pub struct BackgroundTask {
     pub name: String,
     pub description: String,
     pub period: Duration,
+    /// The switch this Nexus honours, as read from the database for this
+    /// view (the config file's while the database has none).
     pub switch: TaskSwitch,
+    /// What could not be read from the database, for this view or for the
+    /// last activation. The driver then goes on with the last switch it
+    /// read, which is what `switch` shows if this view could not read it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub database_errors: Vec<String>,
+    /// This Nexus's activation in progress, if any.
     pub current: CurrentStatus,
+    /// This Nexus's last completed activation, skipped or not.
     pub last: LastResult,
+    /// Every Nexus's last activation that did work, by Nexus id.
+    pub activations: Vec<NexusActivation>,
 }
 
 /// Typed details of the tasks Nexus runs.

@@ -5,10 +5,11 @@ use crate::app::Nexus;
 use crate::app::update::UploadError;
 use crate::app::update::zip_intake::ZipError;
 use crate::db::datastore::TufRepoPage;
-use crate::db::model::{TufRepoInsertStatus, TufRepoWithArtifacts, TufTrustRoot};
+use crate::db::model::{Sled, TargetRelease, TufRepo, TufRepoInsertStatus, TufRepoWithArtifacts, TufTrustRoot};
 use common::api::external::{
-    ExternalApi, RepoPageSelector, SystemVersionPath, TrustRootPath, TrustRootView, TufArtifactView,
-    TufRepoUploadResponse, TufRepoUploadStatus, TufRepoView, UploadQuery,
+    ExternalApi, RepoPageSelector, SledPath, SledState, SledView, SystemVersionPath, TargetReleaseRequest,
+    TargetReleaseStatus, TargetReleaseView, TrustRootPath, TrustRootView, TufArtifactView, TufRepoUploadResponse,
+    TufRepoUploadStatus, TufRepoView, UploadQuery,
 };
 use common::error::server_error;
 use common::error_chain;
@@ -103,9 +104,12 @@ impl From<UploadError> for HttpError {
     }
 }
 
-pub fn repo_view(nexus: &Nexus, recorded: TufRepoWithArtifacts) -> TufRepoView {
+/// A repository as the API shows it, with its recorded health.
+pub async fn repo_view(nexus: &Nexus, recorded: TufRepoWithArtifacts) -> Result<TufRepoView, HttpError> {
+    let health = nexus.datastore.repo_health_get(&[recorded.repo.id]).await?;
     let TufRepoWithArtifacts { repo, artifacts } = recorded;
-    TufRepoView {
+    Ok(TufRepoView {
+        health: health.get(&repo.id).and_then(|row| row.view()),
         replication: nexus.replication_progress(repo.id),
         id: repo.id,
         system_version: repo.system_version,
@@ -124,6 +128,29 @@ pub fn repo_view(nexus: &Nexus, recorded: TufRepoWithArtifacts) -> TufRepoView {
                 size: u64::try_from(artifact.size).unwrap_or(0),
             })
             .collect(),
+    })
+}
+
+fn target_release_view((release, repo): (TargetRelease, TufRepo)) -> TargetReleaseView {
+    TargetReleaseView {
+        generation: u64::try_from(release.generation).unwrap_or(0),
+        system_version: repo.system_version,
+        repo_id: repo.id,
+        time_requested: release.time_requested,
+        requested_by: release.requested_by,
+    }
+}
+
+fn sled_view(sled: Sled) -> SledView {
+    SledView {
+        id: sled.id,
+        serial: sled.serial,
+        ip: sled.ip,
+        port: u16::try_from(sled.port).unwrap_or(0),
+        repo_depot_port: u16::try_from(sled.repo_depot_port).unwrap_or(0),
+        state: if sled.time_expunged.is_some() { SledState::Expunged } else { SledState::InService },
+        time_created: sled.time_created,
+        time_expunged: sled.time_expunged,
     }
 }
 
@@ -150,7 +177,7 @@ impl ExternalApi for ExternalApiImpl {
             TufRepoInsertStatus::Inserted => TufRepoUploadStatus::Inserted,
             TufRepoInsertStatus::AlreadyExists => TufRepoUploadStatus::AlreadyExists,
         };
-        Ok(HttpResponseOk(TufRepoUploadResponse { repo: repo_view(nexus, result.recorded), status }))
+        Ok(HttpResponseOk(TufRepoUploadResponse { repo: repo_view(nexus, result.recorded).await?, status }))
     }
 
     async fn repository_list(
@@ -168,8 +195,8 @@ impl ExternalApi for ExternalApiImpl {
         let repos = nexus.datastore.tuf_repo_list(&TufRepoPage { limit, after }).await?;
         let mut views = Vec::with_capacity(repos.len());
         for repo in repos {
-            views
-                .push(repo_view(nexus, nexus.datastore.tuf_repo_get_by_version(&repo.system_version).await?));
+            let recorded = nexus.datastore.tuf_repo_get_by_version(&repo.system_version).await?;
+            views.push(repo_view(nexus, recorded).await?);
         }
         let page = ResultsPage::new(views, &EmptyScanParams {}, |view, _| RepoPageSelector {
             time_created: view.time_created,
@@ -185,7 +212,51 @@ impl ExternalApi for ExternalApiImpl {
         authorize(&rqctx)?;
         let nexus = rqctx.context();
         let recorded = nexus.datastore.tuf_repo_get_by_version(&path.into_inner().system_version).await?;
-        Ok(HttpResponseOk(repo_view(nexus, recorded)))
+        Ok(HttpResponseOk(repo_view(nexus, recorded).await?))
+    }
+
+    async fn target_release_view(
+        rqctx: RequestContext<Self::Context>,
+    ) -> Result<HttpResponseOk<TargetReleaseStatus>, HttpError> {
+        authorize(&rqctx)?;
+        let releases = rqctx.context().datastore.target_releases().await?;
+        Ok(HttpResponseOk(TargetReleaseStatus {
+            current: releases.current.map(target_release_view),
+            previous: releases.previous.map(target_release_view),
+        }))
+    }
+
+    async fn target_release_set(
+        rqctx: RequestContext<Self::Context>,
+        body: TypedBody<TargetReleaseRequest>,
+    ) -> Result<HttpResponseOk<TargetReleaseView>, HttpError> {
+        authorize(&rqctx)?;
+        let nexus = rqctx.context();
+        let request = body.into_inner();
+        // One token for all operators: the API cannot say which one.
+        let set = nexus.datastore.target_release_set(&request.system_version, "operator (external API)").await?;
+        slog::info!(nexus.log, "target release set"; "system_version" => &request.system_version,
+            "generation" => set.0.generation);
+        Ok(HttpResponseOk(target_release_view(set)))
+    }
+
+    async fn sled_list(rqctx: RequestContext<Self::Context>) -> Result<HttpResponseOk<Vec<SledView>>, HttpError> {
+        authorize(&rqctx)?;
+        let sleds = rqctx.context().datastore.sled_list_all().await?;
+        Ok(HttpResponseOk(sleds.into_iter().map(sled_view).collect()))
+    }
+
+    async fn sled_expunge(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<SledPath>,
+    ) -> Result<HttpResponseOk<SledView>, HttpError> {
+        authorize(&rqctx)?;
+        let nexus = rqctx.context();
+        let sled = nexus.datastore.sled_expunge(path.into_inner().sled_id).await?;
+        slog::warn!(nexus.log, "sled expunged"; "sled_id" => %sled.id, "serial" => &sled.serial);
+        // Replication restores what the sled held on the others.
+        nexus.background.activate(&["tuf_artifact_replication"])?;
+        Ok(HttpResponseOk(sled_view(sled)))
     }
 
     async fn trust_root_list(

@@ -2,7 +2,7 @@
 //! sees names the problem and the thing it concerns; 500s keep the cause chain
 //! in the server log only.
 
-use crate::background::driver::DriverError;
+use crate::background::driver::{DriverError, StoreError};
 use crate::db::DataStoreError;
 use common::error::unavailable;
 use common::error_chain;
@@ -46,6 +46,13 @@ impl From<DriverError> for HttpError {
                 ClientErrorStatusCode::NOT_FOUND,
                 error.to_string(),
             ),
+            DriverError::EmptySwitchField { .. } => {
+                HttpError::for_bad_request(Some("INVALID_INPUT".into()), error.to_string())
+            }
+            // The database's own rules, for the status: an unreachable
+            // database is 503, a failed query 500.
+            DriverError::SetSwitch { source: StoreError::Database(source), .. } => HttpError::from(source),
+            DriverError::SetSwitch { source: StoreError::TimedOut(_), .. } => unavailable(error_chain(&error)),
         }
     }
 }

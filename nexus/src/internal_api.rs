@@ -20,14 +20,14 @@ impl NexusInternalApi for NexusInternalApiImpl {
     async fn bgtask_list(
         rqctx: RequestContext<Self::Context>,
     ) -> Result<HttpResponseOk<BTreeMap<String, BackgroundTask>>, HttpError> {
-        Ok(HttpResponseOk(rqctx.context().background.views()))
+        Ok(HttpResponseOk(rqctx.context().background.views().await))
     }
 
     async fn bgtask_view(
         rqctx: RequestContext<Self::Context>,
         path: Path<BackgroundTaskPathParam>,
     ) -> Result<HttpResponseOk<BackgroundTask>, HttpError> {
-        Ok(HttpResponseOk(rqctx.context().background.view(&path.into_inner().bgtask_name)?))
+        Ok(HttpResponseOk(rqctx.context().background.view(&path.into_inner().bgtask_name).await?))
     }
 
     async fn bgtask_activate(
@@ -47,9 +47,11 @@ impl NexusInternalApi for NexusInternalApiImpl {
         let nexus = rqctx.context();
         let name = path.into_inner().bgtask_name;
         let request = body.into_inner();
-        let view = nexus.background.set_enabled(&name, request.enabled, &request.changed_by)?;
-        slog::info!(nexus.log, "background task switched";
-            "task" => &name, "enabled" => request.enabled, "changed_by" => &request.changed_by);
+        let view =
+            nexus.background.set_switch(&name, request.mode, &request.changed_by, &request.reason).await?;
+        slog::info!(nexus.log, "background task switch set";
+            "task" => &name, "mode" => request.mode.as_str(), "changed_by" => &request.changed_by,
+            "reason" => &request.reason);
         Ok(HttpResponseOk(view))
     }
 

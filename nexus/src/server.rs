@@ -102,7 +102,7 @@ impl Server {
         };
         let nexus = Arc::new(Nexus {
             id: nexus_id,
-            background: Driver::start(definitions, &log),
+            background: Driver::start(definitions, datastore.clone(), nexus_id, &log),
             datastore,
             uploader,
             operator_token: operator_token.clone(),

@@ -23,12 +23,26 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
 
 /// Runs nexus to completion, expecting it to refuse to start.
 fn refusal(config: &std::path::Path, database_url: &str) -> String {
-    let output = Command::new(binary("nexus"))
+    let child = Command::new(binary("nexus"))
         .arg("--config")
         .arg(config)
         .args(["--database-url", database_url])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    // A nexus that starts instead of refusing would serve for ever: fail
+    // the test rather than hang it.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || sender.send(child.wait_with_output()));
+    let Ok(output) = receiver.recv_timeout(std::time::Duration::from_secs(60)) else {
+        // SAFETY: kill(2) has no memory-safety preconditions; the child is
+        // not reaped yet, so the pid is still its.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("nexus started when it should have refused (still running after 60 s)");
+    };
+    let output = output.unwrap();
     assert!(!output.status.success(), "nexus started when it should have refused: {output:?}");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

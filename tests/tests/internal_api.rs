@@ -4,7 +4,7 @@ use common::api::nexus_internal::{
     BackgroundTaskSwitchRequest, BackgroundTasksActivateRequest, SledAgentInfo,
 };
 use common::bgtask::details::{TufRepoPrunerOutcome, TufRepoPrunerStatus};
-use common::bgtask::{ActivationReason, BackgroundTask, DriverDetails, LastResult};
+use common::bgtask::{ActivationReason, BackgroundTask, DriverDetails, LastResult, TaskMode};
 use common::clients::nexus_internal::{Client, Error as ClientError};
 use integration_tests::TestNexus;
 use std::time::{Duration, Instant};
@@ -60,13 +60,19 @@ async fn background_tasks_are_listed_viewed_and_activated() {
 
     let first = wait_past(&client, PRUNER, 0).await;
     let LastResult::Completed { reason, .. } = first.last else { unreachable!() };
-    assert_eq!(reason, ActivationReason::Timeout, "the start-up activation");
+    assert_eq!(reason, ActivationReason::Periodic, "the start-up activation");
+    let [recorded] = first.activations.as_slice() else { panic!("{:?}", first.activations) };
+    assert_eq!(
+        (recorded.nexus_id, recorded.iteration, recorded.reason),
+        (nexus.server.nexus().id, 1, ActivationReason::Periodic),
+        "this Nexus's activation, from the database"
+    );
 
     let request = BackgroundTasksActivateRequest { bgtask_names: [PRUNER.to_string()].into() };
     client.bgtask_activate(&request).await.unwrap();
     let second = wait_past(&client, PRUNER, 1).await;
     let LastResult::Completed { iteration, reason, details, .. } = second.last else { unreachable!() };
-    assert_eq!((iteration, reason), (2, ActivationReason::Signaled));
+    assert_eq!((iteration, reason), (2, ActivationReason::Explicit));
     let status: TufRepoPrunerStatus = serde_json::from_value(details).unwrap();
     assert_eq!(
         status,
@@ -97,14 +103,22 @@ async fn unknown_task_names_are_404_and_activate_nothing() {
 }
 
 #[tokio::test]
-async fn a_disabled_task_reports_who_disabled_it() {
+async fn a_disabled_task_reports_who_disabled_it_and_why() {
     let nexus = TestNexus::start().await;
     let client = nexus.internal_client();
     wait_past(&client, PRUNER, 0).await;
-    let disable = BackgroundTaskSwitchRequest { enabled: false, changed_by: "test operator".into() };
-    let task = client.bgtask_switch(PRUNER, &disable).await.unwrap().into_inner();
-    assert!(!task.switch.enabled);
-    assert_eq!(task.switch.changed_by, "test operator");
+    let switch = |mode, reason: &str| BackgroundTaskSwitchRequest {
+        mode,
+        changed_by: "test operator".into(),
+        reason: reason.into(),
+    };
+    let task = client.bgtask_switch(PRUNER, &switch(TaskMode::Disabled, "a pruning bug")).await.unwrap();
+    let set = task.into_inner().switch;
+    assert_eq!(
+        (set.mode, set.changed_by.as_str(), set.reason.as_str()),
+        (TaskMode::Disabled, "test operator", "a pruning bug")
+    );
+    assert_eq!(view(&client, PRUNER).await.switch, set, "read back from the database");
 
     client
         .bgtask_activate(&BackgroundTasksActivateRequest { bgtask_names: [PRUNER.to_string()].into() })
@@ -114,10 +128,21 @@ async fn a_disabled_task_reports_who_disabled_it() {
         unreachable!()
     };
     let details: DriverDetails = serde_json::from_value(details).unwrap();
-    assert!(matches!(details, DriverDetails::Disabled { changed_by, .. } if changed_by == "test operator"));
+    assert_eq!(
+        details,
+        DriverDetails::Skipped {
+            mode: TaskMode::Disabled,
+            changed_by: "test operator".into(),
+            reason: "a pruning bug".into(),
+            time_changed: set.time_changed,
+        }
+    );
 
-    let enable = BackgroundTaskSwitchRequest { enabled: true, changed_by: "test operator".into() };
-    assert!(client.bgtask_switch(PRUNER, &enable).await.unwrap().into_inner().switch.enabled);
+    let error = client.bgtask_switch(PRUNER, &switch(TaskMode::Enabled, "")).await.unwrap_err();
+    assert_eq!(status_code(&error), 400);
+    assert_eq!(message(error), "the switch of background task tuf_repo_pruner needs a non-empty reason");
+    let enable = switch(TaskMode::Enabled, "fixed");
+    assert_eq!(client.bgtask_switch(PRUNER, &enable).await.unwrap().into_inner().switch.mode, TaskMode::Enabled);
     let error = client.bgtask_switch("no_such_task", &enable).await.unwrap_err();
     assert_eq!(status_code(&error), 404);
 }

@@ -1,5 +1,6 @@
 //! Load: concurrent uploads, and a rack of 200 sleds.
 
+use common::bgtask::TaskMode;
 use integration_tests::TestNexus;
 use integration_tests::rack::TestRack;
 use integration_tests::repos::{RepoFactory, upload};
@@ -56,10 +57,13 @@ async fn two_hundred_sleds_are_planned_in_one_activation() {
     }
     let factory = RepoFactory::new().await;
     rack.nexus.external_client().trust_root_create(&factory.root_json()).await.unwrap();
-    rack.nexus.server.nexus().background.set_enabled("tuf_artifact_replication", false, "load test").unwrap();
+    let background = &rack.nexus.server.nexus().background;
+    let disabled = TaskMode::Disabled;
+    background.set_switch("tuf_artifact_replication", disabled, "load test", "upload first").await.unwrap();
     let zip = factory.build(&RepoFactory::spec("1.0.0", &[("os", 20_000)], 1)).await;
     assert_eq!(upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await.0, 200);
-    rack.nexus.server.nexus().background.set_enabled("tuf_artifact_replication", true, "load test").unwrap();
+    let enabled = TaskMode::Enabled;
+    background.set_switch("tuf_artifact_replication", enabled, "load test", "uploaded").await.unwrap();
 
     let started = std::time::Instant::now();
     let status = rack.replicate().await;

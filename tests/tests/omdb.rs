@@ -2,7 +2,7 @@
 //! `tests/output/` fix the human format; regenerate them with
 //! `EXPECTORATE=overwrite cargo test -p integration-tests --test omdb`.
 
-use common::bgtask::LastResult;
+use common::bgtask::{LastResult, TaskMode};
 use integration_tests::{TestNexus, binary};
 use regex::Regex;
 use std::process::{Command, Output};
@@ -100,13 +100,22 @@ async fn activate_wait_prints_the_new_iteration() {
 }
 
 #[tokio::test]
-async fn disable_and_enable_record_who_did_it() {
+async fn the_switch_records_who_and_why() {
     let (_nexus, omdb) = settled_nexus().await;
-    omdb.success(&["nexus", "background-tasks", "disable", "tuf_repo_pruner"]).await;
+    let stderr = omdb.failure(&["nexus", "background-tasks", "disable", "tuf_repo_pruner"]).await;
+    assert!(stderr.contains("--reason"), "a reason is required: {stderr}");
+    omdb.success(&["nexus", "background-tasks", "disable", "tuf_repo_pruner", "--reason", "a pruning bug"]).await;
     let output = omdb.success(&["nexus", "background-tasks", "activate", "tuf_repo_pruner", "--wait"]).await;
     golden("bgtasks-disabled", &output);
-    let output = omdb.success(&["nexus", "background-tasks", "enable", "tuf_repo_pruner"]).await;
-    assert!(output.contains("enabled by omdb (tester@"), "{output}");
+    let output = omdb
+        .success(&["nexus", "background-tasks", "manual", "tuf_repo_pruner", "--reason", "pruning by hand"])
+        .await;
+    golden("bgtasks-manual", &output);
+    golden("bgtasks-list-manual", &omdb.success(&["nexus", "background-tasks", "list"]).await);
+    let output =
+        omdb.success(&["nexus", "background-tasks", "enable", "tuf_repo_pruner", "--reason", "fixed"]).await;
+    assert!(output.contains("mode: enabled, set by omdb (tester@"), "{output}");
+    assert!(output.contains(": fixed\n"), "{output}");
 }
 
 #[tokio::test]
@@ -159,7 +168,8 @@ async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
     // has looked at it.
     let nexus = rack.nexus.server.nexus().clone();
     let background = &nexus.background;
-    background.set_enabled(integration_tests::rack::REPLICATION, false, "test").unwrap();
+    let disabled = TaskMode::Disabled;
+    background.set_switch(integration_tests::rack::REPLICATION, disabled, "test", "look first").await.unwrap();
     // Stop the sled, make its newest ledger copy unreadable on both M.2s
     // (torn on one, a directory in its place on the other), start it again.
     let stopped = rack.sleds.pop().unwrap();
@@ -191,7 +201,8 @@ async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
     let validated = String::from_utf8(validated.stdout).unwrap();
     assert!(validated.contains("DAMAGED"), "{validated}");
 
-    background.set_enabled(integration_tests::rack::REPLICATION, true, "test").unwrap();
+    let enabled = TaskMode::Enabled;
+    background.set_switch(integration_tests::rack::REPLICATION, enabled, "test", "looked").await.unwrap();
     rack.replicate().await;
     let view = sled_view(&rack.sleds[0]).await;
     assert!(holds_exactly(&view, &config), "repaired by the push: {view:?}");

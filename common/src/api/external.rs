@@ -76,6 +76,101 @@ pub struct TufRepoView {
     /// Known once a `tuf_artifact_replication` activation of the Nexus that
     /// answers has looked at the sleds since the repository was recorded.
     pub replication: Option<ReplicationProgress>,
+    /// As the last replication activation of any Nexus found it; `None`
+    /// until one has looked.
+    pub health: Option<RepoHealthView>,
+}
+
+/// A repository's replication health (DESIGN §12), worst artifact first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RepoHealth {
+    /// On every in-service sled, on each of its healthy M.2s.
+    Replicated,
+    /// Not yet on every in-service sled, but safe: on at least
+    /// `min_sled_replication` sleds, or still staged by a Nexus.
+    Replicating,
+    /// An artifact is on fewer than `min_sled_replication` sleds and staged
+    /// nowhere.
+    Degraded,
+    /// An artifact has no copy on any in-service sled and is staged nowhere.
+    Lost,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct RepoHealthView {
+    pub state: RepoHealth,
+    /// The artifact config generation it was judged at.
+    pub generation: Generation,
+    pub time_checked: DateTime<Utc>,
+    /// Which Nexus judged it.
+    pub checked_by: String,
+    pub sleds_in_service: usize,
+    pub artifacts: Vec<ArtifactHealth>,
+}
+
+/// One artifact's copies: where, how many, and who has it staged.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct ArtifactHealth {
+    pub name: String,
+    pub version: String,
+    pub kind: String,
+    pub sha256: ArtifactHash,
+    pub state: RepoHealth,
+    /// Copies (M.2s) per in-service sled holding it.
+    pub sleds: std::collections::BTreeMap<Uuid, usize>,
+    /// Nexus instances holding it staged.
+    pub staged_by: Vec<Uuid>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SledState {
+    InService,
+    /// Final: no requests, its copies do not count, its registration is
+    /// refused.
+    Expunged,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct SledView {
+    pub id: Uuid,
+    pub serial: String,
+    pub ip: String,
+    pub port: u16,
+    pub repo_depot_port: u16,
+    pub state: SledState,
+    pub time_created: DateTime<Utc>,
+    pub time_expunged: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct SledPath {
+    pub sled_id: Uuid,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct TargetReleaseRequest {
+    /// The system version of an uploaded repository, which must be
+    /// `replicated`.
+    pub system_version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct TargetReleaseView {
+    /// Increases with every target release set.
+    pub generation: u64,
+    pub system_version: String,
+    pub repo_id: Uuid,
+    pub time_requested: DateTime<Utc>,
+    pub requested_by: String,
+}
+
+/// The rack's target release and the one before it (both kept from pruning).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct TargetReleaseStatus {
+    pub current: Option<TargetReleaseView>,
+    pub previous: Option<TargetReleaseView>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -131,6 +226,33 @@ pub trait ExternalApi {
         rqctx: RequestContext<Self::Context>,
         path: Path<SystemVersionPath>,
     ) -> Result<HttpResponseOk<TufRepoView>, HttpError>;
+
+    /// The target release and the one before it.
+    #[endpoint { method = GET, path = "/v1/system/update/target-release" }]
+    async fn target_release_view(
+        rqctx: RequestContext<Self::Context>,
+    ) -> Result<HttpResponseOk<TargetReleaseStatus>, HttpError>;
+
+    /// Sets the rack's target release. Refused (409) unless the repository
+    /// is `replicated`; the message says what is missing.
+    #[endpoint { method = PUT, path = "/v1/system/update/target-release" }]
+    async fn target_release_set(
+        rqctx: RequestContext<Self::Context>,
+        body: TypedBody<TargetReleaseRequest>,
+    ) -> Result<HttpResponseOk<TargetReleaseView>, HttpError>;
+
+    /// Every sled ever registered, with its state.
+    #[endpoint { method = GET, path = "/v1/system/hardware/sleds" }]
+    async fn sled_list(rqctx: RequestContext<Self::Context>) -> Result<HttpResponseOk<Vec<SledView>>, HttpError>;
+
+    /// Expunges a sled: final. No Nexus sends it requests any more, its
+    /// copies no longer count, and its registration is refused; replication
+    /// restores what it held on the others. Idempotent.
+    #[endpoint { method = POST, path = "/v1/system/hardware/sleds/{sled_id}/expunge" }]
+    async fn sled_expunge(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<SledPath>,
+    ) -> Result<HttpResponseOk<SledView>, HttpError>;
 
     #[endpoint { method = GET, path = "/v1/system/update/trust-roots" }]
     async fn trust_root_list(

@@ -1,7 +1,7 @@
 //! Nexus's internal API: background tasks and sled registration. Listens on
 //! an internal address only; operators use the external API.
 
-use crate::bgtask::BackgroundTask;
+use crate::bgtask::{BackgroundTask, TaskMode};
 use dropshot::{HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path, RequestContext, TypedBody};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -21,9 +21,11 @@ pub struct BackgroundTasksActivateRequest {
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 pub struct BackgroundTaskSwitchRequest {
-    pub enabled: bool,
-    /// Who is flipping the switch, for the record (omdb sends user@host).
+    pub mode: TaskMode,
+    /// Who is setting the switch, for the record (omdb sends user@host).
     pub changed_by: String,
+    /// Why, for the record. Must not be empty.
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -67,9 +69,11 @@ pub trait NexusInternalApi {
         body: TypedBody<BackgroundTasksActivateRequest>,
     ) -> Result<HttpResponseUpdatedNoContent, HttpError>;
 
-    /// Enables or disables a task in this Nexus until it restarts (the config
-    /// file sets the state at start-up). A disabled task's activations do no
-    /// work and say so in their details.
+    /// Sets a task's mode for every Nexus (the switch is stored in the
+    /// database, and wins over each Nexus's config file): `enabled`,
+    /// `manual` (periodic activations are skipped, explicit and dependency
+    /// ones run) or `disabled`. Skipped activations do no work and say so in
+    /// their details. An empty `changed_by` or `reason` is refused (400).
     #[endpoint { method = PUT, path = "/bgtasks/switch/{bgtask_name}" }]
     async fn bgtask_switch(
         rqctx: RequestContext<Self::Context>,

@@ -5,6 +5,7 @@ use crate::to_json;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use common::ArtifactConfig;
+use common::api::external::RepoHealth;
 use common::api::sled_agent::{ArtifactListResponse, LEDGER_DAMAGED, M2State};
 use common::clients::sled_agent::Client as SledClient;
 use nexus::db::DataStore;
@@ -24,10 +25,19 @@ pub struct DbArgs {
 
 #[derive(Subcommand)]
 enum DbCommand {
-    /// In-service sleds.
+    /// Every sled ever registered, with its state.
     Sleds,
-    /// TUF repositories, newest first (pruned ones included).
+    /// TUF repositories, newest first (pruned ones included), with their
+    /// health and target-release status.
     TufRepos,
+    /// Who holds what: sleds × artifacts, asked live (see `--json` too).
+    Replication {
+        /// Only this repository's artifacts.
+        #[arg(long)]
+        repo: Option<String>,
+    },
+    /// The rack's target release and the previous one.
+    TargetRelease,
     /// TUF artifacts, of one repository or of all.
     TufArtifacts {
         /// A repository's system version.
@@ -62,6 +72,8 @@ impl DbArgs {
         match self.command {
             DbCommand::Sleds => sleds(&datastore, json).await,
             DbCommand::TufRepos => tuf_repos(&datastore, json).await,
+            DbCommand::Replication { repo } => crate::replication::replication(&datastore, repo.as_deref(), json).await,
+            DbCommand::TargetRelease => target_release(&datastore, json).await,
             DbCommand::Inventory => inventory(&datastore, json).await,
             DbCommand::TufArtifacts { repo } => tuf_artifacts(&datastore, repo.as_deref(), json).await,
             DbCommand::Validate(ValidateCommand::ArtifactReplication) => validate(&datastore, json).await,
@@ -75,6 +87,8 @@ struct SledRow {
     id: String,
     #[tabled(rename = "SERIAL")]
     serial: String,
+    #[tabled(rename = "STATE")]
+    state: String,
     #[tabled(rename = "API")]
     api: String,
     #[tabled(rename = "DEPOT PORT")]
@@ -87,12 +101,16 @@ struct SledRow {
 
 async fn sleds(datastore: &DataStore, json: bool) -> anyhow::Result<String> {
     let rows: Vec<SledRow> = datastore
-        .sled_list()
+        .sled_list_all()
         .await?
         .into_iter()
         .map(|sled| SledRow {
             id: sled.id.to_string(),
             serial: sled.serial,
+            state: match sled.time_expunged {
+                Some(time) => format!("expunged {}", crate::render::time(&time)),
+                None => "in service".into(),
+            },
             api: format!("{}:{}", sled.ip, sled.port),
             repo_depot_port: sled.repo_depot_port,
             time_created: crate::render::time(&sled.time_created),
@@ -116,23 +134,114 @@ struct RepoRow {
     time_created: String,
     #[tabled(rename = "PRUNED")]
     pruned: String,
+    #[tabled(rename = "HEALTH")]
+    health: String,
+    #[tabled(rename = "TARGET")]
+    target: String,
+    /// Artifacts that are not replicated, with where their copies are.
+    #[tabled(skip)]
+    detail: Vec<String>,
 }
 
 async fn tuf_repos(datastore: &DataStore, json: bool) -> anyhow::Result<String> {
     let page = nexus::db::datastore::TufRepoPage { limit: u32::MAX, after: None };
+    let repos = datastore.tuf_repo_list(&page).await?;
+    let ids: Vec<uuid::Uuid> = repos.iter().map(|repo| repo.id).collect();
+    let health = datastore.repo_health_get(&ids).await?;
+    let targets = datastore.target_releases().await?;
+    let target_of = |id: uuid::Uuid| {
+        let is = |release: &Option<(nexus::db::model::TargetRelease, nexus::db::model::TufRepo)>| {
+            release.as_ref().is_some_and(|(_, repo)| repo.id == id)
+        };
+        if is(&targets.current) {
+            "current"
+        } else if is(&targets.previous) {
+            "previous"
+        } else {
+            "-"
+        }
+    };
     let mut rows = Vec::new();
-    for repo in datastore.tuf_repo_list(&page).await? {
+    for repo in repos {
         let artifacts = datastore.tuf_repo_get_by_version(&repo.system_version).await?.artifacts.len();
+        let view = health.get(&repo.id).and_then(|row| row.view());
+        let detail = view
+            .iter()
+            .flat_map(|view| &view.artifacts)
+            .filter(|artifact| artifact.state != RepoHealth::Replicated)
+            .map(|artifact| {
+                let sleds: Vec<String> = artifact.sleds.iter().map(|(sled, n)| format!("{sled} ({n})")).collect();
+                format!(
+                    "{} {} {} ({}): {} on {} sleds [{}]{}",
+                    repo.system_version,
+                    artifact.name,
+                    artifact.version,
+                    artifact.kind,
+                    nexus::db::datastore::health_state_to_sql(artifact.state),
+                    artifact.sleds.len(),
+                    sleds.join(", "),
+                    if artifact.staged_by.is_empty() { ", staged nowhere" } else { ", staged" }
+                )
+            })
+            .collect();
         rows.push(RepoRow {
+            target: target_of(repo.id).to_string(),
+            health: match (&repo.time_pruned, &view) {
+                (Some(_), _) => "-".into(),
+                (None, Some(view)) => nexus::db::datastore::health_state_to_sql(view.state).to_uppercase(),
+                (None, None) => "unknown".into(),
+            },
             system_version: repo.system_version,
             id: repo.id.to_string(),
             file_name: repo.file_name,
             artifacts,
             time_created: crate::render::time(&repo.time_created),
             pruned: repo.time_pruned.map(|t| crate::render::time(&t)).unwrap_or_else(|| "-".into()),
+            detail,
         });
     }
-    Ok(if json { to_json(&rows) } else { crate::render::table(rows) })
+    if json {
+        return Ok(to_json(&rows));
+    }
+    let details: Vec<String> = rows.iter().flat_map(|row| row.detail.clone()).collect();
+    let mut out = crate::render::table(rows);
+    if !details.is_empty() {
+        out += "artifacts not replicated:\n";
+        for line in details {
+            out += &format!("  {line}\n");
+        }
+    }
+    Ok(out)
+}
+
+async fn target_release(datastore: &DataStore, json: bool) -> anyhow::Result<String> {
+    let releases = datastore.target_releases().await?;
+    let describe = |release: &Option<(nexus::db::model::TargetRelease, nexus::db::model::TufRepo)>| {
+        release.as_ref().map(|(release, repo)| {
+            serde_json::json!({
+                "generation": release.generation,
+                "system_version": repo.system_version,
+                "repo_id": repo.id,
+                "time_requested": release.time_requested,
+                "requested_by": release.requested_by,
+            })
+        })
+    };
+    let (current, previous) = (describe(&releases.current), describe(&releases.previous));
+    if json {
+        return Ok(to_json(&serde_json::json!({"current": current, "previous": previous})));
+    }
+    let line = |label: &str, release: &Option<(nexus::db::model::TargetRelease, nexus::db::model::TufRepo)>| match release {
+        Some((release, repo)) => format!(
+            "{label}: {} (generation {}, set {} by {})\n",
+            repo.system_version,
+            release.generation,
+            crate::render::time(&release.time_requested),
+            release.requested_by
+        ),
+        None => format!("{label}: none\n"),
+    };
+    Ok(line("target release", &releases.current) + &line("previous", &releases.previous))
 }
 
 #[derive(Tabled, Serialize)]

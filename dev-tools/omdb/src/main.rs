@@ -8,6 +8,7 @@
 mod db;
 mod nexus;
 mod render;
+mod replication;
 mod sled_agent;
 
 use clap::{Parser, Subcommand};

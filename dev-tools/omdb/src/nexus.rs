@@ -4,7 +4,7 @@ use crate::{render, to_json};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use common::api::nexus_internal::{BackgroundTaskSwitchRequest, BackgroundTasksActivateRequest};
-use common::bgtask::{BackgroundTask, CurrentStatus, LastResult};
+use common::bgtask::{BackgroundTask, CurrentStatus, LastResult, TaskMode};
 use common::clients::nexus_internal::{Client, Error as ClientError};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -47,11 +47,23 @@ enum BackgroundTasksCommand {
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
     },
-    /// Let a task do its work again (in this Nexus, until it restarts).
-    Enable { name: String },
-    /// Make a task's activations do nothing (in this Nexus, until it
-    /// restarts).
-    Disable { name: String },
+    /// Let every activation of a task do its work, in every Nexus.
+    Enable(SwitchArgs),
+    /// Skip a task's periodic activations in every Nexus; explicit ones (and
+    /// those of a dependency) still run.
+    Manual(SwitchArgs),
+    /// Make every activation of a task do nothing, in every Nexus.
+    Disable(SwitchArgs),
+}
+
+/// The switch is stored in the database, so it holds across restarts and
+/// wins over every Nexus's config file.
+#[derive(Args)]
+struct SwitchArgs {
+    name: String,
+    /// Why, for the record that every Nexus shows.
+    #[arg(long)]
+    reason: String,
 }
 
 impl NexusArgs {
@@ -97,19 +109,22 @@ impl NexusArgs {
                     .with_context(context)?;
                 Ok(if json { to_json(&done) } else { render::task_details(done.values()) })
             }
-            BackgroundTasksCommand::Enable { name } => {
-                switch(&client, &name, true, json).await.with_context(context)
+            BackgroundTasksCommand::Enable(args) => {
+                switch(&client, args, TaskMode::Enabled, json).await.with_context(context)
             }
-            BackgroundTasksCommand::Disable { name } => {
-                switch(&client, &name, false, json).await.with_context(context)
+            BackgroundTasksCommand::Manual(args) => {
+                switch(&client, args, TaskMode::Manual, json).await.with_context(context)
+            }
+            BackgroundTasksCommand::Disable(args) => {
+                switch(&client, args, TaskMode::Disabled, json).await.with_context(context)
             }
         }
     }
 }
 
-async fn switch(client: &Client, name: &str, enabled: bool, json: bool) -> anyhow::Result<String> {
-    let request = BackgroundTaskSwitchRequest { enabled, changed_by: who_am_i() };
-    let task = client.bgtask_switch(name, &request).await.map_err(api_error)?.into_inner();
+async fn switch(client: &Client, args: SwitchArgs, mode: TaskMode, json: bool) -> anyhow::Result<String> {
+    let request = BackgroundTaskSwitchRequest { mode, changed_by: who_am_i(), reason: args.reason };
+    let task = client.bgtask_switch(&args.name, &request).await.map_err(api_error)?.into_inner();
     Ok(if json { to_json(&task) } else { render::task_details([&task]) })
 }
 
@@ -161,7 +176,7 @@ async fn wait_for_iterations(
     Ok(done)
 }
 
-/// What the switch records as having flipped it.
+/// What the switch records as having set it.
 fn who_am_i() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown user".into());
     let mut buffer = [0u8; 256];

@@ -6,7 +6,7 @@ use common::bgtask::details::{
     InventoryCollectionStatus, ReplicationCounters, ReplicationOutcome, RequestOperation,
     TufArtifactReplicationStatus, TufRepoPrunerOutcome, TufRepoPrunerStatus,
 };
-use common::bgtask::{ActivationReason, BackgroundTask, CurrentStatus, DriverDetails, LastResult};
+use common::bgtask::{ActivationReason, BackgroundTask, CurrentStatus, DriverDetails, LastResult, TaskMode};
 use std::fmt::Write;
 use std::time::Duration;
 use tabled::Tabled;
@@ -16,6 +16,8 @@ use tabled::settings::Style;
 struct TaskRow {
     #[tabled(rename = "TASK")]
     name: String,
+    #[tabled(rename = "MODE")]
+    mode: String,
     #[tabled(rename = "PERIOD")]
     period: String,
     #[tabled(rename = "LAST ITER")]
@@ -28,8 +30,23 @@ struct TaskRow {
     reason: String,
     #[tabled(rename = "CURRENT")]
     current: String,
-    #[tabled(rename = "ENABLED")]
-    enabled: String,
+}
+
+/// One Nexus's last activation of one task that did work.
+#[derive(Tabled)]
+struct ActivationRow {
+    #[tabled(rename = "TASK")]
+    name: String,
+    #[tabled(rename = "NEXUS")]
+    nexus_id: String,
+    #[tabled(rename = "ITER")]
+    iteration: u64,
+    #[tabled(rename = "REASON")]
+    reason: &'static str,
+    #[tabled(rename = "STARTED")]
+    started: String,
+    #[tabled(rename = "DONE")]
+    done: String,
 }
 
 /// A plain table of rows.
@@ -39,16 +56,21 @@ pub fn table<R: Tabled>(rows: impl IntoIterator<Item = R>) -> String {
     format!("{table}\n")
 }
 
+/// One line per task as the answering Nexus runs it (the LAST columns are
+/// its own), then every Nexus's last activation that did work, then what
+/// could not be read from the database.
 pub fn task_table<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> String {
-    let rows = tasks.into_iter().map(|task| {
+    let tasks: Vec<&BackgroundTask> = tasks.into_iter().collect();
+    let rows = tasks.iter().map(|task| {
         let (iteration, start, elapsed, reason) = match &task.last {
             LastResult::NeverCompleted => ("-".into(), "-".into(), "-".into(), "-".into()),
             LastResult::Completed { iteration, start_time, reason, elapsed, .. } => {
-                (iteration.to_string(), time(start_time), duration(*elapsed), reason_word(*reason).into())
+                (iteration.to_string(), time(start_time), duration(*elapsed), reason.as_str().into())
             }
         };
         TaskRow {
             name: task.name.clone(),
+            mode: mode_word(task.switch.mode),
             period: duration(task.period),
             iteration,
             start,
@@ -58,10 +80,34 @@ pub fn task_table<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> St
                 CurrentStatus::Idle => "idle".into(),
                 CurrentStatus::Running { iteration, .. } => format!("running #{iteration}"),
             },
-            enabled: if task.switch.enabled { "yes".into() } else { "NO".into() },
         }
     });
-    table(rows)
+    let mut out = table(rows);
+    let activations: Vec<ActivationRow> = tasks
+        .iter()
+        .flat_map(|task| {
+            task.activations.iter().map(|activation| ActivationRow {
+                name: task.name.clone(),
+                nexus_id: activation.nexus_id.to_string(),
+                iteration: activation.iteration,
+                reason: activation.reason.as_str(),
+                started: time(&activation.time_started),
+                done: activation.time_done.as_ref().map_or_else(|| "not done".into(), time),
+            })
+        })
+        .collect();
+    out.push_str("\nlast activation per Nexus (activations that did work):\n");
+    if activations.is_empty() {
+        out.push_str("  none recorded\n");
+    } else {
+        out.push_str(&table(activations));
+    }
+    for task in &tasks {
+        for error in &task.database_errors {
+            writeln!(out, "DATABASE ERROR ({}): {error}", task.name).unwrap();
+        }
+    }
+    out
 }
 
 pub fn task_details<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> String {
@@ -73,12 +119,16 @@ pub fn task_details<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> 
         let switch = &task.switch;
         writeln!(
             out,
-            "  {} by {} at {}",
-            if switch.enabled { "enabled" } else { "DISABLED" },
+            "  mode: {}, set by {} at {}: {}",
+            mode_word(switch.mode),
             switch.changed_by,
-            time(&switch.time_changed)
+            time(&switch.time_changed),
+            switch.reason
         )
         .unwrap();
+        for error in &task.database_errors {
+            writeln!(out, "  DATABASE ERROR: {error}").unwrap();
+        }
         match &task.current {
             CurrentStatus::Idle => writeln!(out, "  currently idle").unwrap(),
             CurrentStatus::Running { iteration, start_time, reason } => writeln!(
@@ -105,6 +155,25 @@ pub fn task_details<'a>(tasks: impl IntoIterator<Item = &'a BackgroundTask>) -> 
                 }
             }
         }
+        writeln!(out, "  last activation per Nexus (activations that did work):").unwrap();
+        if task.activations.is_empty() {
+            writeln!(out, "    none recorded").unwrap();
+        }
+        for activation in &task.activations {
+            let done = match &activation.time_done {
+                Some(done) => format!("done at {}", time(done)),
+                None => "not done".to_string(),
+            };
+            writeln!(
+                out,
+                "    nexus {}: iteration {} ({}), started at {}, {done}",
+                activation.nexus_id,
+                activation.iteration,
+                reason_phrase(activation.reason),
+                time(&activation.time_started)
+            )
+            .unwrap();
+        }
         out.push('\n');
     }
     out
@@ -116,8 +185,13 @@ fn details_lines(task: &str, details: &serde_json::Value) -> Vec<String> {
     if let Ok(driver) = serde_json::from_value::<DriverDetails>(details.clone()) {
         return vec![match driver {
             DriverDetails::Panicked { message } => format!("PANICKED: {message}"),
-            DriverDetails::Disabled { changed_by, time_changed } => {
-                format!("did nothing: disabled by {changed_by} at {}", time(&time_changed))
+            DriverDetails::Skipped { mode, changed_by, reason, time_changed } => {
+                let skips = match mode {
+                    TaskMode::Manual => "manual mode skips periodic activations",
+                    TaskMode::Disabled => "the task is disabled",
+                    TaskMode::Enabled => "skipped",
+                };
+                format!("did nothing: {skips} (set by {changed_by} at {}: {reason})", time(&time_changed))
             }
         }];
     }
@@ -254,18 +328,18 @@ fn replication_lines(status: TufArtifactReplicationStatus) -> Vec<String> {
     lines
 }
 
-fn reason_word(reason: ActivationReason) -> &'static str {
-    match reason {
-        ActivationReason::Timeout => "timeout",
-        ActivationReason::Signaled => "signaled",
-        ActivationReason::Dependency => "dependency",
+/// Modes other than `enabled` stand out.
+fn mode_word(mode: TaskMode) -> String {
+    match mode {
+        TaskMode::Enabled => mode.as_str().to_string(),
+        TaskMode::Manual | TaskMode::Disabled => mode.as_str().to_uppercase(),
     }
 }
 
 fn reason_phrase(reason: ActivationReason) -> &'static str {
     match reason {
-        ActivationReason::Timeout => "its period elapsed",
-        ActivationReason::Signaled => "explicitly activated",
+        ActivationReason::Periodic => "its period elapsed",
+        ActivationReason::Explicit => "explicitly activated",
         ActivationReason::Dependency => "a dependency changed",
     }
 }

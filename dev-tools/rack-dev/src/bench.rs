@@ -337,13 +337,17 @@ fn micros(d: Duration) -> f64 {
 struct Empty;
 
 impl nexus::background::driver::BackgroundTask for Empty {
-    fn activate<'a>(&'a mut self, _: &'a slog::Logger) -> futures::future::BoxFuture<'a, serde_json::Value> {
+    fn activate<'a>(
+        &'a mut self,
+        _: &'a slog::Logger,
+        _: common::bgtask::ActivationReason,
+    ) -> futures::future::BoxFuture<'a, serde_json::Value> {
         Box::pin(async { serde_json::Value::Null })
     }
 }
 
 async fn bgtask(activations: usize) -> anyhow::Result<()> {
-    use nexus::background::driver::{Activator, Driver, TaskDefinition};
+    use nexus::background::driver::{Activator, Driver, MemorySwitchStore, TaskDefinition};
     let log = slog::Logger::root(slog::Discard, slog::o!());
     let driver = Driver::start(
         vec![TaskDefinition {
@@ -355,6 +359,8 @@ async fn bgtask(activations: usize) -> anyhow::Result<()> {
             dependencies: Vec::new(),
             enabled: true,
         }],
+        std::sync::Arc::new(MemorySwitchStore::default()),
+        uuid::Uuid::new_v4(),
         &log,
     );
     driver.activate_and_wait("empty").await?;

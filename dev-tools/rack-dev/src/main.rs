@@ -51,6 +51,20 @@ enum Command {
     /// Measure performance against baselines from the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The rack's sleds: list them, expunge one.
+    Sled {
+        #[command(flatten)]
+        connection: operator::Connection,
+        #[command(subcommand)]
+        command: operator::SledCommand,
+    },
+    /// The rack's target release: show it, set it.
+    TargetRelease {
+        #[command(flatten)]
+        connection: operator::Connection,
+        #[command(subcommand)]
+        command: operator::TargetReleaseCommand,
+    },
     /// Trust roots that uploaded repositories must be signed under.
     TrustRoot {
         #[command(flatten)]
@@ -69,6 +83,8 @@ async fn main() -> anyhow::Result<()> {
         Command::DbUpgrade { database_url } => db_upgrade(&database_url).await,
         Command::Repo { connection, command } => operator::repo(&connection, command).await,
         Command::TrustRoot { connection, command } => operator::trust_root(&connection, command).await,
+        Command::Sled { connection, command } => operator::sled(&connection, command).await,
+        Command::TargetRelease { connection, command } => operator::target_release(&connection, command).await,
     }
 }
 

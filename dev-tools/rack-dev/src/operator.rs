@@ -1,11 +1,14 @@
-//! `rack-dev repo ...` and `rack-dev trust-root ...`: what an operator does
+//! `rack-dev repo ...`, `rack-dev trust-root ...`, `rack-dev sled ...` and
+//! `rack-dev target-release ...`: what an operator does
 //! with the external API. Without `--nexus-url`/`--token` (or
 //! `RACK_NEXUS_URL`/`RACK_TOKEN`) they use the rack `rack-dev run-all` runs.
 
 use anyhow::{Context, bail};
 use camino::Utf8PathBuf;
 use clap::{Args, Subcommand};
-use common::api::external::{TrustRootView, TufRepoView};
+use common::api::external::{
+    RepoHealth, SledState, SledView, TargetReleaseRequest, TargetReleaseView, TrustRootView, TufRepoView,
+};
 use common::clients::external::{self, Client, Error as ApiError};
 use common::discovery::RackDiscovery;
 use futures::StreamExt;
@@ -57,6 +60,23 @@ pub enum RepoCommand {
     List,
     /// One repository, its artifacts and its replication progress.
     Show { system_version: String },
+}
+
+#[derive(Subcommand)]
+pub enum SledCommand {
+    /// Every sled ever registered, with its state.
+    List,
+    /// Expunge a sled: final. It gets no more requests, its copies stop
+    /// counting, its registration is refused.
+    Expunge { sled_id: uuid::Uuid },
+}
+
+#[derive(Subcommand)]
+pub enum TargetReleaseCommand {
+    /// The target release and the previous one.
+    Show,
+    /// Set the target release; refused unless the repository is replicated.
+    Set { system_version: String },
 }
 
 #[derive(Subcommand)]
@@ -122,6 +142,72 @@ pub async fn trust_root(connection: &Connection, command: TrustRootCommand) -> a
     Ok(())
 }
 
+pub async fn sled(connection: &Connection, command: SledCommand) -> anyhow::Result<()> {
+    let (_, _, client) = connection.client()?;
+    match command {
+        SledCommand::List => print!("{}", sled_table(&client.sled_list().await.map_err(api_error)?.into_inner())),
+        SledCommand::Expunge { sled_id } => {
+            let sled = client.sled_expunge(&sled_id).await.map_err(api_error)?.into_inner();
+            println!("sled {} ({}) is expunged", sled.id, sled.serial);
+        }
+    }
+    Ok(())
+}
+
+pub async fn target_release(connection: &Connection, command: TargetReleaseCommand) -> anyhow::Result<()> {
+    let (_, _, client) = connection.client()?;
+    match command {
+        TargetReleaseCommand::Show => {
+            let status = client.target_release_view().await.map_err(api_error)?.into_inner();
+            let line = |label: &str, release: &Option<TargetReleaseView>| match release {
+                Some(release) => format!(
+                    "{label}: {} (generation {}, set {} by {})\n",
+                    release.system_version,
+                    release.generation,
+                    release.time_requested.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    release.requested_by
+                ),
+                None => format!("{label}: none\n"),
+            };
+            print!("{}{}", line("target release", &status.current), line("previous", &status.previous));
+        }
+        TargetReleaseCommand::Set { system_version } => {
+            let request = TargetReleaseRequest { system_version };
+            let set = client.target_release_set(&request).await.map_err(api_error)?.into_inner();
+            println!("target release is now {} (generation {})", set.system_version, set.generation);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Tabled)]
+struct SledRow {
+    #[tabled(rename = "ID")]
+    id: String,
+    #[tabled(rename = "SERIAL")]
+    serial: String,
+    #[tabled(rename = "STATE")]
+    state: String,
+    #[tabled(rename = "ADDRESS")]
+    address: String,
+}
+
+fn sled_table(sleds: &[SledView]) -> String {
+    let rows = sleds.iter().map(|sled| SledRow {
+        id: sled.id.to_string(),
+        serial: sled.serial.clone(),
+        state: match (sled.state, sled.time_expunged) {
+            (SledState::InService, _) => "in service".into(),
+            (SledState::Expunged, Some(time)) => {
+                format!("expunged {}", time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            }
+            (SledState::Expunged, None) => "expunged".into(),
+        },
+        address: format!("{}:{}", sled.ip, sled.port),
+    });
+    format!("{}\n", tabled::Table::new(rows).with(Style::blank()))
+}
+
 /// Streams the file with a progress bar (bytes, rate, ETA), then prints what
 /// was recorded.
 async fn upload(url: &str, token: &str, file: &Utf8PathBuf) -> anyhow::Result<()> {
@@ -166,10 +252,29 @@ struct RepoRow {
     uploaded: String,
     #[tabled(rename = "PRUNED")]
     pruned: String,
+    #[tabled(rename = "HEALTH")]
+    health: String,
     #[tabled(rename = "REPLICATED")]
     replicated: String,
     #[tabled(rename = "FILE")]
     file: String,
+}
+
+pub fn health_word(state: RepoHealth) -> &'static str {
+    match state {
+        RepoHealth::Replicated => "replicated",
+        RepoHealth::Replicating => "replicating",
+        RepoHealth::Degraded => "DEGRADED",
+        RepoHealth::Lost => "LOST",
+    }
+}
+
+fn health(repo: &TufRepoView) -> String {
+    match (&repo.time_pruned, &repo.health) {
+        (Some(_), _) => "-".into(),
+        (None, Some(health)) => health_word(health.state).into(),
+        (None, None) => "unknown".into(),
+    }
 }
 
 fn progress(repo: &TufRepoView) -> String {
@@ -188,6 +293,7 @@ fn repo_table(repos: &[TufRepoView]) -> String {
             .time_pruned
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
             .unwrap_or_else(|| "-".into()),
+        health: health(repo),
         replicated: progress(repo),
         file: repo.file_name.clone(),
     });
@@ -220,15 +326,37 @@ fn repo_details(repo: &TufRepoView) -> String {
         Some(time) => format!(", PRUNED at {}", time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         None => String::new(),
     };
-    format!(
-        "system version {} ({}), file {}, sha256 {}{pruned}\nreplication: {}\n{}\n",
+    let mut out = format!(
+        "system version {} ({}), file {}, sha256 {}{pruned}\nreplication: {}\nhealth: {}\n{}\n",
         repo.system_version,
         repo.id,
         repo.file_name,
         repo.sha256,
         progress(repo),
+        health(repo),
         tabled::Table::new(rows).with(Style::blank())
-    )
+    );
+    if let Some(health) = &repo.health {
+        out += &format!(
+            "copies (checked at generation {} by {}, {} sleds in service):\n",
+            health.generation, health.checked_by, health.sleds_in_service
+        );
+        for artifact in &health.artifacts {
+            let sleds: Vec<String> =
+                artifact.sleds.iter().map(|(sled, copies)| format!("{sled} ({copies})")).collect();
+            out += &format!(
+                "  {} {} ({}): {} on {} sleds{}{}\n",
+                artifact.name,
+                artifact.version,
+                artifact.kind,
+                health_word(artifact.state),
+                artifact.sleds.len(),
+                if sleds.is_empty() { String::new() } else { format!(": {}", sleds.join(", ")) },
+                if artifact.staged_by.is_empty() { String::new() } else { "; staged".into() },
+            );
+        }
+    }
+    out
 }
 
 #[derive(Tabled)]

@@ -101,6 +101,38 @@ pub struct TufTrustRoot {
     pub root_role: serde_json::Value,
 }
 
+/// One target release set by the operator; the highest generation is
+/// current.
+#[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = super::schema::target_release, check_for_backend(Pg))]
+pub struct TargetRelease {
+    pub generation: i64,
+    pub tuf_repo_id: Uuid,
+    pub time_requested: DateTime<Utc>,
+    pub requested_by: String,
+}
+
+/// A repository's health as the last replication activation judged it;
+/// `artifacts` is a list of `common::api::external::ArtifactHealth`.
+#[derive(Clone, Debug, PartialEq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = super::schema::tuf_repo_health, check_for_backend(Pg))]
+pub struct TufRepoHealth {
+    pub tuf_repo_id: Uuid,
+    pub state: String,
+    pub generation: i64,
+    pub time_checked: DateTime<Utc>,
+    pub checked_by: String,
+    pub artifacts: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Insertable)]
+#[diesel(table_name = super::schema::nexus_staged_artifact, check_for_backend(Pg))]
+pub struct NexusStagedArtifact {
+    pub nexus_id: Uuid,
+    pub sha256: DbArtifactHash,
+    pub time_staged: DateTime<Utc>,
+}
+
 /// A verified repository, as the upload path hands it to the datastore.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TufRepoDescription {
@@ -176,4 +208,64 @@ pub struct Inventory {
     pub collection: InvCollection,
     pub sleds: Vec<InvSled>,
     pub m2s: Vec<InvM2>,
+}
+
+/// A [`common::bgtask::TaskMode`] stored as its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, AsExpression, FromSqlRow)]
+#[diesel(sql_type = Text)]
+pub struct DbTaskMode(pub common::bgtask::TaskMode);
+
+impl ToSql<Text, Pg> for DbTaskMode {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+        <str as ToSql<Text, Pg>>::to_sql(self.0.as_str(), &mut out.reborrow())
+    }
+}
+
+impl FromSql<Text, Pg> for DbTaskMode {
+    fn from_sql(bytes: PgValue<'_>) -> deserialize::Result<Self> {
+        let text = <String as FromSql<Text, Pg>>::from_sql(bytes)?;
+        Ok(DbTaskMode(text.parse()?))
+    }
+}
+
+/// A [`common::bgtask::ActivationReason`] stored as its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, AsExpression, FromSqlRow)]
+#[diesel(sql_type = Text)]
+pub struct DbActivationReason(pub common::bgtask::ActivationReason);
+
+impl ToSql<Text, Pg> for DbActivationReason {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+        <str as ToSql<Text, Pg>>::to_sql(self.0.as_str(), &mut out.reborrow())
+    }
+}
+
+impl FromSql<Text, Pg> for DbActivationReason {
+    fn from_sql(bytes: PgValue<'_>) -> deserialize::Result<Self> {
+        let text = <String as FromSql<Text, Pg>>::from_sql(bytes)?;
+        Ok(DbActivationReason(text.parse()?))
+    }
+}
+
+/// A background task's cluster-wide switch.
+#[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = super::schema::bgtask_switch, check_for_backend(Pg))]
+pub struct BgtaskSwitch {
+    pub name: String,
+    pub mode: DbTaskMode,
+    pub changed_by: String,
+    pub reason: String,
+    pub time_changed: DateTime<Utc>,
+}
+
+/// One Nexus's last activation of one background task that did work.
+#[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = super::schema::bgtask_activation, check_for_backend(Pg))]
+pub struct BgtaskActivation {
+    pub nexus_id: Uuid,
+    pub name: String,
+    pub iteration: i64,
+    pub reason: DbActivationReason,
+    pub time_started: DateTime<Utc>,
+    /// `None` while the activation runs.
+    pub time_done: Option<DateTime<Utc>>,
 }

@@ -104,3 +104,56 @@ diesel::table! {
         quota_bytes -> Int8,
     }
 }
+
+diesel::table! {
+    target_release (generation) {
+        generation -> Int8,
+        tuf_repo_id -> Uuid,
+        time_requested -> Timestamptz,
+        requested_by -> Text,
+    }
+}
+
+diesel::table! {
+    tuf_repo_health (tuf_repo_id) {
+        tuf_repo_id -> Uuid,
+        state -> Text,
+        generation -> Int8,
+        time_checked -> Timestamptz,
+        checked_by -> Text,
+        artifacts -> Jsonb,
+    }
+}
+
+diesel::table! {
+    nexus_staged_artifact (nexus_id, sha256) {
+        nexus_id -> Uuid,
+        sha256 -> Text,
+        time_staged -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    bgtask_switch (name) {
+        name -> Text,
+        mode -> Text,
+        changed_by -> Text,
+        reason -> Text,
+        time_changed -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    bgtask_activation (nexus_id, name) {
+        nexus_id -> Uuid,
+        name -> Text,
+        iteration -> Int8,
+        reason -> Text,
+        time_started -> Timestamptz,
+        time_done -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(target_release -> tuf_repo (tuf_repo_id));
+diesel::joinable!(tuf_repo_health -> tuf_repo (tuf_repo_id));
+diesel::allow_tables_to_appear_in_same_query!(target_release, tuf_repo_health, tuf_repo);

@@ -36,13 +36,18 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "durability",
         up_sql: include_str!("../../../schema/migrations/0003-durability/up.sql"),
     },
+    Migration {
+        number: 4,
+        name: "lifecycle",
+        up_sql: include_str!("../../../schema/migrations/0004-lifecycle/up.sql"),
+    },
 ];
 
 /// The whole current schema.
 pub const DBINIT_SQL: &str = include_str!("../../../schema/dbinit.sql");
 
 /// The version this Nexus needs: that of the last migration.
-pub const SCHEMA_VERSION: &str = "3.0.0";
+pub const SCHEMA_VERSION: &str = "4.0.0";
 
 const UPGRADE_HINT: &str = "rack-dev db-upgrade --database-url URL";
 
@@ -294,7 +299,7 @@ mod tests {
             outcome,
             UpgradeOutcome::Migrated {
                 from: "1.0.0".into(),
-                applied: vec!["0002-inventory".into(), "0003-durability".into()]
+                applied: vec!["0002-inventory".into(), "0003-durability".into(), "0004-lifecycle".into()]
             }
         );
         let actual = schema_snapshot(&mut conn).await;

@@ -34,6 +34,7 @@
 
 pub mod archive_transport;
 pub mod artifacts_json;
+mod spool;
 pub mod zip_intake;
 
 use crate::app::staging::{StagedArtifact, StagedRepo, StagingArea};
@@ -46,11 +47,9 @@ use bytes::Bytes;
 use camino::{Utf8Path, Utf8PathBuf};
 use common::{ArtifactHash, error_chain};
 use futures::{Stream, StreamExt};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, mpsc};
 use zip_intake::{Archive, ZipError, ZipLimits};
 
@@ -337,7 +336,8 @@ impl Uploader {
             Err(error) => return Err(tuf_error(error)),
         };
         let storage = |what, source| UploadError::Storage { what, path: temp.to_owned(), source };
-        let mut file = tokio::fs::File::create_new(temp).await.map_err(|source| storage("staging a target", source))?;
+        let mut spool =
+            spool::Spool::create(temp, false, spool::Finish::Sync).map_err(|source| storage("staging a target", source))?;
         let mut size = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|error| {
@@ -351,11 +351,13 @@ impl Uploader {
                 }
             })?;
             size += chunk.len() as u64;
-            file.write_all(&chunk).await.map_err(|source| storage("staging a target", source))?;
+            if spool.write(chunk).await.is_err() {
+                break;
+            }
         }
-        file.flush().await.map_err(|source| storage("staging a target", source))?;
-        file.sync_all().await.map_err(|source| storage("syncing a staged target", source))?;
-        drop(file);
+        // The spool's own error, if it stopped early; else everything is
+        // written and synced.
+        spool.finish().await.map_err(|source| storage("staging a target", source))?;
         // Data first, then the name: the staging directory is synced once
         // for all targets, before the database records them.
         let pin = self.staging.pin(hash);
@@ -388,8 +390,9 @@ where
     E: std::error::Error,
 {
     let storage = |source| UploadError::Storage { what: "storing the upload", path: path.to_owned(), source };
-    let mut file = tokio::fs::File::create_new(path).await.map_err(storage)?;
-    let mut hasher = Sha256::new();
+    // Not fsynced: the zip is scratch, removed after the upload and at
+    // start-up. What must survive is staged (and fsynced) from it.
+    let mut spool = spool::Spool::create(path, true, spool::Finish::NoSync).map_err(storage)?;
     let mut seen = 0u64;
     loop {
         let chunk = match tokio::time::timeout(idle, body.next()).await {
@@ -404,13 +407,12 @@ where
             common::api::drain_body(body, DRAIN_LIMIT_BYTES).await;
             return Err(UploadError::TooLarge { limit });
         }
-        hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(storage)?;
+        if spool.write(chunk).await.is_err() {
+            break;
+        }
     }
-    // Not fsynced: the zip is scratch, removed after the upload and at
-    // start-up. What must survive is staged (and fsynced) from it.
-    file.flush().await.map_err(storage)?;
-    Ok(ArtifactHash(hasher.finalize().into()))
+    let hash = spool.finish().await.map_err(storage)?;
+    Ok(hash.expect("the spool hashes"))
 }
 
 /// How much of an oversized upload is read and dropped before the 413.

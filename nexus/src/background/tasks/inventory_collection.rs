@@ -117,7 +117,11 @@ impl InventoryCollector {
 }
 
 impl BackgroundTask for InventoryCollector {
-    fn activate<'a>(&'a mut self, log: &'a slog::Logger) -> BoxFuture<'a, serde_json::Value> {
+    fn activate<'a>(
+        &'a mut self,
+        log: &'a slog::Logger,
+        _reason: common::bgtask::ActivationReason,
+    ) -> BoxFuture<'a, serde_json::Value> {
         Box::pin(async move {
             let status = self.collect().await.unwrap_or_else(|error| {
                 let message = error_chain(&error);

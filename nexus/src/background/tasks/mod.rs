@@ -3,5 +3,6 @@
 
 pub mod inventory_collection;
 pub mod replication_plan;
+pub mod repo_health;
 pub mod tuf_artifact_replication;
 pub mod tuf_repo_pruner;

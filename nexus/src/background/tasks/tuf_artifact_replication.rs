@@ -57,6 +57,10 @@
 //! - *Two pushers of the same generation* send the same set: a no-op.
 
 use super::replication_plan::{self, Inventory, Limits, Plan, Request, SledState};
+use super::repo_health;
+use crate::db::datastore::{health_state_from_sql, health_state_to_sql};
+use crate::db::model::TufRepoWithArtifacts;
+use common::api::external::{RepoHealth, RepoHealthView};
 use crate::app::staging::{StagedRepo, StagingArea};
 use crate::background::driver::{Activator, BackgroundTask};
 use crate::db::model::Sled;
@@ -387,6 +391,7 @@ impl ArtifactReplication {
         }
         self.release_replicated(log, &config, &inventory, sleds.len());
         self.publish_progress(&config, &inventory, &repos, sleds.len(), status);
+        self.record_health(log, &config, &inventory, &repos, sleds.len()).await;
 
         // 6. Plan and execute.
         let limits = Limits { min_sled_replication: self.settings.min_sled_replication };
@@ -436,6 +441,86 @@ impl ArtifactReplication {
         }
         status.last_run.skipped_backoff = plan.skipped_backoff as u64;
         Ok(())
+    }
+
+    /// Records what this Nexus holds staged, then judges and records every
+    /// unpruned repository's health ([`super::repo_health`]), logging each
+    /// change (a warning when it got worse). Database failures here are
+    /// logged: health is a report, replication goes on without it.
+    async fn record_health(
+        &self,
+        log: &slog::Logger,
+        config: &ArtifactConfig,
+        inventory: &Inventory,
+        repos: &[TufRepoWithArtifacts],
+        sleds_in_service: usize,
+    ) {
+        let staged_here: BTreeSet<ArtifactHash> = match self.staging.list() {
+            Ok(hashes) => hashes.into_iter().collect(),
+            Err(error) => {
+                slog::warn!(log, "listing the staging area failed"; "error" => %error);
+                return;
+            }
+        };
+        if let Err(error) = self.datastore.staged_artifacts_replace(self.nexus_id, &staged_here).await {
+            slog::warn!(log, "recording staged artifacts failed"; "error" => error_chain(&error));
+        }
+        let mut staged = self.datastore.staged_artifacts_all().await.unwrap_or_else(|error| {
+            slog::warn!(log, "reading other Nexus instances' staged artifacts failed"; "error" => error_chain(&error));
+            BTreeMap::new()
+        });
+        for hash in staged_here {
+            let holders = staged.entry(hash).or_default();
+            if !holders.contains(&self.nexus_id) {
+                holders.push(self.nexus_id);
+            }
+        }
+        let listed: BTreeMap<Uuid, usize> = inventory.sleds.iter().map(|sled| (sled.id, sled.healthy_m2)).collect();
+        let copies: BTreeMap<ArtifactHash, BTreeMap<Uuid, usize>> =
+            inventory.artifacts.iter().map(|(hash, state)| (*hash, state.copies.clone())).collect();
+        let observed = repo_health::Observed {
+            sleds_in_service,
+            listed: &listed,
+            copies: &copies,
+            staged: &staged,
+            min_sled_replication: self.settings.min_sled_replication,
+        };
+        let now = chrono::Utc::now();
+        let health: Vec<(Uuid, RepoHealthView)> = repos
+            .iter()
+            .map(|recorded| {
+                let (state, artifacts) = repo_health::assess(recorded, &observed);
+                let view = RepoHealthView {
+                    state,
+                    generation: config.generation,
+                    time_checked: now,
+                    checked_by: format!("nexus {}", self.nexus_id),
+                    sleds_in_service,
+                    artifacts,
+                };
+                (recorded.repo.id, view)
+            })
+            .collect();
+        let before = match self.datastore.repo_health_record(&health).await {
+            Ok(before) => before,
+            Err(error) => {
+                slog::warn!(log, "recording repository health failed"; "error" => error_chain(&error));
+                return;
+            }
+        };
+        for ((repo_id, view), recorded) in health.iter().zip(repos) {
+            let previous = before.get(repo_id).and_then(|state| health_state_from_sql(state));
+            if previous == Some(view.state) {
+                continue;
+            }
+            let (from, to) = (previous.map_or("unknown", health_state_to_sql), health_state_to_sql(view.state));
+            let version = &recorded.repo.system_version;
+            if previous.is_some_and(|previous| view.state > previous) || view.state >= RepoHealth::Degraded {
+                slog::warn!(log, "repository health got worse"; "system_version" => version, "from" => from, "to" => to);
+            } else {
+                slog::info!(log, "repository health changed"; "system_version" => version, "from" => from, "to" => to);
+            }
+        }
     }
 
     /// Takes in a copy failure a sled reported. Returns whether it is new.
@@ -661,7 +746,11 @@ impl ArtifactReplication {
 }
 
 impl BackgroundTask for ArtifactReplication {
-    fn activate<'a>(&'a mut self, log: &'a slog::Logger) -> BoxFuture<'a, serde_json::Value> {
+    fn activate<'a>(
+        &'a mut self,
+        log: &'a slog::Logger,
+        _reason: common::bgtask::ActivationReason,
+    ) -> BoxFuture<'a, serde_json::Value> {
         Box::pin(async move { serde_json::to_value(self.run(log).await).expect("statuses serialize") })
     }
 }

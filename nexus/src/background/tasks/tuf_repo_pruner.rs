@@ -3,6 +3,15 @@
 //! the latest upload (`time_last_uploaded`): re-uploading an old repository,
 //! pruned or not, makes it the newest, so it is not pruned again at once.
 //!
+//! Never pruned, whatever `nkeep` says: the current target release, the
+//! previous one, and the newest upload (DESIGN §12; omicron keeps the same
+//! three). So `nkeep` is how many repositories may stay before the oldest
+//! *other* one goes: with `nkeep = 3` and the target releases among the
+//! oldest, the rack keeps the two target releases and the newest upload,
+//! and each further upload prunes the oldest repository that is none of
+//! them. An `nkeep` below 3 can leave more than `nkeep` repositories when
+//! all of them are protected.
+//!
 //! Algorithm: read the generation, then list the unpruned repositories; if
 //! there are more than `nkeep`, mark the oldest pruned *on condition that the
 //! generation is still the one read first*.
@@ -40,7 +49,10 @@ impl TufRepoPruner {
     async fn prune_one(&self) -> Result<TufRepoPrunerOutcome, DataStoreError> {
         let generation = self.datastore.tuf_generation_get().await?;
         let unpruned = self.datastore.tuf_repo_list_unpruned().await?;
-        let Some(oldest) = unpruned.get(self.nkeep as usize..).and_then(<[_]>::last) else {
+        let mut protected = self.datastore.target_releases().await?.repo_ids();
+        protected.extend(unpruned.first().map(|newest| newest.id));
+        let oldest = unpruned.iter().rev().find(|repo| !protected.contains(&repo.id));
+        let Some(oldest) = oldest.filter(|_| unpruned.len() > self.nkeep as usize) else {
             return Ok(TufRepoPrunerOutcome::NothingToPrune { unpruned: unpruned.len() as u32 });
         };
         match self.datastore.tuf_repo_mark_pruned(oldest.id, generation).await {
@@ -58,7 +70,11 @@ impl TufRepoPruner {
 }
 
 impl BackgroundTask for TufRepoPruner {
-    fn activate<'a>(&'a mut self, log: &'a slog::Logger) -> BoxFuture<'a, serde_json::Value> {
+    fn activate<'a>(
+        &'a mut self,
+        log: &'a slog::Logger,
+        _reason: common::bgtask::ActivationReason,
+    ) -> BoxFuture<'a, serde_json::Value> {
         Box::pin(async move {
             let outcome = self.prune_one().await.unwrap_or_else(|error| {
                 let message = crate::error_chain(&error);
@@ -79,6 +95,7 @@ mod tests {
     use super::*;
     use crate::db::datastore::test_support::datastore;
     use crate::db::model::{TufArtifactDescription, TufRepoDescription};
+    use common::bgtask::ActivationReason;
     use common::{ArtifactHash, ArtifactId};
 
     fn repo(version: &str) -> TufRepoDescription {
@@ -111,14 +128,14 @@ mod tests {
             datastore.tuf_repo_insert(&repo(version)).await.unwrap();
         }
         assert_eq!(
-            outcome(pruner.activate(&log).await),
+            outcome(pruner.activate(&log, ActivationReason::Explicit).await),
             TufRepoPrunerOutcome::NothingToPrune { unpruned: 2 }
         );
 
         for version in ["3.0.0", "4.0.0"] {
             datastore.tuf_repo_insert(&repo(version)).await.unwrap();
         }
-        let first = outcome(pruner.activate(&log).await);
+        let first = outcome(pruner.activate(&log, ActivationReason::Explicit).await);
         assert!(
             matches!(&first, TufRepoPrunerOutcome::Pruned { system_version, generation, .. }
                 if system_version == "1.0.0" && *generation == Generation::new(6)),
@@ -126,12 +143,12 @@ mod tests {
         );
         assert!(pruned_rx.has_changed().unwrap(), "dependents are told of the prune");
         assert_eq!(*pruned_rx.borrow_and_update(), Generation::new(6));
-        let second = outcome(pruner.activate(&log).await);
+        let second = outcome(pruner.activate(&log, ActivationReason::Explicit).await);
         assert!(
             matches!(&second, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "2.0.0")
         );
         assert_eq!(
-            outcome(pruner.activate(&log).await),
+            outcome(pruner.activate(&log, ActivationReason::Explicit).await),
             TufRepoPrunerOutcome::NothingToPrune { unpruned: 2 }
         );
         let live: Vec<String> =
@@ -151,12 +168,12 @@ mod tests {
         for version in ["1.0.0", "2.0.0", "3.0.0"] {
             datastore.tuf_repo_insert(&repo(version)).await.unwrap();
         }
-        let first = outcome(pruner.activate(&log).await);
+        let first = outcome(pruner.activate(&log, ActivationReason::Explicit).await);
         assert!(
             matches!(&first, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "1.0.0")
         );
         datastore.tuf_repo_insert(&repo("1.0.0")).await.unwrap();
-        let second = outcome(pruner.activate(&log).await);
+        let second = outcome(pruner.activate(&log, ActivationReason::Explicit).await);
         assert!(
             matches!(&second, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "2.0.0"),
             "{second:?}"

@@ -6,7 +6,9 @@
 //! level CockroachDB offers and the one that makes the generation
 //! compare-and-swap safe under concurrent Nexus instances.
 
+mod bgtask;
 mod inventory;
+mod release;
 mod sled;
 mod trust_root;
 mod tuf;
@@ -22,6 +24,7 @@ use scoped_futures::ScopedBoxFuture;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use release::{TargetReleases, health_state_from_sql, health_state_to_sql};
 pub use tuf::{TufRepoInsertResult, TufRepoPage};
 
 /// Attempts of one transaction before giving up on serialization conflicts.
@@ -210,15 +213,6 @@ impl DataStore {
 
 fn is_serialization_failure(error: &DieselError) -> bool {
     matches!(error, DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _))
-}
-
-/// Unique-constraint violations name their constraint; the datastore turns the
-/// ones it expects into conflicts that say what collided.
-fn violated_constraint(error: &DieselError) -> Option<&str> {
-    match error {
-        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => info.constraint_name(),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -1,17 +1,22 @@
 //! Sleds: registered (and re-registered) by their sled agents.
 
-use super::{DataStore, DataStoreError, violated_constraint};
+use super::{DataStore, DataStoreError};
 use crate::db::model::{Sled, SledRegistration};
 use crate::db::schema::sled;
 use chrono::Utc;
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
+use scoped_futures::ScopedFutureExt;
 use uuid::Uuid;
 
 impl DataStore {
     /// Records a sled agent's registration: inserts the sled, or updates its
-    /// address if it moved. An expunged sled stays expunged.
+    /// address if it moved. An expunged sled is refused: expunged is final,
+    /// and a replacement registers under a new id. A serial is unique among
+    /// sleds in service: another id with the serial of a sled in service is
+    /// refused (two agents claiming one piece of hardware), while the serial
+    /// of an expunged sled may come back under a new id (repaired hardware).
     pub async fn sled_upsert(&self, registration: &SledRegistration) -> Result<Sled, DataStoreError> {
         let now = Utc::now();
         let row = Sled {
@@ -24,28 +29,89 @@ impl DataStore {
             repo_depot_port: i32::from(registration.repo_depot_port),
             time_expunged: None,
         };
+        self.transaction_retry("sled_upsert", |conn| {
+            let row = row.clone();
+            async move {
+                let existing: Option<Sled> =
+                    sled::table.find(row.id).select(Sled::as_select()).first(conn).await.optional()?;
+                if let Some(time_expunged) = existing.and_then(|sled| sled.time_expunged) {
+                    return Err(DataStoreError::Conflict(format!(
+                        "sled {} was expunged at {}; expunged is final: a replacement must register as a \
+                         new sled (with a new id)",
+                        row.id,
+                        time_expunged.to_rfc3339()
+                    ))
+                    .into());
+                }
+                let holder: Option<Uuid> = sled::table
+                    .filter(sled::serial.eq(&row.serial).and(sled::time_expunged.is_null()).and(sled::id.ne(row.id)))
+                    .select(sled::id)
+                    .first(conn)
+                    .await
+                    .optional()?;
+                if let Some(holder) = holder {
+                    return Err(DataStoreError::Conflict(format!(
+                        "sled serial {:?} is already registered by sled {holder}, in service; sled {} cannot \
+                         register with it (expunge {holder} first if it was replaced)",
+                        row.serial, row.id
+                    ))
+                    .into());
+                }
+                Ok(diesel::insert_into(sled::table)
+                    .values(&row)
+                    .on_conflict(sled::id)
+                    .do_update()
+                    .set((
+                        sled::time_modified.eq(excluded(sled::time_modified)),
+                        sled::serial.eq(excluded(sled::serial)),
+                        sled::ip.eq(excluded(sled::ip)),
+                        sled::port.eq(excluded(sled::port)),
+                        sled::repo_depot_port.eq(excluded(sled::repo_depot_port)),
+                    ))
+                    .returning(Sled::as_returning())
+                    .get_result(conn)
+                    .await?)
+            }
+            .scope_boxed()
+        })
+        .await
+    }
+
+    /// Marks a sled expunged (idempotent): from then on no Nexus sends it
+    /// requests, its copies no longer count, and its registration is refused.
+    pub async fn sled_expunge(&self, id: Uuid) -> Result<Sled, DataStoreError> {
+        self.transaction_retry("sled_expunge", |conn| {
+            async move {
+                let found: Sled = sled::table
+                    .find(id)
+                    .select(Sled::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?
+                    .ok_or_else(|| DataStoreError::NotFound { kind: "sled", key: id.to_string() })?;
+                if found.time_expunged.is_some() {
+                    return Ok(found);
+                }
+                Ok(diesel::update(sled::table.find(id))
+                    .set((sled::time_expunged.eq(Some(Utc::now())), sled::time_modified.eq(Utc::now())))
+                    .returning(Sled::as_returning())
+                    .get_result(conn)
+                    .await?)
+            }
+            .scope_boxed()
+        })
+        .await
+    }
+
+    /// Every sled ever registered, expunged ones included, ordered by id.
+    pub async fn sled_list_all(&self) -> Result<Vec<Sled>, DataStoreError> {
         let mut conn = self.connection().await?;
-        diesel::insert_into(sled::table)
-            .values(&row)
-            .on_conflict(sled::id)
-            .do_update()
-            .set((
-                sled::time_modified.eq(excluded(sled::time_modified)),
-                sled::serial.eq(excluded(sled::serial)),
-                sled::ip.eq(excluded(sled::ip)),
-                sled::port.eq(excluded(sled::port)),
-                sled::repo_depot_port.eq(excluded(sled::repo_depot_port)),
-            ))
-            .returning(Sled::as_returning())
-            .get_result(&mut conn)
+        sled::table
+            .order(sled::id)
+            .select(Sled::as_select())
+            .load(&mut conn)
             .await
-            .map_err(|source| match violated_constraint(&source) {
-                Some("sled_serial_key") => DataStoreError::Conflict(format!(
-                    "sled serial {:?} is already registered by another sled id than {}",
-                    registration.serial, registration.id
-                )),
-                _ => DataStoreError::Query { operation: "sled_upsert", source },
-            })
+            .map_err(|source| DataStoreError::Query { operation: "sled_list_all", source })
     }
 
     /// Sleds in service (not expunged), ordered by id.
@@ -117,6 +183,29 @@ mod tests {
         assert!(matches!(error, DataStoreError::Conflict(_)), "{error:?}");
         assert!(error.to_string().contains("serial-a"), "{error}");
         assert_eq!(datastore.sled_list().await.unwrap().len(), 1);
+    }
+
+    /// Expunged is final; the serial of an expunged sled may come back
+    /// under a new id (a second id claiming the serial of a sled in service
+    /// is refused, above).
+    #[tokio::test]
+    async fn an_expunged_sled_cannot_register_and_its_serial_can_be_reused() {
+        let (_db, datastore) = datastore().await;
+        let old = registration("serial-a", 9000);
+        datastore.sled_upsert(&old).await.unwrap();
+        let expunged = datastore.sled_expunge(old.id).await.unwrap();
+        assert!(expunged.time_expunged.is_some());
+        assert_eq!(datastore.sled_expunge(old.id).await.unwrap(), expunged, "idempotent");
+        let error = datastore.sled_upsert(&old).await.unwrap_err();
+        assert!(error.to_string().contains("was expunged") && error.to_string().contains("new sled"), "{error}");
+        assert!(datastore.sled_list().await.unwrap().is_empty());
+        let replacement = registration("serial-a", 9400);
+        datastore.sled_upsert(&replacement).await.unwrap();
+        let all = datastore.sled_list_all().await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(datastore.sled_list().await.unwrap()[0].id, replacement.id);
+        let error = datastore.sled_expunge(Uuid::new_v4()).await.unwrap_err();
+        assert!(matches!(error, DataStoreError::NotFound { .. }), "{error:?}");
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use crate::db::model::{
     DbArtifactHash, TufArtifact, TufRepo, TufRepoArtifact, TufRepoDescription, TufRepoInsertStatus,
     TufRepoWithArtifacts,
 };
-use crate::db::schema::{tuf_artifact, tuf_generation, tuf_repo, tuf_repo_artifact, tuf_trust_root};
+use crate::db::schema::{target_release, tuf_artifact, tuf_generation, tuf_repo, tuf_repo_artifact, tuf_trust_root};
 use chrono::{DateTime, SubsecRound, Utc};
 use common::{ArtifactConfig, ArtifactId, Generation};
 use diesel::prelude::*;
@@ -154,6 +154,28 @@ impl DataStore {
                 let found = read_generation(conn).await?;
                 if found != expected {
                     return Err(DataStoreError::GenerationMoved { expected, found }.into());
+                }
+                // Setting a target release or re-uploading does not move the
+                // generation: check here, in the transaction, that the
+                // repository is still none of the protected ones.
+                let targets: Vec<Uuid> = target_release::table
+                    .order(target_release::generation.desc())
+                    .limit(2)
+                    .select(target_release::tuf_repo_id)
+                    .load(conn)
+                    .await?;
+                let newest: Option<Uuid> = tuf_repo::table
+                    .filter(tuf_repo::time_pruned.is_null())
+                    .order((tuf_repo::time_last_uploaded.desc(), tuf_repo::id.desc()))
+                    .select(tuf_repo::id)
+                    .first(conn)
+                    .await
+                    .optional()?;
+                if targets.contains(&repo_id) || newest == Some(repo_id) {
+                    return Err(DataStoreError::Conflict(format!(
+                        "repository {repo_id} is a target release or the newest upload and is never pruned"
+                    ))
+                    .into());
                 }
                 let pruned = diesel::update(tuf_repo::table)
                     .filter(tuf_repo::id.eq(repo_id).and(tuf_repo::time_pruned.is_null()))
