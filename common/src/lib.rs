@@ -7,6 +7,7 @@
 pub mod api;
 pub mod artifact;
 pub mod bgtask;
+pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod discovery;

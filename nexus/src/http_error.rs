@@ -52,7 +52,9 @@ impl From<DriverError> for HttpError {
             // The database's own rules, for the status: an unreachable
             // database is 503, a failed query 500.
             DriverError::SetSwitch { source: StoreError::Database(source), .. } => HttpError::from(source),
-            DriverError::SetSwitch { source: StoreError::TimedOut(_), .. } => unavailable(error_chain(&error)),
+            DriverError::SetSwitch { source: StoreError::TimedOut(_), .. } => {
+                unavailable(error_chain(&error))
+            }
         }
     }
 }

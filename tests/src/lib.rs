@@ -206,6 +206,8 @@ pub fn test_sled_config(nexus_internal_url: &str) -> sled_agent::config::Config 
     config.sled_agent_api.listen = "127.0.0.1:0".parse().unwrap();
     config.repo_depot.listen = "127.0.0.1:0".parse().unwrap();
     config.storage.artifact_quota_bytes = 64 << 20;
+    // Temp-directory M.2s, removed with the sled.
+    config.storage.m2_dirs = Vec::new();
     config.registration_period_secs = 1;
     config.copy.read_timeout_secs = 2;
     config

@@ -181,7 +181,7 @@ pub fn write_sled_config(dir: &Utf8Path, nexus_internal_url: &str) -> [Utf8PathB
         .replace("registration_period_secs = 30", "registration_period_secs = 1")
         .replace("read_timeout_secs = 30", "read_timeout_secs = 2")
         .replace(
-            "# m2_dirs = [\"/var/tmp/sled0/m2-0\", \"/var/tmp/sled0/m2-1\"]   # temp dirs if absent",
+            "m2_dirs = [\"/var/lib/rack/sled-agent/m2-0\", \"/var/lib/rack/sled-agent/m2-1\"]",
             &format!("m2_dirs = [{:?}, {:?}]", m2[0], m2[1]),
         );
     std::fs::write(dir.join("config.toml"), text).unwrap();

@@ -168,7 +168,8 @@ async fn sled_agent_runs_standalone_and_registers() {
         .replace("127.0.0.1:12345", "127.0.0.1:0")
         .replace("127.0.0.1:12346", "127.0.0.1:0")
         .replace("http://127.0.0.1:12221", &nexus.internal_url())
-        .replace("registration_period_secs = 30", "registration_period_secs = 1");
+        .replace("registration_period_secs = 30", "registration_period_secs = 1")
+        .replace("/var/lib/rack/sled-agent", dir.path().to_str().unwrap());
     let config = write_config(&dir, &text);
     let mut child = tokio::process::Command::new(binary("sled-agent"))
         .arg("--config")

@@ -142,7 +142,10 @@ async fn a_disabled_task_reports_who_disabled_it_and_why() {
     assert_eq!(status_code(&error), 400);
     assert_eq!(message(error), "the switch of background task tuf_repo_pruner needs a non-empty reason");
     let enable = switch(TaskMode::Enabled, "fixed");
-    assert_eq!(client.bgtask_switch(PRUNER, &enable).await.unwrap().into_inner().switch.mode, TaskMode::Enabled);
+    assert_eq!(
+        client.bgtask_switch(PRUNER, &enable).await.unwrap().into_inner().switch.mode,
+        TaskMode::Enabled
+    );
     let error = client.bgtask_switch("no_such_task", &enable).await.unwrap_err();
     assert_eq!(status_code(&error), 404);
 }

@@ -76,6 +76,13 @@ async fn expunging_a_sled_mid_replication() {
     let refused = rack.nexus.internal_client().sled_agent_put(&victim, &info).await.unwrap_err();
     assert_eq!(refused.status().unwrap().as_u16(), 409);
     assert!(api_message(&refused).contains("expunged is final"), "{refused:?}");
+    // Its serial may come back under a new id (repaired hardware); the
+    // serial of a sled in service may not (two agents, one machine).
+    rack.nexus.internal_client().sled_agent_put(&uuid::Uuid::new_v4(), &info).await.unwrap();
+    let taken = common::api::nexus_internal::SledAgentInfo { serial: rack.sleds[1].server.serial.clone(), ..info };
+    let twin = rack.nexus.internal_client().sled_agent_put(&uuid::Uuid::new_v4(), &taken).await.unwrap_err();
+    assert_eq!(twin.status().unwrap().as_u16(), 409);
+    assert!(api_message(&twin).contains("is already registered by sled"), "{twin:?}");
 }
 
 /// Every copy of an artifact vanishes behind the system's back (files

@@ -104,7 +104,8 @@ async fn the_switch_records_who_and_why() {
     let (_nexus, omdb) = settled_nexus().await;
     let stderr = omdb.failure(&["nexus", "background-tasks", "disable", "tuf_repo_pruner"]).await;
     assert!(stderr.contains("--reason"), "a reason is required: {stderr}");
-    omdb.success(&["nexus", "background-tasks", "disable", "tuf_repo_pruner", "--reason", "a pruning bug"]).await;
+    omdb.success(&["nexus", "background-tasks", "disable", "tuf_repo_pruner", "--reason", "a pruning bug"])
+        .await;
     let output = omdb.success(&["nexus", "background-tasks", "activate", "tuf_repo_pruner", "--wait"]).await;
     golden("bgtasks-disabled", &output);
     let output = omdb
@@ -112,6 +113,8 @@ async fn the_switch_records_who_and_why() {
         .await;
     golden("bgtasks-manual", &output);
     golden("bgtasks-list-manual", &omdb.success(&["nexus", "background-tasks", "list"]).await);
+    let output = omdb.success(&["nexus", "background-tasks", "activate", "tuf_repo_pruner", "--wait"]).await;
+    assert!(output.contains("nothing to prune"), "an explicit activation runs in manual mode: {output}");
     let output =
         omdb.success(&["nexus", "background-tasks", "enable", "tuf_repo_pruner", "--reason", "fixed"]).await;
     assert!(output.contains("mode: enabled, set by omdb (tester@"), "{output}");
@@ -169,7 +172,10 @@ async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
     let nexus = rack.nexus.server.nexus().clone();
     let background = &nexus.background;
     let disabled = TaskMode::Disabled;
-    background.set_switch(integration_tests::rack::REPLICATION, disabled, "test", "look first").await.unwrap();
+    background
+        .set_switch(integration_tests::rack::REPLICATION, disabled, "test", "look first")
+        .await
+        .unwrap();
     // Stop the sled, make its newest ledger copy unreadable on both M.2s
     // (torn on one, a directory in its place on the other), start it again.
     let stopped = rack.sleds.pop().unwrap();
@@ -210,4 +216,39 @@ async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
     assert!(listed.ledger_damage.is_empty());
     let shown = omdb.success(&["sled-agent", "artifacts", "--sled-url", &api_url]).await;
     assert!(shown.contains(&format!("artifact config generation {}", config.generation)), "{shown}");
+}
+
+/// The replication matrix, repository health and target release as omdb
+/// shows them: complete sleds summarised, the expunged one as a row of `-`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_matrix_health_and_target_release() {
+    use integration_tests::rack::TestRack;
+    use integration_tests::repos::{RepoFactory, upload};
+    let (rack, factory) = TestRack::with_trust_root(3, |_| {}).await;
+    for (version, seed) in [("1.0.0", 1), ("2.0.0", 2)] {
+        let mut spec = RepoFactory::spec(version, &[("os", 30_000), ("sp", 2_000)], seed);
+        for artifact in &mut spec.artifacts {
+            artifact.version = version.to_string();
+        }
+        let zip = factory.build(&spec).await;
+        assert_eq!(upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await.0, 200);
+    }
+    rack.converge(20).await;
+    rack.nexus.external_client().sled_expunge(&rack.sleds[0].server.sled_id).await.unwrap();
+    rack.replicate().await;
+    let request = common::api::external::TargetReleaseRequest { system_version: "2.0.0".into() };
+    rack.nexus.external_client().target_release_set(&request).await.unwrap();
+    let omdb = Omdb { url: rack.nexus.internal_url() };
+    let db = rack.nexus.db.url().to_string();
+    let serials = Regex::new(r"sim-[0-9a-f]{8}").unwrap();
+    let redact_serials = |text: String| serials.replace_all(&text, "sim-<SERIAL>").into_owned();
+    golden("db-replication", &redact_serials(omdb.success(&["db", "--db-url", &db, "replication"]).await));
+    let zip_names = Regex::new(r"-\d+\.zip").unwrap();
+    let repos = omdb.success(&["db", "--db-url", &db, "tuf-repos"]).await;
+    golden("db-tuf-repos", &zip_names.replace_all(&repos, "-<N>.zip"));
+    golden("db-target-release", &omdb.success(&["db", "--db-url", &db, "target-release"]).await);
+    let json: serde_json::Value =
+        serde_json::from_str(&omdb.success(&["--json", "db", "--db-url", &db, "replication"]).await).unwrap();
+    assert_eq!(json["sleds"].as_array().unwrap().len(), 3);
+    assert_eq!(json["repos"].as_array().unwrap().len(), 2);
 }

@@ -43,8 +43,13 @@ async fn skipped_periodic_activations(nexus: &TestNexus, switch: &TaskSwitch, af
     let mut seen = BTreeSet::new();
     while seen.len() < count {
         assert!(Instant::now() < deadline, "only {} periodic activations after the switch", seen.len());
-        if let LastResult::Completed { iteration, start_time, reason: ActivationReason::Periodic, details, .. } =
-            view(nexus).await.last
+        if let LastResult::Completed {
+            iteration,
+            start_time,
+            reason: ActivationReason::Periodic,
+            details,
+            ..
+        } = view(nexus).await.last
             && start_time.timestamp_micros() > after
         {
             let details: DriverDetails = serde_json::from_value(details).expect("the driver's details");
@@ -76,7 +81,8 @@ async fn manual_mode_is_honoured_by_every_nexus_and_survives_a_restart() {
         changed_by: "test operator".into(),
         reason: "watching inventory by hand".into(),
     };
-    let switch = first.internal_client().bgtask_switch(INVENTORY, &request).await.unwrap().into_inner().switch;
+    let switch =
+        first.internal_client().bgtask_switch(INVENTORY, &request).await.unwrap().into_inner().switch;
     // Every activation that starts from now on reads the committed switch.
     let after_set = micros_now();
     assert_eq!(
@@ -117,11 +123,14 @@ async fn manual_mode_is_honoured_by_every_nexus_and_survives_a_restart() {
     }
     let activations = view(&first).await.activations;
     let nexus_ids: BTreeSet<Uuid> = activations.iter().map(|activation| activation.nexus_id).collect();
-    let expected: BTreeSet<Uuid> = [&first, &second, &third].iter().map(|nexus| nexus.server.nexus().id).collect();
+    let expected: BTreeSet<Uuid> =
+        [&first, &second, &third].iter().map(|nexus| nexus.server.nexus().id).collect();
     assert_eq!(nexus_ids, expected, "one last activation per Nexus");
     assert!(
-        activations.iter().all(|activation| activation.reason == ActivationReason::Explicit
-            && activation.time_done.is_some()),
+        activations
+            .iter()
+            .all(|activation| activation.reason == ActivationReason::Explicit
+                && activation.time_done.is_some()),
         "{activations:?}"
     );
 

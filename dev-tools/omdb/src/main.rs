@@ -61,7 +61,7 @@ async fn main() {
             if let Some(PartialFailure(output)) = error.downcast_ref::<PartialFailure>() {
                 print!("{output}");
             } else {
-                eprintln!("Error: {error:?}");
+                eprintln!("{}", common::cli::report(&error));
             }
             std::process::exit(1);
         }

@@ -75,8 +75,12 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() -> std::process::ExitCode {
+    common::cli::exit(run(Cli::parse()).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::RunAll(args) => run_all::run_all(args).await,
         Command::Bench(command) => bench::bench(command).await,
         Command::DbRun => db_run().await,

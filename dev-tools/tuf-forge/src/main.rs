@@ -72,8 +72,12 @@ impl Expiry {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() -> std::process::ExitCode {
+    common::cli::exit(run(Cli::parse()).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Keygen { out } => {
             std::fs::write(&out, tuf_forge::generate_key()?).with_context(|| format!("writing {out}"))?;
         }

@@ -60,3 +60,20 @@ fn a_malformed_artifact_is_explained() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("name:version:kind:SIZE_OR_PATH"));
 }
+
+/// Expected errors read as a message and its causes, never a backtrace,
+/// even with RUST_BACKTRACE=1 (anyhow captures one then).
+#[test]
+fn errors_never_print_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(FORGE)
+        .args(["root", "--key", "missing.der", "--out", "root.json"])
+        .current_dir(dir.path())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.starts_with("error: ") && text.contains("missing.der"), "{text}");
+    assert!(!text.contains("backtrace") && !text.contains("\n   0:"), "{text}");
+}

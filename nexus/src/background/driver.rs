@@ -122,7 +122,10 @@ pub trait SwitchStore: Send + Sync {
         activation: &'a NexusActivation,
     ) -> BoxFuture<'a, Result<(), DataStoreError>>;
     /// Every Nexus's last recorded activation of the task, by Nexus id.
-    fn activations<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<NexusActivation>, DataStoreError>>;
+    fn activations<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<NexusActivation>, DataStoreError>>;
 }
 
 impl SwitchStore for DataStore {
@@ -146,7 +149,10 @@ impl SwitchStore for DataStore {
         Box::pin(self.bgtask_activation_record(name, activation))
     }
 
-    fn activations<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<NexusActivation>, DataStoreError>> {
+    fn activations<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<NexusActivation>, DataStoreError>> {
         Box::pin(self.bgtask_activation_list(name))
     }
 }
@@ -186,7 +192,10 @@ impl SwitchStore for MemorySwitchStore {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn activations<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<NexusActivation>, DataStoreError>> {
+    fn activations<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<NexusActivation>, DataStoreError>> {
         let activations = self
             .activations
             .lock()
@@ -289,12 +298,17 @@ impl Driver {
         let mut tasks = BTreeMap::new();
         let mut loops = Vec::new();
         for definition in definitions {
-            let (mode, state_word) =
-                if definition.enabled { (TaskMode::Enabled, "enabled") } else { (TaskMode::Disabled, "disabled") };
+            let (mode, state_word) = if definition.enabled {
+                (TaskMode::Enabled, "enabled")
+            } else {
+                (TaskMode::Disabled, "disabled")
+            };
             let config_switch = TaskSwitch {
                 mode,
                 changed_by: "config file".to_string(),
-                reason: format!("no switch is set in the database; the config file starts the task {state_word}"),
+                reason: format!(
+                    "no switch is set in the database; the config file starts the task {state_word}"
+                ),
                 time_changed: started,
             };
             let state = Arc::new(Mutex::new(TaskState {
@@ -972,7 +986,8 @@ mod tests {
 
         let skipped = harness.wait_completed(2).await;
         assert!(matches!(skipped.last, LastResult::Completed { reason: ActivationReason::Periodic, .. }));
-        let DriverDetails::Skipped { mode, changed_by, reason, .. } = harness.last_driver_details().await else {
+        let DriverDetails::Skipped { mode, changed_by, reason, .. } = harness.last_driver_details().await
+        else {
             panic!("the periodic activation was skipped")
         };
         assert_eq!(
@@ -1010,7 +1025,10 @@ mod tests {
         else {
             panic!("skipped")
         };
-        assert_eq!((mode, changed_by.as_str(), reason.as_str()), (TaskMode::Disabled, "alice@console", "a pruning bug"));
+        assert_eq!(
+            (mode, changed_by.as_str(), reason.as_str()),
+            (TaskMode::Disabled, "alice@console", "a pruning bug")
+        );
         assert_eq!(time_changed, view.switch.time_changed);
 
         harness.set(TaskMode::Enabled, "fixed").await;
@@ -1078,19 +1096,24 @@ mod tests {
         harness.store.failing.store(true, Ordering::SeqCst);
 
         let view = harness.wait_completed(3).await;
-        assert!(matches!(harness.last_driver_details().await, DriverDetails::Skipped { mode: TaskMode::Manual, .. }));
+        assert!(matches!(
+            harness.last_driver_details().await,
+            DriverDetails::Skipped { mode: TaskMode::Manual, .. }
+        ));
         assert_eq!(view.switch.mode, TaskMode::Manual, "the last switch read");
         assert_eq!(view.database_errors.len(), 3, "{:?}", view.database_errors);
         assert!(
-            view.database_errors.iter().any(|error| error
-                .starts_with("iteration 3 could not read the switch and honoured the last one read (manual)")),
+            view.database_errors.iter().any(|error| error.starts_with(
+                "iteration 3 could not read the switch and honoured the last one read (manual)"
+            )),
             "{:?}",
             view.database_errors
         );
         let view = harness.driver.activate_and_wait("scripted").await.unwrap();
         assert_eq!(harness.activations.load(Ordering::SeqCst), 2, "an explicit activation still runs");
         assert!(matches!(view.last, LastResult::Completed { reason: ActivationReason::Explicit, .. }));
-        let error = harness.driver.set_switch("scripted", TaskMode::Enabled, "alice", "why").await.unwrap_err();
+        let error =
+            harness.driver.set_switch("scripted", TaskMode::Enabled, "alice", "why").await.unwrap_err();
         assert_eq!(
             common::error_chain(&error),
             "setting the switch of background task scripted: no database connection available within 10s \
