@@ -27,7 +27,8 @@ enum NexusCommand {
 
 #[derive(Subcommand)]
 enum BackgroundTasksCommand {
-    /// One line per task.
+    /// One line per task (mode, and this Nexus's last result), then every
+    /// Nexus's last activation that did work.
     List,
     /// Each task's state and a rendering of its last result.
     Show {
@@ -60,6 +61,7 @@ enum BackgroundTasksCommand {
 /// wins over every Nexus's config file.
 #[derive(Args)]
 struct SwitchArgs {
+    /// The task's name.
     name: String,
     /// Why, for the record that every Nexus shows.
     #[arg(long)]
