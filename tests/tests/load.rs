@@ -10,7 +10,8 @@ use integration_tests::repos::{RepoFactory, upload};
 /// distinct repository, and nothing deadlocks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_serialize_cleanly() {
-    let nexus = TestNexus::start().await;
+    // All 16 at once: the upload limit is not what this test is about.
+    let nexus = TestNexus::start_with(|config| config.updates.max_concurrent_uploads = 16).await;
     let factory = RepoFactory::new().await;
     nexus.external_client().trust_root_create(&factory.root_json()).await.unwrap();
     let before = nexus.server.nexus().datastore.tuf_generation_get().await.unwrap();

@@ -117,7 +117,8 @@ fn the_readme_tour_works_as_written() {
     let list = command("rack-dev repo list").output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     let pruned_line = list.lines().find(|l| l.trim_start().starts_with("1.0.0")).unwrap();
-    assert!(!pruned_line.contains(" - "), "1.0.0 is pruned: {list}");
+    let times = pruned_line.split_whitespace().filter(|word| word.ends_with('Z') && word.contains('T')).count();
+    assert_eq!(times, 2, "1.0.0 has an upload and a prune time: {list}");
 
     assert!(!processes_mentioning(run_dir.to_str().unwrap()).is_empty(), "the rack's processes run");
     // SAFETY: kill(2) has no memory-safety preconditions.
