@@ -15,6 +15,16 @@ pub struct RackDiscovery {
     pub token_file: String,
     pub nexus: Vec<NexusEndpoints>,
     pub sleds: Vec<SledEndpoints>,
+    /// With `run-all --netns`: the run's id (in every namespace and
+    /// interface name) and each host's address ("n0", "s3", ...).
+    #[serde(default)]
+    pub network: Option<NetworkDiscovery>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDiscovery {
+    pub run_id: u32,
+    pub hosts: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

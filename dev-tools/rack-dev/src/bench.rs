@@ -82,6 +82,7 @@ fn rack_options(sleds: usize, settings: Vec<(Vec<&'static str>, toml::Value)>) -
         log_level: "warn".into(),
         dir: None,
         nexus_settings: settings,
+        netns: None,
     }
 }
 

@@ -7,6 +7,7 @@
 //! - `bench ...`: performance against baselines measured in the same run.
 
 mod bench;
+mod netns;
 mod operator;
 mod run_all;
 
@@ -65,6 +66,9 @@ enum Command {
         #[command(subcommand)]
         command: operator::TargetReleaseCommand,
     },
+    /// The links of a rack run with --netns: limits, down/up, partitions.
+    #[command(subcommand)]
+    Link(netns::LinkCommand),
     /// Trust roots that uploaded repositories must be signed under.
     TrustRoot {
         #[command(flatten)]
@@ -88,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Repo { connection, command } => operator::repo(&connection, command).await,
         Command::TrustRoot { connection, command } => operator::trust_root(&connection, command).await,
         Command::Sled { connection, command } => operator::sled(&connection, command).await,
+        Command::Link(command) => netns::link(command),
         Command::TargetRelease { connection, command } => operator::target_release(&connection, command).await,
     }
 }

@@ -11,7 +11,12 @@
 //! exits on its own, that is reported and the rest are stopped the same way.
 //! Children get `PR_SET_PDEATHSIG`, so even a `kill -9` of run-all leaves
 //! none behind.
+//!
+//! With `--netns`, each Nexus and each sled runs in a network namespace of
+//! its own on a private subnet, with per-link limits (see [`crate::netns`]);
+//! without it, everything shares loopback.
 
+use crate::netns::{LinkLimits, Network};
 use crate::operator::wait_for_http;
 use anyhow::{Context, bail};
 use camino::{Utf8Path, Utf8PathBuf};
@@ -48,7 +53,27 @@ pub struct RunAllArgs {
     /// directory (removed at exit).
     #[arg(long)]
     dir: Option<Utf8PathBuf>,
+    /// Put each Nexus and each sled in its own network namespace, joined by
+    /// a bridge (needs root). Without it, everything shares loopback.
+    #[arg(long)]
+    netns: bool,
+    /// With --netns: each host's link rate, in Mbit/s.
+    #[arg(long, requires = "netns")]
+    link_mbit: Option<u32>,
+    /// With --netns: each host's link delay, one way, in milliseconds.
+    #[arg(long, requires = "netns")]
+    link_delay_ms: Option<u32>,
+    /// With --netns: each host's packet loss, in percent.
+    #[arg(long, requires = "netns")]
+    link_loss_pct: Option<f32>,
 }
+
+/// The well-known ports, used as-is inside namespaces (each has its own).
+const NEXUS_EXTERNAL_PORT: u16 = 12220;
+const NEXUS_INTERNAL_PORT: u16 = 12221;
+const SLED_API_PORT: u16 = 12345;
+const SLED_DEPOT_PORT: u16 = 12346;
+const DATABASE_RELAY_PORT: u16 = 5432;
 
 /// A child process and where its output goes.
 struct Process {
@@ -66,6 +91,8 @@ pub struct RackOptions {
     pub dir: Option<Utf8PathBuf>,
     /// Extra Nexus config settings: key path and value.
     pub nexus_settings: Vec<(Vec<&'static str>, toml::Value)>,
+    /// Namespaces and link limits, or loopback for everything.
+    pub netns: Option<LinkLimits>,
 }
 
 /// A running rack. [`Rack::stop`] stops it; dropping it without stopping
@@ -75,6 +102,8 @@ pub struct Rack {
     pub token: String,
     processes: Vec<Process>,
     postgres: Option<PgServer>,
+    /// Dropped after the processes are stopped.
+    network: Option<Network>,
     keep_dir: bool,
     _temp_dir: Option<camino_tempfile::Utf8TempDir>,
 }
@@ -99,6 +128,10 @@ impl Rack {
         };
         std::fs::create_dir_all(run_dir.join("logs"))?;
         let mut postgres = None;
+        let mut network = match options.netns {
+            Some(_) => Some(Network::create(std::process::id())?),
+            None => None,
+        };
         let database_url = match &options.database_url {
             Some(url) => url.clone(),
             None => {
@@ -109,6 +142,17 @@ impl Rack {
             }
         };
         crate::upgrade(&database_url).await?;
+        // Namespaced Nexus instances reach a private PostgreSQL (on loopback
+        // here) through a relay on the bridge.
+        let nexus_database_url = match (&mut network, &postgres) {
+            (Some(network), Some(_)) => {
+                let url = url::Url::parse(&database_url)?;
+                let port = url.port().context("the private database URL has a port")?;
+                network.relay(DATABASE_RELAY_PORT, ([127, 0, 0, 1], port).into()).await?;
+                database_url.replace(&format!("127.0.0.1:{port}"), &format!("{}:{DATABASE_RELAY_PORT}", network.gateway))
+            }
+            _ => database_url.clone(),
+        };
         let token_file = run_dir.join("operator-token");
         let (token, _) = OperatorToken::load_or_create(&token_file)?;
         let mut rack = Rack {
@@ -118,14 +162,16 @@ impl Rack {
                 token_file: token_file.to_string(),
                 nexus: Vec::new(),
                 sleds: Vec::new(),
+                network: None,
             },
             token: token.as_str().to_string(),
             processes: Vec::new(),
             postgres,
+            network,
             keep_dir: options.dir.is_some(),
             _temp_dir: temp_dir,
         };
-        if let Err(error) = rack.start_processes(options).await {
+        if let Err(error) = rack.start_processes(options, &nexus_database_url).await {
             rack.stop();
             return Err(error);
         }
@@ -150,24 +196,46 @@ impl Rack {
     /// unless it was named.
     pub fn stop(mut self) {
         stop_all(&mut self.processes);
+        drop(self.network.take());
         if let Some(mut server) = self.postgres.take() {
             server.stop();
         }
         // The temp directory (if any) is removed as `self` drops here.
     }
 
-    async fn start_processes(&mut self, options: &RackOptions) -> anyhow::Result<()> {
+    /// Where a process listens: its own namespace's address and a fixed
+    /// port, or loopback and a free port.
+    fn place(&mut self, host: &str, fixed: &[u16], limits: Option<LinkLimits>) -> anyhow::Result<Placement> {
+        match (&mut self.network, limits) {
+            (Some(network), Some(limits)) => {
+                let host = network.add_host(host, limits)?;
+                Ok(Placement { ip: host.address.into(), ports: fixed.to_vec(), namespace: Some(host.namespace_fd()?) })
+            }
+            _ => Ok(Placement {
+                ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                ports: fixed.iter().map(|_| free_port()).collect::<anyhow::Result<_>>()?,
+                namespace: None,
+            }),
+        }
+    }
+
+    async fn start_processes(&mut self, options: &RackOptions, database_url: &str) -> anyhow::Result<()> {
         let run_dir = Utf8PathBuf::from(&self.discovery.run_dir);
         for index in 0..options.nexus {
-            let (external, internal) = (free_port()?, free_port()?);
+            let placement = self.place(&format!("n{index}"), &[NEXUS_EXTERNAL_PORT, NEXUS_INTERNAL_PORT], options.netns)?;
+            let (ip, external, internal) = (placement.ip, placement.ports[0], placement.ports[1]);
             let dir = run_dir.join(format!("nexus-{index}"));
             std::fs::create_dir_all(&dir)?;
             let log = run_dir.join(format!("logs/nexus-{index}.log"));
             let mut config = load_smf("nexus/config.toml")?;
-            set(&mut config, &["database", "url"], self.discovery.database_url.clone().into());
-            set(&mut config, &["external_api", "listen"], format!("127.0.0.1:{external}").into());
+            set(&mut config, &["database", "url"], database_url.into());
+            set(&mut config, &["external_api", "listen"], format!("{ip}:{external}").into());
             set(&mut config, &["external_api", "token_file"], self.discovery.token_file.clone().into());
-            set(&mut config, &["internal_api", "listen"], format!("127.0.0.1:{internal}").into());
+            set(&mut config, &["internal_api", "listen"], format!("{ip}:{internal}").into());
+            if placement.namespace.is_some() {
+                // The rack's own network: sleds in other namespaces register.
+                set(&mut config, &["internal_api", "expose_beyond_loopback"], true.into());
+            }
             set(&mut config, &["updates", "staging_dir"], dir.join("staging").as_str().into());
             set_log(&mut config, &log, &options.log_level);
             let min = config["background_tasks"]["tuf_artifact_replication"]["min_sled_replication"]
@@ -186,20 +254,22 @@ impl Rack {
                 set(&mut config, keys, value.clone());
             }
             let config_path = write_config(&dir, &config)?;
-            self.processes.push(spawn(format!("nexus-{index}"), "nexus", &config_path, &log)?);
-            let internal_url = format!("http://127.0.0.1:{internal}");
+            let process = spawn(format!("nexus-{index}"), "nexus", &config_path, &log, placement.namespace.as_ref())?;
+            self.processes.push(process);
+            let internal_url = format!("http://{ip}:{internal}");
             wait_for_http(&format!("{internal_url}/bgtasks"), READY_TIMEOUT)
                 .await
                 .with_context(|| format!("nexus-{index} did not start; see {log}"))?;
             self.discovery.nexus.push(NexusEndpoints {
-                external_url: format!("http://127.0.0.1:{external}"),
+                external_url: format!("http://{ip}:{external}"),
                 internal_url,
                 log: log.to_string(),
             });
         }
 
         for index in 0..options.sleds {
-            let (api, depot) = (free_port()?, free_port()?);
+            let placement = self.place(&format!("s{index}"), &[SLED_API_PORT, SLED_DEPOT_PORT], options.netns)?;
+            let (ip, api, depot) = (placement.ip, placement.ports[0], placement.ports[1]);
             let dir = run_dir.join(format!("sled-{index}"));
             let log = run_dir.join(format!("logs/sled-{index}.log"));
             let mut config = load_smf("sled-agent/config.toml")?;
@@ -208,8 +278,8 @@ impl Rack {
             let nexus = &self.discovery.nexus[index % self.discovery.nexus.len()];
             set(&mut config, &["nexus_internal_url"], nexus.internal_url.clone().into());
             set(&mut config, &["registration_period_secs"], 5.into());
-            set(&mut config, &["sled_agent_api", "listen"], format!("127.0.0.1:{api}").into());
-            set(&mut config, &["repo_depot", "listen"], format!("127.0.0.1:{depot}").into());
+            set(&mut config, &["sled_agent_api", "listen"], format!("{ip}:{api}").into());
+            set(&mut config, &["repo_depot", "listen"], format!("{ip}:{depot}").into());
             let m2_count = config["storage"]["m2_count"].as_integer().unwrap_or(2);
             let dirs: Vec<toml::Value> =
                 (0..m2_count).map(|slot| dir.join(format!("m2-{slot}")).as_str().into()).collect();
@@ -217,15 +287,23 @@ impl Rack {
             set_log(&mut config, &log, &options.log_level);
             std::fs::create_dir_all(&dir)?;
             let config_path = write_config(&dir, &config)?;
-            self.processes.push(spawn(format!("sled-{index}"), "sled-agent", &config_path, &log)?);
+            let process =
+                spawn(format!("sled-{index}"), "sled-agent", &config_path, &log, placement.namespace.as_ref())?;
+            self.processes.push(process);
             self.discovery.sleds.push(SledEndpoints {
                 serial,
-                api_url: format!("http://127.0.0.1:{api}"),
-                depot_url: format!("http://127.0.0.1:{depot}"),
+                api_url: format!("http://{ip}:{api}"),
+                depot_url: format!("http://{ip}:{depot}"),
                 log: log.to_string(),
             });
         }
 
+        if let Some(network) = &self.network {
+            self.discovery.network = Some(common::discovery::NetworkDiscovery {
+                run_id: network.id,
+                hosts: network.hosts().iter().map(|host| (host.name.clone(), host.address)).collect(),
+            });
+        }
         let datastore =
             DataStore::connect(&self.discovery.database_url, &PoolConfig { max_connections: 2 }).await?;
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -258,6 +336,11 @@ pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
         log_level: args.log_level,
         dir: args.dir,
         nexus_settings: Vec::new(),
+        netns: args.netns.then_some(LinkLimits {
+            mbit: args.link_mbit,
+            delay_ms: args.link_delay_ms,
+            loss_pct: args.link_loss_pct,
+        }),
     };
     let mut rack = Rack::start(&options).await?;
     rack.discovery.write().context("writing the discovery file")?;
@@ -370,11 +453,27 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
-fn spawn(name: String, binary: &str, config: &Utf8Path, log: &Utf8Path) -> anyhow::Result<Process> {
+/// Where one process runs.
+struct Placement {
+    ip: std::net::IpAddr,
+    ports: Vec<u16>,
+    namespace: Option<std::os::fd::OwnedFd>,
+}
+
+fn spawn(
+    name: String,
+    binary: &str,
+    config: &Utf8Path,
+    log: &Utf8Path,
+    namespace: Option<&std::os::fd::OwnedFd>,
+) -> anyhow::Result<Process> {
     let program = sibling_binary(binary)?;
     let output = std::fs::OpenOptions::new().create(true).append(true).open(log.with_extension("out"))?;
     let mut command = Command::new(&program);
     command.arg("--config").arg(config).stdin(Stdio::null()).stdout(output.try_clone()?).stderr(output);
+    if let Some(namespace) = namespace {
+        crate::netns::enter_before_exec(&mut command, namespace);
+    }
     // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
     // The spawning thread is the main thread, which lives as long as
     // run-all, so the signal fires exactly when run-all dies.
