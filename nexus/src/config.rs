@@ -177,6 +177,11 @@ pub struct TufArtifactReplicationConfig {
     pub ring_buffer_size: usize,
     /// Delay before the follow-up activation while work remains.
     pub followup_delay_millis: u64,
+    /// How artifacts spread over the sleds: `pipelined` (chains through the
+    /// sleds, each streaming what it receives), or the baselines
+    /// `two_stage` and `star` (see the planner's module doc).
+    #[serde(default)]
+    pub fanout: crate::background::tasks::replication_plan::Fanout,
     /// After a failed request or a copy a sled reports failed, that (sled,
     /// artifact) is not asked again for this long, doubled with every
     /// further failure up to `backoff_max_secs`.
@@ -197,6 +202,7 @@ impl Default for TufArtifactReplicationConfig {
             max_concurrent_requests: 16,
             ring_buffer_size: 64,
             followup_delay_millis: 1000,
+            fanout: Default::default(),
             backoff_base_millis: 2000,
             backoff_max_secs: 300,
             request_timeout_secs: 30,

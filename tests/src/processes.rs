@@ -11,9 +11,6 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// SIGABRT on Linux, what `std::process::abort` dies of.
-const SIGABRT: i32 = 6;
-
 /// A running child process, killed (SIGKILL) when dropped.
 pub struct Process {
     child: std::process::Child,
@@ -81,7 +78,7 @@ impl Process {
         let status = self.wait(Duration::from_secs(30));
         assert_eq!(
             status.signal(),
-            Some(SIGABRT),
+            Some(libc::SIGABRT),
             "expected a crash at failpoint {point}, got {status:?} (was the binary built with the \
              failpoints feature? `cargo test --workspace` builds it so)"
         );
@@ -186,4 +183,81 @@ pub fn write_sled_config(dir: &Utf8Path, nexus_internal_url: &str) -> [Utf8PathB
         );
     std::fs::write(dir.join("config.toml"), text).unwrap();
     m2
+}
+
+/// `rack-dev run-all` as a child, with its discovery file in a directory of
+/// the test's own. Dropping it stops the rack (SIGINT, then SIGKILL).
+pub struct RunAll {
+    child: std::process::Child,
+    pub discovery: common::discovery::RackDiscovery,
+    discovery_path: std::path::PathBuf,
+    _scratch: camino_tempfile::Utf8TempDir,
+}
+
+impl RunAll {
+    /// Starts `rack-dev run-all ARGS` and waits until it says Ready.
+    pub fn start(args: &[&str]) -> RunAll {
+        let scratch = camino_tempfile::tempdir().unwrap();
+        let discovery_path = scratch.path().join("current.json").into_std_path_buf();
+        let mut child = Command::new(binary("rack-dev"))
+            .arg("run-all")
+            .args(args)
+            .env("RACK_DEV_CURRENT", &discovery_path)
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines.by_ref().map_while(Result::ok).any(|line| line.starts_with("Ready."));
+        if !ready {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            panic!("rack-dev run-all {args:?} did not get ready: {stderr}");
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        let text = std::fs::read_to_string(&discovery_path).unwrap();
+        let discovery = serde_json::from_str(&text).unwrap();
+        RunAll { child, discovery, discovery_path, _scratch: scratch }
+    }
+
+    /// Runs `rack-dev ARGS` against this rack (e.g. `link down s1`).
+    pub fn rack_dev(&self, args: &[&str]) -> String {
+        let output = Command::new(binary("rack-dev"))
+            .args(args)
+            .env("RACK_DEV_CURRENT", &self.discovery_path)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "rack-dev {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(&self.discovery.token_file).unwrap().trim().to_string()
+    }
+
+    pub fn external_client(&self) -> crate::external_client::Client {
+        crate::external_client::authenticated(&self.discovery.nexus[0].external_url, &self.token())
+    }
+
+    pub fn internal_client(&self) -> common::clients::nexus_internal::Client {
+        common::clients::nexus_internal::Client::new(&self.discovery.nexus[0].internal_url)
+    }
+}
+
+impl Drop for RunAll {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -91,11 +91,12 @@ async fn nexus_crashing_during_an_upload_keeps_all_or_nothing() {
     }
 }
 
-/// Nexus dies after an activation's PUTs and before its copies. The
-/// restarted Nexus recovers the staged repository and converges.
+/// Nexus dies right after an activation's first PUT completed, with copies
+/// from that sled possibly under way. The restarted Nexus recovers the
+/// staged repository and converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nexus_crashing_mid_replication_recovers_and_converges() {
-    let point = "nexus::replication::between_puts_and_copies";
+    let point = "nexus::replication::after_a_put";
     let db = test_harness::TestDatabase::new().await;
     let dir = camino_tempfile::tempdir().unwrap();
     write_nexus_config(dir.path(), db.url(), |text| {
@@ -117,10 +118,10 @@ async fn nexus_crashing_mid_replication_recovers_and_converges() {
     let zip = factory.build(&RepoFactory::spec("1.0.0", &[("os", 1 << 20)], 2)).await;
     let (status, body) = upload(&nexus.external_url, Some(&nexus.token), &zip).await;
     assert_eq!(status, 200, "{body}");
-    // The upload activated replication; it dies after its PUTs.
+    // The upload activated replication; it dies after its PUT.
     nexus.process.wait_for_crash(point);
     let holders = count_holders(&sleds, &datastore).await;
-    assert_eq!(holders, 1, "the one PUT landed before the crash, no copy started");
+    assert!(holders >= 1, "the PUT landed before the crash");
 
     let nexus = NexusProcess::start(dir.path(), None);
     converge_through(&nexus, &datastore, &sleds).await;

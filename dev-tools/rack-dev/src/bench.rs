@@ -475,7 +475,7 @@ fn plan(sleds: usize, artifacts: usize, repos: usize) -> anyhow::Result<()> {
         let plan = replication_plan::plan(
             &inventory,
             &mut rand::rngs::StdRng::seed_from_u64(round as u64),
-            Limits { min_sled_replication: 3 },
+            Limits { min_sled_replication: 3, fanout: Default::default() },
         );
         planned.push(started.elapsed());
         requests = plan.requests.len();

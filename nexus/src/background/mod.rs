@@ -40,6 +40,7 @@ pub fn register_all(
         max_concurrent_requests: replication_config.max_concurrent_requests,
         ring_buffer_size: replication_config.ring_buffer_size,
         followup_delay: Duration::from_millis(replication_config.followup_delay_millis),
+        fanout: replication_config.fanout,
         backoff_base: Duration::from_millis(replication_config.backoff_base_millis),
         backoff_max: Duration::from_secs(replication_config.backoff_max_secs),
         request_timeout: Duration::from_secs(replication_config.request_timeout_secs),

@@ -5,10 +5,9 @@
 //!
 //! For each artifact of the config, in hash order:
 //! - if no sled holds it and this Nexus has it staged, PUT it to
-//!   `min_sled_replication` random sleds (all of them if there are fewer);
-//! - every other sled copies it from a random sled that holds it or is
-//!   receiving one of those PUTs; such copies are marked `after_put` and must
-//!   not start before the PUTs of the round have finished;
+//!   `min_sled_replication` random sleds (all of them if there are fewer;
+//!   every sled that lacks it with [`Fanout::Star`]);
+//! - every other sled that lacks it copies it (see the fan-outs below);
 //! - a sled that holds fewer copies than it has healthy M.2s copies it again,
 //!   from another holder if there is one (else from its own depot, which
 //!   rewrites every healthy M.2);
@@ -22,14 +21,30 @@
 //!
 //! Sleds with no healthy M.2 are neither targets nor sources.
 //!
-//! Concurrency: the executor runs every PUT of a plan at once, then every
-//! copy at once. So a copy reads only from a sled that held the artifact
-//! before the activation, or (marked `after_put`) from one of this round's
-//! PUT targets, never from a sled that another copy of the same round fills.
+//! # Fan-out
+//!
+//! - [`Fanout::Pipelined`] (the default): the sleds that hold the artifact or
+//!   receive one of this round's PUTs each head a *chain*; the sleds that
+//!   lack it are dealt round-robin onto the chains, and each copies from the
+//!   one before it in its chain, while that one is still receiving: a depot
+//!   streams an artifact it is still writing, as the bytes arrive, and every
+//!   receiver verifies the whole hash before its rename. Every sled's link
+//!   then carries the artifact about once in and once out, so the time is
+//!   close to the artifact's size over one link, whatever the sled count.
+//! - [`Fanout::TwoStage`]: every other sled copies from a random head, once
+//!   the PUTs of the round have finished (omicron's plan; a baseline).
+//! - [`Fanout::Star`]: Nexus PUTs to every sled itself (a baseline).
+//!
+//! Concurrency: the executor starts a copy marked [`Feed::Pipelined`] once
+//! the request that fills its source has started, and one marked
+//! [`Feed::AfterPut`] once every PUT of the round has finished; any other
+//! copy reads from a sled that held the artifact before the round.
+//! Each copy carries a few alternate sources, for the sled to resume from
+//! (with a Range request) if its own source breaks.
 
 use common::ArtifactHash;
 use rand::Rng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
@@ -62,13 +77,47 @@ pub struct Inventory {
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub min_sled_replication: usize,
+    pub fanout: Fanout,
+}
+
+/// How an artifact spreads from the sleds that hold or receive it first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fanout {
+    #[default]
+    Pipelined,
+    TwoStage,
+    Star,
+}
+
+/// How a copy's source comes to hold the artifact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// It held the artifact before this round.
+    Holds,
+    /// A PUT of this round fills it; the copy waits for the round's PUTs.
+    AfterPut,
+    /// An earlier request of this round fills it; the copy starts once that
+    /// request has started, and reads the bytes as they arrive.
+    Pipelined,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     Put { hash: ArtifactHash, sled: SledId },
-    Copy { hash: ArtifactHash, target: SledId, source: SledId, after_put: bool, recopy: bool },
+    Copy {
+        hash: ArtifactHash,
+        target: SledId,
+        source: SledId,
+        feed: Feed,
+        recopy: bool,
+        /// Other sources to resume from if `source` breaks.
+        alternates: Vec<SledId>,
+    },
 }
+
+/// Alternate sources offered with each copy.
+const ALTERNATES: usize = 2;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -91,6 +140,9 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
             .filter(|sled| state.copies.get(&sled.id).is_some_and(|&n| n > 0))
             .map(|sled| sled.id)
             .collect();
+        let wanted = |sled: &SledState| {
+            !state.incoming.contains(&sled.id) && state.copies.get(&sled.id).copied().unwrap_or(0) < sled.healthy_m2
+        };
         let mut put_targets: Vec<SledId> = Vec::new();
         if holders.is_empty() {
             if !state.local {
@@ -101,7 +153,10 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 .iter()
                 .filter(|sled| !state.backing_off.contains(&sled.id) && !state.incoming.contains(&sled.id))
                 .collect();
-            let count = limits.min_sled_replication.min(candidates.len());
+            let count = match limits.fanout {
+                Fanout::Star => candidates.len(),
+                Fanout::Pipelined | Fanout::TwoStage => limits.min_sled_replication.min(candidates.len()),
+            };
             put_targets = candidates.choose_multiple(rng, count).map(|sled| sled.id).collect();
             put_targets.sort();
             puts.extend(put_targets.iter().map(|&sled| Request::Put { hash: *hash, sled }));
@@ -110,33 +165,68 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 continue;
             }
         }
-        let sources: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
-        for sled in &usable {
-            if put_targets.contains(&sled.id) || state.incoming.contains(&sled.id) {
-                continue;
-            }
-            let held = state.copies.get(&sled.id).copied().unwrap_or(0);
-            if held >= sled.healthy_m2 {
-                continue;
-            }
+        let heads: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
+        let alternates = |source: SledId, rng: &mut _| -> Vec<SledId> {
+            let others: Vec<SledId> = heads.iter().copied().filter(|&id| id != source).collect();
+            others.choose_multiple(rng, ALTERNATES).copied().collect()
+        };
+        let mut followers = Vec::new();
+        for sled in usable.iter().filter(|sled| wanted(sled) && !put_targets.contains(&sled.id)) {
             if state.backing_off.contains(&sled.id) {
                 skipped_backoff += 1;
                 continue;
             }
-            if held == 0 {
-                let source = *sources.choose(rng).expect("holders or PUT targets exist here");
-                let after_put = put_targets.contains(&source);
-                copies.push(Request::Copy { hash: *hash, target: sled.id, source, after_put, recopy: false });
-            } else {
+            let held = state.copies.get(&sled.id).copied().unwrap_or(0);
+            if held > 0 {
                 let others: Vec<SledId> = holders.iter().copied().filter(|&id| id != sled.id).collect();
                 let source = others.choose(rng).copied().unwrap_or(sled.id);
                 copies.push(Request::Copy {
                     hash: *hash,
                     target: sled.id,
                     source,
-                    after_put: false,
+                    feed: Feed::Holds,
                     recopy: true,
+                    alternates: alternates(source, rng),
                 });
+            } else {
+                followers.push(sled.id);
+            }
+        }
+        followers.shuffle(rng);
+        match limits.fanout {
+            Fanout::Pipelined => {
+                // Chain i: heads[i], then followers i, i + heads, i + 2 heads...
+                let mut tails: Vec<(SledId, Feed)> = heads
+                    .iter()
+                    .map(|&head| (head, if put_targets.contains(&head) { Feed::Pipelined } else { Feed::Holds }))
+                    .collect();
+                for (index, target) in followers.into_iter().enumerate() {
+                    let chain = index % tails.len();
+                    let (source, feed) = tails[chain];
+                    copies.push(Request::Copy {
+                        hash: *hash,
+                        target,
+                        source,
+                        feed,
+                        recopy: false,
+                        alternates: alternates(source, rng),
+                    });
+                    tails[chain] = (target, Feed::Pipelined);
+                }
+            }
+            Fanout::TwoStage | Fanout::Star => {
+                for target in followers {
+                    let source = *heads.choose(rng).expect("holders or PUT targets exist here");
+                    let feed = if put_targets.contains(&source) { Feed::AfterPut } else { Feed::Holds };
+                    copies.push(Request::Copy {
+                        hash: *hash,
+                        target,
+                        source,
+                        feed,
+                        recopy: false,
+                        alternates: alternates(source, rng),
+                    });
+                }
             }
         }
     }
@@ -163,7 +253,11 @@ mod tests {
     }
 
     fn limits(min: usize) -> Limits {
-        Limits { min_sled_replication: min }
+        Limits { min_sled_replication: min, fanout: Fanout::Pipelined }
+    }
+
+    fn with(min: usize, fanout: Fanout) -> Limits {
+        Limits { min_sled_replication: min, fanout }
     }
 
     fn rng() -> StdRng {
@@ -192,7 +286,7 @@ mod tests {
     }
 
     #[test]
-    fn local_only_artifacts_are_put_to_min_sleds_and_copied_to_the_rest() {
+    fn local_only_artifacts_are_put_to_min_sleds_and_chained_to_the_rest() {
         for (sled_count, expected_puts) in [(1, 1), (3, 3), (16, 3)] {
             let inventory = Inventory {
                 sleds: sleds(sled_count),
@@ -204,25 +298,38 @@ mod tests {
             };
             let planned = plan(&inventory, &mut rng(), limits(3));
             assert_eq!(count(&planned), (expected_puts, sled_count - expected_puts, 0), "{sled_count} sleds");
-            let put_targets: BTreeSet<SledId> = planned
-                .requests
-                .iter()
-                .filter_map(|r| match r {
-                    Request::Put { sled, .. } => Some(*sled),
-                    _ => None,
-                })
-                .collect();
+            let mut filled: BTreeSet<SledId> = BTreeSet::new();
+            let mut reads: BTreeMap<SledId, usize> = BTreeMap::new();
             for request in &planned.requests {
-                if let Request::Copy { source, target, after_put, .. } = request {
-                    assert!(put_targets.contains(source), "copies come from a PUT target");
-                    assert!(*after_put, "and wait for it");
-                    assert!(!put_targets.contains(target));
+                match request {
+                    Request::Put { sled, .. } => {
+                        filled.insert(*sled);
+                    }
+                    Request::Copy { source, target, feed, .. } => {
+                        assert_eq!(*feed, Feed::Pipelined, "every source is still receiving");
+                        assert!(filled.contains(source), "a source is filled by an earlier request");
+                        assert!(filled.insert(*target), "one request per target");
+                        *reads.entry(*source).or_default() += 1;
+                    }
                 }
             }
+            assert!(reads.values().all(|&n| n == 1), "each sled sends the artifact once: {reads:?}");
             let first_copy = planned.requests.iter().position(|r| matches!(r, Request::Copy { .. }));
             let last_put = planned.requests.iter().rposition(|r| matches!(r, Request::Put { .. }));
             assert!(first_copy.is_none() || first_copy > last_put, "PUTs come first");
         }
+    }
+
+    #[test]
+    fn the_baseline_fanouts_put_to_every_sled_or_copy_from_the_put_targets_after_them() {
+        let inventory = Inventory {
+            sleds: sleds(8),
+            artifacts: [(hash(1), ArtifactState { local: true, ..Default::default() })].into(),
+        };
+        assert_eq!(count(&plan(&inventory, &mut rng(), with(3, Fanout::Star))), (8, 0, 0));
+        let two_stage = plan(&inventory, &mut rng(), with(3, Fanout::TwoStage));
+        assert_eq!(count(&two_stage), (3, 5, 0));
+        assert!(two_stage.requests.iter().all(|r| matches!(r, Request::Put { .. } | Request::Copy { feed: Feed::AfterPut, .. })));
     }
 
     #[test]
@@ -241,9 +348,11 @@ mod tests {
         };
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert_eq!(planned.requests.len(), 1);
-        let Request::Copy { target, source, after_put, recopy, .. } = planned.requests[0] else { panic!() };
-        assert_eq!((target, after_put, recopy), (newcomer, false, false));
+        let Request::Copy { target, source, feed, recopy, ref alternates, .. } = planned.requests[0] else { panic!() };
+        assert_eq!((target, feed, recopy), (newcomer, Feed::Holds, false));
         assert!(copies.contains_key(&source));
+        assert_eq!(alternates.len(), 2, "the other holders");
+        assert!(alternates.iter().all(|a| *a != source && copies.contains_key(a)));
     }
 
     #[test]
@@ -261,8 +370,9 @@ mod tests {
                 hash: hash(1),
                 target: all[0].id,
                 source: all[1].id,
-                after_put: false,
-                recopy: true
+                feed: Feed::Holds,
+                recopy: true,
+                alternates: vec![all[0].id],
             }]
         );
 
@@ -280,8 +390,9 @@ mod tests {
                 hash: hash(1),
                 target: alone[0].id,
                 source: alone[0].id,
-                after_put: false,
-                recopy: true
+                feed: Feed::Holds,
+                recopy: true,
+                alternates: vec![],
             }]
         );
     }
@@ -303,8 +414,9 @@ mod tests {
                 hash: hash(1),
                 target: all[2].id,
                 source: all[0].id,
-                after_put: false,
-                recopy: false
+                feed: Feed::Holds,
+                recopy: false,
+                alternates: vec![],
             }]
         );
     }
@@ -341,19 +453,23 @@ mod tests {
         assert!(planned.requests.iter().all(|r| !matches!(r, Request::Put { sled, .. } | Request::Copy { target: sled, .. } if *sled == broken)));
     }
 
-    /// Over many random worlds, executing the plan as the executor does
-    /// (every PUT at once, then every copy at once):
-    /// - a copy reads from a sled that held the artifact before the round,
-    ///   or, only if marked `after_put`, from one of the round's PUT targets:
-    ///   never from a sled another copy of the same round is filling;
+    /// Over many random worlds and every fan-out, executing the plan as the
+    /// executor does:
+    /// - a copy reads from a sled that held the artifact before the round;
+    ///   or, marked `AfterPut`, from one of the round's PUT targets (it
+    ///   waits for the PUTs); or, marked `Pipelined`, from a sled an earlier
+    ///   request of the round fills (it starts after that one and streams):
+    ///   never from a sled that nothing of the round fills, and never from a
+    ///   sled a *later* request fills;
     /// - no request goes to a sled copying that artifact already or backing
-    ///   off for it;
+    ///   off for it, and each sled gets at most one request per artifact;
     /// - afterwards every other usable sled holds every placeable artifact
     ///   on all its healthy M.2s.
     #[test]
-    fn executing_any_plan_concurrently_converges_and_reads_only_settled_sources() {
-        for seed in 0..1000u64 {
+    fn executing_any_plan_concurrently_converges_and_reads_only_from_sources_filled_in_order() {
+        for seed in 0..1500u64 {
             let mut world_rng = StdRng::seed_from_u64(seed);
+            let fanout = [Fanout::Pipelined, Fanout::TwoStage, Fanout::Star][seed as usize % 3];
             let sled_count = world_rng.random_range(1..=12);
             let mut all = sleds(sled_count);
             for sled in &mut all {
@@ -376,13 +492,15 @@ mod tests {
             }
             let inventory = Inventory { sleds: all.clone(), artifacts };
             let min = world_rng.random_range(1..=4);
-            let planned = plan(&inventory, &mut StdRng::seed_from_u64(seed ^ 0xabc), limits(min));
+            let planned = plan(&inventory, &mut StdRng::seed_from_u64(seed ^ 0xabc), with(min, fanout));
 
             let healthy: BTreeMap<SledId, usize> = all.iter().map(|s| (s.id, s.healthy_m2)).collect();
             let before: BTreeMap<ArtifactHash, BTreeMap<SledId, usize>> =
                 inventory.artifacts.iter().map(|(h, s)| (*h, s.copies.clone())).collect();
-            let mut after_puts = before.clone();
+            let mut after = before.clone();
             let mut put_targets: BTreeSet<(ArtifactHash, SledId)> = BTreeSet::new();
+            let mut filled_so_far: BTreeSet<(ArtifactHash, SledId)> = BTreeSet::new();
+            let mut asked: BTreeSet<(ArtifactHash, SledId)> = BTreeSet::new();
             let mut seen_copy = false;
             for request in &planned.requests {
                 let (hash, target) = match request {
@@ -392,26 +510,30 @@ mod tests {
                 let state = &inventory.artifacts[hash];
                 assert!(!state.incoming.contains(target), "seed {seed}: {target} is already copying {hash}");
                 assert!(!state.backing_off.contains(target), "seed {seed}: {target} is backing off {hash}");
-                if let Request::Put { hash, sled } = request {
-                    assert!(!seen_copy, "seed {seed}: PUTs come first");
-                    assert!(state.local, "seed {seed}: PUT of an unstaged artifact");
-                    after_puts.get_mut(hash).unwrap().insert(*sled, healthy[sled]);
-                    put_targets.insert((*hash, *sled));
-                } else {
-                    seen_copy = true;
+                assert!(asked.insert((*hash, *target)), "seed {seed}: {target} asked twice for {hash}");
+                match request {
+                    Request::Put { hash, sled } => {
+                        assert!(!seen_copy, "seed {seed}: PUTs come first");
+                        assert!(state.local, "seed {seed}: PUT of an unstaged artifact");
+                        put_targets.insert((*hash, *sled));
+                    }
+                    Request::Copy { hash, source, feed, alternates, .. } => {
+                        seen_copy = true;
+                        let held_before = before[hash].get(source).copied().unwrap_or(0) > 0;
+                        match feed {
+                            Feed::Holds => assert!(held_before, "seed {seed}: {source} lacks {hash}"),
+                            Feed::AfterPut => {
+                                assert!(put_targets.contains(&(*hash, *source)), "seed {seed}: AfterPut names no PUT")
+                            }
+                            Feed::Pipelined => assert!(
+                                filled_so_far.contains(&(*hash, *source)),
+                                "seed {seed}: {source} is filled by no earlier request"
+                            ),
+                        }
+                        assert!(!alternates.contains(source), "seed {seed}: the source is no alternate");
+                    }
                 }
-            }
-            let mut after = after_puts.clone();
-            for request in &planned.requests {
-                let Request::Copy { hash, target, source, after_put, .. } = request else { continue };
-                let settled = if *after_put {
-                    assert!(put_targets.contains(&(*hash, *source)), "seed {seed}: after_put names no PUT");
-                    &after_puts
-                } else {
-                    &before
-                };
-                let held = settled[hash].get(source).copied().unwrap_or(0);
-                assert!(held > 0, "seed {seed}: copy of {hash} from {source}, which is still being filled");
+                filled_so_far.insert((*hash, *target));
                 after.get_mut(hash).unwrap().insert(*target, healthy[target]);
             }
             for (hash, holders) in &after {
@@ -421,13 +543,12 @@ mod tests {
                     continue;
                 }
                 for sled in all.iter().filter(|s| s.healthy_m2 > 0) {
-                    let left_alone =
-                        state.incoming.contains(&sled.id) || state.backing_off.contains(&sled.id);
+                    let left_alone = state.incoming.contains(&sled.id) || state.backing_off.contains(&sled.id);
                     if !left_alone && (!holders.is_empty() || state.local) {
                         assert_eq!(
                             holders.get(&sled.id).copied().unwrap_or(0),
                             sled.healthy_m2,
-                            "seed {seed}: {hash} on {}",
+                            "seed {seed} ({fanout:?}): {hash} on {}",
                             sled.id
                         );
                     }

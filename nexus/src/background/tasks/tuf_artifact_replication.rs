@@ -56,7 +56,7 @@
 //!   `min_sled_replication` sleds hold them.
 //! - *Two pushers of the same generation* send the same set: a no-op.
 
-use super::replication_plan::{self, Inventory, Limits, Plan, Request, SledState};
+use super::replication_plan::{self, Fanout, Feed, Inventory, Limits, Plan, Request, SledState};
 use super::repo_health;
 use crate::db::datastore::{health_state_from_sql, health_state_to_sql};
 use crate::db::model::TufRepoWithArtifacts;
@@ -80,8 +80,16 @@ use futures::future::BoxFuture;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
+
+/// How long connecting to a sled may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a PUT has been under way before pipelined copies read from its
+/// sled: long enough for the sled to have begun the write (a copy that asks
+/// too early is told to retry).
+const PIPELINE_HEAD_START: Duration = Duration::from_millis(100);
 
 /// How many times a request refused with 503/429 is retried in one
 /// activation, and the longest `Retry-After` honoured.
@@ -97,6 +105,7 @@ pub struct ReplicationSettings {
     pub max_concurrent_requests: usize,
     pub ring_buffer_size: usize,
     pub followup_delay: Duration,
+    pub fanout: Fanout,
     /// Back-off after failures of one (sled, artifact): base, doubled per
     /// further failure, at most max.
     pub backoff_base: Duration,
@@ -171,8 +180,14 @@ impl ArtifactReplication {
         settings: ReplicationSettings,
         wiring: crate::background::ReplicationWiring,
     ) -> ArtifactReplication {
-        let client = |timeout| {
-            reqwest::Client::builder().timeout(timeout).build().expect("a plain HTTP client builds")
+        // A sled that cannot be reached at all is found out quickly: its
+        // requests must not hold the activation for the whole timeout.
+        let client = |timeout: Duration| {
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+                .build()
+                .expect("a plain HTTP client builds")
         };
         ArtifactReplication {
             datastore,
@@ -394,33 +409,13 @@ impl ArtifactReplication {
         self.record_health(log, &config, &inventory, &repos, sleds.len()).await;
 
         // 6. Plan and execute.
-        let limits = Limits { min_sled_replication: self.settings.min_sled_replication };
+        let limits = Limits { min_sled_replication: self.settings.min_sled_replication, fanout: self.settings.fanout };
         let plan = replication_plan::plan(&inventory, &mut rand::rng(), limits);
         status.plan = summarize(&plan);
         let by_id: BTreeMap<Uuid, &SledTarget> = listed_sleds.iter().map(|&sled| (sled.id, sled)).collect();
-        let (puts, copies): (Vec<Request>, Vec<Request>) =
-            plan.requests.into_iter().partition(|request| matches!(request, Request::Put { .. }));
-        let put_results = self.execute(&puts, &by_id, config.generation).await;
-        fail::fail_point!("nexus::replication::between_puts_and_copies", !puts.is_empty(), |_| {
-            std::process::abort()
-        });
-        let failed_puts: Vec<(ArtifactHash, Uuid)> = put_results
-            .iter()
-            .filter(|record| record.error.is_some())
-            .filter_map(|record| Some((record.hash?, record.sled_id)))
-            .collect();
-        records.extend(put_results);
-        // A copy from a sled whose PUT failed would only fail too.
-        let copies: Vec<Request> = copies
-            .into_iter()
-            .filter(|request| match request {
-                Request::Copy { hash, source, after_put: true, .. } => {
-                    !failed_puts.contains(&(*hash, *source))
-                }
-                _ => true,
-            })
-            .collect();
-        let copy_results = self.execute(&copies, &by_id, config.generation).await;
+        let results = self.execute(&plan.requests, &by_id, config.generation).await;
+        let copy_results: Vec<&Record> =
+            results.iter().filter(|record| record.operation == RequestOperation::Copy).collect();
         let mut in_flight: BTreeSet<(Uuid, ArtifactHash)> = inventory
             .artifacts
             .iter()
@@ -430,7 +425,7 @@ impl ArtifactReplication {
             copy_results.iter().filter(|r| r.error.is_none()).filter_map(|r| Some((r.sled_id, r.hash?))),
         );
         status.copies_in_flight = in_flight.len();
-        records.extend(copy_results);
+        records.extend(results);
         for record in records.iter().filter(|r| r.error.is_some() && !r.generation_conflict) {
             if let (Some(hash), RequestOperation::Put | RequestOperation::Copy) =
                 (record.hash, record.operation)
@@ -591,14 +586,53 @@ impl ArtifactReplication {
         futures::stream::iter(requests).buffered(self.settings.max_concurrent_requests).collect().await
     }
 
+    /// Runs the plan, `max_concurrent_requests` requests at a time, in the
+    /// order the plan's dependencies allow (see the planner's module doc): a
+    /// `Pipelined` copy starts once the request filling its source has
+    /// started (a PUT that has been under way for [`PIPELINE_HEAD_START`],
+    /// a copy the sled accepted), an `AfterPut` copy once every PUT has
+    /// finished; a copy whose source's request failed is not sent. Records
+    /// come back in plan order.
     async fn execute(
         &self,
         requests: &[Request],
         sleds: &BTreeMap<Uuid, &SledTarget>,
         generation: Generation,
     ) -> Vec<Record> {
-        self.bounded(requests.iter().map(|request| self.execute_one(request, sleds, generation)).collect())
-            .await
+        let progress: Vec<watch::Sender<Progress>> =
+            requests.iter().map(|_| watch::Sender::new(Progress::Pending)).collect();
+        let fills = fill_order(requests);
+        let permits = tokio::sync::Semaphore::new(self.settings.max_concurrent_requests);
+        let puts: Vec<usize> =
+            requests.iter().enumerate().filter(|(_, r)| matches!(r, Request::Put { .. })).map(|(i, _)| i).collect();
+        let runs = requests.iter().enumerate().map(|(index, request)| {
+            let (progress, fills, permits, puts) = (&progress, &fills, &permits, &puts);
+            async move {
+                let waited = match request {
+                    Request::Copy { feed: Feed::Pipelined, .. } => match fills[index] {
+                        Some(filler) => wait_for(&progress[filler], Progress::Started).await,
+                        None => true,
+                    },
+                    Request::Copy { feed: Feed::AfterPut, .. } => {
+                        let mut all = true;
+                        for &put in puts {
+                            all &= wait_for(&progress[put], Progress::Done).await;
+                        }
+                        all && fills[index].is_none_or(|filler| *progress[filler].borrow() == Progress::Done)
+                    }
+                    _ => true,
+                };
+                if !waited {
+                    progress[index].send_replace(Progress::Failed);
+                    return Record::skipped(request);
+                }
+                let _permit = permits.acquire().await.expect("the semaphore is never closed");
+                let record = self.execute_one(request, sleds, generation, &progress[index]).await;
+                progress[index].send_replace(if record.error.is_none() { Progress::Done } else { Progress::Failed });
+                record
+            }
+        });
+        futures::future::join_all(runs).await
     }
 
     async fn execute_one(
@@ -606,12 +640,25 @@ impl ArtifactReplication {
         request: &Request,
         sleds: &BTreeMap<Uuid, &SledTarget>,
         generation: Generation,
+        progress: &watch::Sender<Progress>,
     ) -> Record {
         let (sled_id, operation, hash, source_sled_id, outcome) = match request {
             Request::Put { hash, sled } => {
                 let target = sleds[sled];
                 let path = self.staging.artifact_path(hash);
-                let outcome = with_busy_retries(|| async {
+                // Followers may start once the sled has begun to receive.
+                let head_start = async {
+                    tokio::time::sleep(PIPELINE_HEAD_START).await;
+                    progress.send_if_modified(|state| {
+                        let pending = *state == Progress::Pending;
+                        if pending {
+                            *state = Progress::Started;
+                        }
+                        pending
+                    });
+                    std::future::pending::<()>().await
+                };
+                let put = with_busy_retries(|| async {
                     let file = tokio::fs::File::open(&path)
                         .await
                         .map_err(|error| Attempt::other(format!("opening staged {path}: {error}")))?;
@@ -622,8 +669,12 @@ impl ArtifactReplication {
                         .await
                         .map(|_| ())
                         .map_err(Attempt::from)
-                })
-                .await;
+                });
+                let outcome = tokio::select! {
+                    outcome = put => outcome,
+                    () = head_start => unreachable!("pending forever"),
+                };
+                fail::fail_point!("nexus::replication::after_a_put", outcome.is_ok(), |_| std::process::abort());
                 (*sled, RequestOperation::Put, *hash, None, outcome)
             }
             Request::Copy { hash, target, source, .. } => {
@@ -637,6 +688,10 @@ impl ArtifactReplication {
                         .map_err(Attempt::from)
                 })
                 .await;
+                if outcome.is_ok() {
+                    // Accepted: the sled is receiving, and streams to others.
+                    progress.send_replace(Progress::Started);
+                }
                 (*target, RequestOperation::Copy, *hash, Some(*source), outcome)
             }
         };
@@ -755,7 +810,60 @@ impl BackgroundTask for ArtifactReplication {
     }
 }
 
+/// Where one request of a plan is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Progress {
+    Pending,
+    /// Under way far enough for pipelined followers to read from its sled.
+    Started,
+    Done,
+    Failed,
+}
+
+/// Waits until `progress` reaches `goal` (or beyond); false if it failed.
+async fn wait_for(progress: &watch::Sender<Progress>, goal: Progress) -> bool {
+    let mut receiver = progress.subscribe();
+    let reached = receiver
+        .wait_for(|state| match goal {
+            Progress::Started => matches!(state, Progress::Started | Progress::Done | Progress::Failed),
+            _ => matches!(state, Progress::Done | Progress::Failed),
+        })
+        .await;
+    reached.is_ok_and(|state| *state != Progress::Failed)
+}
+
+/// For each copy, the index of the earlier request that fills its source
+/// with that artifact in this round, if any.
+fn fill_order(requests: &[Request]) -> Vec<Option<usize>> {
+    let mut filled_by: BTreeMap<(ArtifactHash, Uuid), usize> = BTreeMap::new();
+    requests
+        .iter()
+        .enumerate()
+        .map(|(index, request)| {
+            let (hash, target, source) = match request {
+                Request::Put { hash, sled } => (*hash, *sled, None),
+                Request::Copy { hash, target, source, .. } => (*hash, *target, Some(*source)),
+            };
+            let filler = source.and_then(|source| filled_by.get(&(hash, source)).copied());
+            filled_by.insert((hash, target), index);
+            filler
+        })
+        .collect()
+}
+
 impl Record {
+    /// A copy not sent because the request filling its source failed.
+    fn skipped(request: &Request) -> Record {
+        let Request::Copy { hash, target, source, .. } = request else {
+            unreachable!("only copies wait on another request")
+        };
+        Record {
+            hash: Some(*hash),
+            source_sled_id: Some(*source),
+            ..Record::failed(*target, RequestOperation::Copy, format!("not sent: the request filling sled {source} failed"))
+        }
+    }
+
     fn ok(sled_id: Uuid, operation: RequestOperation) -> Record {
         Record {
             time: chrono::Utc::now(),

@@ -1,0 +1,197 @@
+//! Network faults on a rack with a real network (DESIGN §13): `rack-dev
+//! run-all --netns` puts Nexus and every sled in a network namespace of its
+//! own, joined by a bridge, with limited links; `rack-dev link ...` breaks
+//! them. Each test needs root (namespaces, veths, tc, nftables) and says so
+//! when it is skipped.
+
+use common::ArtifactConfig;
+use integration_tests::processes::RunAll;
+use integration_tests::rack::{holds_exactly, sled_view_at};
+use integration_tests::repos::{RepoFactory, upload};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+fn skipped() -> bool {
+    // SAFETY: geteuid(2) has no memory-safety preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: network namespaces, veths, tc and nftables need root");
+    }
+    !root
+}
+
+struct Rack {
+    run: RunAll,
+    factory: RepoFactory,
+}
+
+impl Rack {
+    async fn start(args: &[&str]) -> Rack {
+        let mut full = vec!["--netns"];
+        full.extend_from_slice(args);
+        let run = RunAll::start(&full);
+        let factory = RepoFactory::new().await;
+        run.external_client().trust_root_create(&factory.root_json()).await.unwrap();
+        Rack { run, factory }
+    }
+
+    async fn upload(&self, version: &str, artifacts: &[(&str, u64)]) {
+        let mut spec = RepoFactory::spec(version, artifacts, 1);
+        for artifact in &mut spec.artifacts {
+            artifact.version = version.to_string();
+        }
+        let zip = self.factory.build(&spec).await;
+        let (status, body) = upload(&self.run.discovery.nexus[0].external_url, Some(&self.run.token()), &zip).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    async fn replicate(&self) -> common::bgtask::details::TufArtifactReplicationStatus {
+        let client = self.run.internal_client();
+        let before = match client.bgtask_view("tuf_artifact_replication").await.unwrap().into_inner().last {
+            common::bgtask::LastResult::Completed { iteration, .. } => iteration,
+            common::bgtask::LastResult::NeverCompleted => 0,
+        };
+        let request = common::api::nexus_internal::BackgroundTasksActivateRequest {
+            bgtask_names: ["tuf_artifact_replication".to_string()].into(),
+        };
+        client.bgtask_activate(&request).await.unwrap();
+        loop {
+            let task = client.bgtask_view("tuf_artifact_replication").await.unwrap().into_inner();
+            if let common::bgtask::LastResult::Completed { iteration, .. } = &task.last
+                && *iteration > before
+            {
+                return integration_tests::rack::replication_status(&task);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn config(&self) -> ArtifactConfig {
+        let datastore =
+            nexus::db::DataStore::connect(&self.run.discovery.database_url, &Default::default()).await.unwrap();
+        datastore.tuf_artifact_config().await.unwrap()
+    }
+
+    /// Whether each named sled ("s0", ...) holds exactly the config.
+    async fn hold(&self, sleds: &[&str], config: &ArtifactConfig) -> bool {
+        for name in sleds {
+            let index: usize = name[1..].parse().unwrap();
+            let api = &self.run.discovery.sleds[index].api_url;
+            let Ok(view) = tokio::time::timeout(Duration::from_secs(2), sled_view_at(api)).await else {
+                return false;
+            };
+            if !holds_exactly(&view, config) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Activates replication until the named sleds hold the config.
+    async fn converge(&self, sleds: &[&str], within: Duration) -> Duration {
+        let started = Instant::now();
+        let config = self.config().await;
+        while !self.hold(sleds, &config).await {
+            assert!(started.elapsed() < within, "{sleds:?} did not converge within {within:?}");
+            self.replicate().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        started.elapsed()
+    }
+}
+
+/// A sled's link goes down while copies to it run: the others converge
+/// without it, and it converges once its link is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_whose_link_goes_down_mid_copy_converges_once_it_is_back() {
+    if skipped() {
+        return;
+    }
+    let rack = Rack::start(&["--sleds", "4", "--link-mbit", "100"]).await;
+    rack.upload("1.0.0", &[("a", 8 << 20), ("b", 8 << 20), ("c", 8 << 20)]).await;
+    rack.replicate().await;
+    rack.run.rack_dev(&["link", "down", "s3"]);
+    let others = rack.converge(&["s0", "s1", "s2"], Duration::from_secs(90)).await;
+    let config = rack.config().await;
+    assert!(!rack.hold(&["s3"], &config).await, "s3 cannot have everything: its link is down");
+    rack.run.rack_dev(&["link", "up", "s3"]);
+    let all = rack.converge(&["s0", "s1", "s2", "s3"], Duration::from_secs(120)).await;
+    println!("the others converged in {others:?}; s3 in {all:?} after its link came back");
+}
+
+/// 5% of the packets of every link are lost: the rack still converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_rack_converges() {
+    if skipped() {
+        return;
+    }
+    let rack = Rack::start(&["--sleds", "4", "--link-mbit", "200", "--link-loss-pct", "5"]).await;
+    rack.upload("1.0.0", &[("a", 8 << 20), ("b", 4 << 20)]).await;
+    let took = rack.converge(&["s0", "s1", "s2", "s3"], Duration::from_secs(180)).await;
+    println!("converged through 5% loss in {took:?}");
+}
+
+/// One sled's link is slow (2 Mbit/s; this kernel has no netem for delay,
+/// and a slow rate is what a long link does to a transfer): every sled that
+/// does not read from it converges as fast as on a healthy rack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sled_does_not_hold_back_the_others() {
+    if skipped() {
+        return;
+    }
+    let rack = Rack::start(&["--sleds", "5", "--link-mbit", "200"]).await;
+    rack.run.rack_dev(&["link", "set", "s4", "--mbit", "2"]);
+    rack.upload("1.0.0", &[("a", 6 << 20)]).await;
+    let first = rack.replicate().await;
+    // The sleds downstream of s4: they read (directly or through another
+    // sled) from s4 this round.
+    let ids: Vec<uuid::Uuid> = {
+        let datastore =
+            nexus::db::DataStore::connect(&rack.run.discovery.database_url, &Default::default()).await.unwrap();
+        let sleds = datastore.sled_list().await.unwrap();
+        rack.run.discovery.sleds.iter().map(|s| sleds.iter().find(|r| r.serial == s.serial).unwrap().id).collect()
+    };
+    let mut downstream: BTreeSet<uuid::Uuid> = [ids[4]].into();
+    loop {
+        let before = downstream.len();
+        for record in &first.ring {
+            if let Some(source) = record.source_sled_id
+                && downstream.contains(&source)
+            {
+                downstream.insert(record.sled_id);
+            }
+        }
+        if downstream.len() == before {
+            break;
+        }
+    }
+    let fast: Vec<String> =
+        (0..4).filter(|&i| !downstream.contains(&ids[i])).map(|i| format!("s{i}")).collect();
+    let fast: Vec<&str> = fast.iter().map(String::as_str).collect();
+    assert!(!fast.is_empty(), "some sled does not read from s4");
+    // 6 MiB at 200 Mbit/s is a quarter of a second; at 2 Mbit/s, 25 s.
+    let took = rack.converge(&fast, Duration::from_secs(15)).await;
+    println!("{fast:?} (not downstream of the slow s4) converged in {took:?}");
+}
+
+/// Nexus cannot reach one sled (a partition of the two; the sled still
+/// reaches its peers): replication to the rest goes on, and the unreachable
+/// sled is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nexus_cut_off_from_one_sled_does_not_stop_the_rest() {
+    if skipped() {
+        return;
+    }
+    let rack = Rack::start(&["--sleds", "4", "--link-mbit", "200"]).await;
+    rack.run.rack_dev(&["link", "cut", "n0", "s3"]);
+    rack.upload("1.0.0", &[("a", 4 << 20), ("b", 4 << 20)]).await;
+    let took = rack.converge(&["s0", "s1", "s2"], Duration::from_secs(60)).await;
+    let status = rack.replicate().await;
+    let unreachable = status.ring.iter().rev().find(|record| {
+        record.operation == common::bgtask::details::RequestOperation::PutConfig && record.error.is_some()
+    });
+    assert!(unreachable.is_some(), "the unreachable sled is reported: {:?}", status.ring);
+    println!("the three reachable sleds converged in {took:?}");
+    rack.run.rack_dev(&["link", "mend", "n0"]);
+    rack.converge(&["s0", "s1", "s2", "s3"], Duration::from_secs(60)).await;
+}
