@@ -22,15 +22,29 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 256)]
         size_mib: u64,
     },
-    /// Time from upload to every sled holding everything, against plain
-    /// copies of the same bytes to every M.2.
+    /// Time from upload to every sled holding everything. On loopback,
+    /// against plain copies of the same bytes to every M.2; with --netns,
+    /// against repository / link rate, for each fan-out (a PNG plot goes to
+    /// --out).
     Replicate {
-        #[arg(long, default_value_t = 4)]
-        sleds: usize,
+        /// Sled counts, e.g. 8,16,32 (--netns runs each).
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        sleds: Vec<usize>,
         #[arg(long, default_value_t = 64)]
         repo_mib: u64,
         #[arg(long, default_value_t = 4)]
         artifacts: u64,
+        /// Each sled and Nexus in a network namespace with a limited link.
+        #[arg(long)]
+        netns: bool,
+        #[arg(long, default_value_t = 100, requires = "netns")]
+        link_mbit: u32,
+        /// With --netns: the fan-outs to compare.
+        #[arg(long, value_delimiter = ',', default_value = "pipelined,two_stage,star")]
+        fanouts: Vec<String>,
+        /// Where the plot goes.
+        #[arg(long, default_value = "target/bench")]
+        out: camino::Utf8PathBuf,
     },
     /// Background task activation latency and status query latency.
     Bgtask {
@@ -56,7 +70,7 @@ struct Row {
     value: String,
 }
 
-fn report(name: &str, rows: Vec<(&str, String)>, json: serde_json::Value) {
+pub(crate) fn report(name: &str, rows: Vec<(&str, String)>, json: serde_json::Value) {
     let table =
         tabled::Table::new(rows.into_iter().map(|(measure, value)| Row { measure: measure.into(), value }))
             .with(Style::blank())
@@ -68,7 +82,21 @@ fn report(name: &str, rows: Vec<(&str, String)>, json: serde_json::Value) {
 pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Upload { size_mib } => upload(size_mib).await,
-        BenchCommand::Replicate { sleds, repo_mib, artifacts } => replicate(sleds, repo_mib, artifacts).await,
+        BenchCommand::Replicate { sleds, repo_mib, artifacts, netns: true, link_mbit, fanouts, out } => {
+            crate::bench_fanout::replicate_on_a_network(crate::bench_fanout::FanoutOptions {
+                sled_counts: sleds,
+                link_mbit,
+                repo_mib,
+                artifacts,
+                fanouts,
+                out,
+            })
+            .await
+        }
+        BenchCommand::Replicate { sleds, repo_mib, artifacts, netns: false, .. } => {
+            let [sleds] = sleds[..] else { bail!("without --netns, --sleds takes one count") };
+            replicate(sleds, repo_mib, artifacts).await
+        }
         BenchCommand::Bgtask { activations } => bgtask(activations).await,
         BenchCommand::Plan { sleds, artifacts, repos } => plan(sleds, artifacts, repos),
     }
@@ -87,13 +115,13 @@ fn rack_options(sleds: usize, settings: Vec<(Vec<&'static str>, toml::Value)>) -
 }
 
 /// A key, a root and a repository zip of `artifacts` random artifacts.
-struct Forged {
+pub(crate) struct Forged {
     dir: camino_tempfile::Utf8TempDir,
     root: serde_json::Value,
     zip: camino::Utf8PathBuf,
 }
 
-async fn forge(artifacts: u64, bytes_each: u64) -> anyhow::Result<Forged> {
+pub(crate) async fn forge(artifacts: u64, bytes_each: u64) -> anyhow::Result<Forged> {
     let dir = camino_tempfile::tempdir()?;
     let key = dir.path().join("key.der");
     std::fs::write(&key, tuf_forge::generate_key()?)?;
@@ -119,7 +147,7 @@ async fn forge(artifacts: u64, bytes_each: u64) -> anyhow::Result<Forged> {
     Ok(Forged { dir, root, zip })
 }
 
-async fn upload_zip(rack: &Rack, forged: &Forged) -> anyhow::Result<()> {
+pub(crate) async fn upload_zip(rack: &Rack, forged: &Forged) -> anyhow::Result<()> {
     let url = &rack.discovery.nexus[0].external_url;
     let client = external::authenticated(url, &rack.token);
     client
@@ -140,7 +168,7 @@ fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
@@ -199,7 +227,7 @@ async fn upload(size_mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn replication_status(rack: &Rack) -> anyhow::Result<(u64, TufArtifactReplicationStatus)> {
+pub(crate) async fn replication_status(rack: &Rack) -> anyhow::Result<(u64, TufArtifactReplicationStatus)> {
     let client = nexus_internal::Client::new(&rack.discovery.nexus[0].internal_url);
     let task = client.bgtask_view("tuf_artifact_replication").await?.into_inner();
     match task.last {

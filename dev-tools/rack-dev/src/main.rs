@@ -7,6 +7,7 @@
 //! - `bench ...`: performance against baselines measured in the same run.
 
 mod bench;
+mod bench_fanout;
 mod netns;
 mod operator;
 mod run_all;
