@@ -51,9 +51,18 @@ pub struct StorageConfig {
     /// Quota of the artifact dataset on each M.2, in bytes.
     #[serde(default = "default_quota")]
     pub artifact_quota_bytes: u64,
-    /// How many artifacts are re-hashed at once at start-up.
+    /// How many artifacts are re-hashed at once at start-up (those whose
+    /// metadata changed since they were last verified).
     #[serde(default = "default_verify_workers")]
     pub verify_workers: usize,
+    /// The background scrub's rate: every stored artifact is re-hashed at
+    /// most this fast, over all M.2s together. 0 turns the scrub off.
+    #[serde(default = "default_scrub_bytes_per_sec")]
+    pub scrub_bytes_per_sec: u64,
+    /// A scrub pass starts at most this often (the first right after
+    /// start-up).
+    #[serde(default = "default_scrub_interval_secs")]
+    pub scrub_interval_secs: u64,
 }
 
 fn default_m2_count() -> u32 {
@@ -66,6 +75,14 @@ fn default_quota() -> u64 {
 
 fn default_verify_workers() -> usize {
     4
+}
+
+fn default_scrub_bytes_per_sec() -> u64 {
+    64 << 20
+}
+
+fn default_scrub_interval_secs() -> u64 {
+    24 * 60 * 60
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -124,6 +141,9 @@ impl ConfigFile for Config {
         }
         if storage.verify_workers == 0 {
             return Err(("storage.verify_workers", "must be at least 1".into()));
+        }
+        if storage.scrub_interval_secs == 0 {
+            return Err(("storage.scrub_interval_secs", "must be at least 1".into()));
         }
         if self.copy.max_concurrent == 0 {
             return Err(("copy.max_concurrent", "must be at least 1".into()));

@@ -133,6 +133,8 @@ impl SledAgentApi for SledAgentImpl {
             artifact_generation: context.store.generation().await,
             m2: context.store.m2s().iter().map(|m2| m2.inventory()).collect(),
             ledger_damage: context.store.ledger_problems(),
+            startup_verification: context.store.startup_verification(),
+            scrub: context.store.scrub_status(),
         }))
     }
 

@@ -145,7 +145,7 @@ mod tests {
         (0..count)
             .map(|slot| {
                 let m2 = M2::new(slot, dir.join(format!("m2-{slot}")), 1 << 20);
-                m2.prepare().unwrap();
+                m2.prepare(|_| false).unwrap();
                 Arc::new(m2)
             })
             .collect()

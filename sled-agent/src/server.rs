@@ -1,5 +1,6 @@
 //! Starting a sled agent: storage, the artifact store (which verifies what
-//! is stored before anything is served), the two HTTP servers, then
+//! is stored before anything is served) and its background tasks (the
+//! verification cache's write-out, the scrub), the two HTTP servers, then
 //! registration with Nexus.
 
 use crate::config::Config;
@@ -38,6 +39,9 @@ pub struct Server {
     depot: dropshot::HttpServer<Arc<SledContext>>,
     /// Aborted when the server is dropped or shut down.
     registration: AbortOnDrop,
+    /// The store's background tasks (cache write-out, scrub), likewise.
+    store_tasks: Vec<AbortOnDrop>,
+    store: Arc<ArtifactStore>,
     /// Kept alive for as long as the server runs when M.2s are temp dirs.
     _temp_m2s: Vec<Utf8TempDir>,
     log: slog::Logger,
@@ -79,7 +83,13 @@ impl Server {
             storage.verify_workers,
         )
         .await?;
-        let context = Arc::new(SledContext { sled_id, serial: serial.clone(), store: Arc::new(store) });
+        let store = Arc::new(store);
+        let store_tasks = store
+            .spawn_background(storage.scrub_bytes_per_sec, Duration::from_secs(storage.scrub_interval_secs))
+            .into_iter()
+            .map(AbortOnDrop)
+            .collect();
+        let context = Arc::new(SledContext { sled_id, serial: serial.clone(), store: store.clone() });
 
         let api_address = config.sled_agent_api.listen;
         let api = start_server(
@@ -119,6 +129,8 @@ impl Server {
             api,
             depot,
             registration: AbortOnDrop(registration),
+            store_tasks,
+            store,
             _temp_m2s: temp_m2s,
             log,
         })
@@ -134,11 +146,15 @@ impl Server {
 
     pub async fn shutdown(self) {
         drop(self.registration);
+        drop(self.store_tasks);
         for (name, server) in [("api", self.api), ("depot", self.depot)] {
             if let Err(message) = server.close().await {
                 slog::warn!(self.log, "closing server"; "server" => name, "error" => message);
             }
         }
+        // What was verified since the last write-out need not be re-hashed
+        // at the next start.
+        self.store.flush_stamps().await;
         slog::info!(self.log, "sled agent stopped");
     }
 }

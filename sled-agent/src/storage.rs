@@ -9,11 +9,25 @@
 //! reservation into the stored count. Recounting the stored files (when a
 //! device comes back) replaces only the stored count, so it can never cancel a
 //! live reservation, and returning one can never wrap below zero.
+//!
+//! Partial copies (`artifacts/tmp/<sha256>.copy`) that no copy is writing
+//! right now are *held*: found at start-up, or handed back by a copy request
+//! that failed before it changed them. Their bytes stay in the reserved
+//! count, and the held map records how many belong to each, so that the copy
+//! that takes one over ([`M2::take_partial`]) inherits exactly its
+//! reservation and a discarded one returns exactly its own. Taking, holding
+//! and discarding happen under the same lock as the counts, and a discard
+//! unlinks the file under it too: a copy can never open a held file that is
+//! being discarded.
 
 use camino::{Utf8Path, Utf8PathBuf};
 use common::ArtifactHash;
 use common::api::sled_agent::{M2Inventory, M2State};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
+
+/// The suffix of a partial copy's temp file, `<sha256>.copy`.
+const PARTIAL_SUFFIX: &str = ".copy";
 
 pub struct M2 {
     pub slot: u32,
@@ -23,18 +37,35 @@ pub struct M2 {
     state: Mutex<M2State>,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 struct Usage {
     /// Bytes of the artifact files in the dataset.
     stored: u64,
-    /// Bytes reserved by writes in progress (their temp files).
+    /// Bytes reserved by writes in progress (their temp files) and by held
+    /// partial copies.
     reserved: u64,
+    /// Held partial copies: the bytes of `reserved` that each one holds.
+    held: BTreeMap<ArtifactHash, u64>,
 }
 
 impl Usage {
-    fn total(self) -> u64 {
+    fn total(&self) -> u64 {
         self.stored.saturating_add(self.reserved)
     }
+
+    fn release(&mut self, bytes: u64) {
+        self.reserved = self.reserved.saturating_sub(bytes);
+    }
+}
+
+/// What [`M2::prepare`] found in the temp area at start-up.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// Temp files removed.
+    pub removed: usize,
+    /// Partial copies kept (held) and their bytes.
+    pub kept: usize,
+    pub kept_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +96,13 @@ impl M2 {
 
     pub fn artifact_path(&self, hash: &ArtifactHash) -> Utf8PathBuf {
         self.dataset().join(hash.to_string())
+    }
+
+    /// The temp file of a copy of `hash`: named by the hash alone, so that a
+    /// copy can find the bytes an earlier one left (one copy per artifact
+    /// runs at a time).
+    pub fn partial_path(&self, hash: &ArtifactHash) -> Utf8PathBuf {
+        self.tmp_dir().join(format!("{hash}{PARTIAL_SUFFIX}"))
     }
 
     pub fn ledger_path(&self) -> Utf8PathBuf {
@@ -111,18 +149,55 @@ impl M2 {
 
     /// Returns a reservation whose write was abandoned.
     pub fn release(&self, bytes: u64) {
-        let mut usage = self.usage();
-        usage.reserved = usage.reserved.saturating_sub(bytes);
+        self.usage().release(bytes);
     }
 
     /// Turns a reservation into stored bytes: its temp file was renamed into
     /// place. If it replaced an identical file, the stored count is unchanged.
     pub fn commit(&self, bytes: u64, replaced_existing: bool) {
         let mut usage = self.usage();
-        usage.reserved = usage.reserved.saturating_sub(bytes);
+        usage.release(bytes);
         if !replaced_existing {
             usage.stored = usage.stored.saturating_add(bytes);
         }
+    }
+
+    /// Takes over the held partial copy of `hash`, if any: returns the bytes
+    /// reserved for it, which now belong to the caller's write.
+    pub fn take_partial(&self, hash: &ArtifactHash) -> u64 {
+        self.usage().held.remove(hash).unwrap_or(0)
+    }
+
+    /// Holds the partial copy of `hash` again, with `reserved` bytes of its
+    /// writer's reservation (which stay reserved).
+    pub fn hold_partial(&self, hash: ArtifactHash, reserved: u64) {
+        let mut usage = self.usage();
+        if let Some(before) = usage.held.insert(hash, reserved) {
+            // Not reachable while one copy per artifact runs; never leak.
+            usage.release(before);
+        }
+    }
+
+    /// Removes the held partial copy of `hash`, if there is one, and returns
+    /// its reservation. A partial a copy is writing is not held: untouched.
+    pub fn discard_partial(&self, hash: &ArtifactHash) -> std::io::Result<bool> {
+        let mut usage = self.usage();
+        let Some(bytes) = usage.held.get(hash).copied() else {
+            return Ok(false);
+        };
+        match std::fs::remove_file(self.partial_path(hash)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+        usage.held.remove(hash);
+        usage.release(bytes);
+        Ok(true)
+    }
+
+    /// The artifacts of which a partial copy is held.
+    pub fn held_partials(&self) -> Vec<ArtifactHash> {
+        self.usage().held.keys().copied().collect()
     }
 
     /// Accounts for a stored artifact file that was deleted.
@@ -174,15 +249,35 @@ impl M2 {
         std::fs::create_dir_all(self.tmp_dir())
     }
 
-    /// At start-up: creates the dataset directories and removes temp files
-    /// left by a previous run (writes that never finished, in the dataset's
-    /// tmp/ and ledger temp files beside the ledger). Returns how many went.
-    pub fn prepare(&self) -> std::io::Result<usize> {
+    /// At start-up: creates the dataset directories and clears the temp
+    /// files a previous run left. A partial copy (`<sha256>.copy`) for which
+    /// `keep` says yes is held, its bytes reserved; every other temp file
+    /// (unfinished PUTs, other partial copies, ledger and cache temp files
+    /// beside the ledger) is removed.
+    pub fn prepare(&self, keep: impl Fn(&ArtifactHash) -> bool) -> std::io::Result<Prepared> {
         self.create_dirs()?;
-        let mut removed = 0;
+        let mut prepared = Prepared::default();
         for entry in std::fs::read_dir(self.tmp_dir())? {
-            std::fs::remove_file(entry?.path())?;
-            removed += 1;
+            let entry = entry?;
+            let partial = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.strip_suffix(PARTIAL_SUFFIX)?.parse::<ArtifactHash>().ok())
+                .filter(|hash| keep(hash));
+            let metadata = entry.metadata()?;
+            match partial {
+                Some(hash) if metadata.is_file() => {
+                    let mut usage = self.usage();
+                    usage.reserved = usage.reserved.saturating_add(metadata.len());
+                    usage.held.insert(hash, metadata.len());
+                    prepared.kept += 1;
+                    prepared.kept_bytes = prepared.kept_bytes.saturating_add(metadata.len());
+                }
+                _ => {
+                    std::fs::remove_file(entry.path())?;
+                    prepared.removed += 1;
+                }
+            }
         }
         for entry in std::fs::read_dir(&self.root)? {
             let entry = entry?;
@@ -190,9 +285,9 @@ impl M2 {
             let name = name.to_string_lossy();
             if name.starts_with('.') && name.contains(".tmp-") {
                 std::fs::remove_file(entry.path())?;
-                removed += 1;
+                prepared.removed += 1;
             }
         }
-        Ok(removed)
+        Ok(prepared)
     }
 }

@@ -24,7 +24,19 @@ pub enum Behavior {
     /// byte. A Range request for what follows gets 416, as from a real
     /// depot.
     CutAfterLastByte,
+    /// Honours Range requests like a real depot, but sends the body slowly:
+    /// [`THROTTLE_CHUNK`] bytes at a time, pausing between chunks so as to
+    /// send `bytes_per_sec` on average, as over a capped link.
+    /// [`FakeDepot::served_bytes`] counts each chunk once it is written.
+    Throttled {
+        bytes_per_sec: u64,
+    },
+    /// Always sends the whole artifact with 200, whatever the Range.
+    IgnoreRange,
 }
+
+/// The size of the chunks a [`Behavior::Throttled`] depot sends.
+pub const THROTTLE_CHUNK: usize = 64 << 10;
 
 pub struct FakeDepot {
     pub address: SocketAddr,
@@ -119,6 +131,10 @@ async fn serve(
         Behavior::CutAfterLastByte => {
             return serve_cut_after_last_byte(stream, artifact, start, served).await;
         }
+        Behavior::Throttled { bytes_per_sec } => {
+            return serve_throttled(stream, artifact, start, *bytes_per_sec, served).await;
+        }
+        Behavior::IgnoreRange => ("200 OK", artifact, artifact.len()),
     };
     let mut response =
         format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
@@ -162,4 +178,41 @@ async fn serve_cut_after_last_byte(
     stream.write_all(b"\r\n").await?;
     served.fetch_add(artifact.len() as u64, Ordering::SeqCst);
     stream.flush().await
+}
+
+async fn serve_throttled(
+    mut stream: TcpStream,
+    artifact: &[u8],
+    start: usize,
+    bytes_per_sec: u64,
+    served: &AtomicU64,
+) -> std::io::Result<()> {
+    if start >= artifact.len() && start > 0 {
+        let response = format!(
+            "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n",
+            artifact.len()
+        );
+        return stream.write_all(response.as_bytes()).await;
+    }
+    let body = &artifact[start..];
+    let mut head = format!("Content-Length: {}\r\nConnection: close\r\n", body.len());
+    if start > 0 {
+        head = format!(
+            "HTTP/1.1 206 Partial Content\r\n{head}Content-Range: bytes {start}-{}/{}\r\n\r\n",
+            artifact.len() - 1,
+            artifact.len()
+        );
+    } else {
+        head = format!("HTTP/1.1 200 OK\r\n{head}\r\n");
+    }
+    stream.write_all(head.as_bytes()).await?;
+    let pause = Duration::from_secs_f64(THROTTLE_CHUNK as f64 / bytes_per_sec as f64);
+    for chunk in body.chunks(THROTTLE_CHUNK) {
+        stream.write_all(chunk).await?;
+        stream.flush().await?;
+        served.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        tokio::time::sleep(pause).await;
+    }
+    Ok(())
 }

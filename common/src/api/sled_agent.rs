@@ -130,6 +130,56 @@ pub struct SledInventory {
     /// config is accepted and written.
     #[serde(default)]
     pub ledger_damage: Vec<String>,
+    /// How the stored artifacts were checked when the sled agent started.
+    #[serde(default)]
+    pub startup_verification: StartupVerification,
+    /// The background scrub, which re-hashes every stored artifact at a
+    /// bounded rate and removes corrupt copies.
+    #[serde(default)]
+    pub scrub: ScrubStatus,
+}
+
+/// The check of every stored artifact at start-up: a file whose metadata
+/// (size, inode, mtime, ctime) is what it was when it was last verified is
+/// trusted without being read; any other is re-hashed, and deleted if its
+/// contents do not match its name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct StartupVerification {
+    /// Files trusted by their metadata.
+    pub trusted: u64,
+    /// Files re-hashed, and the bytes read to do so.
+    pub rehashed: u64,
+    pub bytes_read: u64,
+    /// Files deleted because their contents did not match their name.
+    pub removed: u64,
+    pub elapsed_millis: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct ScrubStatus {
+    /// The configured rate; 0 means the scrub is off.
+    pub rate_limit_bytes_per_sec: u64,
+    /// Passes finished since the sled agent started.
+    pub passes_finished: u64,
+    /// The pass in progress, if one is.
+    pub current: Option<ScrubPass>,
+    /// The last finished pass.
+    pub last: Option<ScrubPass>,
+}
+
+/// One scrub pass over every artifact file on every healthy M.2.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct ScrubPass {
+    pub started: chrono::DateTime<chrono::Utc>,
+    /// Not set while the pass runs.
+    pub finished: Option<chrono::DateTime<chrono::Utc>>,
+    pub files_checked: u64,
+    pub bytes_checked: u64,
+    /// Copies whose contents did not match their name, deleted so that
+    /// replication restores them.
+    pub corrupt_removed: u64,
+    /// Bytes re-hashed per second over the pass (so far).
+    pub bytes_per_sec: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

@@ -8,13 +8,26 @@
 //! `copy.resume_attempts` times; the whole hash is verified before anything
 //! is renamed into place.
 //!
+//! A copy that finds the partial a crashed one left (see [`super::write`])
+//! asks the source for the rest at once (`Range: bytes=<offset>-`), before
+//! the prefix is re-hashed: the re-hash reads the whole prefix, which the
+//! request that Nexus waits on should not. The background task re-hashes it
+//! first and, if the devices disagree, drops that response and fetches
+//! everything. A source that does not honour the range (200, or a 206 that
+//! does not start at the offset) makes the copy start over from byte 0: a
+//! 200's body is used as it is, after the partials are emptied. A 416 for
+//! exactly the bytes held means the partial is the whole artifact: it is
+//! committed after the hash check. A request refused before a byte was
+//! written (an unreachable or busy source, a quota refusal) hands the
+//! partial back unchanged for the next attempt.
+//!
 //! Each artifact is copied at most once at a time: it is "in flight" from
 //! the request until its commit has finished (renamed and synced) or failed.
 //! A copy that fails in the background is recorded with its error and a
 //! count of consecutive failures, which `GET /artifacts` reports so that
 //! Nexus can back off instead of asking again at once.
 
-use super::write::PendingWrite;
+use super::write::{PendingWrite, Temp};
 use super::{ArtifactStore, StoreError};
 use crate::storage::QuotaExceeded;
 use common::api::sled_agent::{ArtifactPutResponse, CopyFailure};
@@ -64,17 +77,19 @@ impl ArtifactStore {
             .try_acquire_owned()
             .map_err(|_| StoreError::Busy { activity: "running copies", limit: self.copy.max_concurrent })?;
         let url = format!("{}/artifact/sha256/{hash}", depot_base_url.trim_end_matches('/'));
-        let response = self.fetch(&url).await?;
-        let length = response.content_length();
-        if let Some(length) = length {
-            self.refuse_if_it_fits_nowhere(hash, length)?;
-        }
-        let mut write = self.begin_write(hash)?;
+        let mut write = self.begin_write(hash, Temp::Copy)?;
         write.in_flight = Some(in_flight);
+        let source = match self.open_source(&mut write, &url).await {
+            Ok(source) => source,
+            Err(error) => {
+                write.hold_partials();
+                return Err(error);
+            }
+        };
         let store = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match store.download(write, response, length, &url).await {
+            match store.download(write, source, &url).await {
                 Ok(outcome) => {
                     store.forget_copy_failures(&hash);
                     slog::info!(store.log, "copied artifact"; "hash" => %hash, "from" => &url,
@@ -90,7 +105,41 @@ impl ArtifactStore {
         Ok(())
     }
 
-    /// Refuses now, not after the download, what cannot fit anywhere.
+    /// The first request of a copy: the whole artifact, or for a continued
+    /// copy the rest of it (see the module doc). Refuses what cannot fit.
+    async fn open_source(&self, write: &mut PendingWrite, url: &str) -> Result<Source, StoreError> {
+        let offset = write.bytes;
+        let source = if offset == 0 {
+            Source::whole(self.fetch(url).await?)
+        } else {
+            match self.resume(url, offset).await? {
+                Resumed::Rest { response, length } => {
+                    slog::info!(self.log, "continuing a partial copy"; "hash" => %write.hash, "from" => url,
+                        "offset" => offset);
+                    Source { response: Some(response), length: Some(length) }
+                }
+                Resumed::AtEnd => Source { response: None, length: Some(offset) },
+                Resumed::NotHonoured { response, detail } => {
+                    slog::info!(self.log, "the source did not honour the range: starting the copy over";
+                        "hash" => %write.hash, "from" => url, "offset" => offset, "answer" => &detail);
+                    write.restart().await?;
+                    if response.status().as_u16() == 200 {
+                        Source::whole(response)
+                    } else {
+                        drop(response);
+                        Source::whole(self.fetch(url).await?)
+                    }
+                }
+            }
+        };
+        if let Some(length) = source.length {
+            self.refuse_if_it_fits_nowhere(write.hash, length.saturating_sub(write.bytes))?;
+        }
+        Ok(source)
+    }
+
+    /// Refuses now, not after the download, what cannot fit anywhere:
+    /// `length` more bytes.
     fn refuse_if_it_fits_nowhere(&self, hash: ArtifactHash, length: u64) -> Result<(), StoreError> {
         let healthy = self.healthy();
         if !healthy.is_empty() && healthy.iter().all(|m2| m2.available() < length) {
@@ -140,7 +189,7 @@ impl ArtifactStore {
         }
     }
 
-    /// GETs the artifact from `offset` on, after a broken stream.
+    /// GETs the artifact from `offset` on.
     async fn resume(&self, url: &str, offset: u64) -> Result<Resumed, StoreError> {
         let response = self.send(url, Some(offset)).await?;
         let status = response.status().as_u16();
@@ -150,17 +199,22 @@ impl ArtifactStore {
             .and_then(|value| value.to_str().ok())
             .unwrap_or("")
             .to_string();
-        if status == 206 && content_range.starts_with(&format!("bytes {offset}-")) {
-            return Ok(Resumed::Rest(response));
+        // `bytes <offset>-<last>/<length>`
+        let length = content_range
+            .strip_prefix(&format!("bytes {offset}-"))
+            .and_then(|rest| rest.split_once('/'))
+            .and_then(|(_, length)| length.parse::<u64>().ok());
+        match (status, length) {
+            (206, Some(length)) => return Ok(Resumed::Rest { response, length }),
+            // There is nothing past the bytes already held (a stream that
+            // broke after its last byte; a partial that is the whole
+            // artifact). The hash decides.
+            (416, _) if content_range == format!("bytes */{offset}") => return Ok(Resumed::AtEnd),
+            (200 | 206 | 416, _) => {}
+            _ => return Err(StoreError::SourceStatus { url: url.to_string(), status }),
         }
-        // The stream broke after its last byte (a chunked body cut before
-        // its end, say): there is nothing left to fetch. The hash decides.
-        if status == 416 && content_range == format!("bytes */{offset}") {
-            return Ok(Resumed::AtEnd);
-        }
-        Err(StoreError::SourceResume {
-            url: url.to_string(),
-            offset,
+        Ok(Resumed::NotHonoured {
+            response,
             detail: format!("answered {status} with Content-Range {content_range:?}"),
         })
     }
@@ -186,16 +240,23 @@ impl ArtifactStore {
         Ok(response)
     }
 
-    /// Streams a depot's response into the pending write, resuming with a
-    /// Range request where the stream broke, then commits. `length` is the
-    /// whole artifact's length, if the source said.
+    /// Streams the source into the pending write, resuming with a Range
+    /// request where the stream broke, then commits. A continued copy's
+    /// prefix is re-hashed first.
     async fn download(
         &self,
         mut write: PendingWrite,
-        mut response: reqwest::Response,
-        length: Option<u64>,
+        source: Source,
         url: &str,
     ) -> Result<ArtifactPutResponse, StoreError> {
+        let Source { mut response, mut length } = source;
+        if !write.verify_prefix().await? {
+            slog::warn!(self.log, "partial copies disagree: starting the copy over"; "hash" => %write.hash);
+            Source { response, length } = Source::whole(self.fetch(url).await?);
+        }
+        let Some(mut response) = response else {
+            return self.commit(write).await;
+        };
         let mut resumes = 0;
         loop {
             let mut stream = response.bytes_stream();
@@ -237,17 +298,45 @@ impl ArtifactStore {
                 }
             };
             match resumed {
-                Resumed::Rest(rest) => response = rest,
+                Resumed::Rest { response: rest, .. } => response = rest,
                 Resumed::AtEnd => break,
+                // Mid-stream, starting over would fetch again what this
+                // source already sent: it failed, as it did before copies
+                // could be continued.
+                Resumed::NotHonoured { detail, .. } => {
+                    return Err(StoreError::SourceResume {
+                        url: url.to_string(),
+                        offset: write.bytes,
+                        detail,
+                    });
+                }
             }
         }
         self.commit(write).await
     }
 }
 
-/// What a Range request after a broken stream found.
+/// A copy's source, as its first request found it.
+struct Source {
+    /// `None` when there is nothing left to fetch.
+    response: Option<reqwest::Response>,
+    /// The whole artifact's length, if the source said.
+    length: Option<u64>,
+}
+
+impl Source {
+    fn whole(response: reqwest::Response) -> Source {
+        let length = response.content_length();
+        Source { response: Some(response), length }
+    }
+}
+
+/// What a Range request found.
 enum Resumed {
-    Rest(reqwest::Response),
-    /// The source has no byte past the ones already written.
+    /// The bytes from the offset on, of an artifact of `length` bytes.
+    Rest { response: reqwest::Response, length: u64 },
+    /// The source has no byte past the offset.
     AtEnd,
+    /// The source answered, but not with the bytes from the offset on.
+    NotHonoured { response: reqwest::Response, detail: String },
 }

@@ -3,11 +3,29 @@
 //! depots.
 //!
 //! - [`write`]: the one write path of PUTs and copies (temp file per M.2,
-//!   hashed while written, fsync, rename, directory fsync).
+//!   hashed while written, fsync, rename, directory fsync), and how a copy
+//!   continues the partial a crashed one left.
 //! - [`copy`]: copies from another sled's depot, resumed with Range requests,
 //!   and the record of copies that failed.
 //! - [`reconcile`]: deleting what the config no longer lists.
-//! - [`verify`]: re-hashing what is stored, at start-up.
+//! - [`verify`]: checking what is stored, at start-up: trusted by
+//!   [`stamps`] (the verification cache) or re-hashed.
+//! - [`scrub`]: re-hashing everything in the background at a bounded rate.
+//!
+//! # Start-up
+//!
+//! [`ArtifactStore::open`], in this order:
+//! 1. the dataset directories are created and the ledger is loaded, so that
+//!    the config is known before anything is deleted;
+//! 2. stored artifacts are verified ([`verify`]);
+//! 3. temp files are cleared ([`crate::storage::M2::prepare`]): a partial
+//!    copy is kept (held, its bytes reserved against the quota) if its
+//!    artifact is in the config and not already stored on that device, and
+//!    also if the ledger is damaged: like the reconciler, a sled that does
+//!    not know its config deletes nothing, and the config that repairs the
+//!    ledger removes the partials it does not list. Every other temp file is
+//!    removed;
+//! 4. each device adopts the config (ledger copy, reconciler, usage).
 //!
 //! # The config this sled enforces
 //!
@@ -28,6 +46,8 @@
 
 mod copy;
 mod reconcile;
+mod scrub;
+mod stamps;
 mod verify;
 mod write;
 
@@ -38,12 +58,20 @@ use crate::config::{CopyConfig, RequestLimits};
 use crate::ledger;
 use crate::storage::{M2, QuotaExceeded};
 use camino::Utf8PathBuf;
-use common::api::sled_agent::{ArtifactListResponse, CopyFailure, M2State, MAX_CONFIG_ARTIFACTS};
+use common::api::sled_agent::{
+    ArtifactListResponse, CopyFailure, M2State, MAX_CONFIG_ARTIFACTS, ScrubStatus, StartupVerification,
+};
 use common::{ArtifactConfig, ArtifactHash, Generation};
+use stamps::Stamps;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, RwLock, Semaphore};
+
+/// How often stamps of newly verified artifacts are written out (see
+/// [`stamps`]): a crash forgets at most this much, which costs re-hashing
+/// those files at the next start.
+const STAMP_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -133,6 +161,15 @@ impl Enforced {
         }
     }
 
+    /// Whether an artifact may still be wanted: listed in the config, or the
+    /// config is unknown (damaged ledger).
+    fn may_want(&self, hash: &ArtifactHash) -> bool {
+        match self {
+            Enforced::Known(config) => config.artifacts.contains(hash),
+            Enforced::Damaged { .. } => true,
+        }
+    }
+
     fn known(&self) -> Result<&ArtifactConfig, StoreError> {
         match self {
             Enforced::Known(config) => Ok(config),
@@ -163,13 +200,19 @@ pub struct ArtifactStore {
     copy_failures: std::sync::Mutex<BTreeMap<ArtifactHash, CopyFailure>>,
     copy: CopyConfig,
     http: reqwest::Client,
+    /// The verification cache of each M.2, by slot.
+    stamps: BTreeMap<u32, Arc<Stamps>>,
+    startup_verification: StartupVerification,
+    scrub: std::sync::Mutex<ScrubStatus>,
 }
 
 impl ArtifactStore {
-    /// Opens the store: removes temp leftovers, loads the ledger, re-hashes
-    /// every stored artifact (`verify_workers` at a time) deleting corrupt
-    /// ones, and deletes artifacts outside the config (unless the ledger is
-    /// damaged: then nothing is deleted).
+    /// Opens the store (see "Start-up" in the module doc): loads the ledger,
+    /// verifies every stored artifact (trusting unchanged files, re-hashing
+    /// the others `verify_workers` at a time, deleting corrupt ones), clears
+    /// temp files but for partial copies worth continuing, and deletes
+    /// artifacts outside the config (unless the ledger is damaged: then
+    /// nothing is deleted).
     pub async fn open(
         log: slog::Logger,
         m2s: Vec<Arc<M2>>,
@@ -177,15 +220,13 @@ impl ArtifactStore {
         limits: RequestLimits,
         verify_workers: usize,
     ) -> Result<ArtifactStore, StoreError> {
+        let io = |m2: &M2, source| StoreError::Io {
+            what: "preparing the artifact dataset of",
+            path: m2.root().to_owned(),
+            source,
+        };
         for m2 in &m2s {
-            let removed = m2.prepare().map_err(|source| StoreError::Io {
-                what: "preparing the artifact dataset of",
-                path: m2.root().to_owned(),
-                source,
-            })?;
-            if removed > 0 {
-                slog::info!(log, "removed temp files of unfinished writes"; "slot" => m2.slot, "count" => removed);
-            }
+            m2.create_dirs().map_err(|source| io(m2, source))?;
         }
         let loaded = ledger::load(&m2s);
         for problem in &loaded.damage {
@@ -197,7 +238,20 @@ impl ArtifactStore {
             slog::error!(log, "the newest config ledger copy is unreadable: deleting nothing and acting on \
                 nothing until Nexus pushes this generation or a newer one"; "generation" => %generation);
         }
-        verify::verify_all(&log, &m2s, verify_workers).await;
+        let stamps: BTreeMap<u32, Arc<Stamps>> =
+            m2s.iter().map(|m2| (m2.slot, Arc::new(Stamps::load(&log, m2)))).collect();
+        let devices: Vec<_> = m2s.iter().map(|m2| (m2.clone(), stamps[&m2.slot].clone())).collect();
+        let startup_verification = verify::verify_all(&log, &devices, verify_workers).await;
+        for m2 in &m2s {
+            let prepared = m2
+                .prepare(|hash| enforced.may_want(hash) && !m2.artifact_path(hash).is_file())
+                .map_err(|source| io(m2, source))?;
+            if prepared.removed > 0 || prepared.kept > 0 {
+                slog::info!(log, "cleared temp files of unfinished writes"; "slot" => m2.slot,
+                    "removed" => prepared.removed, "partial_copies_kept" => prepared.kept,
+                    "partial_bytes_kept" => prepared.kept_bytes);
+            }
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(copy.read_timeout_secs))
@@ -217,6 +271,9 @@ impl ArtifactStore {
             ledger_problems: std::sync::Mutex::new(problems),
             config: RwLock::new(enforced.clone()),
             m2s,
+            stamps,
+            startup_verification,
+            scrub: Default::default(),
         };
         for m2 in store.healthy() {
             store.adopt(&m2, &enforced)?;
@@ -224,6 +281,56 @@ impl ArtifactStore {
         slog::info!(store.log, "artifact store open"; "generation" => %enforced.generation(),
             "damaged" => matches!(enforced, Enforced::Damaged { .. }));
         Ok(store)
+    }
+
+    /// Starts the store's background work: writing out the verification
+    /// cache every few seconds when it changed, and the scrub (unless
+    /// `scrub_bytes_per_sec` is 0). The tasks run until aborted.
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        scrub_bytes_per_sec: u64,
+        scrub_interval: Duration,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        self.scrub_state().rate_limit_bytes_per_sec = scrub_bytes_per_sec;
+        let store = self.clone();
+        let mut tasks = vec![tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(STAMP_FLUSH_INTERVAL).await;
+                store.flush_stamps().await;
+            }
+        })];
+        if scrub_bytes_per_sec > 0 {
+            tasks.push(tokio::spawn(self.clone().scrub_forever(scrub_bytes_per_sec, scrub_interval)));
+        }
+        tasks
+    }
+
+    /// Writes out the verification cache of every healthy M.2 that changed.
+    pub async fn flush_stamps(&self) {
+        for m2 in self.healthy() {
+            let stamps = self.stamps(&m2).clone();
+            let flushed = tokio::task::spawn_blocking(move || stamps.flush()).await;
+            if let Ok(Err(error)) = flushed {
+                slog::warn!(self.log, "writing the verification cache failed"; "slot" => m2.slot,
+                    "error" => %error);
+            }
+        }
+    }
+
+    fn stamps(&self, m2: &M2) -> &Arc<Stamps> {
+        &self.stamps[&m2.slot]
+    }
+
+    pub fn startup_verification(&self) -> StartupVerification {
+        self.startup_verification.clone()
+    }
+
+    pub fn scrub_status(&self) -> ScrubStatus {
+        self.scrub_state().clone()
+    }
+
+    fn scrub_state(&self) -> std::sync::MutexGuard<'_, ScrubStatus> {
+        self.scrub.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn m2s(&self) -> &[Arc<M2>] {

@@ -1,3 +1,4 @@
+use super::write::Temp;
 use super::*;
 use crate::config::{CopyConfig, RequestLimits};
 use bytes::Bytes;
@@ -424,4 +425,248 @@ async fn a_config_may_list_up_to_the_limit() {
         )
     );
     assert_eq!(sled.store.generation().await, Generation::new(1));
+}
+
+// Partial copies (`tmp/<sha256>.copy`) across restarts.
+
+/// Leaves `bytes` as the partial copy of `hash` on `m2`, as a copy that was
+/// killed would.
+fn leave_partial(m2: &M2, hash: &ArtifactHash, bytes: &[u8]) {
+    std::fs::write(m2.partial_path(hash), bytes).unwrap();
+}
+
+#[tokio::test]
+async fn partial_copies_are_kept_at_start_up_only_while_their_artifact_is_wanted() {
+    let sled = Sled::new(2).await;
+    let (a, b, c) = (artifact(1, 200_000), artifact(2, 100_000), artifact(3, 100_000));
+    sled.configure(1, &[&a, &b]).await;
+    sled.put(&b).await.unwrap();
+    // A partial of a (wanted, not stored), of b (already stored), of c (not
+    // in the config), and the temp files of a PUT and of something else.
+    leave_partial(sled.m2(0), &a.hash, &a.bytes[..150_000]);
+    leave_partial(sled.m2(0), &b.hash, &b.bytes[..50_000]);
+    leave_partial(sled.m2(1), &c.hash, &c.bytes[..50_000]);
+    std::fs::write(sled.m2(1).tmp_dir().join(format!("{}.0123456789abcdef.tmp", a.hash)), b"put").unwrap();
+    std::fs::write(sled.m2(1).tmp_dir().join("x.copy"), b"stray").unwrap();
+
+    let sled = sled.restart().await;
+    let stored = [format!("0/{}", b.hash), format!("1/{}", b.hash)];
+    let mut expected: BTreeSet<String> = stored.iter().cloned().collect();
+    expected.insert(format!("0/{}.copy", a.hash));
+    assert_eq!(sled.files(), expected);
+    assert_eq!(sled.m2(0).used(), 100_000 + 150_000, "the kept partial is reserved");
+    assert_eq!(sled.m2(1).used(), 100_000);
+
+    // A config without a deletes its partial and returns its reservation.
+    sled.configure(2, &[&b]).await;
+    assert_eq!(sled.files(), stored.into_iter().collect());
+    assert_eq!((sled.m2(0).used(), sled.m2(0).available()), (100_000, QUOTA - 100_000));
+}
+
+/// With a damaged ledger the sled does not know which artifacts are wanted:
+/// like the reconciler, it deletes no partial copy until a config repairs
+/// the ledger; that config then decides.
+#[tokio::test]
+async fn a_damaged_ledger_keeps_partial_copies_until_a_config_decides() {
+    let sled = Sled::new(1).await;
+    let (a, c) = (artifact(1, 100_000), artifact(3, 100_000));
+    sled.configure(3, &[&a]).await;
+    leave_partial(sled.m2(0), &a.hash, &a.bytes[..10_000]);
+    leave_partial(sled.m2(0), &c.hash, &c.bytes[..20_000]);
+    std::fs::write(ledger::path_for(sled.m2(0), Generation::new(3)), b"garbage").unwrap();
+    let sled = sled.restart().await;
+    assert!(matches!(sled.store.config().await, Err(StoreError::LedgerDamaged { .. })));
+    assert_eq!(sled.files().len(), 2, "{:?}", sled.files());
+    assert_eq!(sled.m2(0).used(), 30_000);
+
+    sled.configure(4, &[&a]).await;
+    assert_eq!(sled.files(), [format!("0/{}.copy", a.hash)].into());
+    assert_eq!(sled.m2(0).used(), 10_000);
+}
+
+/// The next copy continues from the shortest partial, after re-hashing the
+/// prefix on every M.2, and the quota follows the truncation exactly.
+#[tokio::test]
+async fn partials_of_different_lengths_continue_from_the_shorter_one() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 200_000);
+    sled.configure(1, &[&a]).await;
+    leave_partial(sled.m2(0), &a.hash, &a.bytes[..150_000]);
+    leave_partial(sled.m2(1), &a.hash, &a.bytes[..90_000]);
+    let sled = sled.restart().await;
+    assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (150_000, 90_000));
+
+    let mut write = sled.store.begin_write(a.hash, Temp::Copy).unwrap();
+    assert_eq!(write.bytes, 90_000, "continues from the shorter partial");
+    for slot in 0..2 {
+        assert_eq!(std::fs::metadata(sled.m2(slot).partial_path(&a.hash)).unwrap().len(), 90_000);
+        assert_eq!(sled.m2(slot).used(), 90_000, "slot {slot}: the cut bytes are no longer reserved");
+    }
+    assert!(write.verify_prefix().await.unwrap(), "both prefixes are a's first bytes");
+    write.write(&a.bytes[90_000..]).await.unwrap();
+    let response = sled.store.commit(write).await.unwrap();
+    assert_eq!(response.successful_writes, 2);
+    assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
+    assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes);
+    assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (200_000, 200_000));
+}
+
+/// Prefixes that disagree cannot both be right, and the store cannot tell
+/// which is: the copy starts over from byte 0.
+#[tokio::test]
+async fn partials_that_disagree_start_over() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 200_000);
+    sled.configure(1, &[&a]).await;
+    let mut flipped = a.bytes[..100_000].to_vec();
+    flipped[5_000] ^= 1;
+    leave_partial(sled.m2(0), &a.hash, &a.bytes[..100_000]);
+    leave_partial(sled.m2(1), &a.hash, &flipped);
+    let sled = sled.restart().await;
+
+    let mut write = sled.store.begin_write(a.hash, Temp::Copy).unwrap();
+    assert_eq!(write.bytes, 100_000);
+    assert!(!write.verify_prefix().await.unwrap());
+    assert_eq!(write.bytes, 0);
+    assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (0, 0));
+    write.write(&a.bytes).await.unwrap();
+    assert_eq!(sled.store.commit(write).await.unwrap().successful_writes, 2);
+    assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes);
+    assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (200_000, 200_000));
+}
+
+/// An artifact that arrives another way (a PUT) makes its held partials
+/// useless: they go with their reservation.
+#[tokio::test]
+async fn a_put_of_the_artifact_discards_its_held_partials() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 100_000);
+    sled.configure(1, &[&a]).await;
+    leave_partial(sled.m2(0), &a.hash, &a.bytes[..40_000]);
+    leave_partial(sled.m2(1), &a.hash, &a.bytes[..60_000]);
+    let sled = sled.restart().await;
+    sled.put(&a).await.unwrap();
+    assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
+    assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (100_000, 100_000));
+}
+
+// The verification cache and the scrub.
+
+/// Makes a same-size change to a stored file (a flipped byte) and gives it
+/// another mtime, as damage through the file system would.
+fn corrupt_in_place(path: &Utf8Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(path, &bytes).unwrap();
+    touch(path);
+}
+
+fn touch(path: &Utf8Path) {
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000)).unwrap();
+}
+
+fn verified(trusted: u64, rehashed: u64, bytes_read: u64, removed: u64) -> StartupVerification {
+    StartupVerification { trusted, rehashed, bytes_read, removed, elapsed_millis: 0 }
+}
+
+fn startup(sled: &Sled) -> StartupVerification {
+    StartupVerification { elapsed_millis: 0, ..sled.store.startup_verification() }
+}
+
+/// Start-up trusts files whose metadata matches the cache and re-hashes the
+/// others. That unchanged files are not read is shown by the bytes read at
+/// start-up (the count the inventory reports), which is summed in the one
+/// loop that reads artifact contents at start-up.
+#[tokio::test]
+async fn start_up_trusts_unchanged_files_and_re_hashes_changed_ones() {
+    let sled = Sled::new(2).await;
+    let (a, b, c) = (artifact(1, 100_000), artifact(2, 100_000), artifact(3, 100_000));
+    sled.configure(1, &[&a, &b, &c]).await;
+    for x in [&a, &b, &c] {
+        sled.put(x).await.unwrap();
+    }
+    sled.store.flush_stamps().await;
+    let sled = sled.restart().await;
+    assert_eq!(startup(&sled), verified(6, 0, 0, 0), "nothing read");
+
+    // Behind the cache: a's copy on slot 0 is damaged (same size, new
+    // mtime), b's on slot 1 grows a byte, c's on slot 0 is only touched.
+    corrupt_in_place(&sled.m2(0).artifact_path(&a.hash));
+    let b_1 = sled.m2(1).artifact_path(&b.hash);
+    std::fs::write(&b_1, [&b.bytes[..], b"!"].concat()).unwrap();
+    touch(&sled.m2(0).artifact_path(&c.hash));
+    let sled = sled.restart().await;
+    assert_eq!(startup(&sled), verified(3, 3, 300_001, 2));
+    let expected: BTreeSet<String> =
+        [format!("0/{}", b.hash), format!("0/{}", c.hash), format!("1/{}", a.hash), format!("1/{}", c.hash)]
+            .into();
+    assert_eq!(sled.files(), expected);
+
+    // c's copy was re-stamped: trusted from now on.
+    let sled = sled.restart().await;
+    assert_eq!(startup(&sled), verified(4, 0, 0, 0));
+
+    // A damaged cache is ignored: everything is read again.
+    std::fs::write(sled.m2(1).root().join("artifacts-verified.json"), b"{\"version\":1,").unwrap();
+    let sled = sled.restart().await;
+    assert_eq!(startup(&sled), verified(2, 2, 200_000, 0));
+}
+
+#[tokio::test]
+async fn the_scrub_removes_a_corrupt_copy_and_reports_it() {
+    let sled = Sled::new(2).await;
+    let (a, b) = (artifact(1, 100_000), artifact(2, 50_000));
+    sled.configure(1, &[&a, &b]).await;
+    sled.put(&a).await.unwrap();
+    sled.put(&b).await.unwrap();
+    corrupt_in_place(&sled.m2(1).artifact_path(&a.hash));
+
+    let pass = sled.store.scrub_pass(0).await;
+    assert_eq!((pass.files_checked, pass.bytes_checked, pass.corrupt_removed), (4, 300_000, 1), "{pass:?}");
+    assert!(pass.finished.is_some_and(|finished| finished >= pass.started));
+    let status = sled.store.scrub_status();
+    assert_eq!((status.passes_finished, status.current, status.last), (1, None, Some(pass)));
+    assert_eq!(sled.store.list().await.list[&a.hash], 1, "one copy fewer: replication restores it");
+    assert!(!sled.m2(1).artifact_path(&a.hash).exists());
+    assert_eq!((sled.m2(0).used(), sled.m2(1).used()), (150_000, 50_000));
+}
+
+/// A corrupt copy replaced by a verified rename while the scrub hashed the
+/// old one is not deleted: the scrub deletes only the inode it hashed.
+#[tokio::test]
+async fn the_scrub_deletes_only_the_file_it_hashed() {
+    let sled = Sled::new(1).await;
+    let a = artifact(1, 10_000);
+    sled.configure(1, &[&a]).await;
+    sled.put(&a).await.unwrap();
+    let path = sled.m2(0).artifact_path(&a.hash);
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+    let outcome = sled.store.remove_corrupt(sled.m2(0), a.hash, Some(inode + 1), 10_000, "test").await;
+    assert!(matches!(outcome, scrub::Scrubbed::Gone));
+    assert_eq!(read_back(&sled.store, &a.hash).await, a.bytes);
+    assert_eq!(sled.m2(0).used(), 10_000);
+}
+
+/// The scrub reads at its rate: on tokio's paused clock, a pass over 8 MiB
+/// at 2 MiB/s takes 4 s (the clock only moves while the scrub sleeps; reads
+/// on the blocking pool hold it still).
+#[tokio::test(start_paused = true)]
+async fn the_scrub_keeps_to_its_rate() {
+    let sled = Sled::with_quota(2, 16 << 20).await;
+    let artifacts: Vec<Artifact> = (1..=4).map(|seed| artifact(seed, 1 << 20)).collect();
+    sled.configure(1, &artifacts.iter().collect::<Vec<_>>()).await;
+    for x in &artifacts {
+        sled.put(x).await.unwrap();
+    }
+    let rate = 2 << 20;
+    let started = tokio::time::Instant::now();
+    let pass = sled.store.scrub_pass(rate).await;
+    let elapsed = started.elapsed();
+    assert_eq!(pass.bytes_checked, 8 << 20);
+    assert!(
+        (Duration::from_millis(3_900)..=Duration::from_millis(4_100)).contains(&elapsed),
+        "8 MiB at 2 MiB/s took {elapsed:?}"
+    );
+    assert!(pass.bytes_per_sec.abs_diff(rate) <= rate / 20, "{pass:?}");
 }
