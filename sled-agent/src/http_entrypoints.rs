@@ -2,7 +2,7 @@
 //! artifact store.
 
 use crate::range::{self, RangeDecision};
-use crate::store::{ArtifactStore, StoreError};
+use crate::store::{ArtifactStore, DepotArtifact, StoreError};
 use common::api::sled_agent::{
     ArtifactCopyFromDepotBody, ArtifactCopyFromDepotResponse, ArtifactListResponse, ArtifactPathParam,
     ArtifactPutResponse, ArtifactQueryParam, CONFIG_GENERATION, LEDGER_DAMAGED, M2PathParam, M2StateRequest,
@@ -55,6 +55,9 @@ impl From<StoreError> for HttpError {
             StoreError::NotFound { .. } | StoreError::NoSuchSlot { .. } => {
                 client("NOT_FOUND", ClientErrorStatusCode::NOT_FOUND)
             }
+            StoreError::NotYetHere { .. } => {
+                retry_after(server("NOT_YET_HERE", StatusCode::SERVICE_UNAVAILABLE), BUSY_RETRY_AFTER_SECS)
+            }
             StoreError::QuotaExceeded { .. } => server("QUOTA_EXCEEDED", StatusCode::INSUFFICIENT_STORAGE),
             StoreError::Busy { .. } => {
                 retry_after(server("BUSY", StatusCode::SERVICE_UNAVAILABLE), BUSY_RETRY_AFTER_SECS)
@@ -106,7 +109,12 @@ impl SledAgentApi for SledAgentImpl {
     ) -> Result<HttpResponseOk<ArtifactPutResponse>, HttpError> {
         let hash = path.into_inner().sha256;
         let generation = query.into_inner().generation;
-        let response = rqctx.context().store.put(hash, generation, body.into_stream()).await?;
+        let length = rqctx
+            .request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+        let response = rqctx.context().store.put(hash, generation, length, body.into_stream()).await?;
         Ok(HttpResponseOk(response))
     }
 
@@ -118,8 +126,8 @@ impl SledAgentApi for SledAgentImpl {
     ) -> Result<HttpResponseAccepted<ArtifactCopyFromDepotResponse>, HttpError> {
         let hash = path.into_inner().sha256;
         let generation = query.into_inner().generation;
-        let source = body.into_inner().depot_base_url;
-        rqctx.context().store.copy_from_depot(hash, generation, &source).await?;
+        let body = body.into_inner();
+        rqctx.context().store.copy_from_depot(hash, generation, &body.depot_base_url, &body.alternates).await?;
         Ok(HttpResponseAccepted(ArtifactCopyFromDepotResponse {}))
     }
 
@@ -158,7 +166,8 @@ impl RepoDepotApi for RepoDepotImpl {
         path: Path<ArtifactPathParam>,
     ) -> Result<Response<Body>, HttpError> {
         let hash = path.into_inner().sha256;
-        let (mut file, length, permit) = rqctx.context().store.open_artifact(&hash).await?;
+        let (artifact, permit) = rqctx.context().store.open_for_depot(&hash).await?;
+        let length = artifact.length();
         let range_header = rqctx.request.headers().get(header::RANGE).and_then(|value| value.to_str().ok());
         let (status, start, end) = match range::decide(range_header, length) {
             RangeDecision::Whole => (StatusCode::OK, 0, length.saturating_sub(1)),
@@ -174,14 +183,30 @@ impl RepoDepotApi for RepoDepotImpl {
             }
         };
         let count = if length == 0 { 0 } else { end - start + 1 };
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|error| HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}")))?;
+        let seek_failed =
+            |error: std::io::Error| HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}"));
         // The permit is released when the body is done (or dropped).
-        let stream = tokio_util::io::ReaderStream::new(file.take(count)).map_ok(move |bytes| {
-            let _held = &permit;
-            Frame::data(bytes)
-        });
+        let body = match artifact {
+            DepotArtifact::Stored { mut file, .. } => {
+                file.seek(std::io::SeekFrom::Start(start)).await.map_err(seek_failed)?;
+                let stream = tokio_util::io::ReaderStream::new(file.take(count)).map_ok(move |bytes| {
+                    let _held = &permit;
+                    Frame::data(bytes)
+                });
+                Body::wrap(http_body_util::StreamBody::new(stream))
+            }
+            // An error mid-stream breaks the response off short of its
+            // Content-Length: the receiver sees a broken body, never a
+            // short artifact.
+            DepotArtifact::Writing(follower) => {
+                let follower = follower.range(start, start + count).await.map_err(seek_failed)?;
+                let stream = futures::stream::try_unfold((follower, permit), |(mut follower, permit)| async {
+                    let chunk = follower.next_chunk().await?;
+                    Ok::<_, std::io::Error>(chunk.map(|bytes| (Frame::data(bytes), (follower, permit))))
+                });
+                Body::wrap(http_body_util::StreamBody::new(stream))
+            }
+        };
         let mut response = Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -189,7 +214,7 @@ impl RepoDepotApi for RepoDepotImpl {
         if status == StatusCode::PARTIAL_CONTENT {
             response = response.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{length}"));
         }
-        response.body(Body::wrap(http_body_util::StreamBody::new(stream))).map_err(|error| {
+        response.body(body).map_err(|error| {
             HttpError::for_internal_error(format!("building the response for {hash}: {error}"))
         })
     }

@@ -17,6 +17,10 @@ pub enum Behavior {
     /// On the first request, sends this many bytes and closes the
     /// connection; honours Range requests afterwards.
     ResetAfter(usize),
+    /// On the first request, sends this many bytes and closes the
+    /// connection; answers every later request 404, like a sled that lost
+    /// the artifact.
+    ResetThenGone(usize),
     /// Sends this many bytes, then nothing, keeping the connection open.
     StallAfter(usize),
     /// Sends every byte as one chunk of a chunked body, then closes the
@@ -122,6 +126,8 @@ async fn serve(
         .unwrap_or(0);
     let (status, body, limit) = match behavior {
         Behavior::NotFound => ("404 Not Found", &[][..], 0),
+        Behavior::ResetThenGone(count) if first => ("200 OK", artifact, *count),
+        Behavior::ResetThenGone(_) => ("404 Not Found", &[][..], 0),
         Behavior::WrongBytes(bytes) => ("200 OK", &bytes[..], bytes.len()),
         Behavior::ResetAfter(count) if first => ("200 OK", artifact, *count),
         Behavior::ResetAfter(_) => {

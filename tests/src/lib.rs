@@ -220,3 +220,5 @@ pub mod repos;
 pub mod rack;
 
 pub mod processes;
+
+pub mod synthetic;

@@ -93,6 +93,11 @@ pub struct ArtifactPutResponse {
 pub struct ArtifactCopyFromDepotBody {
     /// Base URL of another sled's repo depot, e.g. `http://127.0.0.1:12346`.
     pub depot_base_url: String,
+    /// Other depots that hold the artifact or are receiving it: tried in
+    /// order if `depot_base_url` cannot be used, or to resume from if it
+    /// breaks off mid-copy.
+    #[serde(default)]
+    pub alternates: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

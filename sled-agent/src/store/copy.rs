@@ -21,6 +21,17 @@
 //! written (an unreachable or busy source, a quota refusal) hands the
 //! partial back unchanged for the next attempt.
 //!
+//! A copy may name alternate depots besides its source: the sleds that Nexus
+//! knows hold the artifact or are receiving it. If the source cannot be
+//! used for the first request, or breaks off for good mid-stream (its
+//! resume fails), the copy moves on to the next alternate and continues
+//! from the bytes it has with a Range request there. Every source serves
+//! the same bytes (they are named by their hash), so where each part came
+//! from does not matter; the whole hash is still checked before the rename.
+//!
+//! A copy whose source said the artifact's length can be followed by other
+//! sleds' depot requests while it runs (see [`super::serve`]).
+//!
 //! Each artifact is copied at most once at a time: it is "in flight" from
 //! the request until its commit has finished (renamed and synced) or failed.
 //! A copy that fails in the background is recorded with its error and a
@@ -54,13 +65,15 @@ impl Drop for InFlight {
 }
 
 impl ArtifactStore {
-    /// Starts copying `hash` from another sled's depot. Returns once the
-    /// source has answered; the copy finishes in the background.
+    /// Starts copying `hash` from another sled's depot, or from one of the
+    /// alternates if that one cannot be used. Returns once a source has
+    /// answered; the copy finishes in the background.
     pub async fn copy_from_depot(
         self: &Arc<Self>,
         hash: ArtifactHash,
         generation: Generation,
         depot_base_url: &str,
+        alternates: &[String],
     ) -> Result<(), StoreError> {
         self.check_request(&hash, generation).await?;
         let in_flight = {
@@ -76,29 +89,58 @@ impl ArtifactStore {
             .clone()
             .try_acquire_owned()
             .map_err(|_| StoreError::Busy { activity: "running copies", limit: self.copy.max_concurrent })?;
-        let url = format!("{}/artifact/sha256/{hash}", depot_base_url.trim_end_matches('/'));
+        let mut urls: Vec<String> = std::iter::once(depot_base_url)
+            .chain(alternates.iter().map(String::as_str))
+            .map(|base| format!("{}/artifact/sha256/{hash}", base.trim_end_matches('/')))
+            .collect();
+        urls.dedup();
         let mut write = self.begin_write(hash, Temp::Copy)?;
         write.in_flight = Some(in_flight);
-        let source = match self.open_source(&mut write, &url).await {
-            Ok(source) => source,
-            Err(error) => {
-                write.hold_partials();
-                return Err(error);
+        let mut first_error = None;
+        let mut opened = None;
+        for (index, url) in urls.iter().enumerate() {
+            match self.open_source(&mut write, url).await {
+                Ok(source) => {
+                    opened = Some((index, source));
+                    break;
+                }
+                // The artifact does not fit: no other source changes that.
+                Err(error @ StoreError::QuotaExceeded { .. }) => {
+                    first_error = Some(error);
+                    break;
+                }
+                Err(error) => {
+                    if index + 1 < urls.len() {
+                        slog::info!(self.log, "copy source unusable; trying an alternate"; "hash" => %hash,
+                            "from" => url, "error" => error_chain(&error));
+                    }
+                    first_error.get_or_insert(error);
+                }
             }
+        }
+        let Some((index, source)) = opened else {
+            write.hold_partials();
+            return Err(first_error.expect("at least one source was tried"));
         };
+        if let Some(length) = source.length {
+            write.serve(&self.in_flight_writes, length);
+        }
+        // The sources not yet tried come first if this one breaks, then the
+        // ones that failed just now (they may have recovered).
+        urls.rotate_left(index);
         let store = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match store.download(write, source, &url).await {
-                Ok(outcome) => {
+            match store.download(write, source, &urls).await {
+                Ok((outcome, url)) => {
                     store.forget_copy_failures(&hash);
-                    slog::info!(store.log, "copied artifact"; "hash" => %hash, "from" => &url,
+                    slog::info!(store.log, "copied artifact"; "hash" => %hash, "from" => url,
                         "successful_writes" => outcome.successful_writes)
                 }
-                Err(error) => {
+                Err((error, url)) => {
                     let message = error_chain(&error);
-                    slog::warn!(store.log, "copy failed"; "hash" => %hash, "from" => &url, "error" => &message);
-                    store.record_copy_failure(hash, &url, message).await;
+                    slog::warn!(store.log, "copy failed"; "hash" => %hash, "from" => url, "error" => &message);
+                    store.record_copy_failure(hash, url, message).await;
                 }
             }
         });
@@ -241,29 +283,41 @@ impl ArtifactStore {
     }
 
     /// Streams the source into the pending write, resuming with a Range
-    /// request where the stream broke, then commits. A continued copy's
-    /// prefix is re-hashed first.
-    async fn download(
+    /// request where the stream broke (at the next source in `urls` once
+    /// this one's resume fails), then commits. A continued copy's prefix is
+    /// re-hashed first. Returns the source used last, with the outcome.
+    async fn download<'u>(
         &self,
         mut write: PendingWrite,
         source: Source,
-        url: &str,
-    ) -> Result<ArtifactPutResponse, StoreError> {
+        urls: &'u [String],
+    ) -> Result<(ArtifactPutResponse, &'u str), (StoreError, &'u str)> {
+        let mut current = 0;
         let Source { mut response, mut length } = source;
-        if !write.verify_prefix().await? {
-            slog::warn!(self.log, "partial copies disagree: starting the copy over"; "hash" => %write.hash);
-            Source { response, length } = Source::whole(self.fetch(url).await?);
+        let url = |current: usize| urls[current % urls.len()].as_str();
+        match write.verify_prefix().await {
+            Ok(true) => {}
+            Ok(false) => {
+                slog::warn!(self.log, "partial copies disagree: starting the copy over"; "hash" => %write.hash);
+                Source { response, length } =
+                    Source::whole(self.fetch(url(current)).await.map_err(|e| (e, url(current)))?);
+            }
+            Err(error) => return Err((error, url(current))),
+        }
+        if let Some(length) = length {
+            write.serve(&self.in_flight_writes, length);
         }
         let Some(mut response) = response else {
-            return self.commit(write).await;
+            return self.commit(write).await.map(|outcome| (outcome, url(current))).map_err(|e| (e, url(current)));
         };
         let mut resumes = 0;
+        let alternates = urls.len() > 1;
         loop {
             let mut stream = response.bytes_stream();
             let broke = loop {
                 match stream.next().await {
                     None => break None,
-                    Some(Ok(chunk)) => write.write(&chunk).await?,
+                    Some(Ok(chunk)) => write.write(&chunk).await.map_err(|e| (e, url(current)))?,
                     Some(Err(error)) => break Some(error),
                 }
             };
@@ -271,48 +325,71 @@ impl ArtifactStore {
             if length == Some(write.bytes) {
                 // Every byte arrived before the stream broke: asking for
                 // `bytes=length-` could only be refused. The hash decides.
-                slog::info!(self.log, "copy stream broke after its last byte"; "from" => url,
+                slog::info!(self.log, "copy stream broke after its last byte"; "from" => url(current),
                     "error" => error_chain(&error));
                 break;
             }
             if resumes == self.copy.resume_attempts {
-                return Err(StoreError::Body {
-                    hash: write.hash,
-                    bytes: write.bytes,
-                    message: format!("from {url}: {}", error_chain(&error)),
-                });
+                let message = format!("from {}: {}", url(current), error_chain(&error));
+                return Err((StoreError::Body { hash: write.hash, bytes: write.bytes, message }, url(current)));
             }
-            slog::info!(self.log, "copy interrupted; resuming"; "from" => url, "offset" => write.bytes,
+            slog::info!(self.log, "copy interrupted; resuming"; "from" => url(current), "offset" => write.bytes,
                 "attempt" => resumes + 1, "error" => error_chain(&error));
             let resumed = loop {
                 resumes += 1;
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
-                match self.resume(url, write.bytes).await {
+                match self.resume(url(current), write.bytes).await {
                     Err(StoreError::SourceBusy { retry_after_secs, .. })
                         if resumes < self.copy.resume_attempts =>
                     {
                         tokio::time::sleep(Duration::from_secs(retry_after_secs).min(MAX_SOURCE_RETRY_AFTER))
                             .await;
                     }
-                    other => break other?,
+                    // Mid-stream, starting over would fetch again what this
+                    // source already sent: this source failed, as before
+                    // copies could be continued. Another may do.
+                    Ok(Resumed::NotHonoured { detail, .. }) if alternates && resumes < self.copy.resume_attempts => {
+                        let error = StoreError::SourceResume {
+                            url: url(current).to_string(),
+                            offset: write.bytes,
+                            detail,
+                        };
+                        current = self.next_source(urls, current, &error);
+                    }
+                    Err(error) if alternates && resumes < self.copy.resume_attempts => {
+                        current = self.next_source(urls, current, &error);
+                    }
+                    Ok(Resumed::NotHonoured { detail, .. }) => {
+                        let error = StoreError::SourceResume {
+                            url: url(current).to_string(),
+                            offset: write.bytes,
+                            detail,
+                        };
+                        return Err((error, url(current)));
+                    }
+                    Ok(resumed) => break resumed,
+                    Err(error) => return Err((error, url(current))),
                 }
             };
             match resumed {
                 Resumed::Rest { response: rest, .. } => response = rest,
                 Resumed::AtEnd => break,
-                // Mid-stream, starting over would fetch again what this
-                // source already sent: it failed, as it did before copies
-                // could be continued.
-                Resumed::NotHonoured { detail, .. } => {
-                    return Err(StoreError::SourceResume {
-                        url: url.to_string(),
-                        offset: write.bytes,
-                        detail,
-                    });
-                }
+                Resumed::NotHonoured { .. } => unreachable!("handled in the resume loop"),
             }
         }
-        self.commit(write).await
+        let last = url(current);
+        self.commit(write).await.map(|outcome| (outcome, last)).map_err(|e| (e, last))
+    }
+
+    /// The source after `current` in `urls`, after `error` ruled `current`
+    /// out for now (the same one if it is the only one).
+    fn next_source(&self, urls: &[String], current: usize, error: &StoreError) -> usize {
+        let next = (current + 1) % urls.len();
+        if next != current {
+            slog::info!(self.log, "copy source failed; resuming from an alternate";
+                "from" => &urls[current], "next" => &urls[next], "error" => error_chain(error));
+        }
+        next
     }
 }
 

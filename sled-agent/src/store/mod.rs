@@ -11,6 +11,8 @@
 //! - [`verify`]: checking what is stored, at start-up: trusted by
 //!   [`stamps`] (the verification cache) or re-hashed.
 //! - [`scrub`]: re-hashing everything in the background at a bounded rate.
+//! - [`serve`]: what the depot sends: stored artifacts, and artifacts still
+//!   being written, followed as they arrive.
 //!
 //! # Start-up
 //!
@@ -47,6 +49,7 @@
 mod copy;
 mod reconcile;
 mod scrub;
+mod serve;
 mod stamps;
 mod verify;
 mod write;
@@ -62,6 +65,8 @@ use common::api::sled_agent::{
     ArtifactListResponse, CopyFailure, M2State, MAX_CONFIG_ARTIFACTS, ScrubStatus, StartupVerification,
 };
 use common::{ArtifactConfig, ArtifactHash, Generation};
+pub use serve::{ARRIVAL_WAIT, DepotArtifact};
+use serve::InFlightWrites;
 use stamps::Stamps;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -130,6 +135,11 @@ pub enum StoreError {
     SourceResume { url: String, offset: u64, detail: String },
     #[error("artifact {hash} is not on any healthy M.2 of this sled")]
     NotFound { hash: ArtifactHash },
+    #[error(
+        "artifact {hash} is in this sled's config but not here yet, nor being written \
+         (waited {waited:?}); retry later"
+    )]
+    NotYetHere { hash: ArtifactHash, waited: Duration },
     #[error("this sled has no M.2 in slot {slot} (it has {count})")]
     NoSuchSlot { slot: u32, count: usize },
 }
@@ -197,6 +207,8 @@ pub struct ArtifactStore {
     /// Artifacts being copied now: a second request for one of them is
     /// answered at once instead of copying the same bytes twice.
     copies_in_flight: Arc<std::sync::Mutex<BTreeSet<ArtifactHash>>>,
+    /// Writes the depot can follow (see [`serve`]).
+    in_flight_writes: Arc<InFlightWrites>,
     copy_failures: std::sync::Mutex<BTreeMap<ArtifactHash, CopyFailure>>,
     copy: CopyConfig,
     http: reqwest::Client,
@@ -264,6 +276,7 @@ impl ArtifactStore {
             depot_permits: Arc::new(Semaphore::new(limits.max_concurrent_depot_reads)),
             limits,
             copies_in_flight: Default::default(),
+            in_flight_writes: Default::default(),
             copy_failures: Default::default(),
             copy,
             http,
@@ -450,30 +463,6 @@ impl ArtifactStore {
             copy_failures,
             ledger_damage,
         }
-    }
-
-    /// Opens the artifact on the first healthy M.2 that has it, for the
-    /// depot. The permit bounds the downloads served at once; it must live
-    /// as long as the response body.
-    pub async fn open_artifact(
-        &self,
-        hash: &ArtifactHash,
-    ) -> Result<(tokio::fs::File, u64, tokio::sync::OwnedSemaphorePermit), StoreError> {
-        let permit = self.depot_permits.clone().try_acquire_owned().map_err(|_| StoreError::Busy {
-            activity: "serving depot downloads",
-            limit: self.limits.max_concurrent_depot_reads,
-        })?;
-        for m2 in self.healthy() {
-            if let Ok(file) = tokio::fs::File::open(m2.artifact_path(hash)).await {
-                let length = file.metadata().await.map_err(|source| StoreError::Io {
-                    what: "reading the size of",
-                    path: m2.artifact_path(hash),
-                    source,
-                })?;
-                return Ok((file, length.len(), permit));
-            }
-        }
-        Err(StoreError::NotFound { hash: *hash })
     }
 
     /// Fails, removes or restores an M.2. A restored device's ledger is read

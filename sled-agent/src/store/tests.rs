@@ -1,3 +1,4 @@
+use super::serve::Follower;
 use super::write::Temp;
 use super::*;
 use crate::config::{CopyConfig, RequestLimits};
@@ -76,7 +77,8 @@ impl Sled {
 
     async fn put(&self, artifact: &Artifact) -> Result<ArtifactPutResponse, StoreError> {
         let generation = self.store.generation().await;
-        self.store.put(artifact.hash, generation, chunks(&artifact.bytes)).await
+        let length = Some(artifact.bytes.len() as u64);
+        self.store.put(artifact.hash, generation, length, chunks(&artifact.bytes)).await
     }
 }
 
@@ -99,7 +101,9 @@ fn chunks(bytes: &[u8]) -> impl Stream<Item = Result<Bytes, std::io::Error>> + u
 
 async fn read_back(store: &ArtifactStore, hash: &ArtifactHash) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
-    let (mut file, length, _permit) = store.open_artifact(hash).await.unwrap();
+    let (DepotArtifact::Stored { mut file, length }, _permit) = store.open_for_depot(hash).await.unwrap() else {
+        panic!("artifact {hash} is not stored");
+    };
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).await.unwrap();
     assert_eq!(bytes.len() as u64, length);
@@ -135,7 +139,7 @@ async fn requests_must_match_the_generation_and_the_config() {
     let a = artifact(1, 100);
     let stranger = artifact(9, 100);
     sled.configure(3, &[&a]).await;
-    let error = sled.store.put(a.hash, Generation::new(2), chunks(&a.bytes)).await.unwrap_err();
+    let error = sled.store.put(a.hash, Generation::new(2), None, chunks(&a.bytes)).await.unwrap_err();
     assert!(matches!(error, StoreError::GenerationMismatch { .. }), "{error}");
     assert_eq!(
         error.to_string(),
@@ -153,7 +157,7 @@ async fn a_wrong_hash_leaves_nothing() {
     sled.configure(1, &[&a]).await;
     let mut corrupted = a.bytes.clone();
     corrupted[25_000] ^= 1;
-    let error = sled.store.put(a.hash, Generation::new(1), chunks(&corrupted)).await.unwrap_err();
+    let error = sled.store.put(a.hash, Generation::new(1), None, chunks(&corrupted)).await.unwrap_err();
     let StoreError::HashMismatch { expected, actual, bytes } = error else { panic!("{error:?}") };
     assert_eq!((expected, bytes), (a.hash, 50_000));
     assert_ne!(actual, a.hash);
@@ -206,7 +210,7 @@ async fn an_m2_that_fails_mid_write_drops_out_and_the_other_copy_lands() {
         }
         chunk
     });
-    let response = sled.store.put(a.hash, Generation::new(1), body).await.unwrap();
+    let response = sled.store.put(a.hash, Generation::new(1), None, body).await.unwrap();
     assert_eq!(response, ArtifactPutResponse { datasets: 2, successful_writes: 1 });
     assert_eq!(sled.files(), [format!("0/{}", a.hash)].into(), "no temp file on the failed device");
     assert_eq!(sled.m2(1).used(), 0);
@@ -291,7 +295,7 @@ async fn concurrent_writers_of_one_artifact_leave_one_correct_file() {
             let store = sled.store.clone();
             let bytes = a.bytes.clone();
             let hash = a.hash;
-            tokio::spawn(async move { store.put(hash, Generation::new(1), chunks(&bytes)).await })
+            tokio::spawn(async move { store.put(hash, Generation::new(1), None, chunks(&bytes)).await })
         })
         .collect();
     for writer in writers {
@@ -333,7 +337,7 @@ async fn a_damaged_newest_ledger_fails_closed_until_a_new_config_repairs_it() {
     assert_eq!(sled.store.ledger_problems().len(), 2);
     let error = sled.store.put_config(config_of(4, &[&a])).await.unwrap_err();
     assert!(error.to_string().contains("damaged"), "a stale config is refused: {error}");
-    let error = sled.store.put(a.hash, Generation::new(5), chunks(&a.bytes)).await.unwrap_err();
+    let error = sled.store.put(a.hash, Generation::new(5), None, chunks(&a.bytes)).await.unwrap_err();
     assert!(matches!(error, StoreError::LedgerDamaged { .. }), "{error}");
     assert!(sled.files().contains(&format!("1/{}", b.hash)));
 
@@ -391,7 +395,7 @@ async fn restoring_an_m2_mid_write_keeps_its_quota_accounting_exact() {
             chunk
         }
     });
-    let error = sled.store.put(a.hash, Generation::new(1), body).await.unwrap_err();
+    let error = sled.store.put(a.hash, Generation::new(1), None, body).await.unwrap_err();
     assert!(matches!(error, StoreError::HashMismatch { .. }), "{error}");
     for slot in 0..2 {
         assert_eq!(sled.m2(slot).used(), 0, "slot {slot}: every reservation returned, nothing wrapped");
@@ -669,4 +673,111 @@ async fn the_scrub_keeps_to_its_rate() {
         "8 MiB at 2 MiB/s took {elapsed:?}"
     );
     assert!(pass.bytes_per_sec.abs_diff(rate) <= rate / 20, "{pass:?}");
+}
+
+/// A PUT whose body the test feeds chunk by chunk.
+fn fed_put(
+    sled: &Sled,
+    artifact: &Artifact,
+    body: Vec<u8>,
+) -> (tokio::sync::mpsc::Sender<Bytes>, tokio::task::JoinHandle<Result<ArtifactPutResponse, StoreError>>) {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|chunk| (Ok::<_, std::io::Error>(chunk), receiver))
+    });
+    let store = sled.store.clone();
+    let (hash, length) = (artifact.hash, body.len() as u64);
+    (sender, tokio::spawn(async move { store.put(hash, Generation::new(1), Some(length), stream).await }))
+}
+
+async fn follow(store: &ArtifactStore, hash: &ArtifactHash) -> Follower {
+    match store.open_for_depot(hash).await.unwrap().0 {
+        DepotArtifact::Writing(follower) => follower,
+        DepotArtifact::Stored { .. } => panic!("artifact {hash} is already stored"),
+    }
+}
+
+/// Reads until `count` bytes have come, failing if they do not within 5 s.
+async fn read_exactly(follower: &mut Follower, count: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    while bytes.len() < count {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), follower.next_chunk()).await;
+        bytes.extend(chunk.expect("bytes that were written came").unwrap().expect("not the end yet"));
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn a_depot_request_follows_a_put_as_its_bytes_arrive_and_no_further() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 256 * 1024);
+    sled.configure(1, &[&a]).await;
+    let (feed, put) = fed_put(&sled, &a, a.bytes.clone());
+    let mut follower = follow(&sled.store, &a.hash).await;
+    let (first, rest) = a.bytes.split_at(100_000);
+    feed.send(Bytes::copy_from_slice(&first[..50_000])).await.unwrap();
+    // Nothing published until then: the follower joined before the first
+    // chunk, so the next one is the one that flushes and publishes.
+    feed.send(Bytes::copy_from_slice(&first[50_000..])).await.unwrap();
+    let read = read_exactly(&mut follower, 100_000).await;
+    assert_eq!(read, first, "the follower got the bytes written so far");
+    let further = tokio::time::timeout(Duration::from_millis(300), follower.next_chunk()).await;
+    assert!(further.is_err(), "the follower read past what the write had published: {further:?}");
+
+    for chunk in rest.chunks(40_000) {
+        feed.send(Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    drop(feed);
+    let mut all = read;
+    all.extend(read_exactly(&mut follower, rest.len()).await);
+    assert!(follower.next_chunk().await.unwrap().is_none(), "the response ends with the artifact");
+    assert_eq!(all, a.bytes);
+    put.await.unwrap().unwrap();
+    assert!(matches!(sled.store.open_for_depot(&a.hash).await.unwrap().0, DepotArtifact::Stored { .. }));
+}
+
+#[tokio::test]
+async fn a_follower_of_a_write_with_the_wrong_bytes_never_gets_a_whole_response() {
+    let sled = Sled::new(1).await;
+    let a = artifact(1, 128 * 1024);
+    sled.configure(1, &[&a]).await;
+    let mut wrong = a.bytes.clone();
+    *wrong.last_mut().unwrap() ^= 1;
+    let (feed, put) = fed_put(&sled, &a, wrong.clone());
+    let mut follower = follow(&sled.store, &a.hash).await;
+    for chunk in wrong.chunks(16 * 1024) {
+        feed.send(Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    drop(feed);
+    let read = read_exactly(&mut follower, wrong.len() - 1).await;
+    assert_eq!(read, wrong[..wrong.len() - 1]);
+    let error = follower.next_chunk().await.expect_err("the last byte waits for the hash check");
+    assert!(error.to_string().contains(&a.hash.to_string()), "{error}");
+    assert!(matches!(put.await.unwrap(), Err(StoreError::HashMismatch { .. })));
+}
+
+#[tokio::test]
+async fn a_depot_request_for_an_expected_artifact_waits_for_its_write_then_gives_up() {
+    let sled = Sled::new(1).await;
+    let (a, stranger) = (artifact(1, 10_000), artifact(2, 10_000));
+    sled.configure(1, &[&a]).await;
+    let error = sled.store.open_for_depot(&stranger.hash).await.err().expect("not in the config");
+    assert!(matches!(error, StoreError::NotFound { .. }), "{error}");
+
+    let started = std::time::Instant::now();
+    let error = sled.store.open_for_depot(&a.hash).await.err().expect("nothing writes it");
+    assert!(matches!(error, StoreError::NotYetHere { .. }), "{error}");
+    assert!(started.elapsed() >= ARRIVAL_WAIT, "answered after {:?}", started.elapsed());
+
+    // A request made before the write begins is answered by it.
+    let waiting = tokio::spawn({
+        let store = sled.store.clone();
+        async move { store.open_for_depot(&a.hash).await.map(|(artifact, _)| artifact.length()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (feed, put) = fed_put(&sled, &a, a.bytes.clone());
+    assert_eq!(waiting.await.unwrap().unwrap(), 10_000);
+    feed.send(Bytes::from(a.bytes.clone())).await.unwrap();
+    drop(feed);
+    put.await.unwrap().unwrap();
 }

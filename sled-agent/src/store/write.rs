@@ -42,6 +42,7 @@
 //! on another device is deleted: nothing would ever continue it.
 
 use super::copy::InFlight;
+use super::serve::{InFlightWrites, Published, Serving};
 use super::stamps::Stamp;
 use super::{ArtifactStore, StoreError};
 use crate::storage::{M2, QuotaExceeded};
@@ -60,11 +61,14 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 const DRAIN_LIMIT_BYTES: u64 = 1 << 30;
 
 impl ArtifactStore {
-    /// Stores the body under `hash` on every healthy M.2.
+    /// Stores the body under `hash` on every healthy M.2. With the body's
+    /// `length` known, other sleds' depot requests may follow the write (see
+    /// [`super::serve`]).
     pub async fn put<S, E>(
         &self,
         hash: ArtifactHash,
         generation: Generation,
+        length: Option<u64>,
         body: S,
     ) -> Result<ArtifactPutResponse, StoreError>
     where
@@ -86,6 +90,9 @@ impl ArtifactStore {
             Ok(admitted) => admitted,
             Err(error) => return Err(drain(body, error).await),
         };
+        if let Some(length) = length {
+            write.serve(&self.in_flight_writes, length);
+        }
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|error| StoreError::Body {
                 hash,
@@ -152,6 +159,7 @@ impl ArtifactStore {
             prefix_unverified: common > 0,
             failures,
             quota: None,
+            serving: None,
             in_flight: None,
         })
     }
@@ -160,7 +168,8 @@ impl ArtifactStore {
     /// the artifact's name. A copy stays "in flight" until this returns, so
     /// no second download of it can start meanwhile.
     pub(super) async fn commit(&self, write: PendingWrite) -> Result<ArtifactPutResponse, StoreError> {
-        let PendingWrite { in_flight, hash, datasets, mut targets, hasher, bytes, mut failures, .. } = write;
+        let PendingWrite { serving, in_flight, hash, datasets, mut targets, hasher, bytes, mut failures, .. } =
+            write;
         let actual = ArtifactHash(hasher.finalize().into());
         if actual != hash {
             return Err(StoreError::HashMismatch { expected: hash, actual, bytes });
@@ -171,6 +180,19 @@ impl ArtifactStore {
                 failures.push(format!("M.2 slot {}: syncing {}: {error}", target.m2.slot, target.tmp));
                 target.drop_out();
             }
+        }
+        // Followers may read the rest: every byte is in the synced files,
+        // and the hash is right. (A length that was not the artifact's ends
+        // their responses instead.)
+        if let Some(serving) = &serving
+            && let Some(synced) = targets.iter().find(|t| !t.dropped_out())
+            && serving.published().total == bytes
+        {
+            serving.publish(|published| {
+                published.path = synced.tmp.clone();
+                published.readable = bytes;
+                published.complete = true;
+            });
         }
         fail::fail_point!("sled_agent::store::before_rename", |_| std::process::abort());
         let config = self.config.read().await;
@@ -216,6 +238,8 @@ impl ArtifactStore {
         // before another copy of the artifact may start.
         drop(targets);
         drop(in_flight);
+        drop(serving);
+        self.in_flight_writes.announce_change();
         if successful_writes == 0 {
             return Err(StoreError::AllWritesFailed { hash, errors: failures.join("; ") });
         }
@@ -272,6 +296,9 @@ fn open_temp(
 
 /// A write in progress to the temp files of every healthy M.2.
 pub(super) struct PendingWrite {
+    /// The registration that lets depot requests follow the write. First,
+    /// so that followers see the write end before its temp files go.
+    serving: Option<Serving>,
     pub hash: ArtifactHash,
     datasets: usize,
     targets: Vec<Target>,
@@ -398,10 +425,59 @@ impl PendingWrite {
         self.hasher = Sha256::new();
         self.bytes = 0;
         self.prefix_unverified = false;
+        if let Some(serving) = &self.serving {
+            serving.publish(|published| {
+                published.epoch += 1;
+                published.readable = 0;
+            });
+        }
         if self.targets.iter().all(|t| t.file.is_none()) {
             return Err(StoreError::AllWritesFailed { hash: self.hash, errors: self.failures.join("; ") });
         }
         Ok(())
+    }
+
+    /// Lets depot requests follow this write of an artifact of `total`
+    /// bytes (see [`super::serve`]): not before a continued copy's prefix is
+    /// verified, and not if another write of the artifact is followed.
+    pub fn serve(&mut self, registry: &Arc<InFlightWrites>, total: u64) {
+        if self.serving.is_some() || self.prefix_unverified {
+            return;
+        }
+        let Some(target) = self.targets.iter().find(|t| t.file.is_some()) else { return };
+        let first = Published { path: target.tmp.clone(), readable: self.bytes, total, complete: false, epoch: 0 };
+        self.serving = registry.register(self.hash, first);
+    }
+
+    /// Tells followers, if there are any, how far the temp file of a
+    /// device still writing is readable: flushed first, since tokio's
+    /// files write in the background.
+    async fn publish_progress(&mut self) {
+        let Some(serving) = self.serving.as_ref().filter(|serving| serving.followed()) else { return };
+        let served = serving.published().path;
+        let mut live: Vec<usize> = (0..self.targets.len()).filter(|&i| self.targets[i].file.is_some()).collect();
+        live.sort_by_key(|&i| self.targets[i].tmp != served);
+        for i in live {
+            let target = &mut self.targets[i];
+            let file = target.file.as_mut().expect("filtered on a live file");
+            match file.flush().await {
+                Ok(()) => {
+                    let path = target.tmp.clone();
+                    // The last byte waits for the hash check: a follower of a
+                    // write that turns out wrong never sees a whole response.
+                    let readable = self.bytes.min(serving.published().total.saturating_sub(1));
+                    serving.publish(|published| {
+                        published.path = path;
+                        published.readable = readable;
+                    });
+                    return;
+                }
+                Err(error) => {
+                    self.failures.push(format!("M.2 slot {}: writing {}: {error}", target.m2.slot, target.tmp));
+                    target.drop_out();
+                }
+            }
+        }
     }
 
     /// Hands a copy's partials back to the hold as they are, for a later
@@ -445,6 +521,7 @@ impl PendingWrite {
                 _ => StoreError::AllWritesFailed { hash: self.hash, errors: self.failures.join("; ") },
             });
         }
+        self.publish_progress().await;
         Ok(())
     }
 }

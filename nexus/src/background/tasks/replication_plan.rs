@@ -84,8 +84,8 @@ pub struct Limits {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fanout {
-    Pipelined,
     #[default]
+    Pipelined,
     TwoStage,
     Star,
 }

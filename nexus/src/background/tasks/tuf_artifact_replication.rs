@@ -75,7 +75,7 @@ use common::bgtask::details::{
 };
 use common::clients::sled_agent::{Client as SledClient, Error as SledError};
 use common::{ArtifactConfig, ArtifactHash, Generation, error_chain};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -659,10 +659,15 @@ impl ArtifactReplication {
                     std::future::pending::<()>().await
                 };
                 let put = with_busy_retries(|| async {
-                    let file = tokio::fs::File::open(&path)
+                    let opened = async {
+                        let file = tokio::fs::File::open(&path).await?;
+                        let length = file.metadata().await?.len();
+                        Ok::<_, std::io::Error>((file, length))
+                    };
+                    let (file, length) = opened
                         .await
                         .map_err(|error| Attempt::other(format!("opening staged {path}: {error}")))?;
-                    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+                    let body = known_length_body(file, length);
                     target
                         .put_client
                         .artifact_put(hash, generation.get(), body)
@@ -677,8 +682,14 @@ impl ArtifactReplication {
                 fail::fail_point!("nexus::replication::after_a_put", outcome.is_ok(), |_| std::process::abort());
                 (*sled, RequestOperation::Put, *hash, None, outcome)
             }
-            Request::Copy { hash, target, source, .. } => {
-                let body = ArtifactCopyFromDepotBody { depot_base_url: sleds[source].depot_url.clone() };
+            Request::Copy { hash, target, source, alternates, .. } => {
+                let body = ArtifactCopyFromDepotBody {
+                    depot_base_url: sleds[source].depot_url.clone(),
+                    alternates: alternates
+                        .iter()
+                        .filter_map(|sled| Some(sleds.get(sled)?.depot_url.clone()))
+                        .collect(),
+                };
                 let client = &sleds[target].client;
                 let outcome = with_busy_retries(|| async {
                     client
@@ -1002,6 +1013,31 @@ where
     }
 }
 
+/// A streamed request body that tells its length, so that it is sent with
+/// `Content-Length`: a sled follows a PUT from its depot only if it knows
+/// how long the artifact is.
+fn known_length_body(file: tokio::fs::File, length: u64) -> reqwest::Body {
+    struct KnownLength<B> {
+        inner: B,
+        length: u64,
+    }
+    impl<B: http_body::Body + Unpin> http_body::Body for KnownLength<B> {
+        type Data = B::Data;
+        type Error = B::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            context: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            std::pin::Pin::new(&mut self.inner).poll_frame(context)
+        }
+        fn size_hint(&self) -> http_body::SizeHint {
+            http_body::SizeHint::with_exact(self.length)
+        }
+    }
+    let frames = tokio_util::io::ReaderStream::new(file).map_ok(http_body::Frame::data);
+    reqwest::Body::wrap(KnownLength { inner: http_body_util::StreamBody::new(frames), length })
+}
+
 /// A sled's error response as its own message, anything else with its cause
 /// chain.
 fn describe(error: SledError<common::clients::sled_agent::types::Error>) -> String {
@@ -1012,5 +1048,41 @@ fn describe(error: SledError<common::clients::sled_agent::types::Error>) -> Stri
             format!("{status}: {}", body.message)
         }
         other => error_chain(&other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::known_length_body;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A sled follows a PUT from its depot only if the PUT says how long it
+    /// is: the staged file goes out with `Content-Length`, not chunked.
+    #[tokio::test]
+    async fn puts_are_sent_with_their_length() {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let path = dir.path().join("artifact");
+        std::fs::write(&path, vec![7u8; 300_000]).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/artifacts/x", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buffer = vec![0u8; 64 << 10];
+            while request.len() < 300_000 {
+                let read = stream.read(&mut buffer).await.unwrap();
+                assert!(read > 0, "the request ended early");
+                request.extend_from_slice(&buffer[..read]);
+            }
+            stream.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").await.unwrap();
+            let head_end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase()
+        });
+        let file = tokio::fs::File::open(&path).await.unwrap();
+        let response = reqwest::Client::new().put(url).body(known_length_body(file, 300_000)).send().await;
+        assert_eq!(response.unwrap().status(), 204);
+        let head = server.await.unwrap();
+        assert!(head.contains("content-length: 300000"), "{head}");
+        assert!(!head.contains("transfer-encoding"), "{head}");
     }
 }
