@@ -35,6 +35,9 @@ mod tests {
             .context("reading the config")
             .context("starting")
             .unwrap_err();
-        assert_eq!(report(&error), "error: starting\n  caused by: reading the config\n  caused by: disk on fire");
+        assert_eq!(
+            report(&error),
+            "error: starting\n  caused by: reading the config\n  caused by: disk on fire"
+        );
     }
 }

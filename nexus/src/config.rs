@@ -28,10 +28,19 @@ pub struct DatabaseConfig {
     pub url: String,
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// How long a database operation waits for a connection, and keeps
+    /// retrying after it lost one (a primary failing over), before it gives
+    /// up (503 with Retry-After for API requests).
+    #[serde(default = "default_failover_wait_secs")]
+    pub failover_wait_secs: u64,
 }
 
 fn default_max_connections() -> u32 {
     16
+}
+
+fn default_failover_wait_secs() -> u64 {
+    10
 }
 
 /// The API for background tasks and sled agents. It has no authentication,
@@ -234,6 +243,9 @@ impl ConfigFile for Config {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.database.max_connections == 0 {
             return Err(("database.max_connections", "must be at least 1".into()));
+        }
+        if self.database.failover_wait_secs == 0 {
+            return Err(("database.failover_wait_secs", "must be at least 1".into()));
         }
         if self.external_api.request_body_max_bytes == 0 {
             return Err(("external_api.request_body_max_bytes", "must be at least 1".into()));
@@ -445,6 +457,7 @@ mod tests {
     fn defaults_fill_what_is_left_out() {
         let config = Config::from_toml(Utf8Path::new(PATH), MINIMAL).unwrap();
         assert_eq!(config.database.max_connections, 16);
+        assert_eq!(config.database.failover_wait_secs, 10);
         assert_eq!(config.background_tasks.tuf_repo_pruner.period_secs, 300);
         assert_eq!(config.external_api.request_body_max_bytes, 4 << 30);
         assert!(config.updates.enforce_expiry);

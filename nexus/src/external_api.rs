@@ -5,11 +5,13 @@ use crate::app::Nexus;
 use crate::app::update::UploadError;
 use crate::app::update::zip_intake::ZipError;
 use crate::db::datastore::TufRepoPage;
-use crate::db::model::{Sled, TargetRelease, TufRepo, TufRepoInsertStatus, TufRepoWithArtifacts, TufTrustRoot};
+use crate::db::model::{
+    Sled, TargetRelease, TufRepo, TufRepoInsertStatus, TufRepoWithArtifacts, TufTrustRoot,
+};
 use common::api::external::{
     ExternalApi, RepoPageSelector, SledPath, SledState, SledView, SystemVersionPath, TargetReleaseRequest,
-    TargetReleaseStatus, TargetReleaseView, TrustRootPath, TrustRootView, TufArtifactView, TufRepoUploadResponse,
-    TufRepoUploadStatus, TufRepoView, UploadQuery,
+    TargetReleaseStatus, TargetReleaseView, TrustRootPath, TrustRootView, TufArtifactView,
+    TufRepoUploadResponse, TufRepoUploadStatus, TufRepoView, UploadQuery,
 };
 use common::error::server_error;
 use common::error_chain;
@@ -234,13 +236,16 @@ impl ExternalApi for ExternalApiImpl {
         let nexus = rqctx.context();
         let request = body.into_inner();
         // One token for all operators: the API cannot say which one.
-        let set = nexus.datastore.target_release_set(&request.system_version, "operator (external API)").await?;
+        let set =
+            nexus.datastore.target_release_set(&request.system_version, "operator (external API)").await?;
         slog::info!(nexus.log, "target release set"; "system_version" => &request.system_version,
             "generation" => set.0.generation);
         Ok(HttpResponseOk(target_release_view(set)))
     }
 
-    async fn sled_list(rqctx: RequestContext<Self::Context>) -> Result<HttpResponseOk<Vec<SledView>>, HttpError> {
+    async fn sled_list(
+        rqctx: RequestContext<Self::Context>,
+    ) -> Result<HttpResponseOk<Vec<SledView>>, HttpError> {
         authorize(&rqctx)?;
         let sleds = rqctx.context().datastore.sled_list_all().await?;
         Ok(HttpResponseOk(sleds.into_iter().map(sled_view).collect()))

@@ -8,6 +8,11 @@ use common::error::unavailable;
 use common::error_chain;
 use dropshot::{ClientErrorStatusCode, HttpError};
 
+/// What a client is told to wait when the database is unreachable or
+/// failing over: long enough not to hammer a Nexus that is itself waiting
+/// for a new primary, short against a failover's tens of seconds.
+pub const DATABASE_RETRY_AFTER_SECS: u64 = 5;
+
 impl From<DataStoreError> for HttpError {
     fn from(error: DataStoreError) -> HttpError {
         let message = error_chain(&error);
@@ -28,9 +33,13 @@ impl From<DataStoreError> for HttpError {
             DataStoreError::InvalidInput(_) => {
                 HttpError::for_bad_request(Some("INVALID_INPUT".into()), message)
             }
+            // Transient: a failover, or a database on its way back.
             DataStoreError::Unavailable { .. }
-            | DataStoreError::Schema(_)
-            | DataStoreError::Connect { .. } => unavailable(message),
+            | DataStoreError::ConnectionLost { .. }
+            | DataStoreError::CommitInDoubt { .. } => unavailable(message)
+                .with_header(http::header::RETRY_AFTER, DATABASE_RETRY_AFTER_SECS.to_string())
+                .expect("a valid header"),
+            DataStoreError::Schema(_) | DataStoreError::Connect { .. } => unavailable(message),
             DataStoreError::Query { .. } | DataStoreError::TooManyRetries { .. } => {
                 HttpError::for_internal_error(message)
             }

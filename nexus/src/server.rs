@@ -55,7 +55,10 @@ pub struct Server {
 
 impl Server {
     pub async fn start(config: &Config, log: slog::Logger) -> Result<Server, StartError> {
-        let pool = PoolConfig { max_connections: config.database.max_connections };
+        let pool = PoolConfig {
+            max_connections: config.database.max_connections,
+            failover_wait: Duration::from_secs(config.database.failover_wait_secs),
+        };
         let datastore = Arc::new(DataStore::connect(&config.database.url, &pool).await?);
         let (operator_token, created) = OperatorToken::load_or_create(&config.external_api.token_file)?;
         let staging_dir = &config.updates.staging_dir;

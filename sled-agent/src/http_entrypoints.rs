@@ -127,7 +127,11 @@ impl SledAgentApi for SledAgentImpl {
         let hash = path.into_inner().sha256;
         let generation = query.into_inner().generation;
         let body = body.into_inner();
-        rqctx.context().store.copy_from_depot(hash, generation, &body.depot_base_url, &body.alternates).await?;
+        rqctx
+            .context()
+            .store
+            .copy_from_depot(hash, generation, &body.depot_base_url, &body.alternates)
+            .await?;
         Ok(HttpResponseAccepted(ArtifactCopyFromDepotResponse {}))
     }
 
@@ -183,8 +187,9 @@ impl RepoDepotApi for RepoDepotImpl {
             }
         };
         let count = if length == 0 { 0 } else { end - start + 1 };
-        let seek_failed =
-            |error: std::io::Error| HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}"));
+        let seek_failed = |error: std::io::Error| {
+            HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}"))
+        };
         // The permit is released when the body is done (or dropped).
         let body = match artifact {
             DepotArtifact::Stored { mut file, .. } => {
@@ -200,10 +205,11 @@ impl RepoDepotApi for RepoDepotImpl {
             // short artifact.
             DepotArtifact::Writing(follower) => {
                 let follower = follower.range(start, start + count).await.map_err(seek_failed)?;
-                let stream = futures::stream::try_unfold((follower, permit), |(mut follower, permit)| async {
-                    let chunk = follower.next_chunk().await?;
-                    Ok::<_, std::io::Error>(chunk.map(|bytes| (Frame::data(bytes), (follower, permit))))
-                });
+                let stream =
+                    futures::stream::try_unfold((follower, permit), |(mut follower, permit)| async {
+                        let chunk = follower.next_chunk().await?;
+                        Ok::<_, std::io::Error>(chunk.map(|bytes| (Frame::data(bytes), (follower, permit))))
+                    });
                 Body::wrap(http_body_util::StreamBody::new(stream))
             }
         };

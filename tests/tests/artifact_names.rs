@@ -417,9 +417,7 @@ async fn no_wrong_bytes_ever_appear_under_an_artifact_name() {
         observations.iter().filter(|o| o.outcome == Outcome::Verified).map(|o| o.path.as_path()).collect();
     let expected: Vec<Utf8PathBuf> = target_datasets
         .iter()
-        .flat_map(|dataset| {
-            [&a, &b, &c, &resumed, &copied].map(|x| dataset.join(x.hash.to_string()))
-        })
+        .flat_map(|dataset| [&a, &b, &c, &resumed, &copied].map(|x| dataset.join(x.hash.to_string())))
         .chain(source_datasets.iter().map(|dataset| dataset.join(copied.hash.to_string())))
         .collect();
     let unseen: Vec<&Utf8PathBuf> =

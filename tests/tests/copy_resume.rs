@@ -162,7 +162,8 @@ async fn partials_of_different_lengths_continue_from_the_shorter() {
     let client = sled.client();
     assert_eq!(used_bytes(&client).await, [1_500_000, 600_000]);
 
-    let unreachable = ArtifactCopyFromDepotBody { depot_base_url: NO_NEXUS.to_string(), alternates: Vec::new() };
+    let unreachable =
+        ArtifactCopyFromDepotBody { depot_base_url: NO_NEXUS.to_string(), alternates: Vec::new() };
     client.artifact_copy_from_depot(&a.hash, 1, &unreachable).await.unwrap_err();
     for m2 in &m2s {
         assert_eq!(std::fs::metadata(partial(m2, &a)).unwrap().len(), 600_000, "{m2}: cut, still held");

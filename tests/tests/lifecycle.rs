@@ -9,7 +9,13 @@ use integration_tests::rack::{PRUNER, TestRack, holds_exactly, wait_until};
 use integration_tests::repos::{RepoFactory, upload};
 use std::time::Duration;
 
-async fn upload_ok(rack: &TestRack, factory: &RepoFactory, version: &str, artifacts: &[(&str, u64)], seed: u64) {
+async fn upload_ok(
+    rack: &TestRack,
+    factory: &RepoFactory,
+    version: &str,
+    artifacts: &[(&str, u64)],
+    seed: u64,
+) {
     let zip = factory.build(&RepoFactory::spec(version, artifacts, seed)).await;
     let (status, body) = upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await;
     assert_eq!(status, 200, "{body}");
@@ -49,7 +55,13 @@ async fn expunging_a_sled_mid_replication() {
     let config = rack.config().await;
     wait_until("the three sleds in service converge", Duration::from_secs(60), async || {
         let status = rack.replicate().await;
-        assert!(status.ring.iter().filter(|r| r.time > expunged.time_expunged.unwrap()).all(|r| r.sled_id != victim));
+        assert!(
+            status
+                .ring
+                .iter()
+                .filter(|r| r.time > expunged.time_expunged.unwrap())
+                .all(|r| r.sled_id != victim)
+        );
         let mut all = true;
         for sled in &rack.sleds[1..] {
             all &= holds_exactly(&integration_tests::rack::sled_view(sled).await, &config);
@@ -61,7 +73,11 @@ async fn expunging_a_sled_mid_replication() {
     assert_eq!(held.generation, victim_generation, "no config reached the expunged sled");
     for version in ["1.0.0", "2.0.0"] {
         let health = health(&rack, version).await.unwrap();
-        assert_eq!((health.state, health.sleds_in_service), (RepoHealth::Replicated, 3), "{version}: {health:?}");
+        assert_eq!(
+            (health.state, health.sleds_in_service),
+            (RepoHealth::Replicated, 3),
+            "{version}: {health:?}"
+        );
         for artifact in &health.artifacts {
             assert!(!artifact.sleds.contains_key(&victim), "the expunged sled's copies do not count");
             assert!(artifact.sleds.len() >= 3, "min_sled_replication restored: {artifact:?}");
@@ -79,7 +95,8 @@ async fn expunging_a_sled_mid_replication() {
     // Its serial may come back under a new id (repaired hardware); the
     // serial of a sled in service may not (two agents, one machine).
     rack.nexus.internal_client().sled_agent_put(&uuid::Uuid::new_v4(), &info).await.unwrap();
-    let taken = common::api::nexus_internal::SledAgentInfo { serial: rack.sleds[1].server.serial.clone(), ..info };
+    let taken =
+        common::api::nexus_internal::SledAgentInfo { serial: rack.sleds[1].server.serial.clone(), ..info };
     let twin = rack.nexus.internal_client().sled_agent_put(&uuid::Uuid::new_v4(), &taken).await.unwrap_err();
     assert_eq!(twin.status().unwrap().as_u16(), 409);
     assert!(api_message(&twin).contains("is already registered by sled"), "{twin:?}");
@@ -99,10 +116,11 @@ async fn a_lost_artifact_is_detected_and_a_reupload_heals_it() {
     rack.replicate().await;
     assert_eq!(health(&rack, "1.0.0").await.unwrap().state, RepoHealth::Replicated);
 
-    let sp = body["repo"]["artifacts"].as_array().unwrap().iter().find(|a| a["name"] == "sp").unwrap()["sha256"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sp =
+        body["repo"]["artifacts"].as_array().unwrap().iter().find(|a| a["name"] == "sp").unwrap()["sha256"]
+            .as_str()
+            .unwrap()
+            .to_string();
     for sled in &rack.sleds {
         for m2 in sled.client().inventory().await.unwrap().into_inner().m2 {
             std::fs::remove_file(std::path::Path::new(&m2.path).join("artifacts").join(&sp)).unwrap();
@@ -186,7 +204,10 @@ async fn the_target_release_must_be_replicated_and_is_never_pruned() {
         matches!(&pruned, TufRepoPrunerOutcome::Pruned { system_version, .. } if system_version == "3.0.0"),
         "the oldest repository that is neither a target release nor the newest upload: {pruned:?}"
     );
-    assert!(matches!(outcome(rack.activate(PRUNER).await), TufRepoPrunerOutcome::NothingToPrune { unpruned: 3 }));
+    assert!(matches!(
+        outcome(rack.activate(PRUNER).await),
+        TufRepoPrunerOutcome::NothingToPrune { unpruned: 3 }
+    ));
     let live: Vec<String> = rack
         .nexus
         .server

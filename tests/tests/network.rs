@@ -41,7 +41,8 @@ impl Rack {
             artifact.version = version.to_string();
         }
         let zip = self.factory.build(&spec).await;
-        let (status, body) = upload(&self.run.discovery.nexus[0].external_url, Some(&self.run.token()), &zip).await;
+        let (status, body) =
+            upload(&self.run.discovery.nexus[0].external_url, Some(&self.run.token()), &zip).await;
         assert_eq!(status, 200, "{body}");
     }
 
@@ -67,8 +68,9 @@ impl Rack {
     }
 
     async fn config(&self) -> ArtifactConfig {
-        let datastore =
-            nexus::db::DataStore::connect(&self.run.discovery.database_url, &Default::default()).await.unwrap();
+        let datastore = nexus::db::DataStore::connect(&self.run.discovery.database_url, &Default::default())
+            .await
+            .unwrap();
         datastore.tuf_artifact_config().await.unwrap()
     }
 
@@ -146,10 +148,16 @@ async fn a_slow_sled_does_not_hold_back_the_others() {
     // The sleds downstream of s4: they read (directly or through another
     // sled) from s4 this round.
     let ids: Vec<uuid::Uuid> = {
-        let datastore =
-            nexus::db::DataStore::connect(&rack.run.discovery.database_url, &Default::default()).await.unwrap();
+        let datastore = nexus::db::DataStore::connect(&rack.run.discovery.database_url, &Default::default())
+            .await
+            .unwrap();
         let sleds = datastore.sled_list().await.unwrap();
-        rack.run.discovery.sleds.iter().map(|s| sleds.iter().find(|r| r.serial == s.serial).unwrap().id).collect()
+        rack.run
+            .discovery
+            .sleds
+            .iter()
+            .map(|s| sleds.iter().find(|r| r.serial == s.serial).unwrap().id)
+            .collect()
     };
     let mut downstream: BTreeSet<uuid::Uuid> = [ids[4]].into();
     loop {

@@ -66,7 +66,11 @@ async fn a_depot_serves_an_artifact_it_is_still_receiving_and_the_next_sled_copi
     assert_eq!(response.status(), 200);
     assert_eq!(response.content_length(), Some(a.bytes.len() as u64));
     let mut download = response.bytes_stream();
-    second.client().artifact_copy_from_depot(&a.hash, 1, &copy_body(first.depot_url(), Vec::new())).await.unwrap();
+    second
+        .client()
+        .artifact_copy_from_depot(&a.hash, 1, &copy_body(first.depot_url(), Vec::new()))
+        .await
+        .unwrap();
 
     // The write publishes with its next chunk; then the follower gets what
     // was written, and nothing beyond it.
@@ -110,7 +114,11 @@ async fn a_copy_following_a_put_of_the_wrong_bytes_is_cut_off_and_stores_nothing
     *wrong.last_mut().unwrap() ^= 1;
     let (feed, put) = fed_put(&first, &a, wrong.len());
     feed.send(wrong[..1 << 20].to_vec()).await.unwrap();
-    second.client().artifact_copy_from_depot(&a.hash, 1, &copy_body(first.depot_url(), Vec::new())).await.unwrap();
+    second
+        .client()
+        .artifact_copy_from_depot(&a.hash, 1, &copy_body(first.depot_url(), Vec::new()))
+        .await
+        .unwrap();
     for chunk in wrong[1 << 20..].chunks(128 << 10) {
         feed.send(chunk.to_vec()).await.unwrap();
         // While the copy runs, the second sled never holds the artifact.
@@ -136,8 +144,13 @@ async fn a_copy_resumes_from_an_alternate_when_its_source_breaks_off_for_good() 
     let alternate = FakeDepot::start(a.bytes.clone(), Behavior::Throttled { bytes_per_sec: 1 << 30 }).await;
     let body = copy_body(breaking.base_url(), vec![alternate.base_url()]);
     sled.client().artifact_copy_from_depot(&a.hash, 1, &body).await.unwrap();
-    wait_until("the copy lands", Duration::from_secs(20), async || holds(&sled.client(), &a).await == 2).await;
-    assert_eq!(breaking.ranges(), [None, Some(format!("bytes={}-", 1 << 20))], "the source broke, then was gone");
+    wait_until("the copy lands", Duration::from_secs(20), async || holds(&sled.client(), &a).await == 2)
+        .await;
+    assert_eq!(
+        breaking.ranges(),
+        [None, Some(format!("bytes={}-", 1 << 20))],
+        "the source broke, then was gone"
+    );
     assert_eq!(
         alternate.ranges(),
         [Some(format!("bytes={}-", 1 << 20))],
@@ -154,7 +167,8 @@ async fn a_copy_whose_source_cannot_be_reached_starts_from_an_alternate() {
     let alternate = FakeDepot::start(a.bytes.clone(), Behavior::Throttled { bytes_per_sec: 1 << 30 }).await;
     let body = copy_body(NO_NEXUS.to_string(), vec![missing.base_url(), alternate.base_url()]);
     sled.client().artifact_copy_from_depot(&a.hash, 1, &body).await.unwrap();
-    wait_until("the copy lands", Duration::from_secs(20), async || holds(&sled.client(), &a).await == 2).await;
+    wait_until("the copy lands", Duration::from_secs(20), async || holds(&sled.client(), &a).await == 2)
+        .await;
     assert_eq!(missing.ranges(), [None], "the second source was tried after the first");
     assert_eq!(alternate.ranges(), [None], "the third source sent the artifact");
 

@@ -156,8 +156,10 @@ async fn a_stale_nexus_cannot_undo_a_newer_ones_work() {
         assert_eq!(refused.status().unwrap().as_u16(), 409);
         let put = client.artifact_put(&os, stale.generation.get(), vec![0u8; 10]).await.unwrap_err();
         assert_eq!(put.status().unwrap().as_u16(), 409);
-        let body =
-            common::api::sled_agent::ArtifactCopyFromDepotBody { depot_base_url: rack.sleds[0].depot_url(), alternates: Vec::new() };
+        let body = common::api::sled_agent::ArtifactCopyFromDepotBody {
+            depot_base_url: rack.sleds[0].depot_url(),
+            alternates: Vec::new(),
+        };
         let copy = client.artifact_copy_from_depot(&os, stale.generation.get(), &body).await.unwrap_err();
         assert_eq!(copy.status().unwrap().as_u16(), 409);
     }

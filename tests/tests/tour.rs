@@ -23,6 +23,26 @@ fn tour_block(readme: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Interrupts run-all if the test ends early (a failed assertion), so that a
+/// failing test leaves no rack running; run-all then stops and cleans up.
+struct InterruptOnDrop(Option<u32>);
+
+impl InterruptOnDrop {
+    /// The test interrupts run-all itself from here on.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        }
+    }
+}
+
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -68,6 +88,7 @@ fn the_readme_tour_works_as_written() {
     };
 
     let mut rack = command(run_all).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut guard = InterruptOnDrop(Some(rack.id()));
     let mut banner = BufReader::new(rack.stdout.take().unwrap()).lines();
     let mut run_dir = None;
     let mut database_dir = None;
@@ -117,10 +138,12 @@ fn the_readme_tour_works_as_written() {
     let list = command("rack-dev repo list").output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     let pruned_line = list.lines().find(|l| l.trim_start().starts_with("1.0.0")).unwrap();
-    let times = pruned_line.split_whitespace().filter(|word| word.ends_with('Z') && word.contains('T')).count();
+    let times =
+        pruned_line.split_whitespace().filter(|word| word.ends_with('Z') && word.contains('T')).count();
     assert_eq!(times, 2, "1.0.0 has an upload and a prune time: {list}");
 
     assert!(!processes_mentioning(run_dir.to_str().unwrap()).is_empty(), "the rack's processes run");
+    guard.disarm();
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(rack.id() as i32, libc::SIGINT) };
     let status = rack.wait().unwrap();
@@ -147,6 +170,7 @@ fn run_all_reports_a_crashed_child_and_stops_the_rest() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut guard = InterruptOnDrop(Some(rack.id()));
     let mut banner = BufReader::new(rack.stdout.take().unwrap()).lines();
     let mut run_dir = None;
     for line in banner.by_ref() {
@@ -166,6 +190,7 @@ fn run_all_reports_a_crashed_child_and_stops_the_rest() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
 
     let status = rack.wait().unwrap();
+    guard.disarm();
     assert!(!status.success(), "run-all must fail when a child crashes");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut rack.stderr.take().unwrap(), &mut stderr).unwrap();

@@ -24,7 +24,10 @@ async fn leftovers(db_url: &str, staging: &Utf8Path) -> (i64, i64, usize) {
         .query_one("SELECT (SELECT count(*) FROM tuf_repo), (SELECT generation FROM tuf_generation)", &[])
         .await
         .unwrap();
-    let files = ["artifacts", "uploads"].iter().map(|sub| std::fs::read_dir(staging.join(sub)).unwrap().count()).sum();
+    let files = ["artifacts", "uploads"]
+        .iter()
+        .map(|sub| std::fs::read_dir(staging.join(sub)).unwrap().count())
+        .sum();
     (row.get(0), row.get(1), files)
 }
 
@@ -39,12 +42,12 @@ fn held_upload(
     first: Vec<u8>,
     release: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<Result<reqwest::Response, reqwest::Error>> {
-    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(futures::stream::once(
-        async move {
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+        futures::stream::once(async move {
             let _ = release.await;
             Err(std::io::Error::other("the test ends this body"))
-        },
-    ));
+        }),
+    );
     tokio::spawn(
         reqwest::Client::new()
             .put(format!("{url}/v1/system/update/repositories?file_name=held.zip"))
@@ -90,7 +93,12 @@ async fn trust_roots_that_expired_duplicate_or_vanish() {
     let (url, token) = (nexus.external_url(), nexus.token.clone());
     let uploading = tokio::spawn(async move { upload(&url, Some(&token), &second).await });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let root_id = client.trust_root_list().await.unwrap().into_inner().into_iter()
+    let root_id = client
+        .trust_root_list()
+        .await
+        .unwrap()
+        .into_inner()
+        .into_iter()
         .find(|root| root.root_role == current.root_json())
         .unwrap()
         .id;
@@ -132,7 +140,10 @@ async fn concurrent_stalled_and_badly_named_uploads() {
     let response = stalled.await.unwrap().unwrap();
     assert_eq!(response.status().as_u16(), 408);
     let body: serde_json::Value = response.json().await.unwrap();
-    assert!(message(&body).contains("the upload stalled: nothing arrived for 1 s after 1000 bytes"), "{body}");
+    assert!(
+        message(&body).contains("the upload stalled: nothing arrived for 1 s after 1000 bytes"),
+        "{body}"
+    );
     drop(release);
 
     let response = reqwest::Client::new()
@@ -247,7 +258,9 @@ fn disk_use(dir: &Utf8Path) -> u64 {
 
 /// Samples `dir`'s disk use every few milliseconds until stopped; returns
 /// the peak.
-fn watch_disk(dir: camino::Utf8PathBuf) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<u64>) {
+fn watch_disk(
+    dir: camino::Utf8PathBuf,
+) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<u64>) {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     let sampler = std::thread::spawn(move || {

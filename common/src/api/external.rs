@@ -243,7 +243,9 @@ pub trait ExternalApi {
 
     /// Every sled ever registered, with its state.
     #[endpoint { method = GET, path = "/v1/system/hardware/sleds" }]
-    async fn sled_list(rqctx: RequestContext<Self::Context>) -> Result<HttpResponseOk<Vec<SledView>>, HttpError>;
+    async fn sled_list(
+        rqctx: RequestContext<Self::Context>,
+    ) -> Result<HttpResponseOk<Vec<SledView>>, HttpError>;
 
     /// Expunges a sled: final. No Nexus sends it requests any more, its
     /// copies no longer count, and its registration is refused; replication

@@ -66,13 +66,15 @@ impl DbArgs {
         let url = self.db_url.or(discovered).context(
             "no database to read: pass --db-url URL, set OMDB_DB_URL, or start a rack with `rack-dev run-all`",
         )?;
-        let datastore = DataStore::connect(&url, &PoolConfig { max_connections: 4 })
+        let datastore = DataStore::connect(&url, &PoolConfig { max_connections: 4, ..PoolConfig::default() })
             .await
             .with_context(|| format!("connecting to the database at {url}"))?;
         match self.command {
             DbCommand::Sleds => sleds(&datastore, json).await,
             DbCommand::TufRepos => tuf_repos(&datastore, json).await,
-            DbCommand::Replication { repo } => crate::replication::replication(&datastore, repo.as_deref(), json).await,
+            DbCommand::Replication { repo } => {
+                crate::replication::replication(&datastore, repo.as_deref(), json).await
+            }
             DbCommand::TargetRelease => target_release(&datastore, json).await,
             DbCommand::Inventory => inventory(&datastore, json).await,
             DbCommand::TufArtifacts { repo } => tuf_artifacts(&datastore, repo.as_deref(), json).await,
@@ -170,7 +172,8 @@ async fn tuf_repos(datastore: &DataStore, json: bool) -> anyhow::Result<String> 
             .flat_map(|view| &view.artifacts)
             .filter(|artifact| artifact.state != RepoHealth::Replicated)
             .map(|artifact| {
-                let sleds: Vec<String> = artifact.sleds.iter().map(|(sled, n)| format!("{sled} ({n})")).collect();
+                let sleds: Vec<String> =
+                    artifact.sleds.iter().map(|(sled, n)| format!("{sled} ({n})")).collect();
                 format!(
                     "{} {} {} ({}): {} on {} sleds [{}]{}",
                     repo.system_version,
@@ -231,16 +234,19 @@ async fn target_release(datastore: &DataStore, json: bool) -> anyhow::Result<Str
     if json {
         return Ok(to_json(&serde_json::json!({"current": current, "previous": previous})));
     }
-    let line = |label: &str, release: &Option<(nexus::db::model::TargetRelease, nexus::db::model::TufRepo)>| match release {
-        Some((release, repo)) => format!(
-            "{label}: {} (generation {}, set {} by {})\n",
-            repo.system_version,
-            release.generation,
-            crate::render::time(&release.time_requested),
-            release.requested_by
-        ),
-        None => format!("{label}: none\n"),
-    };
+    let line =
+        |label: &str, release: &Option<(nexus::db::model::TargetRelease, nexus::db::model::TufRepo)>| {
+            match release {
+                Some((release, repo)) => format!(
+                    "{label}: {} (generation {}, set {} by {})\n",
+                    repo.system_version,
+                    release.generation,
+                    crate::render::time(&release.time_requested),
+                    release.requested_by
+                ),
+                None => format!("{label}: none\n"),
+            }
+        };
     Ok(line("target release", &releases.current) + &line("previous", &releases.previous))
 }
 

@@ -82,7 +82,8 @@ pub async fn replication(datastore: &DataStore, repo: Option<&str>, json: bool) 
                 .collect(),
         })
         .collect();
-    let hashes: Vec<ArtifactHash> = columns.iter().flat_map(|repo| repo.artifacts.iter().map(|a| a.sha256)).collect();
+    let hashes: Vec<ArtifactHash> =
+        columns.iter().flat_map(|repo| repo.artifacts.iter().map(|a| a.sha256)).collect();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let mut sleds = Vec::new();
     for sled in datastore.sled_list_all().await? {
@@ -104,12 +105,18 @@ pub async fn replication(datastore: &DataStore, repo: Option<&str>, json: bool) 
         let asked = async {
             let listed = client.artifact_list().await?.into_inner();
             let inventory = client.inventory().await?.into_inner();
-            Ok::<_, common::clients::sled_agent::Error<common::clients::sled_agent::types::Error>>((listed, inventory))
+            Ok::<_, common::clients::sled_agent::Error<common::clients::sled_agent::types::Error>>((
+                listed, inventory,
+            ))
         }
         .await;
         match asked {
             Ok((listed, inventory)) => {
-                row.healthy_m2 = inventory.m2.iter().filter(|m2| m2.state == common::api::sled_agent::M2State::Healthy).count();
+                row.healthy_m2 = inventory
+                    .m2
+                    .iter()
+                    .filter(|m2| m2.state == common::api::sled_agent::M2State::Healthy)
+                    .count();
                 for hash in &hashes {
                     let cell = if let Some(copies) = listed.list.get(hash) {
                         copies.to_string()
@@ -150,20 +157,35 @@ fn render(matrix: &Matrix, columns: usize) -> String {
         let labels: Vec<String> = repo
             .artifacts
             .iter()
-            .map(|column| format!("{}={} {} ({}, {})", column.label, column.name, column.version, column.kind, &column.sha256.to_string()[..8]))
+            .map(|column| {
+                format!(
+                    "{}={} {} ({}, {})",
+                    column.label,
+                    column.name,
+                    column.version,
+                    column.kind,
+                    &column.sha256.to_string()[..8]
+                )
+            })
             .collect();
         out += &format!("repository {}: {}\n", repo.system_version, labels.join(", "));
     }
-    let (complete, rest): (Vec<&SledRow>, Vec<&SledRow>) =
-        matrix.sleds.iter().partition(|sled| sled.state == SledState::InService && sled.error.is_none() && sled.complete(columns));
+    let (complete, rest): (Vec<&SledRow>, Vec<&SledRow>) = matrix.sleds.iter().partition(|sled| {
+        sled.state == SledState::InService && sled.error.is_none() && sled.complete(columns)
+    });
     if !complete.is_empty() {
         let serials: Vec<&str> = complete.iter().map(|sled| sled.serial.as_str()).collect();
-        out += &format!("{} sleds hold every artifact on every healthy M.2: {}\n", complete.len(), serials.join(", "));
+        out += &format!(
+            "{} sleds hold every artifact on every healthy M.2: {}\n",
+            complete.len(),
+            serials.join(", ")
+        );
     }
     if rest.is_empty() {
         return out;
     }
-    let width = matrix.repos.iter().flat_map(|repo| &repo.artifacts).map(|c| c.label.len()).max().unwrap_or(1).max(1);
+    let width =
+        matrix.repos.iter().flat_map(|repo| &repo.artifacts).map(|c| c.label.len()).max().unwrap_or(1).max(1);
     let serial_width = rest.iter().map(|sled| sled.serial.len()).max().unwrap_or(0).max(4);
     let mut header = format!("{:serial_width$} ", "SLED");
     for repo in &matrix.repos {

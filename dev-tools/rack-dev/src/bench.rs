@@ -51,6 +51,16 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1000)]
         activations: usize,
     },
+    /// Upload latency with and without a synchronous database standby, and
+    /// what a failover of the database primary costs clients.
+    Failover {
+        /// Uploads per latency sample (each rack).
+        #[arg(long, default_value_t = 30)]
+        uploads: usize,
+        /// Time from the kill of the primary to the promotion of the standby.
+        #[arg(long, default_value_t = 1000)]
+        promote_after_ms: u64,
+    },
     /// The replication planner's time on a large inventory.
     Plan {
         #[arg(long, default_value_t = 32)]
@@ -99,6 +109,9 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Bgtask { activations } => bgtask(activations).await,
         BenchCommand::Plan { sleds, artifacts, repos } => plan(sleds, artifacts, repos),
+        BenchCommand::Failover { uploads, promote_after_ms } => {
+            crate::bench_failover::failover(uploads, Duration::from_millis(promote_after_ms)).await
+        }
     }
 }
 
@@ -114,6 +127,57 @@ fn rack_options(sleds: usize, settings: Vec<(Vec<&'static str>, toml::Value)>) -
     }
 }
 
+/// A signing key and the root that trusts it, in a temporary directory
+/// where the repositories it signs are written.
+pub(crate) struct Signer {
+    pub(crate) dir: camino_tempfile::Utf8TempDir,
+    key: camino::Utf8PathBuf,
+    root_path: camino::Utf8PathBuf,
+    expires: jiff::Timestamp,
+    pub(crate) root: serde_json::Value,
+}
+
+impl Signer {
+    pub(crate) async fn new() -> anyhow::Result<Signer> {
+        let dir = camino_tempfile::tempdir()?;
+        let key = dir.path().join("key.der");
+        std::fs::write(&key, tuf_forge::generate_key()?)?;
+        let root_path = dir.path().join("root.json");
+        let expires = jiff::Timestamp::now().checked_add(jiff::SignedDuration::from_hours(24 * 7))?;
+        std::fs::write(&root_path, tuf_forge::make_root(&key, expires).await?)?;
+        let root = serde_json::from_slice(&std::fs::read(&root_path)?)?;
+        Ok(Signer { dir, key, root_path, expires, root })
+    }
+
+    /// Writes `file_name` in the directory: a repository of
+    /// `system_version` with `artifacts` random artifacts of `bytes_each`.
+    pub(crate) async fn repo(
+        &self,
+        file_name: &str,
+        system_version: &str,
+        artifacts: u64,
+        bytes_each: u64,
+        seed: u64,
+    ) -> anyhow::Result<camino::Utf8PathBuf> {
+        let spec = tuf_forge::RepoSpec {
+            system_version: system_version.into(),
+            artifacts: (0..artifacts)
+                .map(|n| tuf_forge::ArtifactSpec {
+                    name: format!("artifact-{seed}-{n}"),
+                    version: "1.0.0".into(),
+                    kind: "bench".into(),
+                    contents: tuf_forge::Contents::Random(bytes_each),
+                })
+                .collect(),
+            expires: self.expires,
+            seed,
+        };
+        let zip = self.dir.path().join(file_name);
+        tuf_forge::make_repo(&self.key, &self.root_path, &spec, &zip).await?;
+        Ok(zip)
+    }
+}
+
 /// A key, a root and a repository zip of `artifacts` random artifacts.
 pub(crate) struct Forged {
     dir: camino_tempfile::Utf8TempDir,
@@ -122,29 +186,9 @@ pub(crate) struct Forged {
 }
 
 pub(crate) async fn forge(artifacts: u64, bytes_each: u64) -> anyhow::Result<Forged> {
-    let dir = camino_tempfile::tempdir()?;
-    let key = dir.path().join("key.der");
-    std::fs::write(&key, tuf_forge::generate_key()?)?;
-    let root_path = dir.path().join("root.json");
-    let expires = jiff::Timestamp::now().checked_add(jiff::SignedDuration::from_hours(24 * 7))?;
-    std::fs::write(&root_path, tuf_forge::make_root(&key, expires).await?)?;
-    let spec = tuf_forge::RepoSpec {
-        system_version: "1.0.0".into(),
-        artifacts: (0..artifacts)
-            .map(|n| tuf_forge::ArtifactSpec {
-                name: format!("artifact-{n}"),
-                version: "1.0.0".into(),
-                kind: "bench".into(),
-                contents: tuf_forge::Contents::Random(bytes_each),
-            })
-            .collect(),
-        expires,
-        seed: 1,
-    };
-    let zip = dir.path().join("repo.zip");
-    tuf_forge::make_repo(&key, &root_path, &spec, &zip).await?;
-    let root = serde_json::from_slice(&std::fs::read(&root_path)?)?;
-    Ok(Forged { dir, root, zip })
+    let signer = Signer::new().await?;
+    let zip = signer.repo("repo.zip", "1.0.0", artifacts, bytes_each, 1).await?;
+    Ok(Forged { dir: signer.dir, root: signer.root, zip })
 }
 
 pub(crate) async fn upload_zip(rack: &Rack, forged: &Forged) -> anyhow::Result<()> {

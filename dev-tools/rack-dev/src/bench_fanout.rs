@@ -76,7 +76,8 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
         ));
     }
     for &sleds in &options.sled_counts {
-        let time = |fanout: &str| results.iter().find(|r| r.sleds == sleds && r.fanout == fanout).map(|r| r.seconds);
+        let time =
+            |fanout: &str| results.iter().find(|r| r.sleds == sleds && r.fanout == fanout).map(|r| r.seconds);
         if let (Some(pipelined), Some(star)) = (time("pipelined"), time("star")) {
             rows.push((format!("{sleds} sleds: star / pipelined"), format!("{:.1}x", star / pipelined)));
         }
@@ -106,7 +107,10 @@ async fn one_run(
     each: u64,
 ) -> anyhow::Result<(f64, u64)> {
     let settings = vec![
-        (vec!["external_api", "request_body_max_bytes"], toml::Value::Integer(((options.repo_mib + 64) << 21) as i64)),
+        (
+            vec!["external_api", "request_body_max_bytes"],
+            toml::Value::Integer(((options.repo_mib + 64) << 21) as i64),
+        ),
         (vec!["background_tasks", "tuf_artifact_replication", "fanout"], fanout.into()),
         (vec!["background_tasks", "tuf_artifact_replication", "followup_delay_millis"], 200.into()),
     ];

@@ -7,6 +7,7 @@
 //! - `bench ...`: performance against baselines measured in the same run.
 
 mod bench;
+mod bench_failover;
 mod bench_fanout;
 mod netns;
 mod operator;
@@ -94,7 +95,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrustRoot { connection, command } => operator::trust_root(&connection, command).await,
         Command::Sled { connection, command } => operator::sled(&connection, command).await,
         Command::Link(command) => netns::link(command),
-        Command::TargetRelease { connection, command } => operator::target_release(&connection, command).await,
+        Command::TargetRelease { connection, command } => {
+            operator::target_release(&connection, command).await
+        }
     }
 }
 

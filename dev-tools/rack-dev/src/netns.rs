@@ -121,7 +121,18 @@ impl Network {
         let host = Host { name: name.to_string(), address, namespace, bridge_port };
         self.hosts.push(host);
         let host = self.hosts.last().expect("just pushed");
-        ip(&["link", "add", &host.bridge_port, "type", "veth", "peer", "name", "eth0", "netns", &host.namespace])?;
+        ip(&[
+            "link",
+            "add",
+            &host.bridge_port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &host.namespace,
+        ])?;
         ip(&["link", "set", &host.bridge_port, "master", &self.bridge])?;
         ip(&["link", "set", &host.bridge_port, "up"])?;
         in_namespace(&host.namespace, "ip", &["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
@@ -179,7 +190,11 @@ impl Host {
             let spec = format!("{{ type filter hook {hook} priority -10 ; }}");
             let _ = in_namespace(&self.namespace, "nft", &["add", "chain", "inet", table, chain, &spec]);
             let peer = peer.to_string();
-            in_namespace(&self.namespace, "nft", &["add", "rule", "inet", table, chain, "ip", field, &peer, "drop"])?;
+            in_namespace(
+                &self.namespace,
+                "nft",
+                &["add", "rule", "inet", table, chain, "ip", field, &peer, "drop"],
+            )?;
         }
         Ok(())
     }
@@ -193,7 +208,9 @@ impl Host {
     /// Sets this host's link limits, in both directions (the host's `eth0`
     /// sends, the bridge port sends towards the host).
     pub fn limit(&self, limits: LinkLimits) -> anyhow::Result<()> {
-        for (namespace, device) in [(Some(self.namespace.as_str()), "eth0"), (None, self.bridge_port.as_str())] {
+        for (namespace, device) in
+            [(Some(self.namespace.as_str()), "eth0"), (None, self.bridge_port.as_str())]
+        {
             let tc = |args: &[&str]| match namespace {
                 Some(namespace) => in_namespace(namespace, "tc", args),
                 None => run("tc", args),
@@ -202,8 +219,11 @@ impl Host {
             let parent = match limits.delay_ms {
                 Some(delay) => {
                     let delay = format!("{delay}ms");
-                    tc(&["qdisc", "add", "dev", device, "root", "handle", "1:", "netem", "delay", &delay, "limit", "10000"])
-                        .context("link delay needs the netem qdisc (sch_netem), which this kernel lacks")?;
+                    tc(&[
+                        "qdisc", "add", "dev", device, "root", "handle", "1:", "netem", "delay", &delay,
+                        "limit", "10000",
+                    ])
+                    .context("link delay needs the netem qdisc (sch_netem), which this kernel lacks")?;
                     vec!["parent", "1:"]
                 }
                 None => vec!["root"],
@@ -270,7 +290,8 @@ fn remove_namespace(namespace: &str) {
 
 /// Deletes the namespaces, bridges and veths of runs whose process is gone.
 pub fn reap() {
-    let dead = |name: &str| run_id(name).is_some_and(|id| !std::path::Path::new(&format!("/proc/{id}")).exists());
+    let dead =
+        |name: &str| run_id(name).is_some_and(|id| !std::path::Path::new(&format!("/proc/{id}")).exists());
     if let Ok(entries) = std::fs::read_dir(NETNS_DIR) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -345,8 +366,10 @@ pub enum LinkCommand {
 }
 
 pub fn link(command: LinkCommand) -> anyhow::Result<()> {
-    let discovery = common::discovery::RackDiscovery::load().context("no rack is running: start `rack-dev run-all --netns`")?;
-    let network = discovery.network.context("the running rack has no network of its own: start it with --netns")?;
+    let discovery = common::discovery::RackDiscovery::load()
+        .context("no rack is running: start `rack-dev run-all --netns`")?;
+    let network =
+        discovery.network.context("the running rack has no network of its own: start it with --netns")?;
     let host = |name: &str| -> anyhow::Result<Host> {
         let address = network.hosts.get(name).with_context(|| {
             let known: Vec<&str> = network.hosts.keys().map(String::as_str).collect();

@@ -145,7 +145,9 @@ pub async fn trust_root(connection: &Connection, command: TrustRootCommand) -> a
 pub async fn sled(connection: &Connection, command: SledCommand) -> anyhow::Result<()> {
     let (_, _, client) = connection.client()?;
     match command {
-        SledCommand::List => print!("{}", sled_table(&client.sled_list().await.map_err(api_error)?.into_inner())),
+        SledCommand::List => {
+            print!("{}", sled_table(&client.sled_list().await.map_err(api_error)?.into_inner()))
+        }
         SledCommand::Expunge { sled_id } => {
             let sled = client.sled_expunge(&sled_id).await.map_err(api_error)?.into_inner();
             println!("sled {} ({}) is expunged", sled.id, sled.serial);

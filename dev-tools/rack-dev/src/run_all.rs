@@ -15,6 +15,13 @@
 //! With `--netns`, each Nexus and each sled runs in a network namespace of
 //! its own on a private subnet, with per-link limits (see [`crate::netns`]);
 //! without it, everything shares loopback.
+//!
+//! With `--db-standbys N`, the private PostgreSQL is a primary and N
+//! synchronous streaming-replication standbys ([`PgCluster`]), and Nexus
+//! gets a multi-host URL with `target_session_attrs=read-write`: after an
+//! operator kills the primary and promotes a standby (the banner says how),
+//! Nexus finds the new primary by itself. With `--netns` too, each server
+//! gets a relay of its own on the bridge and the URL lists the relays.
 
 use crate::netns::{LinkLimits, Network};
 use crate::operator::wait_for_http;
@@ -28,7 +35,7 @@ use nexus::db::datastore::PoolConfig;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use test_harness::PgServer;
+use test_harness::PgCluster;
 use tokio::signal::unix::{SignalKind, signal};
 
 const SMF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../smf");
@@ -43,9 +50,14 @@ pub struct RunAllArgs {
     /// Nexus instances to run (all on the same database).
     #[arg(long, default_value_t = 1)]
     nexus: usize,
-    /// Use this database instead of starting a private PostgreSQL.
+    /// Use this database instead of starting a private PostgreSQL. It may
+    /// name several servers: `postgresql://h1:p1,h2:p2/rack?target_session_attrs=read-write`.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// Give the private PostgreSQL this many synchronous streaming-replication
+    /// standbys, each with its own directory and port.
+    #[arg(long, default_value_t = 0, conflicts_with = "database_url")]
+    db_standbys: usize,
     /// Log level of every process: trace, debug, info, warn, error.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -73,6 +85,7 @@ const NEXUS_EXTERNAL_PORT: u16 = 12220;
 const NEXUS_INTERNAL_PORT: u16 = 12221;
 const SLED_API_PORT: u16 = 12345;
 const SLED_DEPOT_PORT: u16 = 12346;
+/// The first database server's relay; the next servers' follow.
 const DATABASE_RELAY_PORT: u16 = 5432;
 
 /// A child process and where its output goes.
@@ -101,7 +114,7 @@ pub struct Rack {
     pub discovery: RackDiscovery,
     pub token: String,
     processes: Vec<Process>,
-    postgres: Option<PgServer>,
+    postgres: Option<PgCluster>,
     /// Dropped after the processes are stopped.
     network: Option<Network>,
     keep_dir: bool,
@@ -110,6 +123,12 @@ pub struct Rack {
 
 impl Rack {
     pub async fn start(options: &RackOptions) -> anyhow::Result<Rack> {
+        Self::start_replicated(options, 0).await
+    }
+
+    /// [`Rack::start`], with `db_standbys` synchronous standbys of the
+    /// private PostgreSQL (none if `options` names a database).
+    pub async fn start_replicated(options: &RackOptions, db_standbys: usize) -> anyhow::Result<Rack> {
         if options.nexus == 0 {
             bail!("--nexus must be at least 1");
         }
@@ -135,21 +154,26 @@ impl Rack {
         let database_url = match &options.database_url {
             Some(url) => url.clone(),
             None => {
-                let server = PgServer::start().await.context("starting PostgreSQL")?;
-                let url = server.create_database("rack").await.context("creating the rack database")?;
-                postgres = Some(server);
+                let cluster = PgCluster::start(db_standbys).await.context("starting PostgreSQL")?;
+                let url = cluster.create_database("rack").await.context("creating the rack database")?;
+                postgres = Some(cluster);
                 url
             }
         };
         crate::upgrade(&database_url).await?;
-        // Namespaced Nexus instances reach a private PostgreSQL (on loopback
-        // here) through a relay on the bridge.
+        // Namespaced Nexus instances reach the private servers (on loopback
+        // here) through one relay each on the bridge. A relay to a dead
+        // server closes what it accepts, so a client moves on to the next
+        // host as it would from a refused connection.
         let nexus_database_url = match (&mut network, &postgres) {
-            (Some(network), Some(_)) => {
-                let url = url::Url::parse(&database_url)?;
-                let port = url.port().context("the private database URL has a port")?;
-                network.relay(DATABASE_RELAY_PORT, ([127, 0, 0, 1], port).into()).await?;
-                database_url.replace(&format!("127.0.0.1:{port}"), &format!("{}:{DATABASE_RELAY_PORT}", network.gateway))
+            (Some(network), Some(cluster)) => {
+                let mut relays = Vec::new();
+                for (index, member) in cluster.members().enumerate() {
+                    let port = DATABASE_RELAY_PORT + u16::try_from(index)?;
+                    network.relay(port, ([127, 0, 0, 1], member.port).into()).await?;
+                    relays.push(format!("{}:{port}", network.gateway));
+                }
+                cluster.url_through("rack", &relays)
             }
             _ => database_url.clone(),
         };
@@ -178,8 +202,9 @@ impl Rack {
         Ok(rack)
     }
 
-    pub fn postgres_log(&self) -> Option<std::path::PathBuf> {
-        self.postgres.as_ref().map(|server| server.log_path())
+    /// The private PostgreSQL servers, to kill and promote them.
+    pub fn database(&mut self) -> Option<&mut PgCluster> {
+        self.postgres.as_mut()
     }
 
     /// The pid of a child ("nexus-0", "sled-3").
@@ -197,9 +222,7 @@ impl Rack {
     pub fn stop(mut self) {
         stop_all(&mut self.processes);
         drop(self.network.take());
-        if let Some(mut server) = self.postgres.take() {
-            server.stop();
-        }
+        drop(self.postgres.take());
         // The temp directory (if any) is removed as `self` drops here.
     }
 
@@ -209,7 +232,11 @@ impl Rack {
         match (&mut self.network, limits) {
             (Some(network), Some(limits)) => {
                 let host = network.add_host(host, limits)?;
-                Ok(Placement { ip: host.address.into(), ports: fixed.to_vec(), namespace: Some(host.namespace_fd()?) })
+                Ok(Placement {
+                    ip: host.address.into(),
+                    ports: fixed.to_vec(),
+                    namespace: Some(host.namespace_fd()?),
+                })
             }
             _ => Ok(Placement {
                 ip: std::net::Ipv4Addr::LOCALHOST.into(),
@@ -222,7 +249,8 @@ impl Rack {
     async fn start_processes(&mut self, options: &RackOptions, database_url: &str) -> anyhow::Result<()> {
         let run_dir = Utf8PathBuf::from(&self.discovery.run_dir);
         for index in 0..options.nexus {
-            let placement = self.place(&format!("n{index}"), &[NEXUS_EXTERNAL_PORT, NEXUS_INTERNAL_PORT], options.netns)?;
+            let placement =
+                self.place(&format!("n{index}"), &[NEXUS_EXTERNAL_PORT, NEXUS_INTERNAL_PORT], options.netns)?;
             let (ip, external, internal) = (placement.ip, placement.ports[0], placement.ports[1]);
             let dir = run_dir.join(format!("nexus-{index}"));
             std::fs::create_dir_all(&dir)?;
@@ -254,7 +282,8 @@ impl Rack {
                 set(&mut config, keys, value.clone());
             }
             let config_path = write_config(&dir, &config)?;
-            let process = spawn(format!("nexus-{index}"), "nexus", &config_path, &log, placement.namespace.as_ref())?;
+            let process =
+                spawn(format!("nexus-{index}"), "nexus", &config_path, &log, placement.namespace.as_ref())?;
             self.processes.push(process);
             let internal_url = format!("http://{ip}:{internal}");
             wait_for_http(&format!("{internal_url}/bgtasks"), READY_TIMEOUT)
@@ -268,7 +297,8 @@ impl Rack {
         }
 
         for index in 0..options.sleds {
-            let placement = self.place(&format!("s{index}"), &[SLED_API_PORT, SLED_DEPOT_PORT], options.netns)?;
+            let placement =
+                self.place(&format!("s{index}"), &[SLED_API_PORT, SLED_DEPOT_PORT], options.netns)?;
             let (ip, api, depot) = (placement.ip, placement.ports[0], placement.ports[1]);
             let dir = run_dir.join(format!("sled-{index}"));
             let log = run_dir.join(format!("logs/sled-{index}.log"));
@@ -287,8 +317,13 @@ impl Rack {
             set_log(&mut config, &log, &options.log_level);
             std::fs::create_dir_all(&dir)?;
             let config_path = write_config(&dir, &config)?;
-            let process =
-                spawn(format!("sled-{index}"), "sled-agent", &config_path, &log, placement.namespace.as_ref())?;
+            let process = spawn(
+                format!("sled-{index}"),
+                "sled-agent",
+                &config_path,
+                &log,
+                placement.namespace.as_ref(),
+            )?;
             self.processes.push(process);
             self.discovery.sleds.push(SledEndpoints {
                 serial,
@@ -304,8 +339,11 @@ impl Rack {
                 hosts: network.hosts().iter().map(|host| (host.name.clone(), host.address)).collect(),
             });
         }
-        let datastore =
-            DataStore::connect(&self.discovery.database_url, &PoolConfig { max_connections: 2 }).await?;
+        let datastore = DataStore::connect(
+            &self.discovery.database_url,
+            &PoolConfig { max_connections: 2, ..PoolConfig::default() },
+        )
+        .await?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let registered = datastore.sled_list().await?.len();
@@ -342,9 +380,9 @@ pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
             loss_pct: args.link_loss_pct,
         }),
     };
-    let mut rack = Rack::start(&options).await?;
+    let mut rack = Rack::start_replicated(&options, args.db_standbys).await?;
     rack.discovery.write().context("writing the discovery file")?;
-    print_banner(&rack.discovery, &rack.token, rack.postgres_log());
+    print_banner(&rack.discovery, &rack.token, rack.postgres.as_ref());
     let (reason, crashed) = loop {
         tokio::select! {
             _ = interrupt.recv() => break ("SIGINT".to_string(), false),
@@ -373,12 +411,25 @@ pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(discovery: &RackDiscovery, token: &str, postgres_log: Option<std::path::PathBuf>) {
+fn print_banner(discovery: &RackDiscovery, token: &str, postgres: Option<&PgCluster>) {
     println!("The rack is running.");
     println!("  run directory:   {}", discovery.run_dir);
     println!("  database:        {}", discovery.database_url);
-    if let Some(log) = postgres_log {
-        println!("  database log:    {}", log.display());
+    let servers: Vec<_> = postgres.iter().flat_map(|cluster| cluster.members()).collect();
+    if let [server] = &servers[..] {
+        println!("  database log:    {}", server.log.display());
+    } else if let Some(standby) = servers.get(1) {
+        for member in &servers {
+            let label = format!("database {}:", member.name);
+            println!("  {label:<16} {} on 127.0.0.1:{}", member.role.as_str(), member.port);
+            println!("                   dir {}", member.dir.display());
+            println!("                   log {}", member.log.display());
+        }
+        let pg_ctl = test_harness::pg::bin_dir().unwrap_or_default().join("pg_ctl");
+        let (pg_ctl, data) = (pg_ctl.display(), standby.dir.display());
+        println!("  failover:        kill -9 the primary (its pid: line 1 of data/postmaster.pid), then");
+        println!("                   sudo -u postgres {pg_ctl} promote -D {data}/data");
+        println!("                   Nexus follows by itself; the old primary is not to be restarted.");
     }
     for (index, nexus) in discovery.nexus.iter().enumerate() {
         println!("  nexus-{index}:         external {}  internal {}", nexus.external_url, nexus.internal_url);

@@ -15,6 +15,9 @@
 //! Binaries are found in `$PG_BIN_DIR`, then the newest
 //! `/usr/lib/postgresql/*/bin`, then `PATH`. As root, the server runs as the
 //! `postgres` user, since PostgreSQL refuses to run as root.
+//!
+//! A server is either created empty (initdb) or as a copy of a running one
+//! (`pg_basebackup`, for a standby); [`crate::PgCluster`] builds on both.
 
 use std::ffi::CString;
 use std::fs;
@@ -54,12 +57,24 @@ pub enum PgError {
         #[source]
         source: std::io::Error,
     },
-    #[error("initdb in {data_dir} failed ({status}): {output}")]
-    Initdb { data_dir: PathBuf, status: ExitStatus, output: String },
     #[error("PostgreSQL server exited during start-up ({status}); its log {log} ends with:\n{tail}")]
     ExitedEarly { status: ExitStatus, log: PathBuf, tail: String },
     #[error("PostgreSQL server did not accept connections within {timeout:?}; see {log}")]
     NotReady { timeout: Duration, log: PathBuf },
+    #[error("{program} for {data_dir} failed ({status}): {output}")]
+    Tool { program: &'static str, data_dir: PathBuf, status: ExitStatus, output: String },
+    #[error(
+        "{streaming} of {expected} standbys were streaming synchronously from the primary after \
+         {timeout:?}; see the logs in their directories: {dirs}"
+    )]
+    StandbysNotStreaming { streaming: i64, expected: usize, timeout: Duration, dirs: String },
+    #[error(
+        "{name} still runs as the primary: kill or stop it before promoting {standby} (two primaries \
+         would both accept writes, and each would lose the other's)"
+    )]
+    PrimaryRunning { name: String, standby: String },
+    #[error("{name} is not a running standby ({role}); only a running standby can be promoted")]
+    NotAStandby { name: String, role: &'static str },
     #[error("{context}")]
     Sql {
         context: String,
@@ -76,12 +91,38 @@ pub struct PgServer {
     exited: mpsc::Receiver<ExitStatus>,
     dir: Option<tempfile::TempDir>,
     stopped: bool,
+    /// `-c name=value` settings beyond the common ones, kept for
+    /// [`PgServer::resume`].
+    settings: Vec<String>,
 }
+
+/// Where a new server's data comes from.
+pub(crate) enum DataSource<'a> {
+    /// An empty cluster (initdb).
+    Initdb,
+    /// A copy of the running server on `primary_port`, made with
+    /// `pg_basebackup`, set up to stream from it as a standby through the
+    /// physical replication slot `slot` (created on the primary).
+    BaseBackup { primary_port: u16, slot: &'a str },
+}
+
+/// A standalone server's settings: nobody waits for a standby.
+const STANDALONE_SETTINGS: &[&str] = &["synchronous_commit=off"];
 
 impl PgServer {
     /// Creates a cluster in a new temp directory, starts the server and waits
     /// until it accepts connections.
     pub async fn start() -> Result<PgServer, PgError> {
+        let settings: Vec<String> = STANDALONE_SETTINGS.iter().map(|s| s.to_string()).collect();
+        Self::start_from(DataSource::Initdb, settings).await
+    }
+
+    /// Like [`PgServer::start`], with the data from `source` and `settings`
+    /// (`name=value`) added to the common ones.
+    pub(crate) async fn start_from(
+        source: DataSource<'_>,
+        mut settings: Vec<String>,
+    ) -> Result<PgServer, PgError> {
         reap_leftovers();
         let bin_dir = find_bin_dir().ok_or(PgError::BinariesNotFound)?;
         let run_as = run_as_user()?;
@@ -100,14 +141,19 @@ impl PgServer {
                 source,
             })?;
         }
-        initdb(&bin_dir, dir.path(), run_as)?;
+        match source {
+            DataSource::Initdb => initdb(&bin_dir, dir.path(), run_as)?,
+            DataSource::BaseBackup { primary_port, slot } => {
+                base_backup(&bin_dir, dir.path(), run_as, primary_port, slot)?
+            }
+        }
 
         let mut attempt = 0;
         loop {
             attempt += 1;
             let port = free_port(dir.path())?;
-            let (pid, exited) = spawn_postgres(&bin_dir, dir.path(), port, run_as)?;
-            let mut server = PgServer { port, pid, exited, dir: Some(dir), stopped: false };
+            let (pid, exited) = spawn_postgres(&bin_dir, dir.path(), port, run_as, &settings)?;
+            let mut server = PgServer { port, pid, exited, dir: Some(dir), stopped: false, settings };
             match server.wait_ready().await {
                 Ok(()) => return Ok(server),
                 Err(PgError::ExitedEarly { tail, .. })
@@ -115,6 +161,7 @@ impl PgServer {
                 {
                     server.stopped = true;
                     dir = server.dir.take().expect("dir is only taken here and by stop");
+                    settings = std::mem::take(&mut server.settings);
                 }
                 Err(error) => {
                     server.stop();
@@ -127,6 +174,10 @@ impl PgServer {
     /// The URL of database `dbname` on this server, as the superuser.
     pub fn url(&self, dbname: &str) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/{dbname}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Creates an empty database and returns its URL.
@@ -154,11 +205,42 @@ impl PgServer {
     pub async fn resume(&mut self) -> Result<(), PgError> {
         let bin_dir = find_bin_dir().ok_or(PgError::BinariesNotFound)?;
         let run_as = run_as_user()?;
-        let (pid, exited) = spawn_postgres(&bin_dir, self.dir(), self.port, run_as)?;
+        let (pid, exited) = spawn_postgres(&bin_dir, self.dir(), self.port, run_as, &self.settings)?;
         self.pid = pid;
         self.exited = exited;
         self.stopped = false;
         self.wait_ready().await
+    }
+
+    /// Kills the server with SIGKILL, as a crash of its machine would stop
+    /// it: no shutdown checkpoint, nothing more sent to clients or standbys.
+    /// Its backends exit on their own once they notice (PostgreSQL watches
+    /// for the postmaster's death). The directory stays until
+    /// [`PgServer::stop`] or drop.
+    pub fn kill(&mut self) {
+        if !self.stopped {
+            self.stopped = true;
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let _ = self.exited.recv_timeout(STOP_TIMEOUT);
+        }
+    }
+
+    /// Turns this standby into a primary: `pg_ctl promote`, which waits
+    /// until the server accepts writes (run on a blocking thread: it polls
+    /// for seconds).
+    pub(crate) async fn promote(&self) -> Result<(), PgError> {
+        let bin_dir = find_bin_dir().ok_or(PgError::BinariesNotFound)?;
+        let run_as = run_as_user()?;
+        let dir = self.dir().to_path_buf();
+        let data_dir = dir.join("data");
+        let mut command = command_as(bin_dir.join("pg_ctl"), &dir, run_as);
+        command.args(["promote", "--wait", "--timeout=60", "--pgdata"]).arg(&data_dir).stdin(Stdio::null());
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("running pg_ctl does not panic")
+            .map_err(|source| PgError::Io { what: "running pg_ctl in", path: bin_dir, source })?;
+        check_tool("pg_ctl promote", data_dir, output)
     }
 
     /// Stops the server (fast shutdown, then SIGKILL after a bound) and removes
@@ -208,6 +290,12 @@ impl Drop for PgServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Where the PostgreSQL server binaries are (see the module doc), for
+/// instructions that name them.
+pub fn bin_dir() -> Option<PathBuf> {
+    find_bin_dir()
 }
 
 fn find_bin_dir() -> Option<PathBuf> {
@@ -272,12 +360,41 @@ fn initdb(bin_dir: &Path, dir: &Path, run_as: Option<(u32, u32)>) -> Result<(), 
         .stdin(Stdio::null())
         .output()
         .map_err(|source| PgError::Io { what: "running initdb in", path: bin_dir.into(), source })?;
-    if !output.status.success() {
-        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&output.stderr));
-        return Err(PgError::Initdb { data_dir, status: output.status, output: text });
+    check_tool("initdb", data_dir, output)
+}
+
+/// Copies the running server on `primary_port` into `dir/data` and sets it
+/// up as its standby: `-R` writes `standby.signal` and `primary_conninfo`,
+/// `-C -S` creates the replication slot that keeps the WAL it still needs
+/// on the primary. `--checkpoint=fast`: a spread checkpoint would make the
+/// copy wait for minutes.
+fn base_backup(
+    bin_dir: &Path,
+    dir: &Path,
+    run_as: Option<(u32, u32)>,
+    primary_port: u16,
+    slot: &str,
+) -> Result<(), PgError> {
+    let data_dir = dir.join("data");
+    let output = command_as(bin_dir.join("pg_basebackup"), dir, run_as)
+        .args(["--host=127.0.0.1", &format!("--port={primary_port}"), "--username=postgres"])
+        .arg("--pgdata")
+        .arg(&data_dir)
+        .args(["--wal-method=stream", "--write-recovery-conf", "--create-slot", &format!("--slot={slot}")])
+        .args(["--checkpoint=fast", "--no-sync"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| PgError::Io { what: "running pg_basebackup in", path: bin_dir.into(), source })?;
+    check_tool("pg_basebackup", data_dir, output)
+}
+
+fn check_tool(program: &'static str, data_dir: PathBuf, output: std::process::Output) -> Result<(), PgError> {
+    if output.status.success() {
+        return Ok(());
     }
-    Ok(())
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    Err(PgError::Tool { program, data_dir, status: output.status, output: text })
 }
 
 fn free_port(dir: &Path) -> Result<u16, PgError> {
@@ -296,6 +413,7 @@ fn spawn_postgres(
     dir: &Path,
     port: u16,
     run_as: Option<(u32, u32)>,
+    settings: &[String],
 ) -> Result<(libc::pid_t, mpsc::Receiver<ExitStatus>), PgError> {
     let log_path = dir.join("postgres.log");
     let log = fs::OpenOptions::new()
@@ -323,8 +441,9 @@ fn spawn_postgres(
         .arg(dir)
         .args(["-p", &port.to_string()])
         .args(["-c", "listen_addresses=127.0.0.1"])
-        .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+        .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
         .args(["-c", "max_connections=400"])
+        .args(settings.iter().flat_map(|setting| ["-c", setting.as_str()]))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);

@@ -50,6 +50,12 @@ impl TestDatabase {
         Self::create(None).await
     }
 
+    /// A database the caller created on a server of its own (on a
+    /// [`crate::PgCluster`], say), for code that takes a `TestDatabase`.
+    pub fn existing(name: &str, url: String) -> TestDatabase {
+        TestDatabase { name: name.to_string(), url }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

@@ -57,6 +57,8 @@ fn spawn_child(mode: &str) -> (std::process::Child, ChildServer) {
             return (child, ChildServer { dir: dir.into(), postmaster: pid.parse().unwrap() });
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the child process never reported its server");
 }
 

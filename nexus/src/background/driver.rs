@@ -710,7 +710,10 @@ mod tests {
     impl TestStore {
         fn check(&self) -> Result<(), DataStoreError> {
             if self.failing.load(Ordering::SeqCst) {
-                Err(DataStoreError::Unavailable { last_error: "connection refused".into() })
+                Err(DataStoreError::Unavailable {
+                    waited: Duration::from_secs(10),
+                    last_error: "connection refused".into(),
+                })
             } else {
                 Ok(())
             }

@@ -308,7 +308,11 @@ impl ArtifactStore {
             write.serve(&self.in_flight_writes, length);
         }
         let Some(mut response) = response else {
-            return self.commit(write).await.map(|outcome| (outcome, url(current))).map_err(|e| (e, url(current)));
+            return self
+                .commit(write)
+                .await
+                .map(|outcome| (outcome, url(current)))
+                .map_err(|e| (e, url(current)));
         };
         let mut resumes = 0;
         let alternates = urls.len() > 1;
@@ -331,7 +335,10 @@ impl ArtifactStore {
             }
             if resumes == self.copy.resume_attempts {
                 let message = format!("from {}: {}", url(current), error_chain(&error));
-                return Err((StoreError::Body { hash: write.hash, bytes: write.bytes, message }, url(current)));
+                return Err((
+                    StoreError::Body { hash: write.hash, bytes: write.bytes, message },
+                    url(current),
+                ));
             }
             slog::info!(self.log, "copy interrupted; resuming"; "from" => url(current), "offset" => write.bytes,
                 "attempt" => resumes + 1, "error" => error_chain(&error));
@@ -348,7 +355,9 @@ impl ArtifactStore {
                     // Mid-stream, starting over would fetch again what this
                     // source already sent: this source failed, as before
                     // copies could be continued. Another may do.
-                    Ok(Resumed::NotHonoured { detail, .. }) if alternates && resumes < self.copy.resume_attempts => {
+                    Ok(Resumed::NotHonoured { detail, .. })
+                        if alternates && resumes < self.copy.resume_attempts =>
+                    {
                         let error = StoreError::SourceResume {
                             url: url(current).to_string(),
                             offset: write.bytes,

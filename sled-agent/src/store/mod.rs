@@ -65,8 +65,8 @@ use common::api::sled_agent::{
     ArtifactListResponse, CopyFailure, M2State, MAX_CONFIG_ARTIFACTS, ScrubStatus, StartupVerification,
 };
 use common::{ArtifactConfig, ArtifactHash, Generation};
-pub use serve::{ARRIVAL_WAIT, DepotArtifact};
 use serve::InFlightWrites;
+pub use serve::{ARRIVAL_WAIT, DepotArtifact};
 use stamps::Stamps;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -101,7 +101,8 @@ fn chunks(bytes: &[u8]) -> impl Stream<Item = Result<Bytes, std::io::Error>> + u
 
 async fn read_back(store: &ArtifactStore, hash: &ArtifactHash) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
-    let (DepotArtifact::Stored { mut file, length }, _permit) = store.open_for_depot(hash).await.unwrap() else {
+    let (DepotArtifact::Stored { mut file, length }, _permit) = store.open_for_depot(hash).await.unwrap()
+    else {
         panic!("artifact {hash} is not stored");
     };
     let mut bytes = Vec::new();

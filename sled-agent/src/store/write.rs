@@ -168,8 +168,9 @@ impl ArtifactStore {
     /// the artifact's name. A copy stays "in flight" until this returns, so
     /// no second download of it can start meanwhile.
     pub(super) async fn commit(&self, write: PendingWrite) -> Result<ArtifactPutResponse, StoreError> {
-        let PendingWrite { serving, in_flight, hash, datasets, mut targets, hasher, bytes, mut failures, .. } =
-            write;
+        let PendingWrite {
+            serving, in_flight, hash, datasets, mut targets, hasher, bytes, mut failures, ..
+        } = write;
         let actual = ArtifactHash(hasher.finalize().into());
         if actual != hash {
             return Err(StoreError::HashMismatch { expected: hash, actual, bytes });
@@ -445,7 +446,8 @@ impl PendingWrite {
             return;
         }
         let Some(target) = self.targets.iter().find(|t| t.file.is_some()) else { return };
-        let first = Published { path: target.tmp.clone(), readable: self.bytes, total, complete: false, epoch: 0 };
+        let first =
+            Published { path: target.tmp.clone(), readable: self.bytes, total, complete: false, epoch: 0 };
         self.serving = registry.register(self.hash, first);
     }
 
@@ -455,7 +457,8 @@ impl PendingWrite {
     async fn publish_progress(&mut self) {
         let Some(serving) = self.serving.as_ref().filter(|serving| serving.followed()) else { return };
         let served = serving.published().path;
-        let mut live: Vec<usize> = (0..self.targets.len()).filter(|&i| self.targets[i].file.is_some()).collect();
+        let mut live: Vec<usize> =
+            (0..self.targets.len()).filter(|&i| self.targets[i].file.is_some()).collect();
         live.sort_by_key(|&i| self.targets[i].tmp != served);
         for i in live {
             let target = &mut self.targets[i];
@@ -473,7 +476,8 @@ impl PendingWrite {
                     return;
                 }
                 Err(error) => {
-                    self.failures.push(format!("M.2 slot {}: writing {}: {error}", target.m2.slot, target.tmp));
+                    self.failures
+                        .push(format!("M.2 slot {}: writing {}: {error}", target.m2.slot, target.tmp));
                     target.drop_out();
                 }
             }

@@ -36,7 +36,9 @@ pub fn targets_url() -> Url {
 /// entry `repo/targets/<file_name>`.
 pub fn fetchable(file_name: &str) -> bool {
     targets_url().join(file_name).ok().is_some_and(|url| {
-        url.query().is_none() && url.fragment().is_none() && entry_name(&url).as_deref() == Some(&format!("repo/targets/{file_name}"))
+        url.query().is_none()
+            && url.fragment().is_none()
+            && entry_name(&url).as_deref() == Some(&format!("repo/targets/{file_name}"))
     })
 }
 

@@ -223,7 +223,8 @@ impl Uploader {
         E: std::error::Error,
     {
         let zip_path = dir.join("repo.zip");
-        let zip_sha256 = receive(&zip_path, body, self.settings.max_bytes, self.settings.idle_timeout).await?;
+        let zip_sha256 =
+            receive(&zip_path, body, self.settings.max_bytes, self.settings.idle_timeout).await?;
         fail::fail_point!("nexus::upload::after_receive", |_| std::process::abort());
         let trust_roots = self.datastore.trust_root_list().await?;
         if trust_roots.is_empty() {
@@ -241,7 +242,8 @@ impl Uploader {
             .map(|root| (root.id, serde_json::to_vec(&root.root_role).expect("JSON values serialize")))
             .collect();
         let (repository, trust_root_id) =
-            load_repository(Arc::new(archive), &dir.join("tough"), &roots, self.settings.enforce_expiry).await?;
+            load_repository(Arc::new(archive), &dir.join("tough"), &roots, self.settings.enforce_expiry)
+                .await?;
         let document = read_artifacts_json(&repository).await?;
 
         let full = || UploadError::HandoffFull { capacity: self.handoff.max_capacity() };
@@ -259,7 +261,8 @@ impl Uploader {
                 }
                 None => {
                     let temp = dir.join(format!("target-{index}"));
-                    let (hash, size, pin) = self.stage_target(&repository, &temp, &entry.target, &entry.id()).await?;
+                    let (hash, size, pin) =
+                        self.stage_target(&repository, &temp, &entry.target, &entry.id()).await?;
                     staged.push(StagedArtifact { hash, size, pin });
                     (hash, size)
                 }
@@ -336,8 +339,8 @@ impl Uploader {
             Err(error) => return Err(tuf_error(error)),
         };
         let storage = |what, source| UploadError::Storage { what, path: temp.to_owned(), source };
-        let mut spool =
-            spool::Spool::create(temp, false, spool::Finish::Sync).map_err(|source| storage("staging a target", source))?;
+        let mut spool = spool::Spool::create(temp, false, spool::Finish::Sync)
+            .map_err(|source| storage("staging a target", source))?;
         let mut size = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|error| {
@@ -369,7 +372,11 @@ impl Uploader {
 
 /// The file tough fetches for a target: consistent snapshots prefix the
 /// hash.
-fn fetched_file_name(repository: &tough::Repository, name: &tough::TargetName, hash: &ArtifactHash) -> String {
+fn fetched_file_name(
+    repository: &tough::Repository,
+    name: &tough::TargetName,
+    hash: &ArtifactHash,
+) -> String {
     if repository.root().signed.consistent_snapshot {
         format!("{hash}.{}", name.resolved())
     } else {
@@ -398,7 +405,9 @@ where
         let chunk = match tokio::time::timeout(idle, body.next()).await {
             Err(_) => return Err(UploadError::BodyIdle { seconds: idle.as_secs(), bytes: seen }),
             Ok(None) => break,
-            Ok(Some(Err(error))) => return Err(UploadError::Body { bytes: seen, message: error_chain(&error) }),
+            Ok(Some(Err(error))) => {
+                return Err(UploadError::Body { bytes: seen, message: error_chain(&error) });
+            }
             Ok(Some(Ok(chunk))) => chunk,
         };
         seen += chunk.len() as u64;
@@ -475,7 +484,9 @@ fn no_root_verified(failures: Vec<(uuid::Uuid, tough::error::Error)>) -> UploadE
     }
     let broken = failures.iter().find(|(_, error)| !is_root_mismatch(error) && !is_not_found(error));
     if let Some((_, error)) = broken
-        && failures.iter().all(|(_, other)| !is_root_mismatch(other) || matches!(other, Error::ExpiredMetadata { .. }))
+        && failures
+            .iter()
+            .all(|(_, other)| !is_root_mismatch(other) || matches!(other, Error::ExpiredMetadata { .. }))
     {
         return UploadError::InvalidMetadata(error_chain(error));
     }

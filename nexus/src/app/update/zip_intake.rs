@@ -229,11 +229,13 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, ZipError> {
-        let end = offset.checked_add(len).filter(|&end| end <= self.length).ok_or_else(|| ZipError::NotAZip {
-            message: format!("a record at byte {offset} runs past the end of the file"),
+        let end = offset.checked_add(len).filter(|&end| end <= self.length).ok_or_else(|| {
+            ZipError::NotAZip { message: format!("a record at byte {offset} runs past the end of the file") }
         })?;
         let mut bytes = vec![0u8; (end - offset) as usize];
-        self.file.read_exact_at(&mut bytes, offset).map_err(|source| ZipError::Io { path: self.path.to_owned(), source })?;
+        self.file
+            .read_exact_at(&mut bytes, offset)
+            .map_err(|source| ZipError::Io { path: self.path.to_owned(), source })?;
         Ok(bytes)
     }
 
@@ -275,7 +277,8 @@ impl Reader<'_> {
                 if le32(&record, 0) != ZIP64_EOCD_SIGNATURE || le64(&record, 4) != ZIP64_EOCD_LEN - 12 {
                     return Err(ZipError::NotAZip { message: "malformed ZIP64 end record".into() });
                 }
-                if le32(&record, 16) != 0 || le32(&record, 20) != 0 || le64(&record, 24) != le64(&record, 32) {
+                if le32(&record, 16) != 0 || le32(&record, 20) != 0 || le64(&record, 24) != le64(&record, 32)
+                {
                     return Err(ZipError::NotAZip { message: "multi-disk archives are not accepted".into() });
                 }
                 let zip64 = (le64(&record, 32), le64(&record, 40), le64(&record, 48));
@@ -320,7 +323,8 @@ impl Reader<'_> {
         Ok(match tail.windows(4).rposition(|w| le32(w, 0) == EOCD_SIGNATURE) {
             Some(position) => {
                 let at = self.length - window + position as u64;
-                let comment = tail.get(position + 20..position + 22).map_or(0, |bytes| u64::from(le16(bytes, 0)));
+                let comment =
+                    tail.get(position + 20..position + 22).map_or(0, |bytes| u64::from(le16(bytes, 0)));
                 if at + EOCD_LEN + comment == self.length {
                     ZipError::ArchiveComment { bytes: comment }
                 } else {
@@ -342,7 +346,9 @@ impl Reader<'_> {
             let plausible = le32(window, 0) == EOCD_SIGNATURE
                 && le16(window, 4) == 0
                 && le16(window, 6) == 0
-                && u64::from(le32(window, 16)).checked_add(u64::from(le32(window, 12))).is_some_and(|end| end <= at)
+                && u64::from(le32(window, 16))
+                    .checked_add(u64::from(le32(window, 12)))
+                    .is_some_and(|end| end <= at)
                 && at + EOCD_LEN + u64::from(le16(window, 20)) <= self.length;
             if plausible {
                 return Err(ZipError::SecondEndRecord { offset: at });
@@ -432,7 +438,12 @@ impl Reader<'_> {
             let method = match header.method {
                 0 => Method::Stored,
                 8 => Method::Deflated,
-                _ => return Err(ZipError::Unsupported { name, kind: "compression method other than store or deflate" }),
+                _ => {
+                    return Err(ZipError::Unsupported {
+                        name,
+                        kind: "compression method other than store or deflate",
+                    });
+                }
             };
             let compressed = header.compressed.max(1);
             if header.size > RATIO_EXEMPT_BYTES && header.size / compressed > limits.max_compression_ratio {
@@ -461,7 +472,10 @@ impl Reader<'_> {
         }
         if next != directory_offset {
             return Err(ZipError::BadDirectory {
-                message: format!("{} bytes between the last entry and the directory", directory_offset - next),
+                message: format!(
+                    "{} bytes between the last entry and the directory",
+                    directory_offset - next
+                ),
             });
         }
         Ok(entries)
@@ -545,7 +559,16 @@ fn central_header(fixed: &[u8], name: String, extra: &[u8]) -> Result<Central, Z
     if is_dir && size != 0 {
         return Err(ZipError::Unsupported { name, kind: "directory with contents" });
     }
-    Ok(Central { name, flags, method: le16(fixed, 10), crc32: le32(fixed, 16), compressed, size, offset, is_dir })
+    Ok(Central {
+        name,
+        flags,
+        method: le16(fixed, 10),
+        crc32: le32(fixed, 16),
+        compressed,
+        size,
+        offset,
+        is_dir,
+    })
 }
 
 /// An entry's extra fields by id. A Unicode Path field is refused: it would
@@ -571,7 +594,12 @@ fn parse_extra(extra: &[u8], name: &str) -> Result<BTreeMap<u16, Vec<u8>>, ZipEr
 
 /// The compressed and uncompressed sizes, from the ZIP64 extra field where
 /// the 32-bit fields say so (uncompressed first, as the format orders them).
-fn sizes(compressed: u32, size: u32, fields: &BTreeMap<u16, Vec<u8>>, name: &str) -> Result<(u64, u64), ZipError> {
+fn sizes(
+    compressed: u32,
+    size: u32,
+    fields: &BTreeMap<u16, Vec<u8>>,
+    name: &str,
+) -> Result<(u64, u64), ZipError> {
     let size_wide = size == 0xffff_ffff;
     let size = if size_wide { zip64_value(fields, 0, name)? } else { u64::from(size) };
     let compressed = if compressed == 0xffff_ffff {
@@ -660,7 +688,9 @@ impl EntryReader {
         // One byte beyond the declared size is enough to catch a liar.
         let room = (self.entry.size + 1 - self.produced).min(buffer.len() as u64) as usize;
         let read = self.inner.read(&mut buffer[..room]).map_err(|error| match error.kind() {
-            std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+            std::io::ErrorKind::InvalidInput
+            | std::io::ErrorKind::InvalidData
+            | std::io::ErrorKind::UnexpectedEof => {
                 ZipError::Corrupt { name: name.clone(), message: error.to_string() }
             }
             _ => ZipError::Io { path: self.path.clone(), source: error },

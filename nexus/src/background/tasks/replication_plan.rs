@@ -104,7 +104,10 @@ pub enum Feed {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    Put { hash: ArtifactHash, sled: SledId },
+    Put {
+        hash: ArtifactHash,
+        sled: SledId,
+    },
     Copy {
         hash: ArtifactHash,
         target: SledId,
@@ -141,7 +144,8 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
             .map(|sled| sled.id)
             .collect();
         let wanted = |sled: &SledState| {
-            !state.incoming.contains(&sled.id) && state.copies.get(&sled.id).copied().unwrap_or(0) < sled.healthy_m2
+            !state.incoming.contains(&sled.id)
+                && state.copies.get(&sled.id).copied().unwrap_or(0) < sled.healthy_m2
         };
         let mut put_targets: Vec<SledId> = Vec::new();
         if holders.is_empty() {
@@ -198,7 +202,9 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 // Chain i: heads[i], then followers i, i + heads, i + 2 heads...
                 let mut tails: Vec<(SledId, Feed)> = heads
                     .iter()
-                    .map(|&head| (head, if put_targets.contains(&head) { Feed::Pipelined } else { Feed::Holds }))
+                    .map(|&head| {
+                        (head, if put_targets.contains(&head) { Feed::Pipelined } else { Feed::Holds })
+                    })
                     .collect();
                 for (index, target) in followers.into_iter().enumerate() {
                     let chain = index % tails.len();
@@ -329,7 +335,12 @@ mod tests {
         assert_eq!(count(&plan(&inventory, &mut rng(), with(3, Fanout::Star))), (8, 0, 0));
         let two_stage = plan(&inventory, &mut rng(), with(3, Fanout::TwoStage));
         assert_eq!(count(&two_stage), (3, 5, 0));
-        assert!(two_stage.requests.iter().all(|r| matches!(r, Request::Put { .. } | Request::Copy { feed: Feed::AfterPut, .. })));
+        assert!(
+            two_stage
+                .requests
+                .iter()
+                .all(|r| matches!(r, Request::Put { .. } | Request::Copy { feed: Feed::AfterPut, .. }))
+        );
     }
 
     #[test]
@@ -348,7 +359,9 @@ mod tests {
         };
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert_eq!(planned.requests.len(), 1);
-        let Request::Copy { target, source, feed, recopy, ref alternates, .. } = planned.requests[0] else { panic!() };
+        let Request::Copy { target, source, feed, recopy, ref alternates, .. } = planned.requests[0] else {
+            panic!()
+        };
         assert_eq!((target, feed, recopy), (newcomer, Feed::Holds, false));
         assert!(copies.contains_key(&source));
         assert_eq!(alternates.len(), 2, "the other holders");
@@ -523,7 +536,10 @@ mod tests {
                         match feed {
                             Feed::Holds => assert!(held_before, "seed {seed}: {source} lacks {hash}"),
                             Feed::AfterPut => {
-                                assert!(put_targets.contains(&(*hash, *source)), "seed {seed}: AfterPut names no PUT")
+                                assert!(
+                                    put_targets.contains(&(*hash, *source)),
+                                    "seed {seed}: AfterPut names no PUT"
+                                )
                             }
                             Feed::Pipelined => assert!(
                                 filled_so_far.contains(&(*hash, *source)),
@@ -543,7 +559,8 @@ mod tests {
                     continue;
                 }
                 for sled in all.iter().filter(|s| s.healthy_m2 > 0) {
-                    let left_alone = state.incoming.contains(&sled.id) || state.backing_off.contains(&sled.id);
+                    let left_alone =
+                        state.incoming.contains(&sled.id) || state.backing_off.contains(&sled.id);
                     if !left_alone && (!holders.is_empty() || state.local) {
                         assert_eq!(
                             holders.get(&sled.id).copied().unwrap_or(0),

@@ -165,7 +165,11 @@ mod tests {
         assert_eq!(one_m2_short.judge(&[1]), RepoHealth::Replicating);
         let on_two = World::new(4).holds(1, &[1, 2], 2);
         assert_eq!(on_two.judge(&[1]), RepoHealth::Degraded);
-        assert_eq!(World::new(4).holds(1, &[1, 2], 2).staged(1).judge(&[1]), RepoHealth::Replicating, "staged");
+        assert_eq!(
+            World::new(4).holds(1, &[1, 2], 2).staged(1).judge(&[1]),
+            RepoHealth::Replicating,
+            "staged"
+        );
         assert_eq!(World::new(4).judge(&[1]), RepoHealth::Lost);
         assert_eq!(World::new(4).staged(1).judge(&[1]), RepoHealth::Replicating);
         let mixed = World::new(4).holds(1, &[1, 2, 3, 4], 2);
@@ -182,7 +186,11 @@ mod tests {
         assert_eq!(nobody.judge(&[1]), RepoHealth::Degraded, "sled 4 might hold it");
         let mut broken = World::new(4).holds(1, &[1, 2, 3], 2);
         broken.listed.insert(sled(4), 0);
-        assert_eq!(broken.judge(&[1]), RepoHealth::Replicated, "a sled with no healthy M.2 holds nothing back");
+        assert_eq!(
+            broken.judge(&[1]),
+            RepoHealth::Replicated,
+            "a sled with no healthy M.2 holds nothing back"
+        );
         let small = World::new(2).holds(1, &[1, 2], 2);
         assert_eq!(small.judge(&[1]), RepoHealth::Replicated, "fewer sleds than the minimum: all of them");
     }

@@ -58,14 +58,14 @@
 
 use super::replication_plan::{self, Fanout, Feed, Inventory, Limits, Plan, Request, SledState};
 use super::repo_health;
-use crate::db::datastore::{health_state_from_sql, health_state_to_sql};
-use crate::db::model::TufRepoWithArtifacts;
-use common::api::external::{RepoHealth, RepoHealthView};
 use crate::app::staging::{StagedRepo, StagingArea};
 use crate::background::driver::{Activator, BackgroundTask};
+use crate::db::datastore::{health_state_from_sql, health_state_to_sql};
 use crate::db::model::Sled;
+use crate::db::model::TufRepoWithArtifacts;
 use crate::db::{DataStore, DataStoreError};
 use common::api::external::ReplicationProgress;
+use common::api::external::{RepoHealth, RepoHealthView};
 use common::api::sled_agent::{
     ArtifactCopyFromDepotBody, ArtifactListResponse, CONFIG_GENERATION, CopyFailure, M2State,
 };
@@ -75,8 +75,8 @@ use common::bgtask::details::{
 };
 use common::clients::sled_agent::{Client as SledClient, Error as SledError};
 use common::{ArtifactConfig, ArtifactHash, Generation, error_chain};
-use futures::{StreamExt, TryStreamExt};
 use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -409,7 +409,8 @@ impl ArtifactReplication {
         self.record_health(log, &config, &inventory, &repos, sleds.len()).await;
 
         // 6. Plan and execute.
-        let limits = Limits { min_sled_replication: self.settings.min_sled_replication, fanout: self.settings.fanout };
+        let limits =
+            Limits { min_sled_replication: self.settings.min_sled_replication, fanout: self.settings.fanout };
         let plan = replication_plan::plan(&inventory, &mut rand::rng(), limits);
         status.plan = summarize(&plan);
         let by_id: BTreeMap<Uuid, &SledTarget> = listed_sleds.iter().map(|&sled| (sled.id, sled)).collect();
@@ -470,7 +471,8 @@ impl ArtifactReplication {
                 holders.push(self.nexus_id);
             }
         }
-        let listed: BTreeMap<Uuid, usize> = inventory.sleds.iter().map(|sled| (sled.id, sled.healthy_m2)).collect();
+        let listed: BTreeMap<Uuid, usize> =
+            inventory.sleds.iter().map(|sled| (sled.id, sled.healthy_m2)).collect();
         let copies: BTreeMap<ArtifactHash, BTreeMap<Uuid, usize>> =
             inventory.artifacts.iter().map(|(hash, state)| (*hash, state.copies.clone())).collect();
         let observed = repo_health::Observed {
@@ -508,7 +510,8 @@ impl ArtifactReplication {
             if previous == Some(view.state) {
                 continue;
             }
-            let (from, to) = (previous.map_or("unknown", health_state_to_sql), health_state_to_sql(view.state));
+            let (from, to) =
+                (previous.map_or("unknown", health_state_to_sql), health_state_to_sql(view.state));
             let version = &recorded.repo.system_version;
             if previous.is_some_and(|previous| view.state > previous) || view.state >= RepoHealth::Degraded {
                 slog::warn!(log, "repository health got worse"; "system_version" => version, "from" => from, "to" => to);
@@ -603,8 +606,12 @@ impl ArtifactReplication {
             requests.iter().map(|_| watch::Sender::new(Progress::Pending)).collect();
         let fills = fill_order(requests);
         let permits = tokio::sync::Semaphore::new(self.settings.max_concurrent_requests);
-        let puts: Vec<usize> =
-            requests.iter().enumerate().filter(|(_, r)| matches!(r, Request::Put { .. })).map(|(i, _)| i).collect();
+        let puts: Vec<usize> = requests
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r, Request::Put { .. }))
+            .map(|(i, _)| i)
+            .collect();
         let runs = requests.iter().enumerate().map(|(index, request)| {
             let (progress, fills, permits, puts) = (&progress, &fills, &permits, &puts);
             async move {
@@ -628,7 +635,11 @@ impl ArtifactReplication {
                 }
                 let _permit = permits.acquire().await.expect("the semaphore is never closed");
                 let record = self.execute_one(request, sleds, generation, &progress[index]).await;
-                progress[index].send_replace(if record.error.is_none() { Progress::Done } else { Progress::Failed });
+                progress[index].send_replace(if record.error.is_none() {
+                    Progress::Done
+                } else {
+                    Progress::Failed
+                });
                 record
             }
         });
@@ -679,7 +690,9 @@ impl ArtifactReplication {
                     outcome = put => outcome,
                     () = head_start => unreachable!("pending forever"),
                 };
-                fail::fail_point!("nexus::replication::after_a_put", outcome.is_ok(), |_| std::process::abort());
+                fail::fail_point!("nexus::replication::after_a_put", outcome.is_ok(), |_| {
+                    std::process::abort()
+                });
                 (*sled, RequestOperation::Put, *hash, None, outcome)
             }
             Request::Copy { hash, target, source, alternates, .. } => {
@@ -871,7 +884,11 @@ impl Record {
         Record {
             hash: Some(*hash),
             source_sled_id: Some(*source),
-            ..Record::failed(*target, RequestOperation::Copy, format!("not sent: the request filling sled {source} failed"))
+            ..Record::failed(
+                *target,
+                RequestOperation::Copy,
+                format!("not sent: the request filling sled {source} failed"),
+            )
         }
     }
 

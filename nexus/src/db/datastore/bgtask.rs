@@ -6,25 +6,31 @@
 //! activation is one row per (Nexus, task), replaced by every activation
 //! that does work: when it starts (no `time_done`) and when it ends.
 
-use super::{DataStore, DataStoreError};
+use super::{DataStore, DataStoreError, InDoubt};
 use crate::db::model::{BgtaskActivation, BgtaskSwitch, DbActivationReason, DbTaskMode};
 use crate::db::schema::{bgtask_activation, bgtask_switch};
 use common::bgtask::{NexusActivation, TaskSwitch};
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
+use scoped_futures::ScopedFutureExt;
 
 impl DataStore {
     /// The task's switch, or `None` if nobody has set it.
     pub async fn bgtask_switch_get(&self, name: &str) -> Result<Option<TaskSwitch>, DataStoreError> {
-        let mut conn = self.connection().await?;
-        let row = bgtask_switch::table
-            .find(name)
-            .select(BgtaskSwitch::as_select())
-            .first(&mut conn)
-            .await
-            .optional()
-            .map_err(|source| DataStoreError::Query { operation: "bgtask_switch_get", source })?;
+        let row = self
+            .statement_retry("bgtask_switch_get", InDoubt::Read, |conn| {
+                async move {
+                    bgtask_switch::table
+                        .find(name)
+                        .select(BgtaskSwitch::as_select())
+                        .first(conn)
+                        .await
+                        .optional()
+                }
+                .scope_boxed()
+            })
+            .await?;
         Ok(row.map(|row| TaskSwitch {
             mode: row.mode.0,
             changed_by: row.changed_by,
@@ -42,20 +48,22 @@ impl DataStore {
             reason: switch.reason.clone(),
             time_changed: switch.time_changed,
         };
-        let mut conn = self.connection().await?;
-        diesel::insert_into(bgtask_switch::table)
-            .values(&row)
-            .on_conflict(bgtask_switch::name)
-            .do_update()
-            .set((
-                bgtask_switch::mode.eq(excluded(bgtask_switch::mode)),
-                bgtask_switch::changed_by.eq(excluded(bgtask_switch::changed_by)),
-                bgtask_switch::reason.eq(excluded(bgtask_switch::reason)),
-                bgtask_switch::time_changed.eq(excluded(bgtask_switch::time_changed)),
-            ))
-            .execute(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "bgtask_switch_set", source })?;
+        // An upsert of the whole row: running it twice leaves the same row.
+        self.statement_retry("bgtask_switch_set", InDoubt::Rerun, |conn| {
+            diesel::insert_into(bgtask_switch::table)
+                .values(&row)
+                .on_conflict(bgtask_switch::name)
+                .do_update()
+                .set((
+                    bgtask_switch::mode.eq(excluded(bgtask_switch::mode)),
+                    bgtask_switch::changed_by.eq(excluded(bgtask_switch::changed_by)),
+                    bgtask_switch::reason.eq(excluded(bgtask_switch::reason)),
+                    bgtask_switch::time_changed.eq(excluded(bgtask_switch::time_changed)),
+                ))
+                .execute(conn)
+                .scope_boxed()
+        })
+        .await?;
         Ok(())
     }
 
@@ -81,34 +89,38 @@ impl DataStore {
             time_started: activation.time_started,
             time_done: activation.time_done,
         };
-        let mut conn = self.connection().await?;
-        diesel::insert_into(bgtask_activation::table)
-            .values(&row)
-            .on_conflict((bgtask_activation::nexus_id, bgtask_activation::name))
-            .do_update()
-            .set((
-                bgtask_activation::iteration.eq(excluded(bgtask_activation::iteration)),
-                bgtask_activation::reason.eq(excluded(bgtask_activation::reason)),
-                bgtask_activation::time_started.eq(excluded(bgtask_activation::time_started)),
-                bgtask_activation::time_done.eq(excluded(bgtask_activation::time_done)),
-            ))
-            .execute(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "bgtask_activation_record", source })?;
+        // An upsert of the whole row, like the switch.
+        self.statement_retry("bgtask_activation_record", InDoubt::Rerun, |conn| {
+            diesel::insert_into(bgtask_activation::table)
+                .values(&row)
+                .on_conflict((bgtask_activation::nexus_id, bgtask_activation::name))
+                .do_update()
+                .set((
+                    bgtask_activation::iteration.eq(excluded(bgtask_activation::iteration)),
+                    bgtask_activation::reason.eq(excluded(bgtask_activation::reason)),
+                    bgtask_activation::time_started.eq(excluded(bgtask_activation::time_started)),
+                    bgtask_activation::time_done.eq(excluded(bgtask_activation::time_done)),
+                ))
+                .execute(conn)
+                .scope_boxed()
+        })
+        .await?;
         Ok(())
     }
 
     /// Every Nexus's last recorded activation of the task, by Nexus id.
     /// Nexus instances that stopped keep their last row.
     pub async fn bgtask_activation_list(&self, name: &str) -> Result<Vec<NexusActivation>, DataStoreError> {
-        let mut conn = self.connection().await?;
-        let rows = bgtask_activation::table
-            .filter(bgtask_activation::name.eq(name))
-            .order(bgtask_activation::nexus_id)
-            .select(BgtaskActivation::as_select())
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "bgtask_activation_list", source })?;
+        let rows: Vec<BgtaskActivation> = self
+            .statement_retry("bgtask_activation_list", InDoubt::Read, |conn| {
+                bgtask_activation::table
+                    .filter(bgtask_activation::name.eq(name))
+                    .order(bgtask_activation::nexus_id)
+                    .select(BgtaskActivation::as_select())
+                    .load(conn)
+                    .scope_boxed()
+            })
+            .await?;
         Ok(rows
             .into_iter()
             .map(|row| NexusActivation {

@@ -1,7 +1,7 @@
 //! Inventory collections: what each sled agent reported, kept for the last
 //! few collections only.
 
-use super::{DataStore, DataStoreError};
+use super::{DataStore, DataStoreError, InDoubt};
 use crate::db::model::{InvCollection, InvM2, InvSled, Inventory};
 use crate::db::schema::{inv_collection, inv_m2, inv_sled};
 use diesel::prelude::*;
@@ -11,7 +11,7 @@ use scoped_futures::ScopedFutureExt;
 impl DataStore {
     /// Records a collection and deletes all but the newest `keep`.
     pub async fn inventory_insert(&self, inventory: &Inventory, keep: usize) -> Result<(), DataStoreError> {
-        self.transaction_retry("inventory_insert", |conn| {
+        self.transaction_retry("inventory_insert", InDoubt::Report, |conn| {
             async move {
                 diesel::insert_into(inv_collection::table)
                     .values(&inventory.collection)
@@ -45,7 +45,7 @@ impl DataStore {
 
     /// The newest collection, if any.
     pub async fn inventory_latest(&self) -> Result<Option<Inventory>, DataStoreError> {
-        self.transaction_retry("inventory_latest", |conn| {
+        self.transaction_retry("inventory_latest", InDoubt::Read, |conn| {
             async move {
                 let Some(collection) = inv_collection::table
                     .order((inv_collection::time_started.desc(), inv_collection::id.desc()))

@@ -5,7 +5,7 @@
 //! wins, each from a fresh look at every sled). The target release may only
 //! be set to a repository whose recorded health is `replicated`.
 
-use super::{DataStore, DataStoreError};
+use super::{DataStore, DataStoreError, InDoubt};
 use crate::db::model::{DbArtifactHash, NexusStagedArtifact, TargetRelease, TufRepo, TufRepoHealth};
 use crate::db::schema::{nexus_staged_artifact, target_release, tuf_repo, tuf_repo_health};
 use chrono::Utc;
@@ -70,7 +70,7 @@ impl DataStore {
                 artifacts: serde_json::to_value(view).expect("health views serialize"),
             })
             .collect();
-        self.transaction_retry("repo_health_record", |conn| {
+        self.transaction_retry("repo_health_record", InDoubt::Rerun, |conn| {
             let rows = rows.clone();
             async move {
                 let ids: Vec<Uuid> = rows.iter().map(|row| row.tuf_repo_id).collect();
@@ -104,14 +104,19 @@ impl DataStore {
     }
 
     /// Recorded health of the given repositories.
-    pub async fn repo_health_get(&self, repo_ids: &[Uuid]) -> Result<BTreeMap<Uuid, TufRepoHealth>, DataStoreError> {
-        let mut conn = self.connection().await?;
-        let rows: Vec<TufRepoHealth> = tuf_repo_health::table
-            .filter(tuf_repo_health::tuf_repo_id.eq_any(repo_ids))
-            .select(TufRepoHealth::as_select())
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "repo_health_get", source })?;
+    pub async fn repo_health_get(
+        &self,
+        repo_ids: &[Uuid],
+    ) -> Result<BTreeMap<Uuid, TufRepoHealth>, DataStoreError> {
+        let rows: Vec<TufRepoHealth> = self
+            .statement_retry("repo_health_get", InDoubt::Read, |conn| {
+                tuf_repo_health::table
+                    .filter(tuf_repo_health::tuf_repo_id.eq_any(repo_ids))
+                    .select(TufRepoHealth::as_select())
+                    .load(conn)
+                    .scope_boxed()
+            })
+            .await?;
         Ok(rows.into_iter().map(|row| (row.tuf_repo_id, row)).collect())
     }
 
@@ -122,7 +127,7 @@ impl DataStore {
         nexus_id: Uuid,
         hashes: &BTreeSet<ArtifactHash>,
     ) -> Result<(), DataStoreError> {
-        self.transaction_retry("staged_artifacts_replace", |conn| {
+        self.transaction_retry("staged_artifacts_replace", InDoubt::Rerun, |conn| {
             async move {
                 let recorded: BTreeSet<ArtifactHash> = nexus_staged_artifact::table
                     .filter(nexus_staged_artifact::nexus_id.eq(nexus_id))
@@ -132,11 +137,14 @@ impl DataStore {
                     .into_iter()
                     .map(|hash| hash.0)
                     .collect();
-                let gone: Vec<DbArtifactHash> = recorded.difference(hashes).map(|hash| DbArtifactHash(*hash)).collect();
+                let gone: Vec<DbArtifactHash> =
+                    recorded.difference(hashes).map(|hash| DbArtifactHash(*hash)).collect();
                 if !gone.is_empty() {
                     diesel::delete(
                         nexus_staged_artifact::table.filter(
-                            nexus_staged_artifact::nexus_id.eq(nexus_id).and(nexus_staged_artifact::sha256.eq_any(gone)),
+                            nexus_staged_artifact::nexus_id
+                                .eq(nexus_id)
+                                .and(nexus_staged_artifact::sha256.eq_any(gone)),
                         ),
                     )
                     .execute(conn)
@@ -144,7 +152,11 @@ impl DataStore {
                 }
                 let new: Vec<NexusStagedArtifact> = hashes
                     .difference(&recorded)
-                    .map(|hash| NexusStagedArtifact { nexus_id, sha256: DbArtifactHash(*hash), time_staged: Utc::now() })
+                    .map(|hash| NexusStagedArtifact {
+                        nexus_id,
+                        sha256: DbArtifactHash(*hash),
+                        time_staged: Utc::now(),
+                    })
                     .collect();
                 if !new.is_empty() {
                     diesel::insert_into(nexus_staged_artifact::table).values(&new).execute(conn).await?;
@@ -158,12 +170,14 @@ impl DataStore {
 
     /// Which Nexus instances hold each artifact staged.
     pub async fn staged_artifacts_all(&self) -> Result<BTreeMap<ArtifactHash, Vec<Uuid>>, DataStoreError> {
-        let mut conn = self.connection().await?;
-        let rows: Vec<(Uuid, DbArtifactHash)> = nexus_staged_artifact::table
-            .select((nexus_staged_artifact::nexus_id, nexus_staged_artifact::sha256))
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "staged_artifacts_all", source })?;
+        let rows: Vec<(Uuid, DbArtifactHash)> = self
+            .statement_retry("staged_artifacts_all", InDoubt::Read, |conn| {
+                nexus_staged_artifact::table
+                    .select((nexus_staged_artifact::nexus_id, nexus_staged_artifact::sha256))
+                    .load(conn)
+                    .scope_boxed()
+            })
+            .await?;
         let mut staged: BTreeMap<ArtifactHash, Vec<Uuid>> = BTreeMap::new();
         for (nexus_id, hash) in rows {
             staged.entry(hash.0).or_default().push(nexus_id);
@@ -172,17 +186,17 @@ impl DataStore {
     }
 
     pub async fn target_releases(&self) -> Result<TargetReleases, DataStoreError> {
-        let mut conn = self.connection().await?;
-        let mut latest: Vec<(TargetRelease, TufRepo)> = target_release::table
-            .inner_join(tuf_repo::table)
-            .order(target_release::generation.desc())
-            .limit(2)
-            .select((TargetRelease::as_select(), TufRepo::as_select()))
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "target_releases", source })?
-            .into_iter()
-            .collect();
+        let mut latest: Vec<(TargetRelease, TufRepo)> = self
+            .statement_retry("target_releases", InDoubt::Read, |conn| {
+                target_release::table
+                    .inner_join(tuf_repo::table)
+                    .order(target_release::generation.desc())
+                    .limit(2)
+                    .select((TargetRelease::as_select(), TufRepo::as_select()))
+                    .load(conn)
+                    .scope_boxed()
+            })
+            .await?;
         let previous = (latest.len() == 2).then(|| latest.remove(1));
         Ok(TargetReleases { current: latest.pop(), previous })
     }
@@ -195,7 +209,7 @@ impl DataStore {
         system_version: &str,
         requested_by: &str,
     ) -> Result<(TargetRelease, TufRepo), DataStoreError> {
-        self.transaction_retry("target_release_set", |conn| {
+        self.transaction_retry("target_release_set", InDoubt::Report, |conn| {
             async move {
                 let repo: TufRepo = tuf_repo::table
                     .filter(tuf_repo::system_version.eq(system_version).and(tuf_repo::time_pruned.is_null()))
@@ -216,7 +230,11 @@ impl DataStore {
                 let view = health.as_ref().and_then(TufRepoHealth::view);
                 match &view {
                     Some(view) if view.state == RepoHealth::Replicated => {}
-                    _ => return Err(DataStoreError::Conflict(not_replicated(system_version, view.as_ref())).into()),
+                    _ => {
+                        return Err(
+                            DataStoreError::Conflict(not_replicated(system_version, view.as_ref())).into()
+                        );
+                    }
                 }
                 let newest: Option<i64> = target_release::table
                     .select(diesel::dsl::max(target_release::generation))

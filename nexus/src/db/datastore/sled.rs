@@ -1,6 +1,6 @@
 //! Sleds: registered (and re-registered) by their sled agents.
 
-use super::{DataStore, DataStoreError};
+use super::{DataStore, DataStoreError, InDoubt};
 use crate::db::model::{Sled, SledRegistration};
 use crate::db::schema::sled;
 use chrono::Utc;
@@ -29,7 +29,7 @@ impl DataStore {
             repo_depot_port: i32::from(registration.repo_depot_port),
             time_expunged: None,
         };
-        self.transaction_retry("sled_upsert", |conn| {
+        self.transaction_retry("sled_upsert", InDoubt::Rerun, |conn| {
             let row = row.clone();
             async move {
                 let existing: Option<Sled> =
@@ -44,7 +44,12 @@ impl DataStore {
                     .into());
                 }
                 let holder: Option<Uuid> = sled::table
-                    .filter(sled::serial.eq(&row.serial).and(sled::time_expunged.is_null()).and(sled::id.ne(row.id)))
+                    .filter(
+                        sled::serial
+                            .eq(&row.serial)
+                            .and(sled::time_expunged.is_null())
+                            .and(sled::id.ne(row.id)),
+                    )
                     .select(sled::id)
                     .first(conn)
                     .await
@@ -80,7 +85,7 @@ impl DataStore {
     /// Marks a sled expunged (idempotent): from then on no Nexus sends it
     /// requests, its copies no longer count, and its registration is refused.
     pub async fn sled_expunge(&self, id: Uuid) -> Result<Sled, DataStoreError> {
-        self.transaction_retry("sled_expunge", |conn| {
+        self.transaction_retry("sled_expunge", InDoubt::Rerun, |conn| {
             async move {
                 let found: Sled = sled::table
                     .find(id)
@@ -105,37 +110,32 @@ impl DataStore {
 
     /// Every sled ever registered, expunged ones included, ordered by id.
     pub async fn sled_list_all(&self) -> Result<Vec<Sled>, DataStoreError> {
-        let mut conn = self.connection().await?;
-        sled::table
-            .order(sled::id)
-            .select(Sled::as_select())
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "sled_list_all", source })
+        self.statement_retry("sled_list_all", InDoubt::Read, |conn| {
+            sled::table.order(sled::id).select(Sled::as_select()).load(conn).scope_boxed()
+        })
+        .await
     }
 
     /// Sleds in service (not expunged), ordered by id.
     pub async fn sled_list(&self) -> Result<Vec<Sled>, DataStoreError> {
-        let mut conn = self.connection().await?;
-        sled::table
-            .filter(sled::time_expunged.is_null())
-            .order(sled::id)
-            .select(Sled::as_select())
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "sled_list", source })
+        self.statement_retry("sled_list", InDoubt::Read, |conn| {
+            sled::table
+                .filter(sled::time_expunged.is_null())
+                .order(sled::id)
+                .select(Sled::as_select())
+                .load(conn)
+                .scope_boxed()
+        })
+        .await
     }
 
     pub async fn sled_get(&self, id: Uuid) -> Result<Sled, DataStoreError> {
-        let mut conn = self.connection().await?;
-        sled::table
-            .find(id)
-            .select(Sled::as_select())
-            .first(&mut conn)
-            .await
-            .optional()
-            .map_err(|source| DataStoreError::Query { operation: "sled_get", source })?
-            .ok_or_else(|| DataStoreError::NotFound { kind: "sled", key: id.to_string() })
+        self.statement_retry("sled_get", InDoubt::Read, |conn| {
+            async move { sled::table.find(id).select(Sled::as_select()).first(conn).await.optional() }
+                .scope_boxed()
+        })
+        .await?
+        .ok_or_else(|| DataStoreError::NotFound { kind: "sled", key: id.to_string() })
     }
 }
 
@@ -197,7 +197,10 @@ mod tests {
         assert!(expunged.time_expunged.is_some());
         assert_eq!(datastore.sled_expunge(old.id).await.unwrap(), expunged, "idempotent");
         let error = datastore.sled_upsert(&old).await.unwrap_err();
-        assert!(error.to_string().contains("was expunged") && error.to_string().contains("new sled"), "{error}");
+        assert!(
+            error.to_string().contains("was expunged") && error.to_string().contains("new sled"),
+            "{error}"
+        );
         assert!(datastore.sled_list().await.unwrap().is_empty());
         let replacement = registration("serial-a", 9400);
         datastore.sled_upsert(&replacement).await.unwrap();

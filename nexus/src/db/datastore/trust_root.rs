@@ -2,7 +2,7 @@
 //! Deletion is soft, so that what was trusted when stays visible in the
 //! database.
 
-use super::{DataStore, DataStoreError};
+use super::{DataStore, DataStoreError, InDoubt};
 use crate::db::model::TufTrustRoot;
 use crate::db::schema::tuf_trust_root;
 use chrono::Utc;
@@ -16,7 +16,7 @@ impl DataStore {
     pub async fn trust_root_add(&self, root_role: serde_json::Value) -> Result<TufTrustRoot, DataStoreError> {
         let row =
             TufTrustRoot { id: Uuid::new_v4(), time_created: Utc::now(), time_deleted: None, root_role };
-        self.transaction_retry("trust_root_add", |conn| {
+        self.transaction_retry("trust_root_add", InDoubt::Report, |conn| {
             let row = row.clone();
             async move {
                 let live: Vec<TufTrustRoot> = tuf_trust_root::table
@@ -44,37 +44,45 @@ impl DataStore {
 
     /// Live trust roots, oldest first.
     pub async fn trust_root_list(&self) -> Result<Vec<TufTrustRoot>, DataStoreError> {
-        let mut conn = self.connection().await?;
-        tuf_trust_root::table
-            .filter(tuf_trust_root::time_deleted.is_null())
-            .order((tuf_trust_root::time_created, tuf_trust_root::id))
-            .select(TufTrustRoot::as_select())
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "trust_root_list", source })
+        self.statement_retry("trust_root_list", InDoubt::Read, |conn| {
+            tuf_trust_root::table
+                .filter(tuf_trust_root::time_deleted.is_null())
+                .order((tuf_trust_root::time_created, tuf_trust_root::id))
+                .select(TufTrustRoot::as_select())
+                .load(conn)
+                .scope_boxed()
+        })
+        .await
     }
 
     pub async fn trust_root_get(&self, id: Uuid) -> Result<TufTrustRoot, DataStoreError> {
-        let mut conn = self.connection().await?;
-        tuf_trust_root::table
-            .find(id)
-            .filter(tuf_trust_root::time_deleted.is_null())
-            .select(TufTrustRoot::as_select())
-            .first(&mut conn)
-            .await
-            .optional()
-            .map_err(|source| DataStoreError::Query { operation: "trust_root_get", source })?
-            .ok_or_else(|| DataStoreError::NotFound { kind: "trust root", key: id.to_string() })
+        self.statement_retry("trust_root_get", InDoubt::Read, |conn| {
+            async move {
+                tuf_trust_root::table
+                    .find(id)
+                    .filter(tuf_trust_root::time_deleted.is_null())
+                    .select(TufTrustRoot::as_select())
+                    .first(conn)
+                    .await
+                    .optional()
+            }
+            .scope_boxed()
+        })
+        .await?
+        .ok_or_else(|| DataStoreError::NotFound { kind: "trust root", key: id.to_string() })
     }
 
     pub async fn trust_root_delete(&self, id: Uuid) -> Result<(), DataStoreError> {
-        let mut conn = self.connection().await?;
-        let deleted = diesel::update(tuf_trust_root::table)
-            .filter(tuf_trust_root::id.eq(id).and(tuf_trust_root::time_deleted.is_null()))
-            .set(tuf_trust_root::time_deleted.eq(Utc::now()))
-            .execute(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "trust_root_delete", source })?;
+        // Run twice, the second would find nothing to delete: report instead.
+        let deleted = self
+            .statement_retry("trust_root_delete", InDoubt::Report, |conn| {
+                diesel::update(tuf_trust_root::table)
+                    .filter(tuf_trust_root::id.eq(id).and(tuf_trust_root::time_deleted.is_null()))
+                    .set(tuf_trust_root::time_deleted.eq(Utc::now()))
+                    .execute(conn)
+                    .scope_boxed()
+            })
+            .await?;
         match deleted {
             0 => Err(DataStoreError::NotFound { kind: "trust root", key: id.to_string() }),
             _ => Ok(()),
@@ -98,7 +106,8 @@ mod tests {
         let first = datastore.trust_root_add(serde_json::json!({"signed": {"version": 1}})).await.unwrap();
         let second = datastore.trust_root_add(serde_json::json!({"signed": {"version": 2}})).await.unwrap();
         assert_eq!(live_ids(&datastore).await, vec![first.id, second.id]);
-        let error = datastore.trust_root_add(serde_json::json!({"signed": {"version": 2}})).await.unwrap_err();
+        let error =
+            datastore.trust_root_add(serde_json::json!({"signed": {"version": 2}})).await.unwrap_err();
         assert_eq!(error.to_string(), format!("this trust root is already trusted, as {}", second.id));
         assert_eq!(datastore.trust_root_get(second.id).await.unwrap().root_role["signed"]["version"], 2);
 

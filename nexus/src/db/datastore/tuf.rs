@@ -13,12 +13,14 @@
 //! set happens not to change is harmless; a change without a bump could let a
 //! stale Nexus delete what a newer one placed.
 
-use super::{DataStore, DataStoreError, TxnError};
+use super::{DataStore, DataStoreError, InDoubt, TxnError};
 use crate::db::model::{
     DbArtifactHash, TufArtifact, TufRepo, TufRepoArtifact, TufRepoDescription, TufRepoInsertStatus,
     TufRepoWithArtifacts,
 };
-use crate::db::schema::{target_release, tuf_artifact, tuf_generation, tuf_repo, tuf_repo_artifact, tuf_trust_root};
+use crate::db::schema::{
+    target_release, tuf_artifact, tuf_generation, tuf_repo, tuf_repo_artifact, tuf_trust_root,
+};
 use chrono::{DateTime, SubsecRound, Utc};
 use common::{ArtifactConfig, ArtifactId, Generation};
 use diesel::prelude::*;
@@ -52,14 +54,17 @@ impl DataStore {
         description: &TufRepoDescription,
     ) -> Result<TufRepoInsertResult, DataStoreError> {
         validate_description(description)?;
-        self.transaction_retry("tuf_repo_insert", |conn| insert_in_txn(conn, description).scope_boxed()).await
+        self.transaction_retry("tuf_repo_insert", InDoubt::Rerun, |conn| {
+            insert_in_txn(conn, description).scope_boxed()
+        })
+        .await
     }
 
     pub async fn tuf_repo_get_by_version(
         &self,
         system_version: &str,
     ) -> Result<TufRepoWithArtifacts, DataStoreError> {
-        self.transaction_retry("tuf_repo_get_by_version", |conn| {
+        self.transaction_retry("tuf_repo_get_by_version", InDoubt::Read, |conn| {
             async move {
                 let repo = tuf_repo::table
                     .filter(tuf_repo::system_version.eq(system_version))
@@ -81,32 +86,36 @@ impl DataStore {
 
     /// Repositories, pruned ones included, newest first.
     pub async fn tuf_repo_list(&self, page: &TufRepoPage) -> Result<Vec<TufRepo>, DataStoreError> {
-        let mut query = tuf_repo::table.select(TufRepo::as_select()).into_boxed();
-        if let Some((time, id)) = page.after {
-            query = query.filter(
-                tuf_repo::time_created.lt(time).or(tuf_repo::time_created.eq(time).and(tuf_repo::id.lt(id))),
-            );
-        }
-        let mut conn = self.connection().await?;
-        query
-            .order((tuf_repo::time_created.desc(), tuf_repo::id.desc()))
-            .limit(i64::from(page.limit))
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "tuf_repo_list", source })
+        self.statement_retry("tuf_repo_list", InDoubt::Read, |conn| {
+            let mut query = tuf_repo::table.select(TufRepo::as_select()).into_boxed();
+            if let Some((time, id)) = page.after {
+                query = query.filter(
+                    tuf_repo::time_created
+                        .lt(time)
+                        .or(tuf_repo::time_created.eq(time).and(tuf_repo::id.lt(id))),
+                );
+            }
+            query
+                .order((tuf_repo::time_created.desc(), tuf_repo::id.desc()))
+                .limit(i64::from(page.limit))
+                .load(conn)
+                .scope_boxed()
+        })
+        .await
     }
 
     /// Unpruned repositories, most recently uploaded first (the pruner's
     /// order: a re-upload makes an old repository new again).
     pub async fn tuf_repo_list_unpruned(&self) -> Result<Vec<TufRepo>, DataStoreError> {
-        let mut conn = self.connection().await?;
-        tuf_repo::table
-            .filter(tuf_repo::time_pruned.is_null())
-            .order((tuf_repo::time_last_uploaded.desc(), tuf_repo::id.desc()))
-            .select(TufRepo::as_select())
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query { operation: "tuf_repo_list_unpruned", source })
+        self.statement_retry("tuf_repo_list_unpruned", InDoubt::Read, |conn| {
+            tuf_repo::table
+                .filter(tuf_repo::time_pruned.is_null())
+                .order((tuf_repo::time_last_uploaded.desc(), tuf_repo::id.desc()))
+                .select(TufRepo::as_select())
+                .load(conn)
+                .scope_boxed()
+        })
+        .await
     }
 
     /// Unpruned repositories with their artifacts, newest first: what
@@ -114,24 +123,23 @@ impl DataStore {
     pub async fn tuf_repo_list_unpruned_with_artifacts(
         &self,
     ) -> Result<Vec<TufRepoWithArtifacts>, DataStoreError> {
-        let mut conn = self.connection().await?;
-        let rows: Vec<(TufRepo, TufArtifact)> = tuf_repo::table
-            .inner_join(tuf_repo_artifact::table.inner_join(tuf_artifact::table))
-            .filter(tuf_repo::time_pruned.is_null())
-            .order((
-                tuf_repo::time_created.desc(),
-                tuf_repo::id.desc(),
-                tuf_artifact::name,
-                tuf_artifact::version,
-                tuf_artifact::kind,
-            ))
-            .select((TufRepo::as_select(), TufArtifact::as_select()))
-            .load(&mut conn)
-            .await
-            .map_err(|source| DataStoreError::Query {
-                operation: "tuf_repo_list_unpruned_with_artifacts",
-                source,
-            })?;
+        let rows: Vec<(TufRepo, TufArtifact)> = self
+            .statement_retry("tuf_repo_list_unpruned_with_artifacts", InDoubt::Read, |conn| {
+                tuf_repo::table
+                    .inner_join(tuf_repo_artifact::table.inner_join(tuf_artifact::table))
+                    .filter(tuf_repo::time_pruned.is_null())
+                    .order((
+                        tuf_repo::time_created.desc(),
+                        tuf_repo::id.desc(),
+                        tuf_artifact::name,
+                        tuf_artifact::version,
+                        tuf_artifact::kind,
+                    ))
+                    .select((TufRepo::as_select(), TufArtifact::as_select()))
+                    .load(conn)
+                    .scope_boxed()
+            })
+            .await?;
         let mut repos: Vec<TufRepoWithArtifacts> = Vec::new();
         for (repo, artifact) in rows {
             match repos.last_mut() {
@@ -149,7 +157,7 @@ impl DataStore {
         repo_id: Uuid,
         expected: Generation,
     ) -> Result<Generation, DataStoreError> {
-        self.transaction_retry("tuf_repo_mark_pruned", |conn| {
+        self.transaction_retry("tuf_repo_mark_pruned", InDoubt::Report, |conn| {
             async move {
                 let found = read_generation(conn).await?;
                 if found != expected {
@@ -197,17 +205,16 @@ impl DataStore {
     }
 
     pub async fn tuf_generation_get(&self) -> Result<Generation, DataStoreError> {
-        let mut conn = self.connection().await?;
-        read_generation(&mut conn).await.map_err(|error| match error {
-            TxnError::Db(source) => DataStoreError::Query { operation: "tuf_generation_get", source },
-            TxnError::Abort(error) => error,
+        self.transaction_retry("tuf_generation_get", InDoubt::Read, |conn| {
+            read_generation(conn).scope_boxed()
         })
+        .await
     }
 
     /// The artifacts every sled must hold, read in one transaction so that the
     /// set belongs to the generation.
     pub async fn tuf_artifact_config(&self) -> Result<ArtifactConfig, DataStoreError> {
-        self.transaction_retry("tuf_artifact_config", |conn| {
+        self.transaction_retry("tuf_artifact_config", InDoubt::Read, |conn| {
             async move {
                 let generation = read_generation(conn).await?;
                 let hashes: Vec<DbArtifactHash> = tuf_artifact::table
@@ -378,6 +385,9 @@ async fn insert_in_txn(
         .collect();
     diesel::insert_into(tuf_repo_artifact::table).values(&links).execute(conn).await?;
     let generation = bump_generation(conn, generation).await?;
+    // Tests hold the transaction open here, every row written, to kill the
+    // database under it. The datastore knows no Nexus id: only `*` matches.
+    crate::failpoints::delay("nexus::db::tuf_repo_insert::before_commit", Uuid::nil()).await;
     linked.sort_by_key(TufArtifact::artifact_id);
     Ok(TufRepoInsertResult {
         recorded: TufRepoWithArtifacts { repo, artifacts: linked },
@@ -566,7 +576,11 @@ mod tests {
         let error = datastore.tuf_repo_insert(&repo("1.0.0", vec![artifact("a", "1")])).await.unwrap_err();
         assert!(matches!(error, DataStoreError::Conflict(_)), "{error:?}");
         assert!(error.to_string().contains("was deleted during the upload"), "{error}");
-        assert_eq!(config_hashes(&datastore).await, (Generation::new(1), BTreeSet::new()), "nothing recorded");
+        assert_eq!(
+            config_hashes(&datastore).await,
+            (Generation::new(1), BTreeSet::new()),
+            "nothing recorded"
+        );
     }
 
     #[tokio::test]

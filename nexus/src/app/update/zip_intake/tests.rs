@@ -1,7 +1,7 @@
 use super::*;
-use tuf_forge::raw_zip::{RawEntry, append_end_record, build, prepend};
 use proptest::prelude::*;
 use std::io::{Read, Write};
+use tuf_forge::raw_zip::{RawEntry, append_end_record, build, prepend};
 
 fn limits() -> ZipLimits {
     ZipLimits { max_entries: 100, max_total_bytes: 1 << 20, max_compression_ratio: 50 }
@@ -11,8 +11,11 @@ fn limits() -> ZipLimits {
 fn valid_zip() -> Vec<u8> {
     let mut cursor = std::io::Cursor::new(Vec::new());
     let mut zip = zip::ZipWriter::new(&mut cursor);
-    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
-    for (name, body) in [("repo/metadata/1.root.json", &b"{\"a\": 1}"[..]), ("repo/targets/x", &[7u8; 300][..])] {
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, body) in
+        [("repo/metadata/1.root.json", &b"{\"a\": 1}"[..]), ("repo/targets/x", &[7u8; 300][..])]
+    {
         zip.start_file(name, options).unwrap();
         zip.write_all(body).unwrap();
     }
@@ -216,9 +219,17 @@ fn mutated(mut entries: Vec<RawEntry>, zip64: bool, mutations: &[Mutation]) -> V
 }
 
 fn entries() -> impl Strategy<Value = Vec<RawEntry>> {
-    let names = vec!["repo/metadata/1.root.json", "repo/metadata/timestamp.json", "repo/targets/a", "repo/targets/b b"];
-    proptest::collection::vec((prop::sample::select(names), proptest::collection::vec(any::<u8>(), 0..300)), 1..4)
-        .prop_map(|entries| entries.into_iter().map(|(name, data)| RawEntry::new(name, &data)).collect())
+    let names = vec![
+        "repo/metadata/1.root.json",
+        "repo/metadata/timestamp.json",
+        "repo/targets/a",
+        "repo/targets/b b",
+    ];
+    proptest::collection::vec(
+        (prop::sample::select(names), proptest::collection::vec(any::<u8>(), 0..300)),
+        1..4,
+    )
+    .prop_map(|entries| entries.into_iter().map(|(name, data)| RawEntry::new(name, &data)).collect())
 }
 
 proptest! {
@@ -248,7 +259,7 @@ proptest! {
             _ => true,
         };
         let distinct = entries.iter().map(|e| &e.name).collect::<std::collections::BTreeSet<_>>().len() == entries.len();
-        let bytes = mutated(entries, zip64, &[trick.clone()]);
+        let bytes = mutated(entries, zip64, std::slice::from_ref(&trick));
         if distinct || matches!(trick, Mutation::Duplicate(_)) {
             prop_assert_eq!(intake(&bytes).is_err(), refused, "{:?}", trick);
         }
