@@ -211,12 +211,57 @@ async fn a_full_sled_is_reported_and_does_not_hold_back_the_others() {
     let error = refusal.error.as_deref().unwrap();
     assert!(error.contains("507") && error.contains("is full"), "{error}");
     let config = rack.config().await;
-    let views = rack.views().await;
-    for view in views.iter().filter(|view| view.sled_id != full) {
-        assert!(holds_exactly(view, &config), "{view:?}");
-    }
+    wait_until("the other sleds hold everything", Duration::from_secs(10), async || {
+        rack.views().await.iter().filter(|view| view.sled_id != full).all(|view| holds_exactly(view, &config))
+    })
+    .await;
+    // Health is judged by an activation; copies finish after theirs.
+    rack.replicate().await;
     let repo = rack.nexus.external_client().repository_view("1.0.0").await.unwrap().into_inner();
     assert_eq!(repo.replication.unwrap().sleds_complete, 2);
+}
+
+/// Pipelined replication PUTs each artifact to one sled. When that sled
+/// refuses (full), the chain behind it is not left waiting for the next
+/// activation: the next sled of the chain gets the PUT instead. Ten
+/// artifacts, each with a random head, on a full sled and a good one: the
+/// full sled heads some chain unless every draw missed it (1 in 1,024).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_whose_head_refuses_is_filled_by_a_put_to_the_next_sled() {
+    let (mut rack, factory) = TestRack::with_trust_root(1, |config| {
+        config.background_tasks.tuf_artifact_replication.followup_delay_millis = 600_000;
+    })
+    .await;
+    rack.add_sled_with(|config| config.storage.artifact_quota_bytes = 100 * 1024).await;
+    let (good, full) = (rack.sleds[0].server.sled_id, rack.sleds[1].server.sled_id);
+    let names: Vec<String> = (0..10).map(|n| format!("artifact-{n}")).collect();
+    let artifacts: Vec<(&str, u64)> = names.iter().map(|name| (name.as_str(), 200 * 1024)).collect();
+    let zip = factory.build(&RepoFactory::spec("1.0.0", &artifacts, 1)).await;
+    assert_eq!(upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await.0, 200);
+
+    let status = rack.replicate().await;
+    let refused_puts: Vec<_> = status
+        .ring
+        .iter()
+        .filter(|r| r.sled_id == full && r.operation == RequestOperation::Put && r.error.is_some())
+        .collect();
+    assert!(!refused_puts.is_empty(), "the full sled headed no chain: {:#?}", status.ring);
+    for refused in refused_puts {
+        assert!(
+            status.ring.iter().any(|r| r.sled_id == good
+                && r.operation == RequestOperation::Put
+                && r.hash == refused.hash
+                && r.error.is_none()),
+            "{:?} was not PUT to the good sled after the full one refused it: {:#?}",
+            refused.hash,
+            status.ring
+        );
+    }
+    let config = rack.config().await;
+    wait_until("the good sled holds everything after one activation", Duration::from_secs(10), async || {
+        rack.views().await.iter().filter(|view| view.sled_id == good).all(|view| holds_exactly(view, &config))
+    })
+    .await;
 }
 
 /// Every holder's depot serves wrong bytes: a new sled accepts each copy

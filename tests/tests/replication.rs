@@ -34,7 +34,14 @@ async fn an_upload_converges_on_every_sled_and_leaves_staging() {
     assert_eq!(status.outcome, ReplicationOutcome::Completed);
     assert!(status.local_repos.is_empty());
     assert_eq!((status.plan.puts, status.plan.copies, status.plan.recopies), (0, 0, 0));
-    assert!(status.lifetime.put_ok >= 3 * 3, "three artifacts PUT to three sleds: {:?}", status.lifetime);
+    // Pipelined (the default): each artifact is PUT to one sled, and the
+    // three others copy it along a chain.
+    assert_eq!(
+        (status.lifetime.put_ok, status.lifetime.copy_ok),
+        (3, 3 * 3),
+        "three artifacts PUT once each and copied to three sleds: {:?}",
+        status.lifetime
+    );
     assert_eq!(status.repos[0].sleds_complete, 4);
 
     let view = rack.nexus.external_client().repository_view("1.0.0").await.unwrap().into_inner();

@@ -61,6 +61,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1000)]
         promote_after_ms: u64,
     },
+    /// A sled's start-up with and without the verification cache, with
+    /// `--gib` of artifacts on each M.2 (in the temp directory: twice that
+    /// on disk).
+    Startup {
+        #[arg(long, default_value_t = 8)]
+        gib: u64,
+        #[arg(long, default_value_t = 256)]
+        artifact_mib: u64,
+    },
     /// The replication planner's time on a large inventory.
     Plan {
         #[arg(long, default_value_t = 32)]
@@ -109,6 +118,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Bgtask { activations } => bgtask(activations).await,
         BenchCommand::Plan { sleds, artifacts, repos } => plan(sleds, artifacts, repos),
+        BenchCommand::Startup { gib, artifact_mib } => crate::bench_startup::startup(gib, artifact_mib).await,
         BenchCommand::Failover { uploads, promote_after_ms } => {
             crate::bench_failover::failover(uploads, Duration::from_millis(promote_after_ms)).await
         }

@@ -9,6 +9,7 @@
 mod bench;
 mod bench_failover;
 mod bench_fanout;
+mod bench_startup;
 mod netns;
 mod operator;
 mod run_all;

@@ -4,9 +4,10 @@
 //! the plan; this module decides it, and is tested exhaustively on its own.
 //!
 //! For each artifact of the config, in hash order:
-//! - if no sled holds it and this Nexus has it staged, PUT it to
-//!   `min_sled_replication` random sleds (all of them if there are fewer;
-//!   every sled that lacks it with [`Fanout::Star`]);
+//! - if no sled holds it and this Nexus has it staged, PUT it to one random
+//!   sled with [`Fanout::Pipelined`], to `min_sled_replication` random sleds
+//!   with [`Fanout::TwoStage`] (all of them if there are fewer), to every
+//!   sled that lacks it with [`Fanout::Star`];
 //! - every other sled that lacks it copies it (see the fan-outs below);
 //! - a sled that holds fewer copies than it has healthy M.2s copies it again,
 //!   from another holder if there is one (else from its own depot, which
@@ -29,8 +30,10 @@
 //!   one before it in its chain, while that one is still receiving: a depot
 //!   streams an artifact it is still writing, as the bytes arrive, and every
 //!   receiver verifies the whole hash before its rename. Every sled's link
-//!   then carries the artifact about once in and once out, so the time is
-//!   close to the artifact's size over one link, whatever the sled count.
+//!   then carries the artifact about once in and once out, Nexus's included
+//!   (one PUT), so the time is close to the repository's size over one
+//!   link, whatever the sled count. A copy resumes (Range) from the other
+//!   heads or from a sled earlier in its chain if its source breaks.
 //! - [`Fanout::TwoStage`]: every other sled copies from a random head, once
 //!   the PUTs of the round have finished (omicron's plan; a baseline).
 //! - [`Fanout::Star`]: Nexus PUTs to every sled itself (a baseline).
@@ -119,6 +122,30 @@ pub enum Request {
     },
 }
 
+/// What to send instead of `copy` (a copy of `requests`) when the request
+/// that was to fill its source failed: the same copy from its first
+/// alternate, the others still alternates; without alternates, a PUT to its
+/// target if this round PUTs that artifact (it is staged here), so that a
+/// chain whose head refused still fills. `None` for a PUT, or when neither
+/// applies.
+pub fn reroute(requests: &[Request], copy: &Request) -> Option<Request> {
+    let Request::Copy { hash, target, feed, recopy, alternates, .. } = copy else { return None };
+    match alternates.split_first() {
+        Some((&source, rest)) => Some(Request::Copy {
+            hash: *hash,
+            target: *target,
+            source,
+            feed: *feed,
+            recopy: *recopy,
+            alternates: rest.to_vec(),
+        }),
+        None => requests
+            .iter()
+            .any(|request| matches!(request, Request::Put { hash: put, .. } if put == hash))
+            .then_some(Request::Put { hash: *hash, sled: *target }),
+    }
+}
+
 /// Alternate sources offered with each copy.
 const ALTERNATES: usize = 2;
 
@@ -159,7 +186,12 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 .collect();
             let count = match limits.fanout {
                 Fanout::Star => candidates.len(),
-                Fanout::Pipelined | Fanout::TwoStage => limits.min_sled_replication.min(candidates.len()),
+                // One PUT: the chain makes every other copy at link rate, so
+                // Nexus's link carries the repository once. Durability does
+                // not rest on the PUT count: the staged copy stays until
+                // `min_sled_replication` sleds hold the artifact.
+                Fanout::Pipelined => candidates.len().min(1),
+                Fanout::TwoStage => limits.min_sled_replication.min(candidates.len()),
             };
             put_targets = candidates.choose_multiple(rng, count).map(|sled| sled.id).collect();
             put_targets.sort();
@@ -200,24 +232,28 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
         match limits.fanout {
             Fanout::Pipelined => {
                 // Chain i: heads[i], then followers i, i + heads, i + 2 heads...
-                let mut tails: Vec<(SledId, Feed)> = heads
-                    .iter()
-                    .map(|&head| {
-                        (head, if put_targets.contains(&head) { Feed::Pipelined } else { Feed::Holds })
-                    })
-                    .collect();
+                let mut chains: Vec<Vec<SledId>> = heads.iter().map(|&head| vec![head]).collect();
                 for (index, target) in followers.into_iter().enumerate() {
-                    let chain = index % tails.len();
-                    let (source, feed) = tails[chain];
+                    let chain = &mut chains[index % heads.len()];
+                    let source = *chain.last().expect("a chain starts with its head");
+                    let feed = match chain.len() {
+                        1 if !put_targets.contains(&source) => Feed::Holds,
+                        _ => Feed::Pipelined,
+                    };
+                    // Resume sources: the other heads, and the sleds earlier
+                    // in this chain, each at least as far along as the source.
+                    let resume_from: BTreeSet<SledId> =
+                        heads.iter().chain(chain.iter()).copied().filter(|&id| id != source).collect();
+                    let resume_from: Vec<SledId> = resume_from.into_iter().collect();
                     copies.push(Request::Copy {
                         hash: *hash,
                         target,
                         source,
                         feed,
                         recopy: false,
-                        alternates: alternates(source, rng),
+                        alternates: resume_from.choose_multiple(rng, ALTERNATES).copied().collect(),
                     });
-                    tails[chain] = (target, Feed::Pipelined);
+                    chain.push(target);
                 }
             }
             Fanout::TwoStage | Fanout::Star => {
@@ -292,8 +328,8 @@ mod tests {
     }
 
     #[test]
-    fn local_only_artifacts_are_put_to_min_sleds_and_chained_to_the_rest() {
-        for (sled_count, expected_puts) in [(1, 1), (3, 3), (16, 3)] {
+    fn local_only_artifacts_are_put_to_one_sled_and_chained_to_the_rest() {
+        for (sled_count, expected_puts) in [(1, 1), (3, 1), (16, 1)] {
             let inventory = Inventory {
                 sleds: sleds(sled_count),
                 artifacts: [(
@@ -324,6 +360,30 @@ mod tests {
             let last_put = planned.requests.iter().rposition(|r| matches!(r, Request::Put { .. }));
             assert!(first_copy.is_none() || first_copy > last_put, "PUTs come first");
         }
+    }
+
+    #[test]
+    fn a_copy_whose_source_failed_moves_to_its_next_alternate_or_becomes_a_put() {
+        let [a, b, c, d] = [1, 2, 3, 4].map(Uuid::from_u128);
+        let copy = |hash, source, alternates: Vec<SledId>| Request::Copy {
+            hash,
+            target: a,
+            source,
+            feed: Feed::Pipelined,
+            recopy: false,
+            alternates,
+        };
+        let put = Request::Put { hash: hash(1), sled: b };
+        let round = [put.clone(), copy(hash(1), b, vec![]), copy(hash(2), c, vec![])];
+        assert_eq!(reroute(&round, &copy(hash(1), b, vec![c, d])), Some(copy(hash(1), c, vec![d])));
+        assert_eq!(reroute(&round, &copy(hash(1), c, vec![d])), Some(copy(hash(1), d, vec![])));
+        assert_eq!(
+            reroute(&round, &copy(hash(1), d, vec![])),
+            Some(Request::Put { hash: hash(1), sled: a }),
+            "staged here: PUT to the copy's target"
+        );
+        assert_eq!(reroute(&round, &copy(hash(2), c, vec![])), None, "not PUT this round: not staged");
+        assert_eq!(reroute(&round, &put), None);
     }
 
     #[test]
@@ -435,7 +495,7 @@ mod tests {
     }
 
     #[test]
-    fn min_replication_beyond_the_sled_count_puts_to_every_sled() {
+    fn two_stage_with_min_replication_beyond_the_sled_count_puts_to_every_sled() {
         let inventory = Inventory {
             sleds: sleds(2),
             artifacts: [(
@@ -444,7 +504,7 @@ mod tests {
             )]
             .into(),
         };
-        assert_eq!(count(&plan(&inventory, &mut rng(), limits(5))), (2, 0, 0));
+        assert_eq!(count(&plan(&inventory, &mut rng(), with(5, Fanout::TwoStage))), (2, 0, 0));
     }
 
     #[test]
@@ -547,6 +607,13 @@ mod tests {
                             ),
                         }
                         assert!(!alternates.contains(source), "seed {seed}: the source is no alternate");
+                        for alternate in alternates {
+                            let held = before[hash].get(alternate).copied().unwrap_or(0) > 0;
+                            assert!(
+                                held || filled_so_far.contains(&(*hash, *alternate)),
+                                "seed {seed}: alternate {alternate} of {hash} is filled by no earlier request"
+                            );
+                        }
                     }
                 }
                 filled_so_far.insert((*hash, *target));
@@ -580,7 +647,7 @@ mod tests {
         let state =
             ArtifactState { local: true, backing_off: [all[0].id, all[1].id].into(), ..Default::default() };
         let inventory = Inventory { sleds: all.clone(), artifacts: [(hash(1), state)].into() };
-        let planned = plan(&inventory, &mut rng(), limits(3));
+        let planned = plan(&inventory, &mut rng(), with(3, Fanout::TwoStage));
         assert_eq!(count(&planned), (2, 0, 0), "PUTs to the two sleds not backing off: {planned:?}");
         assert_eq!(planned.skipped_backoff, 2);
         assert!(

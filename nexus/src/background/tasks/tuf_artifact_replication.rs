@@ -594,8 +594,9 @@ impl ArtifactReplication {
     /// `Pipelined` copy starts once the request filling its source has
     /// started (a PUT that has been under way for [`PIPELINE_HEAD_START`],
     /// a copy the sled accepted), an `AfterPut` copy once every PUT has
-    /// finished; a copy whose source's request failed is not sent. Records
-    /// come back in plan order.
+    /// finished; a copy whose source's request failed is rerouted
+    /// ([`replication_plan::reroute`]), or not sent if it cannot be.
+    /// Records come back in plan order.
     async fn execute(
         &self,
         requests: &[Request],
@@ -629,10 +630,18 @@ impl ArtifactReplication {
                     }
                     _ => true,
                 };
-                if !waited {
-                    progress[index].send_replace(Progress::Failed);
-                    return Record::skipped(request);
-                }
+                // A copy whose source will not be filled goes to its next
+                // alternate, or becomes a PUT, rather than waiting for the
+                // next activation.
+                let rerouted = if waited { None } else { replication_plan::reroute(requests, request) };
+                let request = match (&rerouted, waited) {
+                    (Some(rerouted), _) => rerouted,
+                    (None, true) => request,
+                    (None, false) => {
+                        progress[index].send_replace(Progress::Failed);
+                        return Record::skipped(request);
+                    }
+                };
                 let _permit = permits.acquire().await.expect("the semaphore is never closed");
                 let record = self.execute_one(request, sleds, generation, &progress[index]).await;
                 progress[index].send_replace(if record.error.is_none() {
