@@ -198,3 +198,76 @@ fn run_all_reports_a_crashed_child_and_stops_the_rest() {
     assert!(processes_mentioning(&run_dir).is_empty(), "the rest of the rack was stopped");
     assert!(!Path::new(&run_dir).exists(), "{run_dir} was removed");
 }
+
+/// `run-all --db-standbys 1`: the banner names a primary and a standby, each
+/// with its own port and directory; the database URL lists both and asks for
+/// the read-write one; omdb reads through that URL; SIGINT removes both.
+#[test]
+fn run_all_with_a_standby_prints_both_servers_and_cleans_up_both() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut rack = Command::new(binary("rack-dev"))
+        .args(["run-all", "--sleds", "1", "--db-standbys", "1"])
+        .env("RACK_DEV_CURRENT", scratch.path().join("current.json"))
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut guard = InterruptOnDrop(Some(rack.id()));
+    let mut lines = Vec::new();
+    // Closed after the banner: run-all must still stop cleanly.
+    for line in BufReader::new(rack.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let ready = line.starts_with("Ready.");
+        lines.push(line);
+        if ready {
+            break;
+        }
+    }
+    let banner = lines.join("\n");
+    let server = |name: &str| -> (String, u16, PathBuf) {
+        let at = lines
+            .iter()
+            .position(|line| line.trim().starts_with(&format!("database {name}:")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{banner}"));
+        // "database pg1:    synchronous standby on 127.0.0.1:PORT"
+        let described = lines[at].split_once(':').unwrap().1.trim();
+        let (role, address) = described.rsplit_once(" on ").unwrap_or_else(|| panic!("{banner}"));
+        let port = address.rsplit(':').next().unwrap().parse().unwrap();
+        let dir = lines[at + 1].trim().strip_prefix("dir ").unwrap_or_else(|| panic!("{banner}"));
+        (role.to_string(), port, PathBuf::from(dir))
+    };
+    let (primary_role, primary_port, primary_dir) = server("pg0");
+    let (standby_role, standby_port, standby_dir) = server("pg1");
+    assert_eq!(
+        (primary_role.as_str(), standby_role.as_str()),
+        ("primary", "synchronous standby"),
+        "{banner}"
+    );
+    assert_ne!(primary_port, standby_port);
+    assert!(primary_dir.is_dir() && standby_dir.is_dir() && primary_dir != standby_dir, "{banner}");
+    let url = lines
+        .iter()
+        .find_map(|line| line.trim().strip_prefix("database:"))
+        .unwrap_or_else(|| panic!("{banner}"))
+        .trim()
+        .to_string();
+    assert!(
+        url.contains(&format!(":{primary_port},")) && url.contains(&format!(":{standby_port}/")),
+        "{url}"
+    );
+    assert!(url.ends_with("target_session_attrs=read-write"), "{url}");
+    assert!(banner.contains("pg_ctl promote"), "the banner says how to fail over:\n{banner}");
+
+    let omdb = Command::new(binary("omdb")).args(["db", "tuf-repos", "--db-url", &url]).output().unwrap();
+    assert!(omdb.status.success(), "{}", String::from_utf8_lossy(&omdb.stderr));
+
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(rack.id() as i32, libc::SIGINT) };
+    guard.disarm();
+    assert!(rack.wait().unwrap().success());
+    for dir in [&primary_dir, &standby_dir] {
+        assert!(!dir.exists(), "{} was removed", dir.display());
+        assert!(processes_mentioning(&dir.display().to_string()).is_empty(), "{} stopped", dir.display());
+    }
+}

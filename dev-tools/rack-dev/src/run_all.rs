@@ -32,6 +32,7 @@ use common::discovery::{NexusEndpoints, RackDiscovery, SledEndpoints};
 use nexus::auth::OperatorToken;
 use nexus::db::DataStore;
 use nexus::db::datastore::PoolConfig;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -395,15 +396,20 @@ pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
             }
         }
     };
-    println!("stopping ({reason})");
+    // Whoever read the banner may have closed our stdout since (a pipe
+    // read up to "Ready."): a failed write must not stop the clean-up.
+    let say = |line: String| {
+        let _ = writeln!(std::io::stdout(), "{line}");
+    };
+    say(format!("stopping ({reason})"));
     let run_dir = rack.discovery.run_dir.clone();
     let kept = rack.keep_dir;
     rack.stop();
     RackDiscovery::remove();
     if kept {
-        println!("stopped; kept {run_dir}");
+        say(format!("stopped; kept {run_dir}"));
     } else {
-        println!("stopped; removed {run_dir}");
+        say(format!("stopped; removed {run_dir}"));
     }
     if crashed {
         bail!("the rack stopped because {reason}");
@@ -428,7 +434,10 @@ fn print_banner(discovery: &RackDiscovery, token: &str, postgres: Option<&PgClus
         let pg_ctl = test_harness::pg::bin_dir().unwrap_or_default().join("pg_ctl");
         let (pg_ctl, data) = (pg_ctl.display(), standby.dir.display());
         println!("  failover:        kill -9 the primary (its pid: line 1 of data/postmaster.pid), then");
-        println!("                   sudo -u postgres {pg_ctl} promote -D {data}/data");
+        // The servers run as `postgres` when run-all runs as root.
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        let as_postgres = if unsafe { libc::geteuid() } == 0 { "runuser -u postgres -- " } else { "" };
+        println!("                   {as_postgres}{pg_ctl} promote -D {data}/data");
         println!("                   Nexus follows by itself; the old primary is not to be restarted.");
     }
     for (index, nexus) in discovery.nexus.iter().enumerate() {
