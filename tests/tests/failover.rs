@@ -19,7 +19,9 @@
 //! Checked: every upload answered 200 is recorded afterwards; the
 //! database's and every sled's generation never go back, and every artifact
 //! of an unpruned repository is on a sled or staged (both watched every
-//! 20 ms through the failover); the same Nexus serves throughout and its
+//! 20 ms through the failover); afterwards every sled holds exactly the
+//! config (what the prunes dropped is gone) and every byte hashes to its
+//! name; the same Nexus serves throughout and its
 //! tasks work again on their next activation; the rack converges; omdb
 //! reads the promoted database through the same URL. Failpoints are
 //! process-wide: this test has a binary of its own.
@@ -27,7 +29,7 @@
 use common::bgtask::details::{ReplicationOutcome, TufRepoPrunerOutcome, TufRepoPrunerStatus};
 use common::bgtask::{CurrentStatus, LastResult};
 use common::{ArtifactHash, Generation};
-use integration_tests::rack::{PRUNER, REPLICATION, TestRack, wait_until};
+use integration_tests::rack::{PRUNER, REPLICATION, TestRack, holds_exactly, wait_until};
 use integration_tests::repos::{RepoFactory, upload};
 use integration_tests::{TestNexus, test_config};
 use nexus::db::{DataStore, DataStoreError};
@@ -169,6 +171,12 @@ async fn a_failover_loses_no_acknowledged_upload_and_nexus_rides_through_it() {
         [nexus_id],
         "one Nexus, never restarted"
     );
+    // §10.4: what the prunes dropped is gone from every sled; §10.3: what
+    // is left hashes to its name.
+    let config = rack.config().await;
+    for view in rack.views().await {
+        assert!(holds_exactly(&view, &config), "{view:?}");
+    }
     check_sled_bytes(&rack).await;
     let checks = watcher.stop().await;
     assert!(checks > 50, "the watcher checked only {checks} times");
