@@ -246,6 +246,31 @@ impl RunAll {
     }
 }
 
+impl RunAll {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills run-all with SIGKILL (it cannot clean up) and reaps it.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Processes whose command line contains `needle`, as "pid: cmdline".
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
 impl Drop for RunAll {
     fn drop(&mut self) {
         // SAFETY: kill(2) has no memory-safety preconditions.

@@ -5,7 +5,7 @@
 //! when it is skipped.
 
 use common::ArtifactConfig;
-use integration_tests::processes::RunAll;
+use integration_tests::processes::{RunAll, processes_mentioning};
 use integration_tests::rack::{holds_exactly, sled_view_at};
 use integration_tests::repos::{RepoFactory, upload};
 use std::collections::BTreeSet;
@@ -202,4 +202,53 @@ async fn nexus_cut_off_from_one_sled_does_not_stop_the_rest() {
     println!("the three reachable sleds converged in {took:?}");
     rack.run.rack_dev(&["link", "mend", "n0"]);
     rack.converge(&["s0", "s1", "s2", "s3"], Duration::from_secs(60)).await;
+}
+
+/// Namespaces and links of the run with this pid (`rk<pid>` then a
+/// non-digit), in /var/run/netns and /sys/class/net.
+fn leftovers_of(pid: u32) -> Vec<String> {
+    let prefix = format!("rk{pid}");
+    let mut names = Vec::new();
+    for dir in ["/var/run/netns", "/sys/class/net"] {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with(|c: char| !c.is_ascii_digit()))
+            {
+                names.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    names
+}
+
+/// run-all killed with SIGKILL cannot clean up: its processes die with it
+/// (they are told to on their parent's death), and the next run reaps the
+/// namespaces, bridge and veths it left. A run stopped by SIGINT leaves
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_killed_run_leaves_is_reaped_by_the_next() {
+    if skipped() {
+        return;
+    }
+    let mut killed = RunAll::start(&["--netns", "--sleds", "2"]);
+    let (killed_pid, run_dir) = (killed.pid(), killed.discovery.run_dir.clone());
+    killed.kill_9();
+    let left = leftovers_of(killed_pid);
+    assert!(left.iter().any(|name| name.starts_with("/var/run/netns/")), "nothing to reap: {left:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(run_dir.as_str()).is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", processes_mentioning(run_dir.as_str()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let next = RunAll::start(&["--netns", "--sleds", "1"]);
+    assert_eq!(leftovers_of(killed_pid), Vec::<String>::new(), "the next run reaped the killed one's");
+    let next_pid = next.pid();
+    assert!(!leftovers_of(next_pid).is_empty());
+    drop(next);
+    assert_eq!(leftovers_of(next_pid), Vec::<String>::new(), "a run stopped by SIGINT leaves nothing");
+    // A killed run's directory stays, with its logs, for whoever looks into
+    // why it died; this test has looked.
+    std::fs::remove_dir_all(&run_dir).unwrap();
 }

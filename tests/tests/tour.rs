@@ -5,6 +5,7 @@
 //! nothing may be left: no child process, no run directory, no database.
 
 use integration_tests::binary;
+use integration_tests::processes::processes_mentioning;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -41,18 +42,6 @@ impl Drop for InterruptOnDrop {
             unsafe { libc::kill(pid as i32, libc::SIGINT) };
         }
     }
-}
-
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) {
-            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
-        }
-    }
-    found
 }
 
 #[test]
