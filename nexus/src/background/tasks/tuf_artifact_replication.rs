@@ -17,8 +17,10 @@
 //!    `min_sled_replication` sleds (or when it left the config, pruned);
 //!    its staged files go once nothing else pins them.
 //! 6. Plan ([`super::replication_plan`], a pure function) and execute: PUTs
-//!    first, then copies (some copies read from a sled that one of the PUTs
-//!    just filled), `max_concurrent_requests` at a time. A 503/429 with
+//!    first, then copies (some copies read from a sled that a PUT or another
+//!    copy is filling), `max_concurrent_requests` at a time; a copy whose
+//!    source's own request failed goes to an alternate source, or becomes a
+//!    PUT ([`super::replication_plan::reroute`]). A 503/429 with
 //!    `Retry-After` is waited out and retried, a bounded number of times.
 //!    Every request lands in the ring buffer with its full error chain.
 //! 7. If copies are running on sleds (started now or earlier), or a PUT made
