@@ -18,6 +18,12 @@
 //! stale Nexus's config, and delete whatever the newer config added). The
 //! store then enforces only the generation and deletes nothing until a Nexus
 //! pushes a config at least that new.
+//!
+//! A device whose ledger directory cannot even be listed is damage too: it
+//! may hold a newer generation than any copy read. The store then enforces
+//! the newest generation it could see, deleting nothing, until a Nexus
+//! pushes a config at least that new (the unreadable device's own copies
+//! stay unknown; Nexus's push is the best evidence of what is current).
 
 use crate::storage::M2;
 use camino::{Utf8Path, Utf8PathBuf};
@@ -41,12 +47,17 @@ pub struct Loaded {
     pub newest_named: Generation,
     /// One line per damaged copy, naming the file and the problem.
     pub damage: Vec<String>,
+    /// A healthy device's ledger directory could not be listed: the
+    /// generations it holds, possibly newer than any seen, are unknown.
+    pub unlisted: bool,
 }
 
 impl Loaded {
-    /// Whether the newest generation this sled accepted is unreadable.
+    /// Whether the newest generation this sled accepted may be unreadable:
+    /// a copy named newer than every intact one, or a device whose copies
+    /// could not even be listed.
     pub fn is_damaged(&self) -> bool {
-        self.newest_named > self.newest_intact.generation
+        self.newest_named > self.newest_intact.generation || self.unlisted
     }
 }
 
@@ -78,13 +89,18 @@ fn ledger_files(m2: &M2) -> std::io::Result<Vec<(Generation, Utf8PathBuf)>> {
 
 /// Reads every ledger copy on the healthy devices.
 pub fn load(m2s: &[Arc<M2>]) -> Loaded {
-    let mut loaded =
-        Loaded { newest_intact: empty_config(), newest_named: Generation::new(0), damage: Vec::new() };
+    let mut loaded = Loaded {
+        newest_intact: empty_config(),
+        newest_named: Generation::new(0),
+        damage: Vec::new(),
+        unlisted: false,
+    };
     for m2 in m2s.iter().filter(|m2| m2.is_healthy()) {
         let files = match ledger_files(m2) {
             Ok(files) => files,
             Err(error) => {
                 loaded.damage.push(format!("listing the ledger directory {}: {error}", m2.root()));
+                loaded.unlisted = true;
                 continue;
             }
         };
@@ -203,6 +219,26 @@ mod tests {
         assert_eq!(loaded.damage.len(), 2, "{:?}", loaded.damage);
         assert!(loaded.damage.iter().any(|d| d.contains("m2-1") && d.contains("cannot be parsed")));
         assert!(loaded.damage.iter().any(|d| d.contains("m2-2") && d.contains("cannot be read")));
+    }
+
+    #[test]
+    fn a_device_whose_ledger_cannot_be_listed_is_damage_not_absence() {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let m2s = devices(dir.path(), 2);
+        write_one(&m2s[0], &config(5)).unwrap();
+        write_one(&m2s[1], &config(7)).unwrap();
+        // Device 1's directory becomes unlistable (ENOTDIR): its generation
+        // 7 is out of sight, and generation 5 must not pass for the newest.
+        std::fs::remove_dir_all(m2s[1].root()).unwrap();
+        std::fs::write(m2s[1].root(), b"not a directory").unwrap();
+        let loaded = load(&m2s);
+        assert_eq!(loaded.newest_intact, config(5));
+        assert!(loaded.is_damaged());
+        assert!(
+            loaded.damage.iter().any(|d| d.contains("listing the ledger directory")),
+            "{:?}",
+            loaded.damage
+        );
     }
 
     #[test]

@@ -91,12 +91,19 @@ async fn nexus_crashing_during_an_upload_keeps_all_or_nothing() {
     }
 }
 
-/// Nexus dies right after an activation's first PUT completed, with copies
-/// from that sled possibly under way. The restarted Nexus recovers the
-/// staged repository and converges.
+/// Nexus dies in an activation: between reading the config and pushing it,
+/// and right after its first PUT completed (copies from that sled possibly
+/// under way). The restarted Nexus recovers the staged repository and
+/// converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nexus_crashing_mid_replication_recovers_and_converges() {
-    let point = "nexus::replication::after_a_put";
+    // Between reading the config and pushing it: nothing placed yet.
+    crash_mid_replication("nexus::replication::after_config_read", false).await;
+    // Between a PUT and the copies that follow it.
+    crash_mid_replication("nexus::replication::after_a_put", true).await;
+}
+
+async fn crash_mid_replication(point: &str, placed_before_the_crash: bool) {
     let db = test_harness::TestDatabase::new().await;
     let dir = camino_tempfile::tempdir().unwrap();
     write_nexus_config(dir.path(), db.url(), |text| {
@@ -118,10 +125,14 @@ async fn nexus_crashing_mid_replication_recovers_and_converges() {
     let zip = factory.build(&RepoFactory::spec("1.0.0", &[("os", 1 << 20)], 2)).await;
     let (status, body) = upload(&nexus.external_url, Some(&nexus.token), &zip).await;
     assert_eq!(status, 200, "{body}");
-    // The upload activated replication; it dies after its PUT.
+    // The upload activated replication; it dies at the point.
     nexus.process.wait_for_crash(point);
     let holders = count_holders(&sleds, &datastore).await;
-    assert!(holders >= 1, "the PUT landed before the crash");
+    if placed_before_the_crash {
+        assert!(holders >= 1, "{point}: the PUT landed before the crash");
+    } else {
+        assert_eq!(holders, 0, "{point}: nothing was placed before the crash");
+    }
 
     let nexus = NexusProcess::start(dir.path(), None);
     converge_through(&nexus, &datastore, &sleds).await;

@@ -310,6 +310,11 @@ impl ArtifactReplication {
         status.sleds_in_service = sleds.len();
         let owned: Vec<SledTarget> = sleds.iter().map(|sled| self.target(sled)).collect();
         let targets: Vec<&SledTarget> = owned.iter().collect();
+        // A crash point only once there is something to replicate (the
+        // activation at start-up has nothing).
+        fail::fail_point!("nexus::replication::after_config_read", !config.artifacts.is_empty(), |_| {
+            std::process::abort()
+        });
         // Tests widen the window between reading the config and pushing it,
         // to make this Nexus the stale one of a race on purpose.
         crate::failpoints::delay("nexus::replication::before_config_push", self.nexus_id).await;
