@@ -132,8 +132,9 @@ struct RepoRow {
     file_name: String,
     #[tabled(rename = "ARTIFACTS")]
     artifacts: usize,
+    /// The latest upload (a re-upload of a pruned repository revives it).
     #[tabled(rename = "UPLOADED")]
-    time_created: String,
+    time_last_uploaded: String,
     #[tabled(rename = "PRUNED")]
     pruned: String,
     #[tabled(rename = "HEALTH")]
@@ -198,7 +199,7 @@ async fn tuf_repos(datastore: &DataStore, json: bool) -> anyhow::Result<String> 
             id: repo.id.to_string(),
             file_name: repo.file_name,
             artifacts,
-            time_created: crate::render::time(&repo.time_created),
+            time_last_uploaded: crate::render::time(&repo.time_last_uploaded),
             pruned: repo.time_pruned.map(|t| crate::render::time(&t)).unwrap_or_else(|| "-".into()),
             detail,
         });
