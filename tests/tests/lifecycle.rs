@@ -30,17 +30,24 @@ fn api_message<T: std::fmt::Debug>(error: T) -> String {
 }
 
 /// A sled expunged while replication is under way gets no request from
-/// then on (its generation stays where it was while the rack moves on), its
-/// copies stop counting, the others restore `min_sled_replication` and
-/// converge, and its registration is refused.
+/// then on (its generation stays where it was while the rack moves on, and
+/// no copy is sourced from it), its copies stop counting, the others restore
+/// `min_sled_replication` and converge, and its registration is refused.
+///
+/// Three sleds hold 1.0.0 (min 3) when a fourth, empty one joins and one of
+/// the three is expunged in the same breath, with the 2.0.0 upload's
+/// replication following: only two sleds in service hold 1.0.0 then, so
+/// 1.0.0 is replicated again only if the newcomer is filled from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expunging_a_sled_mid_replication() {
-    let (rack, factory) = TestRack::with_trust_root(4, |config| {
+    let (mut rack, factory) = TestRack::with_trust_root(3, |config| {
         config.background_tasks.tuf_artifact_replication.min_sled_replication = 3;
     })
     .await;
     upload_ok(&rack, &factory, "1.0.0", &[("os", 300_000), ("sp", 50_000)], 1).await;
-    rack.replicate().await;
+    rack.converge(20).await;
+    rack.add_sled().await;
+    let newcomer = rack.sleds[3].server.sled_id;
     let victim = rack.sleds[0].server.sled_id;
     let client = rack.nexus.external_client();
     let expunged = client.sled_expunge(&victim).await.unwrap().into_inner();
@@ -55,13 +62,10 @@ async fn expunging_a_sled_mid_replication() {
     let config = rack.config().await;
     wait_until("the three sleds in service converge", Duration::from_secs(60), async || {
         let status = rack.replicate().await;
-        assert!(
-            status
-                .ring
-                .iter()
-                .filter(|r| r.time > expunged.time_expunged.unwrap())
-                .all(|r| r.sled_id != victim)
-        );
+        for record in status.ring.iter().filter(|r| r.time > expunged.time_expunged.unwrap()) {
+            assert_ne!(record.sled_id, victim, "a request went to the expunged sled: {record:?}");
+            assert_ne!(record.source_sled_id, Some(victim), "a copy was sourced from it: {record:?}");
+        }
         let mut all = true;
         for sled in &rack.sleds[1..] {
             all &= holds_exactly(&integration_tests::rack::sled_view(sled).await, &config);
@@ -81,6 +85,7 @@ async fn expunging_a_sled_mid_replication() {
         for artifact in &health.artifacts {
             assert!(!artifact.sleds.contains_key(&victim), "the expunged sled's copies do not count");
             assert!(artifact.sleds.len() >= 3, "min_sled_replication restored: {artifact:?}");
+            assert!(artifact.sleds.contains_key(&newcomer), "restored by filling the newcomer: {artifact:?}");
         }
     }
     let info = common::api::nexus_internal::SledAgentInfo {
