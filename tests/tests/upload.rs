@@ -183,7 +183,9 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
         400,
         "14 bytes after the zip archive's end record".into(),
     ));
-    use tuf_forge::raw_zip::{RawEntry, append_end_record, build, prepend};
+    use tuf_forge::raw_zip::{
+        RawEntry, append_end_record, build, claim_zip64_entries, prepend, zip64_sizes_near_the_limit,
+    };
     cases.push((
         "a second end record appended",
         write(dir, "second-end.zip", &append_end_record(&good_bytes)),
@@ -217,6 +219,22 @@ async fn bad_input_is_refused_and_leaves_nothing_behind() {
         write(dir, "duplicate64.zip", &build(&twice, true)),
         400,
         "\"repo/targets/a\" appears more than once".into(),
+    ));
+    cases.push((
+        "a ZIP64 end record claiming 2^64 - 1 entries",
+        write(
+            dir,
+            "many-entries.zip",
+            &claim_zip64_entries(&build(&[RawEntry::new("repo/targets/a", b"x")], true), u64::MAX),
+        ),
+        400,
+        "the zip has 18446744073709551615 entries, more than the limit of".into(),
+    ));
+    cases.push((
+        "ZIP64 sizes near 2^64",
+        write(dir, "huge-sizes.zip", &zip64_sizes_near_the_limit("repo/targets/a", b"x")),
+        400,
+        "\"repo/targets/a\": its local header disagrees with the central directory (size)".into(),
     ));
     let long_name = format!("repo/targets/{}", "n".repeat(1100));
     cases.push((

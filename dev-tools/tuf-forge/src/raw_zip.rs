@@ -123,6 +123,31 @@ pub fn prepend(archive: &[u8], bytes: usize) -> Vec<u8> {
     out
 }
 
+/// A ZIP64 archive from [`build`] whose ZIP64 end record claims `count`
+/// entries (both of its counts); the directory itself is left as it is.
+pub fn claim_zip64_entries(archive: &[u8], count: u64) -> Vec<u8> {
+    let mut out = archive.to_vec();
+    // The ZIP64 end record (56 bytes), its locator (20), the end record
+    // (22); the two counts are bytes 24..40 of the ZIP64 end record.
+    let counts = out.len() - 22 - 20 - 56 + 24;
+    out[counts..counts + 8].copy_from_slice(&count.to_le_bytes());
+    out[counts + 8..counts + 16].copy_from_slice(&count.to_le_bytes());
+    out
+}
+
+/// A one-entry archive whose central header defers its sizes to a ZIP64
+/// extra field that declares 2^64 - 1 bytes, compressed and not: arithmetic
+/// on them overflows unless it is checked.
+pub fn zip64_sizes_near_the_limit(name: &str, data: &[u8]) -> Vec<u8> {
+    const ZIP64_EXTRA: u16 = 0x0001;
+    let huge = RawEntry::new(name, data).with_extra(ZIP64_EXTRA, &[0xff; 16]);
+    let mut out = build(&[huge], false);
+    let central = out.len() - 22 - (46 + name.len() + 4 + 16);
+    // The central header's 32-bit sizes (bytes 20..28) say "see ZIP64".
+    out[central + 20..central + 28].copy_from_slice(&[0xff; 8]);
+    out
+}
+
 /// The archive with an empty end record appended: readers that take the
 /// last end record see no entries, the others see the real ones.
 pub fn append_end_record(archive: &[u8]) -> Vec<u8> {

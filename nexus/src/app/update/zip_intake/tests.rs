@@ -1,7 +1,9 @@
 use super::*;
 use proptest::prelude::*;
 use std::io::{Read, Write};
-use tuf_forge::raw_zip::{RawEntry, append_end_record, build, prepend};
+use tuf_forge::raw_zip::{
+    RawEntry, append_end_record, build, claim_zip64_entries, prepend, zip64_sizes_near_the_limit,
+};
 
 fn limits() -> ZipLimits {
     ZipLimits { max_entries: 100, max_total_bytes: 1 << 20, max_compression_ratio: 50 }
@@ -116,18 +118,12 @@ fn duplicates_are_refused_in_zip64_archives_too() {
 fn bounds_are_checked_before_anything_is_allocated() {
     // An end record claiming 2^64-1 entries and a directory as large as the
     // file: refused on the count, without reading the directory.
-    let mut bytes = build(&[raw("repo/targets/a", b"hello")], true);
-    let count_at = bytes.len() - 22 - 20 - 56 + 24;
-    bytes[count_at..count_at + 16].copy_from_slice(&[0xff; 16]);
+    let bytes = claim_zip64_entries(&build(&[raw("repo/targets/a", b"hello")], true), u64::MAX);
     assert!(matches!(intake(&bytes).unwrap_err(), ZipError::TooManyEntries { .. }));
     let long = "repo/targets/".to_string() + &"n".repeat(MAX_NAME_BYTES);
     assert!(matches!(intake(&build(&[raw(&long, b"x")], false)).unwrap_err(), ZipError::NameTooLong { .. }));
     // Sizes near 2^64 in a ZIP64 extra field: checked arithmetic, no panic.
-    let huge = raw("repo/targets/a", b"hello").with_extra(ZIP64_EXTRA, &[0xff; 16]);
-    let mut bytes = build(&[huge], false);
-    let directory_at = bytes.len() - 22 - (46 + 14 + 20);
-    bytes[directory_at + 20..directory_at + 28].copy_from_slice(&[0xff; 8]);
-    assert!(intake(&bytes).is_err());
+    assert!(intake(&zip64_sizes_near_the_limit("repo/targets/a", b"hello")).is_err());
 }
 
 /// What the `zip` crate, an independent reader, sees: file names and
