@@ -251,4 +251,35 @@ async fn replication_matrix_health_and_target_release() {
         serde_json::from_str(&omdb.success(&["--json", "db", "--db-url", &db, "replication"]).await).unwrap();
     assert_eq!(json["sleds"].as_array().unwrap().len(), 3);
     assert_eq!(json["repos"].as_array().unwrap().len(), 2);
+
+    // The operator's CLI shows the same rack through the external API.
+    let rack_dev = async |args: &[&str]| {
+        let output = tokio::process::Command::new(binary("rack-dev"))
+            .args(args)
+            .env("RACK_NEXUS_URL", rack.nexus.external_url())
+            .env("RACK_TOKEN", &rack.nexus.token)
+            .env("RACK_DEV_CURRENT", "/nonexistent/current.json")
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert!(output.status.success(), "rack-dev {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        let ports = Regex::new(r"127\.0\.0\.1:\d+").unwrap();
+        let zip_hash = Regex::new(r"sha256 [0-9a-f]{64}").unwrap();
+        let text = zip_names.replace_all(&redact_serials(stdout), "-<N>.zip").into_owned();
+        let text = ports.replace_all(&text, "127.0.0.1:<PORT>").into_owned();
+        // A zip's hash covers its signed metadata, whose expiry moves with
+        // the clock.
+        zip_hash.replace_all(&text, "sha256 <SHA256>").into_owned()
+    };
+    // Sleds are listed by id, which is random: sort the redacted rows.
+    let sleds = redact(&rack_dev(&["sled", "list"]).await);
+    let (header, rows) = sleds.split_once('\n').unwrap();
+    let mut rows: Vec<&str> = rows.lines().collect();
+    rows.sort();
+    golden("rack-dev-sled-list", &format!("{header}\n{}\n", rows.join("\n")));
+    golden("rack-dev-repo-list", &rack_dev(&["repo", "list"]).await);
+    golden("rack-dev-repo-show", &rack_dev(&["repo", "show", "2.0.0"]).await);
+    golden("rack-dev-target-release", &rack_dev(&["target-release", "show"]).await);
 }
