@@ -41,3 +41,8 @@ mod tests {
         );
     }
 }
+
+/// `count` and the noun, in the singular for one: "1 sled", "2 sleds".
+pub fn count_of(count: usize, noun: &str) -> String {
+    if count == 1 { format!("1 {noun}") } else { format!("{count} {noun}s") }
+}

@@ -224,7 +224,11 @@ async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
 async fn replication_matrix_health_and_target_release() {
     use integration_tests::rack::TestRack;
     use integration_tests::repos::{RepoFactory, upload};
-    let (rack, factory) = TestRack::with_trust_root(3, |_| {}).await;
+    // No follow-up activations: health changes only when the test says.
+    let (rack, factory) = TestRack::with_trust_root(3, |config| {
+        config.background_tasks.tuf_artifact_replication.followup_delay_millis = 600_000;
+    })
+    .await;
     for (version, seed) in [("1.0.0", 1), ("2.0.0", 2)] {
         let mut spec = RepoFactory::spec(version, &[("os", 30_000), ("sp", 2_000)], seed);
         for artifact in &mut spec.artifacts {
@@ -282,4 +286,17 @@ async fn replication_matrix_health_and_target_release() {
     golden("rack-dev-repo-list", &rack_dev(&["repo", "list"]).await);
     golden("rack-dev-repo-show", &rack_dev(&["repo", "show", "2.0.0"]).await);
     golden("rack-dev-target-release", &rack_dev(&["target-release", "show"]).await);
+
+    // One sled loses 2.0.0's sp behind the system's back: the next
+    // activation judges 2.0.0 degraded (one holder of two needed, nothing
+    // staged) before it copies sp back, and both views name the artifact.
+    let repo = rack.nexus.external_client().repository_view("2.0.0").await.unwrap().into_inner();
+    let sp = repo.artifacts.iter().find(|artifact| artifact.name == "sp").unwrap().sha256.to_string();
+    for m2 in rack.sleds[1].client().inventory().await.unwrap().into_inner().m2 {
+        std::fs::remove_file(std::path::Path::new(&m2.path).join("artifacts").join(&sp)).unwrap();
+    }
+    rack.replicate().await;
+    let repos = omdb.success(&["db", "--db-url", &db, "tuf-repos"]).await;
+    golden("db-tuf-repos-degraded", &redact_serials(zip_names.replace_all(&repos, "-<N>.zip").into_owned()));
+    golden("rack-dev-repo-show-degraded", &rack_dev(&["repo", "show", "2.0.0"]).await);
 }

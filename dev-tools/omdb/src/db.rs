@@ -176,13 +176,13 @@ async fn tuf_repos(datastore: &DataStore, json: bool) -> anyhow::Result<String> 
                 let sleds: Vec<String> =
                     artifact.sleds.iter().map(|(sled, n)| format!("{sled} ({n})")).collect();
                 format!(
-                    "{} {} {} ({}): {} on {} sleds [{}]{}",
+                    "{} {} {} ({}): {} on {} [{}]{}",
                     repo.system_version,
                     artifact.name,
                     artifact.version,
                     artifact.kind,
                     nexus::db::datastore::health_state_to_sql(artifact.state),
-                    artifact.sleds.len(),
+                    common::cli::count_of(artifact.sleds.len(), "sled"),
                     sleds.join(", "),
                     if artifact.staged_by.is_empty() { ", staged nowhere" } else { ", staged" }
                 )

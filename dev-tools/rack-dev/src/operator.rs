@@ -347,12 +347,12 @@ fn repo_details(repo: &TufRepoView) -> String {
             let sleds: Vec<String> =
                 artifact.sleds.iter().map(|(sled, copies)| format!("{sled} ({copies})")).collect();
             out += &format!(
-                "  {} {} ({}): {} on {} sleds{}{}\n",
+                "  {} {} ({}): {} on {}{}{}\n",
                 artifact.name,
                 artifact.version,
                 artifact.kind,
                 health_word(artifact.state),
-                artifact.sleds.len(),
+                common::cli::count_of(artifact.sleds.len(), "sled"),
                 if sleds.is_empty() { String::new() } else { format!(": {}", sleds.join(", ")) },
                 if artifact.staged_by.is_empty() { String::new() } else { "; staged".into() },
             );
