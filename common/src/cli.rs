@@ -24,6 +24,11 @@ pub fn exit(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// `count` and the noun, in the singular for one: "1 sled", "2 sleds".
+pub fn count_of(count: usize, noun: &str) -> String {
+    if count == 1 { format!("1 {noun}") } else { format!("{count} {noun}s") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,9 +45,4 @@ mod tests {
             "error: starting\n  caused by: reading the config\n  caused by: disk on fire"
         );
     }
-}
-
-/// `count` and the noun, in the singular for one: "1 sled", "2 sleds".
-pub fn count_of(count: usize, noun: &str) -> String {
-    if count == 1 { format!("1 {noun}") } else { format!("{count} {noun}s") }
 }
