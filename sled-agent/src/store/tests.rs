@@ -1,3 +1,11 @@
+//! The artifact store on real directories, one test sled (`Sled`) at a time:
+//! writes and their hash check, generations and the fail-closed ledger,
+//! quota accounting, failing and returning M.2s, partial copies across
+//! restarts, the verification cache and the scrub, and depot requests that
+//! follow a write in progress. Restarts are real: the store is dropped and
+//! opened again on the same directories. Cross-process behaviour (kill -9,
+//! HTTP) is tested in `tests/tests/`.
+
 use super::serve::Follower;
 use super::write::Temp;
 use super::*;
