@@ -103,17 +103,34 @@ pub fn build(entries: &[RawEntry], zip64: bool) -> Vec<u8> {
     out
 }
 
-/// An archive (without ZIP64 records) with `bytes` of junk before it and
-/// every offset fixed up to match: self-consistent for readers that trust
-/// the offsets, with data no entry owns.
+/// An archive from [`build`] with `bytes` of junk before it and every
+/// offset fixed up to match (for ZIP64, the locator's and the ZIP64 end
+/// record's too): self-consistent for readers that trust the offsets, with
+/// data no entry owns.
 pub fn prepend(archive: &[u8], bytes: usize) -> Vec<u8> {
     let mut out = vec![0xaa; bytes];
     out.extend_from_slice(archive);
+    let shift = bytes as u64;
     let eocd = out.len() - 22;
-    let directory_offset = u32::from_le_bytes(out[eocd + 16..eocd + 20].try_into().expect("4 bytes"));
-    let count = u16::from_le_bytes([out[eocd + 10], out[eocd + 11]]);
-    out[eocd + 16..eocd + 20].copy_from_slice(&(directory_offset + bytes as u32).to_le_bytes());
-    let mut at = bytes + directory_offset as usize;
+    let u64_at = |out: &[u8], at: usize| u64::from_le_bytes(out[at..at + 8].try_into().expect("8 bytes"));
+    let (directory, count) = if out[eocd + 16..eocd + 20] == [0xff; 4] {
+        // The locator, just before the end record, points at the ZIP64 end
+        // record, which holds the count (byte 24) and the directory's
+        // offset (byte 48).
+        let locator = eocd - 20;
+        let record = u64_at(&out, locator + 8) + shift;
+        out[locator + 8..locator + 16].copy_from_slice(&record.to_le_bytes());
+        let record = record as usize;
+        let directory = u64_at(&out, record + 48) + shift;
+        out[record + 48..record + 56].copy_from_slice(&directory.to_le_bytes());
+        (directory as usize, u64_at(&out, record + 24))
+    } else {
+        let directory =
+            u32::from_le_bytes(out[eocd + 16..eocd + 20].try_into().expect("4 bytes")) + bytes as u32;
+        out[eocd + 16..eocd + 20].copy_from_slice(&directory.to_le_bytes());
+        (directory as usize, u64::from(u16::from_le_bytes([out[eocd + 10], out[eocd + 11]])))
+    };
+    let mut at = directory;
     for _ in 0..count {
         let offset = u32::from_le_bytes(out[at + 42..at + 46].try_into().expect("4 bytes"));
         out[at + 42..at + 46].copy_from_slice(&(offset + bytes as u32).to_le_bytes());
