@@ -278,7 +278,8 @@ fn watch_disk(
 /// claims: on the real `nexus` process,
 /// - a zip whose end record claims a central directory as large as the
 ///   file (64 MiB) is refused without reading it into memory (peak RSS
-///   grows by far less than 64 MiB);
+///   grows by far less than 64 MiB), and one claiming 2^64 - 1 entries is
+///   refused on the count alone;
 /// - a signed repository carrying 400 entries of 1 MiB of zeros that no
 ///   metadata names (a 400 KiB zip that would have inflated to 400 MiB on
 ///   disk) uploads, and the staging disk never holds more than the zip
@@ -311,6 +312,27 @@ async fn memory_and_disk_are_bounded_by_the_signed_contents() {
     let growth = peak_rss_bytes(pid).saturating_sub(baseline);
     println!("lying central directory: peak RSS {} MiB over a {} MiB baseline", growth / MIB, baseline / MIB);
     assert!(growth < 32 * MIB, "the 64 MiB directory claim grew RSS by {} MiB", growth / MIB);
+
+    // A ZIP64 end record claiming 2^64 - 1 entries: refused on the count,
+    // before anything sized by it is allocated.
+    let claiming = tuf_forge::raw_zip::claim_zip64_entries(
+        &tuf_forge::raw_zip::build(&[tuf_forge::raw_zip::RawEntry::new("repo/targets/a", b"x")], true),
+        u64::MAX,
+    );
+    let claiming_path = factory.dir.path().join("claiming.zip");
+    std::fs::write(&claiming_path, &claiming).unwrap();
+    let baseline = peak_rss_bytes(pid);
+    reset_peak_rss(pid);
+    let (status, body) = upload(&nexus.external_url, Some(&nexus.token), &claiming_path).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(message(&body).contains("more than the limit of"), "{body}");
+    let growth = peak_rss_bytes(pid).saturating_sub(baseline);
+    println!(
+        "2^64 - 1 entries claimed: peak RSS {} MiB over a {} MiB baseline",
+        growth / MIB,
+        baseline / MIB
+    );
+    assert!(growth < 32 * MIB, "the entry count claim grew RSS by {} MiB", growth / MIB);
 
     // Unreferenced entries of zeros.
     let spec = RepoFactory::spec("1.0.0", &[("os", 2 * MIB)], 1);
