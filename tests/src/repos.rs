@@ -88,6 +88,16 @@ pub fn in_days(days: i64) -> Timestamp {
 
 /// Uploads a file with a streamed body. Returns the status and the body.
 pub async fn upload(external_url: &str, token: Option<&str>, file: &Utf8Path) -> (u16, serde_json::Value) {
+    try_upload(external_url, token, file).await.unwrap()
+}
+
+/// [`upload`], or the transport error when no answer came (the server died
+/// before it answered).
+pub async fn try_upload(
+    external_url: &str,
+    token: Option<&str>,
+    file: &Utf8Path,
+) -> Result<(u16, serde_json::Value), reqwest::Error> {
     let body = tokio::fs::File::open(file).await.unwrap();
     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(body));
     let mut request = reqwest::Client::new()
@@ -97,10 +107,10 @@ pub async fn upload(external_url: &str, token: Option<&str>, file: &Utf8Path) ->
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.unwrap();
+    let response = request.send().await?;
     let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    let text = response.text().await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))))
 }
 
 /// A zip of stored entries written by hand (see [`tuf_forge::raw_zip`]), so
