@@ -76,6 +76,21 @@ impl TestRack {
 
     /// Activates a task and waits for an iteration that started after the
     /// activation (not a timer).
+    /// Uploads a repository of `artifacts` (name, size) built by `factory`,
+    /// and checks that it was answered 200.
+    pub async fn upload_ok(
+        &self,
+        factory: &RepoFactory,
+        version: &str,
+        artifacts: &[(&str, u64)],
+        seed: u64,
+    ) {
+        let zip = factory.build(&RepoFactory::spec(version, artifacts, seed)).await;
+        let (status, body) =
+            crate::repos::upload(&self.nexus.external_url(), Some(&self.nexus.token), &zip).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
     pub async fn activate(&self, task: &str) -> BackgroundTask {
         self.nexus.activate(task).await
     }

@@ -9,18 +9,6 @@ use integration_tests::rack::{PRUNER, TestRack, holds_exactly, wait_until};
 use integration_tests::repos::{RepoFactory, upload};
 use std::time::Duration;
 
-async fn upload_ok(
-    rack: &TestRack,
-    factory: &RepoFactory,
-    version: &str,
-    artifacts: &[(&str, u64)],
-    seed: u64,
-) {
-    let zip = factory.build(&RepoFactory::spec(version, artifacts, seed)).await;
-    let (status, body) = upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await;
-    assert_eq!(status, 200, "{body}");
-}
-
 async fn health(rack: &TestRack, version: &str) -> Option<common::api::external::RepoHealthView> {
     rack.nexus.external_client().repository_view(version).await.unwrap().into_inner().health
 }
@@ -48,7 +36,7 @@ async fn expunging_a_sled_mid_replication() {
         config.background_tasks.tuf_artifact_replication.followup_delay_millis = 600_000;
     })
     .await;
-    upload_ok(&rack, &factory, "1.0.0", &[("os", 300_000), ("sp", 50_000)], 1).await;
+    rack.upload_ok(&factory, "1.0.0", &[("os", 300_000), ("sp", 50_000)], 1).await;
     rack.converge(20).await;
     rack.add_sled().await;
     let newcomer = rack.sleds[3].server.sled_id;
@@ -62,7 +50,7 @@ async fn expunging_a_sled_mid_replication() {
     assert_eq!(listed.iter().filter(|sled| sled.state == SledState::InService).count(), 3);
 
     let victim_generation = rack.sleds[0].client().artifact_list().await.unwrap().into_inner().generation;
-    upload_ok(&rack, &factory, "2.0.0", &[("newer", 80_000)], 2).await;
+    rack.upload_ok(&factory, "2.0.0", &[("newer", 80_000)], 2).await;
     let config = rack.config().await;
     wait_until("the three sleds in service converge", Duration::from_secs(60), async || {
         let status = rack.replicate().await;
@@ -188,7 +176,7 @@ async fn the_target_release_must_be_replicated_and_is_never_pruned() {
     let silent = rack.sleds.pop().unwrap();
     let silent_id = silent.server.sled_id;
     silent.server.shutdown().await;
-    upload_ok(&rack, &factory, "1.0.0", &[("os", 50_000)], 1).await;
+    rack.upload_ok(&factory, "1.0.0", &[("os", 50_000)], 1).await;
     rack.replicate().await;
     let refused = client.target_release_set(&set("1.0.0")).await.unwrap_err();
     assert_eq!(refused.status().unwrap().as_u16(), 409);
@@ -207,7 +195,7 @@ async fn the_target_release_must_be_replicated_and_is_never_pruned() {
     let first = client.target_release_set(&set("1.0.0")).await.unwrap().into_inner();
     assert_eq!((first.system_version.as_str(), first.generation), ("1.0.0", 1));
 
-    upload_ok(&rack, &factory, "2.0.0", &[("os2", 50_000)], 2).await;
+    rack.upload_ok(&factory, "2.0.0", &[("os2", 50_000)], 2).await;
     rack.converge(20).await;
     rack.replicate().await;
     client.target_release_set(&set("2.0.0")).await.unwrap();
@@ -215,8 +203,8 @@ async fn the_target_release_must_be_replicated_and_is_never_pruned() {
     assert_eq!(status.current.unwrap().system_version, "2.0.0");
     assert_eq!(status.previous.unwrap().system_version, "1.0.0");
 
-    upload_ok(&rack, &factory, "3.0.0", &[("os3", 50_000)], 3).await;
-    upload_ok(&rack, &factory, "4.0.0", &[("os4", 50_000)], 4).await;
+    rack.upload_ok(&factory, "3.0.0", &[("os3", 50_000)], 3).await;
+    rack.upload_ok(&factory, "4.0.0", &[("os4", 50_000)], 4).await;
     let outcome = |task: common::bgtask::BackgroundTask| match task.last {
         common::bgtask::LastResult::Completed { details, .. } => {
             serde_json::from_value::<common::bgtask::details::TufRepoPrunerStatus>(details).unwrap().outcome

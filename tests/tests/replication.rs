@@ -6,22 +6,10 @@ use common::bgtask::details::ReplicationOutcome;
 use integration_tests::rack::{PRUNER, TestRack, holds_exactly};
 use integration_tests::repos::{RepoFactory, upload};
 
-async fn upload_ok(
-    rack: &TestRack,
-    factory: &RepoFactory,
-    version: &str,
-    artifacts: &[(&str, u64)],
-    seed: u64,
-) {
-    let zip = factory.build(&RepoFactory::spec(version, artifacts, seed)).await;
-    let (status, body) = upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await;
-    assert_eq!(status, 200, "{body}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_converges_on_every_sled_and_leaves_staging() {
     let (rack, factory) = TestRack::with_trust_root(4, |_| {}).await;
-    upload_ok(&rack, &factory, "1.0.0", &[("os", 2 << 20), ("sp", 100_000), ("rot", 10_000)], 1).await;
+    rack.upload_ok(&factory, "1.0.0", &[("os", 2 << 20), ("sp", 100_000), ("rot", 10_000)], 1).await;
     let activations = rack.converge(20).await;
     println!("converged after {activations} activations");
     let config = rack.config().await;
@@ -53,7 +41,7 @@ async fn an_upload_converges_on_every_sled_and_leaves_staging() {
 async fn pruning_removes_unique_artifacts_and_keeps_shared_ones() {
     let (rack, factory) =
         TestRack::with_trust_root(3, |config| config.background_tasks.tuf_repo_pruner.nkeep = 1).await;
-    upload_ok(&rack, &factory, "1.0.0", &[("shared", 50_000), ("old-only", 20_000)], 1).await;
+    rack.upload_ok(&factory, "1.0.0", &[("shared", 50_000), ("old-only", 20_000)], 1).await;
     let mut spec = RepoFactory::spec("2.0.0", &[("shared", 50_000), ("new-only", 30_000)], 1);
     spec.artifacts[1].version = "2.0.0".into();
     let zip = factory.build(&spec).await;
@@ -79,7 +67,7 @@ async fn a_new_sled_receives_everything_and_a_restored_m2_is_healed() {
         config.background_tasks.tuf_artifact_replication.followup_delay_millis = 600_000;
     })
     .await;
-    upload_ok(&rack, &factory, "1.0.0", &[("os", 300_000), ("sp", 40_000)], 1).await;
+    rack.upload_ok(&factory, "1.0.0", &[("os", 300_000), ("sp", 40_000)], 1).await;
     rack.converge(20).await;
 
     rack.add_sled().await;
@@ -88,7 +76,7 @@ async fn a_new_sled_receives_everything_and_a_restored_m2_is_healed() {
     // A device fails, a new repository arrives meanwhile, the device returns
     // with one copy missing: re-copies heal it.
     rack.fail_m2(1, 0, M2State::Failed).await;
-    upload_ok(&rack, &factory, "2.0.0", &[("hubris", 70_000)], 2).await;
+    rack.upload_ok(&factory, "2.0.0", &[("hubris", 70_000)], 2).await;
     rack.converge(20).await;
     rack.fail_m2(1, 0, M2State::Healthy).await;
     assert!(!rack.converged().await, "the restored device lacks the new artifact");
@@ -103,7 +91,7 @@ async fn a_nexus_restarted_between_upload_and_replication_loses_nothing() {
         config.background_tasks.tuf_artifact_replication.disabled = true
     })
     .await;
-    upload_ok(&rack, &factory, "1.0.0", &[("os", 200_000), ("sp", 30_000)], 1).await;
+    rack.upload_ok(&factory, "1.0.0", &[("os", 200_000), ("sp", 30_000)], 1).await;
     let status = rack.activate(integration_tests::rack::REPLICATION).await;
     assert!(
         serde_json::to_string(&status.last).unwrap().contains("disabled"),
@@ -135,7 +123,7 @@ async fn a_stale_nexus_cannot_undo_a_newer_ones_work() {
         config.background_tasks.tuf_artifact_replication.followup_delay_millis = 100;
     })
     .await;
-    upload_ok(&rack, &factory, "1.0.0", &[("os", 100_000)], 1).await;
+    rack.upload_ok(&factory, "1.0.0", &[("os", 100_000)], 1).await;
     rack.converge(20).await;
 
     // What A read, and will act on late.
