@@ -170,12 +170,7 @@ async fn serve_cut_after_last_byte(
     served: &AtomicU64,
 ) -> std::io::Result<()> {
     if start >= artifact.len() && start > 0 {
-        let response = format!(
-            "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Length: 0\r\n\
-             Connection: close\r\n\r\n",
-            artifact.len()
-        );
-        return stream.write_all(response.as_bytes()).await;
+        return range_not_satisfiable(&mut stream, artifact.len()).await;
     }
     let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     stream.write_all(head.as_bytes()).await?;
@@ -194,12 +189,7 @@ async fn serve_throttled(
     served: &AtomicU64,
 ) -> std::io::Result<()> {
     if start >= artifact.len() && start > 0 {
-        let response = format!(
-            "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Length: 0\r\n\
-             Connection: close\r\n\r\n",
-            artifact.len()
-        );
-        return stream.write_all(response.as_bytes()).await;
+        return range_not_satisfiable(&mut stream, artifact.len()).await;
     }
     let body = &artifact[start..];
     let mut head = format!("Content-Length: {}\r\nConnection: close\r\n", body.len());
@@ -221,4 +211,14 @@ async fn serve_throttled(
         tokio::time::sleep(pause).await;
     }
     Ok(())
+}
+
+/// 416 for a Range starting at or past the end: the whole length, so that a
+/// copy holding every byte knows it is complete.
+async fn range_not_satisfiable(stream: &mut TcpStream, length: usize) -> std::io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{length}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(response.as_bytes()).await
 }

@@ -25,43 +25,22 @@
 //! watch that saw nothing cannot pass.
 
 use camino::{Utf8Path, Utf8PathBuf};
+use common::ArtifactHash;
 use common::api::sled_agent::ArtifactCopyFromDepotBody;
-use common::{ArtifactConfig, ArtifactHash, Generation};
 use futures::future::{BoxFuture, join_all};
 use futures::{FutureExt, StreamExt};
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use integration_tests::TestSled;
 use integration_tests::fake_depot::{Behavior, FakeDepot};
 use integration_tests::sled_agent_client::{Client, Error as ClientError};
+use integration_tests::synthetic::{Artifact, NO_NEXUS, artifact, config};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-/// A Nexus URL where nothing listens: these sleds' registration retries
-/// quietly in the background.
-const NO_NEXUS: &str = "http://127.0.0.1:1";
-
 /// Where the resetting depot breaks its first response.
 const RESET_AT: usize = 300_000;
-
-struct Artifact {
-    bytes: Vec<u8>,
-    hash: ArtifactHash,
-}
-
-fn artifact(seed: u8, size: usize) -> Artifact {
-    let bytes: Vec<u8> = (0..size).map(|i| ((i * 7919) as u8).wrapping_add(seed)).collect();
-    let hash = ArtifactHash(Sha256::digest(&bytes).into());
-    Artifact { bytes, hash }
-}
-
-fn config(generation: u64, artifacts: &[&Artifact]) -> ArtifactConfig {
-    ArtifactConfig {
-        generation: Generation::new(generation),
-        artifacts: artifacts.iter().map(|a| a.hash).collect(),
-    }
-}
 
 fn copy_body(url: String) -> ArtifactCopyFromDepotBody {
     ArtifactCopyFromDepotBody { depot_base_url: url, alternates: Vec::new() }

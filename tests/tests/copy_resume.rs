@@ -11,32 +11,15 @@
 
 use camino::{Utf8Path, Utf8PathBuf};
 use common::api::sled_agent::ArtifactCopyFromDepotBody;
-use common::{ArtifactConfig, ArtifactHash, Generation};
+use common::{ArtifactHash, Generation};
 use integration_tests::TestSled;
 use integration_tests::fake_depot::{Behavior, FakeDepot, THROTTLE_CHUNK};
 use integration_tests::processes::{SledProcess, write_sled_config};
 use integration_tests::rack::wait_until;
 use integration_tests::sled_agent_client::Client;
+use integration_tests::synthetic::{Artifact, NO_NEXUS, artifact, config};
 use sha2::Digest;
 use std::time::Duration;
-
-/// A Nexus URL where nothing listens: registration retries quietly.
-const NO_NEXUS: &str = "http://127.0.0.1:1";
-
-struct Artifact {
-    bytes: Vec<u8>,
-    hash: ArtifactHash,
-}
-
-fn artifact(seed: u8, size: usize) -> Artifact {
-    let bytes: Vec<u8> = (0..size).map(|i| ((i * 7919) as u8).wrapping_add(seed)).collect();
-    let hash = ArtifactHash(sha2::Sha256::digest(&bytes).into());
-    Artifact { bytes, hash }
-}
-
-fn config(artifact: &Artifact) -> ArtifactConfig {
-    ArtifactConfig { generation: Generation::new(1), artifacts: [artifact.hash].into() }
-}
 
 fn copy_body(depot: &FakeDepot) -> ArtifactCopyFromDepotBody {
     ArtifactCopyFromDepotBody { depot_base_url: depot.base_url(), alternates: Vec::new() }
@@ -86,7 +69,7 @@ async fn a_copy_cut_by_kill_9_continues_after_the_restart() {
     let depot = FakeDepot::start(a.bytes.clone(), Behavior::Throttled { bytes_per_sec: 1 << 20 }).await;
 
     let sled = SledProcess::start(dir.path(), None);
-    sled.client().artifact_config_put(&config(&a)).await.unwrap();
+    sled.client().artifact_config_put(&config(1, &[&a])).await.unwrap();
     sled.client().artifact_copy_from_depot(&a.hash, 1, &copy_body(&depot)).await.unwrap();
     wait_until("a third of the artifact was sent", Duration::from_secs(20), async || {
         depot.served_bytes() >= length / 3
@@ -139,7 +122,7 @@ async fn sled_on(dir: &Utf8Path) -> (TestSled, Vec<Utf8PathBuf>) {
 /// the partial given (the first so many bytes), as a killed copy leaves them.
 async fn stopped_with_partials(dir: &Utf8Path, artifact: &Artifact, lengths: [usize; 2]) {
     let (sled, m2s) = sled_on(dir).await;
-    sled.client().artifact_config_put(&config(artifact)).await.unwrap();
+    sled.client().artifact_config_put(&config(1, &[artifact])).await.unwrap();
     sled.server.shutdown().await;
     for (m2, length) in m2s.iter().zip(lengths) {
         std::fs::write(partial(m2, artifact), &artifact.bytes[..length]).unwrap();

@@ -14,12 +14,9 @@ use integration_tests::TestSled;
 use integration_tests::fake_depot::{Behavior, FakeDepot};
 use integration_tests::rack::wait_until;
 use integration_tests::sled_agent_client::{Client, Error as ClientError};
-use integration_tests::synthetic::{Artifact, artifact, config};
+use integration_tests::synthetic::{Artifact, NO_NEXUS, artifact, config};
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-/// A Nexus URL where nothing listens: registration retries quietly.
-const NO_NEXUS: &str = "http://127.0.0.1:1";
 
 /// Starts a PUT of `body` as `artifact` whose body the test feeds through
 /// the returned sender. It is sent with `Content-Length`, as Nexus sends

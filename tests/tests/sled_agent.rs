@@ -6,31 +6,9 @@ use common::{ArtifactConfig, ArtifactHash, Generation};
 use futures::StreamExt;
 use integration_tests::fake_depot::{Behavior, FakeDepot};
 use integration_tests::sled_agent_client::{Client, Error as ClientError, types};
+use integration_tests::synthetic::{Artifact, NO_NEXUS, artifact, config};
 use integration_tests::{TestNexus, TestSled};
-use sha2::Digest;
 use std::time::{Duration, Instant};
-
-/// A Nexus URL where nothing listens: these sleds' registration retries
-/// quietly in the background.
-const NO_NEXUS: &str = "http://127.0.0.1:1";
-
-struct Artifact {
-    bytes: Vec<u8>,
-    hash: ArtifactHash,
-}
-
-fn artifact(seed: u8, size: usize) -> Artifact {
-    let bytes: Vec<u8> = (0..size).map(|i| ((i * 7919) as u8).wrapping_add(seed)).collect();
-    let hash = ArtifactHash(sha2::Sha256::digest(&bytes).into());
-    Artifact { bytes, hash }
-}
-
-fn config(generation: u64, artifacts: &[&Artifact]) -> ArtifactConfig {
-    ArtifactConfig {
-        generation: Generation::new(generation),
-        artifacts: artifacts.iter().map(|a| a.hash).collect(),
-    }
-}
 
 fn error_body(error: ClientError<types::Error>) -> (u16, types::Error) {
     match error {

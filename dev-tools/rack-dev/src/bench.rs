@@ -292,7 +292,7 @@ pub(crate) async fn replication_status(rack: &Rack) -> anyhow::Result<(u64, TufA
 
 /// Whether every sled holds `expected` artifacts of the current config on
 /// every healthy M.2.
-async fn all_hold(sleds: &[sled_agent::Client], expected: usize) -> bool {
+pub(crate) async fn all_hold(sleds: &[sled_agent::Client], expected: usize) -> bool {
     for client in sleds {
         let (Ok(list), Ok(inventory)) = (client.artifact_list().await, client.inventory().await) else {
             return false;

@@ -9,12 +9,11 @@
 //! egress; it prints a table, a `BENCH` JSON line, and draws the times
 //! against the sled count (PNG) in the output directory.
 
-use crate::bench::{Forged, forge, mib, replication_status, report, upload_zip};
+use crate::bench::{Forged, all_hold, forge, mib, replication_status, report, upload_zip};
 use crate::netns::LinkLimits;
 use crate::run_all::{Rack, RackOptions};
 use anyhow::{Context, bail};
 use camino::Utf8Path;
-use common::api::sled_agent::M2State;
 use common::clients::sled_agent;
 use std::time::{Duration, Instant};
 
@@ -129,7 +128,7 @@ async fn one_run(
         upload_zip(&rack, forged).await?;
         let started = Instant::now();
         let deadline = started + Duration::from_secs(900);
-        while !everyone_holds(&clients, options.artifacts as usize).await {
+        while !all_hold(&clients, options.artifacts as usize).await {
             if Instant::now() > deadline {
                 bail!("{sleds} sleds with {fanout}: no convergence within 15 minutes");
             }
@@ -143,19 +142,6 @@ async fn one_run(
     .await;
     rack.stop();
     outcome
-}
-
-async fn everyone_holds(sleds: &[sled_agent::Client], artifacts: usize) -> bool {
-    for client in sleds {
-        let (Ok(list), Ok(inventory)) = (client.artifact_list().await, client.inventory().await) else {
-            return false;
-        };
-        let healthy = inventory.m2.iter().filter(|m2| m2.state == M2State::Healthy).count();
-        if list.list.len() != artifacts || list.list.values().any(|&copies| copies < healthy) {
-            return false;
-        }
-    }
-    true
 }
 
 /// Convergence time against sled count, one line per fan-out, and the bound.
