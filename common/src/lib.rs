@@ -13,6 +13,7 @@ pub mod config;
 pub mod discovery;
 pub mod durable;
 pub mod error;
+pub mod failpoints;
 pub mod generation;
 
 pub use artifact::{ArtifactConfig, ArtifactHash, ArtifactHashParseError, ArtifactId};

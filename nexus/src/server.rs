@@ -42,6 +42,10 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    NexusId(#[from] staging::NexusIdError),
+    #[error(transparent)]
+    UnreadableStaging(#[from] staging::UnreadableStaging),
+    #[error(transparent)]
     Http(#[from] common::api::ServerStartError),
 }
 
@@ -66,9 +70,8 @@ impl Server {
             .map_err(|source| StartError::Staging { path: staging_dir.clone(), source })?;
         let unpruned = datastore.tuf_repo_list_unpruned_with_artifacts().await?;
         let handoff_slots = Arc::new(tokio::sync::Semaphore::new(config.updates.handoff_capacity));
-        let recovered = staging::recover(&staging_area, &unpruned, &handoff_slots, &log).await;
-
-        let nexus_id = uuid::Uuid::new_v4();
+        let recovered = staging::recover(&staging_area, &unpruned, &handoff_slots, &log).await?;
+        let nexus_id = staging_area.load_or_create_id()?;
         let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(config.updates.handoff_capacity);
         let replication_activator = Activator::new();
         let progress = Default::default();

@@ -147,6 +147,7 @@ impl SledAgentApi for SledAgentImpl {
             ledger_damage: context.store.ledger_problems(),
             startup_verification: context.store.startup_verification(),
             scrub: context.store.scrub_status(),
+            unreadable: context.store.unreadable(),
         }))
     }
 

@@ -145,6 +145,40 @@ async fn unknown_tasks_and_missing_urls_are_explained() {
     assert!(stderr.contains("--nexus-internal-url") && stderr.contains("OMDB_NEXUS_URL"), "{stderr}");
 }
 
+/// A rack of one in-process sled, replicated one repository of `artifacts`,
+/// whose M.2 directories outlive the sled: a test stops it, changes its
+/// disks and starts it again on them.
+struct OneSledRack {
+    rack: integration_tests::rack::TestRack,
+    m2s: Vec<camino::Utf8PathBuf>,
+    _m2_dir: camino_tempfile::Utf8TempDir,
+}
+
+impl OneSledRack {
+    async fn replicated(artifacts: &[(&str, u64)], seed: u64) -> OneSledRack {
+        let (rack, factory) = integration_tests::rack::TestRack::with_trust_root(1, |config| {
+            config.background_tasks.tuf_artifact_replication.allow_fewer_sleds = true;
+        })
+        .await;
+        let m2_dir = camino_tempfile::tempdir().unwrap();
+        let m2s = vec![m2_dir.path().join("m2-0"), m2_dir.path().join("m2-1")];
+        let mut one = OneSledRack { rack, m2s, _m2_dir: m2_dir };
+        one.start_sled().await;
+        one.rack.upload_ok(&factory, "1.0.0", artifacts, seed).await;
+        one.rack.converge(20).await;
+        one
+    }
+
+    async fn stop_sled(&mut self) {
+        self.rack.sleds.pop().expect("the sled is running").server.shutdown().await;
+    }
+
+    async fn start_sled(&mut self) -> &integration_tests::TestSled {
+        let m2s = self.m2s.clone();
+        self.rack.add_sled_with(|config| config.storage.m2_dirs = m2s).await
+    }
+}
+
 /// A sled whose newest config ledger copy is damaged (DESIGN §11) says so
 /// in its inventory and listing, and omdb shows it in `sled-agent
 /// artifacts`, `db inventory` and `db validate`. It keeps the generation and
@@ -152,19 +186,9 @@ async fn unknown_tasks_and_missing_urls_are_explained() {
 /// which repairs the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
-    use integration_tests::rack::{TestRack, holds_exactly, sled_view};
-    use integration_tests::repos::{RepoFactory, upload};
-    let (mut rack, factory) = TestRack::with_trust_root(1, |config| {
-        config.background_tasks.tuf_artifact_replication.allow_fewer_sleds = true;
-    })
-    .await;
-    let m2_dir = camino_tempfile::tempdir().unwrap();
-    let m2s = vec![m2_dir.path().join("m2-0"), m2_dir.path().join("m2-1")];
-    let with_dirs = |config: &mut sled_agent::config::Config| config.storage.m2_dirs = m2s.clone();
-    rack.add_sled_with(with_dirs).await;
-    let zip = factory.build(&RepoFactory::spec("1.0.0", &[("os", 50_000)], 1)).await;
-    assert_eq!(upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zip).await.0, 200);
-    rack.converge(20).await;
+    use integration_tests::rack::{holds_exactly, sled_view};
+    let mut one = OneSledRack::replicated(&[("os", 50_000)], 1).await;
+    let (rack, m2s) = (&one.rack, one.m2s.clone());
     let config = rack.config().await;
 
     // No replication (a follow-up would repair the damage) until the test
@@ -178,18 +202,18 @@ async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
         .unwrap();
     // Stop the sled, make its newest ledger copy unreadable on both M.2s
     // (torn on one, a directory in its place on the other), start it again.
-    let stopped = rack.sleds.pop().unwrap();
-    stopped.server.shutdown().await;
+    one.stop_sled().await;
     let name = format!("artifact-config.g{:020}.json", config.generation.get());
     std::fs::write(m2s[0].join(&name), b"{\"generation\":").unwrap();
     std::fs::remove_file(m2s[1].join(&name)).unwrap();
     std::fs::create_dir(m2s[1].join(&name)).unwrap();
-    let sled = rack.add_sled_with(with_dirs).await;
-    let api_url = sled.api_url();
-    let listed = sled.client().artifact_list().await.unwrap().into_inner();
+    let sled = one.start_sled().await;
+    let (api_url, client) = (sled.api_url(), sled.client());
+    let rack = &one.rack;
+    let listed = client.artifact_list().await.unwrap().into_inner();
     assert_eq!(listed.generation, config.generation, "the generation survives the damage");
     assert_eq!(listed.ledger_damage.len(), 2, "{listed:?}");
-    let inventory = sled.client().inventory().await.unwrap().into_inner();
+    let inventory = client.inventory().await.unwrap().into_inner();
     assert_eq!(inventory.ledger_damage.len(), 2);
     for m2 in &inventory.m2 {
         assert_eq!(m2.artifacts, 1, "nothing was deleted on the basis of an older config");
@@ -216,6 +240,49 @@ async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
     assert!(listed.ledger_damage.is_empty());
     let shown = omdb.success(&["sled-agent", "artifacts", "--sled-url", &api_url]).await;
     assert!(shown.contains(&format!("artifact config generation {}", config.generation)), "{shown}");
+}
+
+/// A copy the sled cannot read (an I/O error, injected with a failpoint on
+/// this test's artifact only) is not corruption (DESIGN §11): the scrub keeps
+/// it on both M.2s, the sled reports it (inventory, listing without it, omdb)
+/// and, once it reads again, the next check counts it as held again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_copy_is_kept_shown_and_counted_again_once_it_reads() {
+    let mut one = OneSledRack::replicated(&[("os", 61_234)], 11).await;
+    let hash = *one.rack.config().await.artifacts.iter().next().unwrap();
+    let nexus = one.rack.nexus.server.nexus().clone();
+    let (replication, disabled) = (integration_tests::rack::REPLICATION, TaskMode::Disabled);
+    nexus.background.set_switch(replication, disabled, "test", "look first").await.unwrap();
+
+    // A restart runs a scrub pass at once; it cannot read either copy.
+    one.stop_sled().await;
+    fail::cfg("sled_agent::store::read_error", &format!("return({hash})")).unwrap();
+    let sled = one.start_sled().await;
+    let client = sled.client();
+    let api_url = sled.api_url();
+    integration_tests::rack::wait_until("the first scrub pass", Duration::from_secs(20), async || {
+        client.inventory().await.unwrap().into_inner().scrub.passes_finished >= 1
+    })
+    .await;
+    let inventory = client.inventory().await.unwrap().into_inner();
+    fail::remove("sled_agent::store::read_error");
+    let pass = inventory.scrub.last.clone().unwrap();
+    assert_eq!((pass.unreadable, pass.corrupt_removed), (2, 0), "{pass:?}");
+    assert_eq!(inventory.unreadable.len(), 2, "{:?}", inventory.unreadable);
+    assert!(inventory.m2.iter().all(|m2| m2.artifacts == 1), "nothing deleted: {:?}", inventory.m2);
+    assert_eq!(client.artifact_list().await.unwrap().into_inner().list.get(&hash), None);
+    let omdb = Omdb { url: one.rack.nexus.internal_url() };
+    let shown = omdb.success(&["sled-agent", "artifacts", "--sled-url", &api_url]).await;
+    assert!(shown.contains("unreadable copies") && shown.contains(&hash.to_string()), "{shown}");
+    assert!(shown.contains(one.m2s[1].join("artifacts").as_str()), "the problem names the file: {shown}");
+
+    // Readable again: the next restart re-hashes it (the failed read
+    // dropped its verification stamp) and holds both copies.
+    one.stop_sled().await;
+    let sled = one.start_sled().await;
+    let listed = sled.client().artifact_list().await.unwrap().into_inner();
+    assert_eq!(listed.list.get(&hash), Some(&2), "{listed:?}");
+    assert!(sled.client().inventory().await.unwrap().into_inner().unreadable.is_empty());
 }
 
 /// The replication matrix, repository health and target release as omdb

@@ -113,6 +113,47 @@ async fn a_nexus_restarted_between_upload_and_replication_loses_nothing() {
     rack.converge(20).await;
 }
 
+/// DESIGN §11: a staged file that cannot be read at start-up is not lost.
+/// Nexus refuses to start, naming the file, and deletes nothing (a sweep
+/// would have removed the only copy of an acknowledged upload); once the
+/// file reads again Nexus starts, as the same Nexus (its id is kept beside
+/// the staging area), and replication converges from the staged bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_staged_file_stops_the_start_and_is_kept() {
+    let (rack, factory) = TestRack::with_trust_root(3, |config| {
+        config.background_tasks.tuf_artifact_replication.disabled = true
+    })
+    .await;
+    rack.upload_ok(&factory, "1.0.0", &[("os", 120_000), ("sp", 30_000)], 7).await;
+    let staged_dir = rack.nexus.staging_dir().join("artifacts");
+    let staged = || -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&staged_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    };
+    let before = staged();
+    assert_eq!(before.len(), 2);
+    let nexus_id = rack.nexus.server.nexus().id;
+
+    let TestRack { nexus, sleds } = rack;
+    let mut config = nexus.config();
+    let integration_tests::TestNexus { db, server, dir, .. } = nexus;
+    server.shutdown().await;
+    fail::cfg("nexus::staging::read_error", &format!("return({})", before[0])).unwrap();
+    let refused = nexus::server::Server::start(&config, integration_tests::test_log()).await;
+    fail::remove("nexus::staging::read_error");
+    let error = common::error_chain(&refused.err().expect("Nexus refuses to start"));
+    assert!(error.contains(&before[0]) && error.contains("could not be read"), "{error}");
+    assert_eq!(staged(), before, "nothing was swept");
+
+    config.background_tasks.tuf_artifact_replication.disabled = false;
+    let nexus = integration_tests::TestNexus::start_on(db, dir, &config).await;
+    assert_eq!(nexus.server.nexus().id, nexus_id, "the same Nexus after a restart");
+    let rack = TestRack { nexus, sleds };
+    rack.converge(20).await;
+}
+
 /// The race from the design review: Nexus A reads config N; Nexus B records
 /// a repository (N+1) and replicates it; A's late requests, made at N, must
 /// be refused by the sleds, and nothing B placed may disappear.

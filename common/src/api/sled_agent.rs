@@ -142,6 +142,22 @@ pub struct SledInventory {
     /// bounded rate and removes corrupt copies.
     #[serde(default)]
     pub scrub: ScrubStatus,
+    /// Copies that could not be read when last checked (an I/O error, not a
+    /// hash mismatch). They are kept, not counted as held, and checked again
+    /// by the next scrub pass; a verified copy written over one clears it.
+    #[serde(default)]
+    pub unreadable: Vec<UnreadableCopy>,
+}
+
+/// A stored copy whose check failed for a reason other than its contents:
+/// the file was kept.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct UnreadableCopy {
+    pub slot: u32,
+    pub sha256: ArtifactHash,
+    /// The error, naming the file.
+    pub problem: String,
+    pub since: chrono::DateTime<chrono::Utc>,
 }
 
 /// The check of every stored artifact at start-up: a file whose metadata
@@ -157,6 +173,9 @@ pub struct StartupVerification {
     pub bytes_read: u64,
     /// Files deleted because their contents did not match their name.
     pub removed: u64,
+    /// Files that could not be read (kept; see [`SledInventory::unreadable`]).
+    #[serde(default)]
+    pub unreadable: u64,
     pub elapsed_millis: u64,
 }
 
@@ -183,6 +202,9 @@ pub struct ScrubPass {
     /// Copies whose contents did not match their name, deleted so that
     /// replication restores them.
     pub corrupt_removed: u64,
+    /// Copies that could not be read: kept, and checked again next pass.
+    #[serde(default)]
+    pub unreadable: u64,
     /// Bytes re-hashed per second over the pass (so far).
     pub bytes_per_sec: u64,
 }

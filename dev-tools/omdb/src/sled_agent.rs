@@ -59,6 +59,18 @@ struct CopyFailureRow {
     error: String,
 }
 
+#[derive(Tabled, Serialize)]
+struct UnreadableRow {
+    #[tabled(rename = "SLOT")]
+    slot: u32,
+    #[tabled(rename = "SHA256")]
+    sha256: String,
+    #[tabled(rename = "SINCE")]
+    since: String,
+    #[tabled(rename = "PROBLEM")]
+    problem: String,
+}
+
 impl SledAgentArgs {
     pub async fn run(self, json: bool) -> anyhow::Result<String> {
         let SledAgentCommand::Artifacts { sled_url } = self.command;
@@ -130,6 +142,22 @@ impl SledAgentArgs {
                 })
                 .collect();
             out += &format!("failed copies:\n{}\n", crate::render::table(failures));
+        }
+        if !inventory.unreadable.is_empty() {
+            let unreadable: Vec<UnreadableRow> = inventory
+                .unreadable
+                .iter()
+                .map(|copy| UnreadableRow {
+                    slot: copy.slot,
+                    sha256: copy.sha256.to_string(),
+                    since: crate::render::time(&copy.since),
+                    problem: copy.problem.clone(),
+                })
+                .collect();
+            out += &format!(
+                "unreadable copies (kept, not counted as held; the next scrub pass reads them again):\n{}\n",
+                crate::render::table(unreadable)
+            );
         }
         out += &crate::render::table(m2s);
         Ok(out)

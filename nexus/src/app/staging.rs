@@ -59,6 +59,24 @@ impl StagingArea {
         Ok(Arc::new(StagingArea { root: root.to_owned(), pins: Mutex::new(BTreeMap::new()) }))
     }
 
+    /// This Nexus's id, kept in `<dir>/nexus-id` so that a restart is the
+    /// same Nexus: its staged rows of earlier runs stay its own, and are
+    /// released or reported lost instead of orphaned. Created on first use.
+    pub fn load_or_create_id(&self) -> Result<uuid::Uuid, NexusIdError> {
+        let path = self.root.join("nexus-id");
+        let invalid = |problem: String| NexusIdError::Invalid { path: path.clone(), problem };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().map_err(|error: uuid::Error| invalid(error.to_string())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let id = uuid::Uuid::new_v4();
+                common::durable::create_file(&path, id.to_string().as_bytes(), 0o644)
+                    .map_err(|source| NexusIdError::Io { path: path.clone(), source })?;
+                Ok(id)
+            }
+            Err(source) => Err(NexusIdError::Io { path, source }),
+        }
+    }
+
     pub fn root(&self) -> &Utf8Path {
         &self.root
     }
@@ -131,6 +149,18 @@ impl StagingArea {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum NexusIdError {
+    #[error("the Nexus id file {path} is not a UUID: {problem}")]
+    Invalid { path: Utf8PathBuf, problem: String },
+    #[error("reading or creating the Nexus id file {path}")]
+    Io {
+        path: Utf8PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A recorded repository whose artifacts are staged here, on its way to the
 /// replication task. Its pins keep the staged files until that task is done
 /// with it.
@@ -152,15 +182,37 @@ pub struct StagedArtifact {
     pub pin: Pin,
 }
 
+/// How many times recovery reads a staged file that failed to read before
+/// Nexus refuses to start, and the pause between tries.
+const UNREADABLE_TRIES: u32 = 3;
+const UNREADABLE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A staged file that could not be read at start-up (not a wrong hash).
+/// Nexus does not start: sweeping would delete what may be the only copy
+/// of an acknowledged upload.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "staged artifact {path} could not be read ({tries} tries); refusing to start rather than \
+     treat it as lost (fix the staging file system, then start Nexus again)"
+)]
+pub struct UnreadableStaging {
+    pub path: Utf8PathBuf,
+    pub tries: u32,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// At start-up: hands back, as staged repositories, what is still staged
-/// for unpruned repositories, after checking each file's hash (a corrupt
-/// file is deleted). Everything else staged is then swept.
+/// for unpruned repositories, after checking each file's hash (a file whose
+/// contents do not match its name is deleted). Everything else staged is
+/// then swept. A file that cannot be read is retried a few times and then
+/// fails the start, before anything is swept.
 pub async fn recover(
     staging: &Arc<StagingArea>,
     repos: &[crate::db::model::TufRepoWithArtifacts],
     slots: &Arc<tokio::sync::Semaphore>,
     log: &slog::Logger,
-) -> Vec<StagedRepo> {
+) -> Result<Vec<StagedRepo>, UnreadableStaging> {
     let mut verified: BTreeMap<ArtifactHash, bool> = BTreeMap::new();
     let mut recovered = Vec::new();
     for recorded in repos {
@@ -170,7 +222,7 @@ pub async fn recover(
             let good = match verified.get(&hash) {
                 Some(good) => *good,
                 None => {
-                    let good = verify_staged(staging, &hash, log).await;
+                    let good = verify_staged_retrying(staging, &hash, log).await?;
                     verified.insert(hash, good);
                     good
                 }
@@ -197,16 +249,52 @@ pub async fn recover(
         Ok(_) => {}
         Err(error) => slog::warn!(log, "sweeping the staging area failed"; "error" => %error),
     }
-    recovered
+    Ok(recovered)
 }
 
-/// Whether a staged copy exists and matches its name; a mismatch is deleted.
-async fn verify_staged(staging: &StagingArea, hash: &ArtifactHash, log: &slog::Logger) -> bool {
+/// What checking one staged file found.
+#[derive(Debug)]
+enum StagedCheck {
+    Intact,
+    Missing,
+    /// Its contents do not match its name (the file is deleted).
+    Corrupt,
+    /// Reading it failed: nothing is known about its contents, so it is kept.
+    Unreadable(std::io::Error),
+}
+
+async fn verify_staged_retrying(
+    staging: &StagingArea,
+    hash: &ArtifactHash,
+    log: &slog::Logger,
+) -> Result<bool, UnreadableStaging> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match check_staged(staging, hash, log).await {
+            StagedCheck::Intact => return Ok(true),
+            StagedCheck::Missing | StagedCheck::Corrupt => return Ok(false),
+            StagedCheck::Unreadable(source) if tries >= UNREADABLE_TRIES => {
+                return Err(UnreadableStaging { path: staging.artifact_path(hash), tries, source });
+            }
+            StagedCheck::Unreadable(error) => {
+                slog::warn!(log, "reading a staged artifact failed; trying again"; "path" => %staging.artifact_path(hash),
+                    "error" => %error, "try" => tries);
+                tokio::time::sleep(UNREADABLE_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Re-hashes a staged copy; one whose contents do not match its name is
+/// deleted, unless something pins it.
+async fn check_staged(staging: &StagingArea, hash: &ArtifactHash, log: &slog::Logger) -> StagedCheck {
     use sha2::Digest;
     let path = staging.artifact_path(hash);
     let checked = path.clone();
     let digest = tokio::task::spawn_blocking(move || -> std::io::Result<[u8; 32]> {
         let mut file = std::fs::File::open(&checked)?;
+        common::failpoints::read_error("nexus::staging::read_error", &checked)?;
         let mut hasher = sha2::Sha256::new();
         std::io::copy(&mut file, &mut hasher)?;
         Ok(hasher.finalize().into())
@@ -214,17 +302,17 @@ async fn verify_staged(staging: &StagingArea, hash: &ArtifactHash, log: &slog::L
     .await
     .expect("hashing does not panic");
     match digest {
-        Ok(digest) if ArtifactHash(digest) == *hash => true,
-        Ok(_) => {
-            slog::error!(log, "staged artifact is corrupt; deleting it"; "path" => %path);
-            let _ = std::fs::remove_file(&path);
-            false
+        Ok(digest) if ArtifactHash(digest) == *hash => StagedCheck::Intact,
+        Ok(digest) => {
+            let actual = ArtifactHash(digest);
+            slog::error!(log, "staged artifact is corrupt; deleting it"; "path" => %path, "actual_sha256" => %actual);
+            if let Err(error) = staging.remove_if_unpinned(hash) {
+                slog::error!(log, "deleting a corrupt staged artifact failed"; "path" => %path, "error" => %error);
+            }
+            StagedCheck::Corrupt
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
-        Err(error) => {
-            slog::warn!(log, "reading a staged artifact failed"; "path" => %path, "error" => %error);
-            false
-        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => StagedCheck::Missing,
+        Err(error) => StagedCheck::Unreadable(error),
     }
 }
 
@@ -250,6 +338,16 @@ mod tests {
         drop(second);
         assert!(staging.remove_if_unpinned(&a).unwrap());
         assert!(staging.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_nexus_id_survives_a_reopen_and_a_bad_file_is_refused() {
+        let dir = camino_tempfile::tempdir().unwrap();
+        let id = StagingArea::open(dir.path()).unwrap().load_or_create_id().unwrap();
+        assert_eq!(StagingArea::open(dir.path()).unwrap().load_or_create_id().unwrap(), id);
+        std::fs::write(dir.path().join("nexus-id"), b"not a uuid").unwrap();
+        let error = StagingArea::open(dir.path()).unwrap().load_or_create_id().unwrap_err().to_string();
+        assert!(error.contains("nexus-id") && error.contains("not a UUID"), "{error}");
     }
 
     #[test]

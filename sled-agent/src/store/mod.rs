@@ -63,6 +63,7 @@ use crate::storage::{M2, QuotaExceeded};
 use camino::Utf8PathBuf;
 use common::api::sled_agent::{
     ArtifactListResponse, CopyFailure, M2State, MAX_CONFIG_ARTIFACTS, ScrubStatus, StartupVerification,
+    UnreadableCopy,
 };
 use common::{ArtifactConfig, ArtifactHash, Generation};
 use serve::InFlightWrites;
@@ -216,6 +217,12 @@ pub struct ArtifactStore {
     stamps: BTreeMap<u32, Arc<Stamps>>,
     startup_verification: StartupVerification,
     scrub: std::sync::Mutex<ScrubStatus>,
+    /// Copies whose last check failed to read them, by (slot, hash). Such a
+    /// copy is kept (an I/O error says nothing about its bytes) but not
+    /// listed as held, so that Nexus neither releases its staged copy on
+    /// its account nor stops sending it: a verified write renames a fresh
+    /// copy over it. The scrub's next read of it decides.
+    unreadable: std::sync::Mutex<BTreeMap<(u32, ArtifactHash), UnreadableCopy>>,
 }
 
 impl ArtifactStore {
@@ -253,7 +260,7 @@ impl ArtifactStore {
         let stamps: BTreeMap<u32, Arc<Stamps>> =
             m2s.iter().map(|m2| (m2.slot, Arc::new(Stamps::load(&log, m2)))).collect();
         let devices: Vec<_> = m2s.iter().map(|m2| (m2.clone(), stamps[&m2.slot].clone())).collect();
-        let startup_verification = verify::verify_all(&log, &devices, verify_workers).await;
+        let verified = verify::verify_all(&log, &devices, verify_workers).await;
         for m2 in &m2s {
             let prepared = m2
                 .prepare(|hash| enforced.may_want(hash) && !m2.artifact_path(hash).is_file())
@@ -285,8 +292,11 @@ impl ArtifactStore {
             config: RwLock::new(enforced.clone()),
             m2s,
             stamps,
-            startup_verification,
+            startup_verification: verified.summary,
             scrub: Default::default(),
+            unreadable: std::sync::Mutex::new(
+                verified.unreadable.into_iter().map(|copy| ((copy.slot, copy.sha256), copy)).collect(),
+            ),
         };
         for m2 in store.healthy() {
             store.adopt(&m2, &enforced)?;
@@ -340,6 +350,35 @@ impl ArtifactStore {
 
     pub fn scrub_status(&self) -> ScrubStatus {
         self.scrub_state().clone()
+    }
+
+    /// Copies that could not be read when last checked and are still there.
+    pub fn unreadable(&self) -> Vec<UnreadableCopy> {
+        let mut unreadable = self.unreadable_state();
+        unreadable.retain(|(slot, hash), _| {
+            self.m2s.iter().any(|m2| m2.slot == *slot && m2.artifact_path(hash).symlink_metadata().is_ok())
+        });
+        unreadable.values().cloned().collect()
+    }
+
+    fn unreadable_state(&self) -> std::sync::MutexGuard<'_, BTreeMap<(u32, ArtifactHash), UnreadableCopy>> {
+        self.unreadable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mark_unreadable(&self, m2: &M2, hash: ArtifactHash, problem: String) {
+        slog::error!(self.log, "an artifact copy could not be read; keeping it"; "slot" => m2.slot,
+            "hash" => %hash, "problem" => &problem);
+        self.unreadable_state().entry((m2.slot, hash)).or_insert_with(|| UnreadableCopy {
+            slot: m2.slot,
+            sha256: hash,
+            problem,
+            since: chrono::Utc::now(),
+        });
+    }
+
+    /// The copy on `m2` was just read or written whole, or is gone.
+    fn clear_unreadable(&self, m2: &M2, hash: &ArtifactHash) {
+        self.unreadable_state().remove(&(m2.slot, *hash));
     }
 
     fn scrub_state(&self) -> std::sync::MutexGuard<'_, ScrubStatus> {
@@ -444,11 +483,17 @@ impl ArtifactStore {
         let (list, ledger_damage) = match &*enforced {
             Enforced::Known(config) => {
                 let healthy = self.healthy();
+                let unreadable = self.unreadable_state().clone();
                 let list = config
                     .artifacts
                     .iter()
                     .filter_map(|hash| {
-                        let copies = healthy.iter().filter(|m2| m2.artifact_path(hash).is_file()).count();
+                        let copies = healthy
+                            .iter()
+                            .filter(|m2| {
+                                m2.artifact_path(hash).is_file() && !unreadable.contains_key(&(m2.slot, *hash))
+                            })
+                            .count();
                         (copies > 0).then_some((*hash, copies))
                     })
                     .collect();

@@ -2,9 +2,13 @@
 //! every healthy M.2, at most `storage.scrub_bytes_per_sec`, one pass at most
 //! every `storage.scrub_interval_secs` (the first right after start-up). It
 //! finds what the start-up check cannot: damage that leaves a file's
-//! metadata alone ([`super::stamps`]). A corrupt copy is deleted, so that
-//! Nexus sees one copy fewer than the sled has healthy M.2s and replication
-//! restores it; passes and what they found are in `GET /inventory`.
+//! metadata alone ([`super::stamps`]). A corrupt copy (its contents hash to
+//! something else) is deleted, so that Nexus sees one copy fewer than the
+//! sled has healthy M.2s and replication restores it. A copy that cannot be
+//! opened or read is not corrupt, as far as anyone knows: it is kept,
+//! reported as unreadable (not listed as held, so replication writes a
+//! fresh copy over it) and read again next pass. Passes and what they found
+//! are in `GET /inventory`.
 //!
 //! # Pacing
 //!
@@ -45,6 +49,8 @@ pub(super) enum Scrubbed {
         bytes: u64,
         removed: bool,
     },
+    /// Opening or reading it failed: kept, and reported.
+    Unreadable,
     /// Deleted or replaced before it could be opened.
     Gone,
 }
@@ -71,6 +77,7 @@ impl ArtifactStore {
             files_checked: 0,
             bytes_checked: 0,
             corrupt_removed: 0,
+            unreadable: 0,
             bytes_per_sec: 0,
         };
         self.scrub_state().current = Some(pass.clone());
@@ -94,6 +101,10 @@ impl ArtifactStore {
                 }
                 let bytes = match self.scrub_file(m2, hash, &mut pacer).await {
                     Scrubbed::Gone => continue,
+                    Scrubbed::Unreadable => {
+                        pass.unreadable += 1;
+                        0
+                    }
                     Scrubbed::Intact { bytes } => bytes,
                     Scrubbed::Corrupt { bytes, removed } => {
                         pass.corrupt_removed += u64::from(removed);
@@ -116,6 +127,7 @@ impl ArtifactStore {
         }
         slog::info!(self.log, "scrub pass finished"; "files_checked" => pass.files_checked,
             "bytes_checked" => pass.bytes_checked, "corrupt_removed" => pass.corrupt_removed,
+            "unreadable" => pass.unreadable,
             "bytes_per_sec" => pass.bytes_per_sec);
         self.flush_stamps().await;
         pass
@@ -130,7 +142,10 @@ impl ArtifactStore {
         let mut hashing = match opened {
             Ok(hashing) => hashing,
             Err(_) if !path.exists() => return Scrubbed::Gone,
-            Err(problem) => return self.remove_corrupt(m2, hash, None, 0, &problem).await,
+            Err(problem) => {
+                self.mark_unreadable(m2, hash, problem);
+                return Scrubbed::Unreadable;
+            }
         };
         let inode = hashing.inode();
         let hashed = loop {
@@ -152,23 +167,29 @@ impl ArtifactStore {
                 if let Some(stamp) = stamp {
                     self.stamps(m2).record(hash, stamp);
                 }
+                self.clear_unreadable(m2, &hash);
                 Scrubbed::Intact { bytes: bytes_read }
             }
             Ok(Hashed { actual, bytes_read, .. }) => {
                 let problem = format!("contents have sha256 {actual}");
-                self.remove_corrupt(m2, hash, Some(inode), bytes_read, &problem).await
+                self.remove_corrupt(m2, hash, inode, bytes_read, &problem).await
             }
-            Err(problem) => self.remove_corrupt(m2, hash, Some(inode), 0, &problem).await,
+            Err(problem) => {
+                // What was read may differ from what the stamp vouches for.
+                self.stamps(m2).forget(&hash);
+                self.mark_unreadable(m2, hash, problem);
+                Scrubbed::Unreadable
+            }
         }
     }
 
     /// Deletes a copy found corrupt, if its name still points at the file
-    /// that was hashed (`inode`; `None` if it could not even be opened).
+    /// that was hashed (`inode`).
     pub(super) async fn remove_corrupt(
         &self,
         m2: &M2,
         hash: ArtifactHash,
-        inode: Option<u64>,
+        inode: u64,
         bytes: u64,
         problem: &str,
     ) -> Scrubbed {
@@ -178,7 +199,7 @@ impl ArtifactStore {
             Ok(metadata) => metadata,
             Err(_) => return Scrubbed::Gone,
         };
-        if inode.is_some_and(|inode| inode != current.ino()) {
+        if inode != current.ino() {
             // Replaced by a verified rename since it was hashed.
             return Scrubbed::Gone;
         }
@@ -188,6 +209,7 @@ impl ArtifactStore {
             Ok(()) => {
                 m2.forget_stored(current.len());
                 self.stamps(m2).forget(&hash);
+                self.clear_unreadable(m2, &hash);
                 Scrubbed::Corrupt { bytes, removed: true }
             }
             Err(error) => {

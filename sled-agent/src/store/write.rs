@@ -218,6 +218,7 @@ impl ArtifactStore {
                     target.settled = true;
                     successful_writes += 1;
                     target.m2.commit(target.reserved, existed);
+                    self.clear_unreadable(&target.m2, &hash);
                     // Just verified: the start-up check may trust it as is.
                     match std::fs::metadata(&destination) {
                         Ok(metadata) => self.stamps(&target.m2).record(hash, Stamp::of(&metadata)),
