@@ -24,14 +24,23 @@
 //! the newest generation it could see, deleting nothing, until a Nexus
 //! pushes a config at least that new (the unreadable device's own copies
 //! stay unknown; Nexus's push is the best evidence of what is current).
+//!
+//! So is a sled with no ledger on any device that holds artifacts (or a
+//! ledger under the name older sled agents used, `artifact-config.json`):
+//! it once accepted a config, and the device that held the ledger is
+//! unmounted, wiped or from an older release. Starting from generation 0
+//! would delete every artifact; instead nothing is deleted until a push
+//! (any generation, as none is known) repairs the ledger.
 
 use crate::storage::M2;
 use camino::{Utf8Path, Utf8PathBuf};
-use common::{ArtifactConfig, Generation};
+use common::{ArtifactConfig, ArtifactHash, Generation};
 use std::sync::Arc;
 
 const PREFIX: &str = "artifact-config.g";
 const SUFFIX: &str = ".json";
+/// The single ledger file older sled agents wrote, never read now.
+const OLDER_NAME: &str = "artifact-config.json";
 
 /// What a sled that never received a config enforces.
 pub fn empty_config() -> ArtifactConfig {
@@ -50,6 +59,9 @@ pub struct Loaded {
     /// A healthy device's ledger directory could not be listed: the
     /// generations it holds, possibly newer than any seen, are unknown.
     pub unlisted: bool,
+    /// No device holds a ledger, yet a device holds artifacts or an older
+    /// sled agent's ledger: some config was accepted and its record lost.
+    pub unledgered: bool,
 }
 
 impl Loaded {
@@ -57,7 +69,7 @@ impl Loaded {
     /// a copy named newer than every intact one, or a device whose copies
     /// could not even be listed.
     pub fn is_damaged(&self) -> bool {
-        self.newest_named > self.newest_intact.generation || self.unlisted
+        self.newest_named > self.newest_intact.generation || self.unlisted || self.unledgered
     }
 }
 
@@ -94,6 +106,7 @@ pub fn load(m2s: &[Arc<M2>]) -> Loaded {
         newest_named: Generation::new(0),
         damage: Vec::new(),
         unlisted: false,
+        unledgered: false,
     };
     for m2 in m2s.iter().filter(|m2| m2.is_healthy()) {
         let files = match ledger_files(m2) {
@@ -115,7 +128,43 @@ pub fn load(m2s: &[Arc<M2>]) -> Loaded {
             }
         }
     }
+    if loaded.newest_named == Generation::new(0) && !loaded.unlisted {
+        for m2 in m2s.iter().filter(|m2| m2.is_healthy()) {
+            let evidence = evidence_of_a_lost_ledger(m2);
+            loaded.unledgered |= !evidence.is_empty();
+            loaded.damage.extend(evidence);
+        }
+    }
     loaded
+}
+
+/// What on a device with no ledger shows that the sled had a config: an
+/// older sled agent's ledger, or stored artifacts.
+fn evidence_of_a_lost_ledger(m2: &M2) -> Vec<String> {
+    let mut evidence = Vec::new();
+    let older = m2.root().join(OLDER_NAME);
+    if older.exists() {
+        evidence.push(format!(
+            "ledger {older}: an older sled agent's ledger name, not read by this one; no current \
+             ledger on any M.2"
+        ));
+    }
+    let artifacts = std::fs::read_dir(m2.dataset())
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|entry| entry.file_name().to_str().is_some_and(|name| name.parse::<ArtifactHash>().is_ok()))
+                .count()
+        })
+        .unwrap_or(0);
+    if artifacts > 0 {
+        evidence.push(format!(
+            "{} holds {artifacts} artifacts but no M.2 holds a config ledger (a device unmounted, \
+             wiped or replaced?)",
+            m2.dataset()
+        ));
+    }
+    evidence
 }
 
 fn read_copy(path: &Utf8Path, generation: Generation) -> Result<ArtifactConfig, String> {
@@ -146,6 +195,11 @@ pub fn write_one(m2: &M2, config: &ArtifactConfig) -> std::io::Result<()> {
             removed = true;
         }
     }
+    match std::fs::remove_file(m2.root().join(OLDER_NAME)) {
+        Ok(()) => removed = true,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
     if removed {
         common::durable::sync_dir(m2.root())?;
     }
@@ -155,7 +209,6 @@ pub fn write_one(m2: &M2, config: &ArtifactConfig) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::ArtifactHash;
 
     fn devices(dir: &Utf8Path, count: u32) -> Vec<Arc<M2>> {
         (0..count)

@@ -39,6 +39,11 @@
 //! accepted as the repair because the database names exactly one set of
 //! artifacts by each generation (every change to the set bumps it).
 //!
+//! A config is accepted once its ledger copy is durable on one device; a
+//! device whose write failed is *stale* (reported with the ledger problems)
+//! and rewritten by the next push, even of the same config, so that losing
+//! the device that took the write does not take the sled back a generation.
+//!
 //! # Locks
 //!
 //! `config` (read by requests, written by config changes and device
@@ -198,6 +203,9 @@ pub struct ArtifactStore {
     /// Ledger problems seen at start-up or on a device's return, shown in
     /// inventory until a config is written again.
     ledger_problems: std::sync::Mutex<Vec<String>>,
+    /// Healthy devices whose ledger write of the enforced config failed, by
+    /// slot, with the error: rewritten by the next config push.
+    stale_ledgers: std::sync::Mutex<BTreeMap<u32, String>>,
     /// Serializes renames into place, so that "did the file exist" and the
     /// quota accounting that depends on it agree.
     commit: Mutex<()>,
@@ -289,6 +297,7 @@ impl ArtifactStore {
             http,
             commit: Mutex::new(()),
             ledger_problems: std::sync::Mutex::new(problems),
+            stale_ledgers: Default::default(),
             config: RwLock::new(enforced.clone()),
             m2s,
             stamps,
@@ -404,8 +413,41 @@ impl ArtifactStore {
         self.config.read().await.generation()
     }
 
+    /// Damage found in the ledger, then devices whose copy is stale.
     pub fn ledger_problems(&self) -> Vec<String> {
-        self.ledger_problems.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut problems = self.ledger_problems.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        problems.extend(self.stale_ledgers_state().values().cloned());
+        problems
+    }
+
+    fn stale_ledgers_state(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, String>> {
+        self.stale_ledgers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `config`'s ledger copy to each of `m2s`, recording which are
+    /// stale; returns how many writes succeeded.
+    fn write_ledgers(&self, m2s: &[Arc<M2>], config: &ArtifactConfig) -> usize {
+        let mut written = 0;
+        for m2 in m2s {
+            match ledger::write_one(m2, config) {
+                Ok(()) => {
+                    written += 1;
+                    self.stale_ledgers_state().remove(&m2.slot);
+                }
+                Err(error) => {
+                    slog::warn!(self.log, "writing the config ledger failed"; "slot" => m2.slot, "error" => %error);
+                    let problem = format!(
+                        "M.2 slot {}: writing the ledger of generation {} to {} failed ({error}); the next \
+                         config push rewrites it",
+                        m2.slot,
+                        config.generation,
+                        ledger::path_for(m2, config.generation)
+                    );
+                    self.stale_ledgers_state().insert(m2.slot, problem);
+                }
+            }
+        }
+        written
     }
 
     /// Accepts a newer config (returns true), ignores the same one (false),
@@ -421,7 +463,18 @@ impl ArtifactStore {
         }
         let mut enforced = self.config.write().await;
         match &*enforced {
-            Enforced::Known(config) if offered == *config => return Ok(false),
+            Enforced::Known(config) if offered == *config => {
+                let stale: Vec<Arc<M2>> = {
+                    let stale = self.stale_ledgers_state();
+                    self.healthy().into_iter().filter(|m2| stale.contains_key(&m2.slot)).collect()
+                };
+                if !stale.is_empty() {
+                    let rewritten = self.write_ledgers(&stale, config);
+                    slog::info!(self.log, "rewrote stale config ledgers"; "generation" => %config.generation,
+                        "rewritten" => rewritten, "stale" => stale.len());
+                }
+                return Ok(false);
+            }
             Enforced::Known(config) if offered.generation <= config.generation => {
                 let detail = if offered.generation == config.generation {
                     " with a different set of artifacts"
@@ -448,15 +501,7 @@ impl ArtifactStore {
         if healthy.is_empty() {
             return Err(StoreError::NoHealthyM2 { action: "record the artifact config on" });
         }
-        let mut written = 0;
-        for m2 in &healthy {
-            match ledger::write_one(m2, &offered) {
-                Ok(()) => written += 1,
-                Err(error) => {
-                    slog::warn!(self.log, "writing the config ledger failed"; "slot" => m2.slot, "error" => %error)
-                }
-            }
-        }
+        let written = self.write_ledgers(&healthy, &offered);
         if written == 0 {
             return Err(StoreError::NoHealthyM2 { action: "write the artifact config ledger to" });
         }
@@ -550,6 +595,7 @@ impl ArtifactStore {
         if let Enforced::Known(config) = enforced {
             if config.generation > Generation::new(0) {
                 ledger::write_one(m2, config).map_err(|source| io("writing the config ledger of", source))?;
+                self.stale_ledgers_state().remove(&m2.slot);
             }
             self.delete_unreferenced(m2, config);
         }

@@ -375,6 +375,77 @@ async fn the_damaged_generation_itself_repairs_the_ledger() {
     assert_eq!(sled.store.config().await.unwrap(), config_of(3, &[&a]));
 }
 
+/// Issue #21: artifacts on the devices and no ledger on any of them (an
+/// unmounted or wiped device held it) is damage, not a fresh sled: nothing
+/// is deleted, nothing is acted on, until a push repairs the ledger.
+#[tokio::test]
+async fn artifacts_without_any_ledger_fail_closed_until_a_push() {
+    let sled = Sled::new(2).await;
+    let (a, b) = (artifact(1, 1000), artifact(2, 1000));
+    sled.configure(3, &[&a, &b]).await;
+    sled.put(&a).await.unwrap();
+    sled.put(&b).await.unwrap();
+    for slot in 0..2 {
+        std::fs::remove_file(ledger::path_for(sled.m2(slot), Generation::new(3))).unwrap();
+    }
+
+    let sled = sled.restart().await;
+    assert_eq!(sled.files().len(), 4, "nothing deleted: {:?}", sled.files());
+    let list = sled.store.list().await;
+    assert_eq!(list.ledger_damage.len(), 2, "{:?}", list.ledger_damage);
+    assert!(list.ledger_damage[0].contains("holds 2 artifacts but no M.2 holds a config ledger"), "{list:?}");
+    let error = sled.store.put(a.hash, Generation::new(0), None, chunks(&a.bytes)).await.unwrap_err();
+    assert!(matches!(error, StoreError::LedgerDamaged { .. }), "{error}");
+
+    // Any generation repairs it (none is known); only then does what left
+    // the config go.
+    assert!(sled.store.put_config(config_of(4, &[&a])).await.unwrap());
+    assert!(sled.store.ledger_problems().is_empty());
+    assert_eq!(sled.files(), [format!("0/{}", a.hash), format!("1/{}", a.hash)].into());
+}
+
+/// A ledger under the name older sled agents used, with no current one, is
+/// damage too; the repairing push removes the old file.
+#[tokio::test]
+async fn an_older_ledger_name_alone_fails_closed_and_a_push_replaces_it() {
+    let sled = Sled::new(1).await;
+    let older = sled.m2(0).root().join("artifact-config.json");
+    std::fs::write(&older, br#"{"generation":7,"artifacts":[]}"#).unwrap();
+    let sled = sled.restart().await;
+    let list = sled.store.list().await;
+    assert_eq!(list.ledger_damage.len(), 1, "{list:?}");
+    assert!(list.ledger_damage[0].contains(older.as_str()), "{list:?}");
+    let a = artifact(1, 100);
+    assert!(sled.store.put_config(config_of(8, &[&a])).await.unwrap());
+    assert!(!older.exists());
+    let sled = sled.restart().await;
+    assert_eq!(sled.store.config().await.unwrap(), config_of(8, &[&a]));
+}
+
+/// A push accepted with one device's ledger write failed leaves that device
+/// stale, reported; the next push of the same config rewrites it, so that
+/// losing the other device cannot take the sled back a generation.
+#[tokio::test]
+async fn a_stale_device_ledger_is_rewritten_by_the_next_push_of_the_same_config() {
+    let sled = Sled::new(2).await;
+    let a = artifact(1, 1000);
+    sled.configure(1, &[&a]).await;
+    // A directory where slot 1's generation-2 copy goes makes its rename fail.
+    let blocked = ledger::path_for(sled.m2(1), Generation::new(2));
+    std::fs::create_dir(&blocked).unwrap();
+    assert!(sled.store.put_config(config_of(2, &[&a])).await.unwrap());
+    let problems = sled.store.ledger_problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("M.2 slot 1") && problems[0].contains(blocked.as_str()), "{problems:?}");
+    assert!(ledger::path_for(sled.m2(1), Generation::new(1)).is_file(), "slot 1 still holds generation 1");
+
+    std::fs::remove_dir(&blocked).unwrap();
+    assert!(!sled.store.put_config(config_of(2, &[&a])).await.unwrap(), "the same config");
+    assert!(blocked.is_file(), "slot 1's ledger was rewritten");
+    assert!(!ledger::path_for(sled.m2(1), Generation::new(1)).exists());
+    assert!(sled.store.ledger_problems().is_empty());
+}
+
 fn config_of(generation: u64, artifacts: &[&Artifact]) -> ArtifactConfig {
     ArtifactConfig {
         generation: Generation::new(generation),
