@@ -314,6 +314,15 @@ pub mod details {
         /// Requests not sent because their (sled, artifact) is backing off.
         #[serde(default)]
         pub skipped_backoff: u64,
+        /// PUTs and copies a sled still refused as busy (503/429 with
+        /// `Retry-After`) after this activation's retries: back-pressure, not
+        /// failure. Counted in `put_err`/`copy_err` too, never backed off.
+        #[serde(default)]
+        pub busy: u64,
+        /// Copies held back for a later activation because their target had
+        /// no free copy slot (see `PlanSummary::deferred`).
+        #[serde(default)]
+        pub deferred: u64,
     }
 
     impl ReplicationCounters {
@@ -328,6 +337,8 @@ pub mod details {
             self.copy_err += other.copy_err;
             self.copy_failed_on_sled += other.copy_failed_on_sled;
             self.skipped_backoff += other.skipped_backoff;
+            self.busy += other.busy;
+            self.deferred += other.deferred;
         }
     }
 
@@ -349,6 +360,11 @@ pub mod details {
         /// Artifacts of the config that no sled and no staging area here
         /// holds: this Nexus cannot place them.
         pub unplaceable: Vec<ArtifactHash>,
+        /// Copies (and the PUTs that would feed only them) held back because
+        /// every sled that wants them has all its copy slots in use: the
+        /// sled would refuse them as busy. A later activation sends them.
+        #[serde(default)]
+        pub deferred: usize,
     }
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

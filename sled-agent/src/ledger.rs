@@ -153,7 +153,9 @@ fn evidence_of_a_lost_ledger(m2: &M2) -> Vec<String> {
         .map(|entries| {
             entries
                 .flatten()
-                .filter(|entry| entry.file_name().to_str().is_some_and(|name| name.parse::<ArtifactHash>().is_ok()))
+                .filter(|entry| {
+                    entry.file_name().to_str().is_some_and(|name| name.parse::<ArtifactHash>().is_ok())
+                })
                 .count()
         })
         .unwrap_or(0);

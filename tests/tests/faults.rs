@@ -357,6 +357,73 @@ async fn copies_running_on_sleds_keep_follow_ups_coming() {
     keep_lying.abort();
 }
 
+/// Issue #20: a sled that refuses a copy because its copy slots are full is
+/// busy, not failing. Between the activation's listing and its requests
+/// (a failpoint delay), the test fills the newcomer's only copy slot with a
+/// copy from a stalling depot; Nexus's copies to it are then refused 503
+/// with Retry-After through every retry. They must not back off (before,
+/// each counted as a failure and the sled was not asked again for up to
+/// `backoff_max`); a follow-up is scheduled, and the rack converges once the
+/// slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_busy_with_copies_is_asked_again_not_backed_off() {
+    let (mut rack, factory) = TestRack::with_trust_root(2, |config| {
+        config.background_tasks.tuf_artifact_replication.allow_fewer_sleds = true;
+        config.background_tasks.tuf_artifact_replication.backoff_base_millis = 200;
+    })
+    .await;
+    let names: Vec<(String, u64)> = (0..3).map(|n| (format!("busy{n}"), 40_000 + n)).collect();
+    let names: Vec<(&str, u64)> = names.iter().map(|(name, size)| (name.as_str(), *size)).collect();
+    rack.upload_ok(&factory, "1.0.0", &names, 5).await;
+    rack.converge(20).await;
+    let config = rack.config().await;
+    let newcomer = rack
+        .add_sled_with(|config| {
+            config.copy.max_concurrent = 1;
+            config.copy.read_timeout_secs = 10;
+        })
+        .await;
+    let (newcomer_id, client) = (newcomer.server.sled_id, newcomer.client());
+    let stalling = FakeDepot::start(vec![0u8; 40_000], Behavior::StallAfter(1000)).await;
+    // The planner sends the one copy the slot allows for the first hash.
+    let occupied = *config.artifacts.iter().next_back().unwrap();
+
+    let nexus_id = rack.nexus.server.nexus().id;
+    fail::cfg("nexus::replication::before_execute", &format!("1*return({nexus_id}:1500)")).unwrap();
+    let fill_the_slot = async {
+        wait_until("the newcomer has the config", Duration::from_secs(10), async || {
+            client.artifact_config_get().await.is_ok_and(|c| c.into_inner().generation == config.generation)
+        })
+        .await;
+        let body = common::api::sled_agent::ArtifactCopyFromDepotBody {
+            depot_base_url: stalling.base_url(),
+            alternates: Vec::new(),
+        };
+        client.artifact_copy_from_depot(&occupied, config.generation.get(), &body).await.unwrap();
+    };
+    let (status, ()) = tokio::join!(rack.replicate(), fill_the_slot);
+    fail::remove("nexus::replication::before_execute");
+
+    assert!(status.last_run.busy >= 1, "{:?}", status.last_run);
+    assert!(
+        status.ring.iter().any(|r| r.sled_id == newcomer_id
+            && r.error.as_deref().is_some_and(|e| e.contains("still busy"))),
+        "{:#?}",
+        status.ring
+    );
+    assert!(
+        status.backoff.iter().all(|backoff| backoff.sled_id != newcomer_id),
+        "busy is not failure: {:#?}",
+        status.backoff
+    );
+    assert!(status.followup_scheduled, "a busy sled is asked again");
+    wait_until("the newcomer converges once its slot frees", Duration::from_secs(40), async || {
+        rack.replicate().await;
+        rack.views().await.iter().all(|view| holds_exactly(view, &config))
+    })
+    .await;
+}
+
 /// Points the registrations of the given sleds at `depot` and keeps them
 /// there (their agents re-register every second) until the handle is
 /// aborted.

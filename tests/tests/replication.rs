@@ -127,8 +127,10 @@ async fn an_unreadable_staged_file_stops_the_start_and_is_kept() {
     rack.upload_ok(&factory, "1.0.0", &[("os", 120_000), ("sp", 30_000)], 7).await;
     let staged_dir = rack.nexus.staging_dir().join("artifacts");
     let staged = || -> Vec<String> {
-        let mut names: Vec<String> =
-            std::fs::read_dir(&staged_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(&staged_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         names.sort();
         names
     };

@@ -63,6 +63,11 @@ pub struct ArtifactListResponse {
     /// succeeds or the artifact leaves the config.
     #[serde(default)]
     pub copy_failures: BTreeMap<ArtifactHash, CopyFailure>,
+    /// How many copies this sled runs at once (`copy.max_concurrent`); one
+    /// more is refused as busy. A planner sends at most this many minus
+    /// `copies_in_flight`. Absent from older sleds: no known limit.
+    #[serde(default)]
+    pub max_concurrent_copies: Option<usize>,
     /// Non-empty when the newest config ledger copy is damaged: `generation`
     /// is then the one its file name claims, `list` is empty (the sled no
     /// longer knows its config's artifacts) and every PUT and copy is

@@ -525,8 +525,13 @@ fn plan(sleds: usize, artifacts: usize, repos: usize) -> anyhow::Result<()> {
     use nexus::background::tasks::replication_plan::{self, ArtifactState, Inventory, Limits, SledState};
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let sled_states: Vec<SledState> =
-        (0..sleds).map(|i| SledState { id: uuid::Uuid::from_u128(i as u128 + 1), healthy_m2: 2 }).collect();
+    let sled_states: Vec<SledState> = (0..sleds)
+        .map(|i| SledState {
+            id: uuid::Uuid::from_u128(i as u128 + 1),
+            healthy_m2: 2,
+            copy_slots: usize::MAX,
+        })
+        .collect();
     // Each repository's artifacts at a different stage: the newest only
     // staged here, older ones partly replicated.
     let mut inventory = Inventory { sleds: sled_states.clone(), artifacts: Default::default() };

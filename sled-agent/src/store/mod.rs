@@ -536,7 +536,8 @@ impl ArtifactStore {
                         let copies = healthy
                             .iter()
                             .filter(|m2| {
-                                m2.artifact_path(hash).is_file() && !unreadable.contains_key(&(m2.slot, *hash))
+                                m2.artifact_path(hash).is_file()
+                                    && !unreadable.contains_key(&(m2.slot, *hash))
                             })
                             .count();
                         (copies > 0).then_some((*hash, copies))
@@ -551,6 +552,7 @@ impl ArtifactStore {
             list,
             copies_in_flight,
             copy_failures,
+            max_concurrent_copies: Some(self.copy.max_concurrent),
             ledger_damage,
         }
     }

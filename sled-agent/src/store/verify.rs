@@ -50,7 +50,8 @@ pub(super) async fn verify_all(
             Ok(names) => {
                 // Stamps of files that are gone are dropped with them.
                 stamps.retain(&names.iter().filter_map(|name| name.parse().ok()).collect::<BTreeSet<_>>());
-                files.extend(names.into_iter().map(|name| (m2.slot, stamps.clone(), m2.dataset().join(name))));
+                files
+                    .extend(names.into_iter().map(|name| (m2.slot, stamps.clone(), m2.dataset().join(name))));
             }
             Err(error) => {
                 slog::warn!(log, "listing artifacts for verification failed"; "slot" => m2.slot, "error" => %error)
@@ -60,11 +61,10 @@ pub(super) async fn verify_all(
     let results = futures::stream::iter(files)
         .map(|(slot, stamps, path)| async move {
             let checked = path.clone();
-            let verdict = tokio::task::spawn_blocking(move || verify_file(&stamps, &checked))
-                .await
-                .unwrap_or_else(|panic| Verdict::Unreadable {
-                    problem: format!("verifying {path} panicked: {panic}"),
-                });
+            let verdict =
+                tokio::task::spawn_blocking(move || verify_file(&stamps, &checked)).await.unwrap_or_else(
+                    |panic| Verdict::Unreadable { problem: format!("verifying {path} panicked: {panic}") },
+                );
             (slot, path, verdict)
         })
         .buffer_unordered(workers)
@@ -203,8 +203,10 @@ impl FileHash {
     }
 
     pub fn finish(self) -> Result<Hashed, String> {
-        let after =
-            self.file.metadata().map_err(|error| format!("reading the metadata of {}: {error}", self.path))?;
+        let after = self
+            .file
+            .metadata()
+            .map_err(|error| format!("reading the metadata of {}: {error}", self.path))?;
         let stamp = (Stamp::of(&self.before) == Stamp::of(&after)).then(|| Stamp::of(&after));
         Ok(Hashed { actual: ArtifactHash(self.hasher.finalize().into()), bytes_read: self.bytes_read, stamp })
     }

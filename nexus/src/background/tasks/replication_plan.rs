@@ -22,6 +22,19 @@
 //!
 //! Sleds with no healthy M.2 are neither targets nor sources.
 //!
+//! # Copy slots (issue #20)
+//!
+//! A sled runs a bounded number of copies at once and refuses one more as
+//! busy. The planner sends a sled at most its free slots of new copies
+//! ([`SledState::copy_slots`]), artifacts in hash order; the rest are
+//! *deferred* to a later activation (copies running on sleds keep
+//! follow-ups coming), not sent to be refused. An artifact that nobody
+//! holds is PUT only if some sled that wants it can start a copy now, or
+//! no other sled wants it: a PUT that no chain can follow would only share
+//! Nexus's link with the PUTs that chains do follow. So each round moves
+//! a few artifacts through every sled at link rate, rather than every
+//! artifact at a fraction of it with most copies refused.
+//!
 //! # Fan-out
 //!
 //! - [`Fanout::Pipelined`] (the default): the sleds that hold the artifact or
@@ -57,6 +70,9 @@ pub type SledId = Uuid;
 pub struct SledState {
     pub id: SledId,
     pub healthy_m2: usize,
+    /// New copies the sled can start now (its limit less its copies in
+    /// flight); `usize::MAX` if it does not say.
+    pub copy_slots: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -156,6 +172,8 @@ pub struct Plan {
     pub unplaceable: Vec<ArtifactHash>,
     /// Requests left out because their (sled, artifact) is backing off.
     pub skipped_backoff: usize,
+    /// Copies left for a later activation: their target has no free slot.
+    pub deferred: usize,
 }
 
 pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
@@ -164,6 +182,8 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
     let mut copies = Vec::new();
     let mut unplaceable = Vec::new();
     let mut skipped_backoff = 0;
+    let mut deferred = 0;
+    let mut slots: BTreeMap<SledId, usize> = usable.iter().map(|sled| (sled.id, sled.copy_slots)).collect();
     for (hash, state) in &inventory.artifacts {
         let holders: Vec<SledId> = usable
             .iter()
@@ -184,6 +204,11 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 .iter()
                 .filter(|sled| !state.backing_off.contains(&sled.id) && !state.incoming.contains(&sled.id))
                 .collect();
+            let followable = candidates.iter().any(|sled| slots[&sled.id] > 0);
+            if limits.fanout != Fanout::Star && candidates.len() > 1 && !followable {
+                deferred += candidates.len();
+                continue;
+            }
             let count = match limits.fanout {
                 Fanout::Star => candidates.len(),
                 // One PUT: the chain makes every other copy at link rate, so
@@ -212,6 +237,12 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 skipped_backoff += 1;
                 continue;
             }
+            let free = slots.get_mut(&sled.id).expect("every usable sled has slots");
+            if *free == 0 {
+                deferred += 1;
+                continue;
+            }
+            *free -= 1;
             let held = state.copies.get(&sled.id).copied().unwrap_or(0);
             if held > 0 {
                 let others: Vec<SledId> = holders.iter().copied().filter(|&id| id != sled.id).collect();
@@ -273,7 +304,7 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
         }
     }
     puts.extend(copies);
-    Plan { requests: puts, unplaceable, skipped_backoff }
+    Plan { requests: puts, unplaceable, skipped_backoff, deferred }
 }
 
 #[cfg(test)]
@@ -284,8 +315,9 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn sleds(count: usize) -> Vec<SledState> {
-        let mut sleds: Vec<SledState> =
-            (0..count).map(|i| SledState { id: Uuid::from_u128(i as u128 + 1), healthy_m2: 2 }).collect();
+        let mut sleds: Vec<SledState> = (0..count)
+            .map(|i| SledState { id: Uuid::from_u128(i as u128 + 1), healthy_m2: 2, copy_slots: usize::MAX })
+            .collect();
         sleds.sort_by_key(|s| s.id);
         sleds
     }
@@ -545,8 +577,12 @@ mod tests {
             let fanout = [Fanout::Pipelined, Fanout::TwoStage, Fanout::Star][seed as usize % 3];
             let sled_count = world_rng.random_range(1..=12);
             let mut all = sleds(sled_count);
+            let slot_limited = world_rng.random_bool(0.3);
             for sled in &mut all {
                 sled.healthy_m2 = world_rng.random_range(0..=3);
+                if slot_limited {
+                    sled.copy_slots = world_rng.random_range(0..=3);
+                }
             }
             let mut artifacts = BTreeMap::new();
             for n in 0..world_rng.random_range(0..6u8) {
@@ -619,6 +655,22 @@ mod tests {
                 filled_so_far.insert((*hash, *target));
                 after.get_mut(hash).unwrap().insert(*target, healthy[target]);
             }
+            for sled in &all {
+                let copies = planned
+                    .requests
+                    .iter()
+                    .filter(|r| matches!(r, Request::Copy { target, .. } if *target == sled.id))
+                    .count();
+                assert!(
+                    copies <= sled.copy_slots,
+                    "seed {seed}: {copies} copies to {} beyond its slots",
+                    sled.id
+                );
+            }
+            if slot_limited {
+                // What is deferred waits for a later round.
+                continue;
+            }
             for (hash, holders) in &after {
                 let state = &inventory.artifacts[hash];
                 if planned.unplaceable.contains(hash) {
@@ -639,6 +691,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A release of 16 artifacts, staged here, on 8 sleds that run 4 copies
+    /// at a time: no sled is sent more than its 4 (the rest deferred, not
+    /// refused), and an artifact is PUT only if a chain can follow it now,
+    /// so that Nexus's link feeds only what the sleds can take.
+    #[test]
+    fn copies_beyond_a_sleds_free_slots_are_deferred_with_the_puts_only_they_need() {
+        let mut all = sleds(8);
+        for sled in &mut all {
+            sled.copy_slots = 4;
+        }
+        let artifacts =
+            (1..=16).map(|n| (hash(n), ArtifactState { local: true, ..Default::default() })).collect();
+        let inventory = Inventory { sleds: all.clone(), artifacts };
+        let planned = plan(&inventory, &mut rng(), limits(3));
+        let (puts, copies, _) = count(&planned);
+        for sled in &all {
+            let sent = planned
+                .requests
+                .iter()
+                .filter(|r| matches!(r, Request::Copy { target, .. } if *target == sled.id))
+                .count();
+            assert!(sent <= 4, "{sent} copies to {}", sled.id);
+        }
+        // A PUT artifact has 7 followers; one held back has 8 sleds waiting.
+        assert_eq!(copies + planned.deferred, puts * 7 + (16 - puts) * 8, "{planned:?}");
+        assert!((4..16).contains(&puts), "{puts} PUTs: only artifacts a chain follows now");
+        for request in &planned.requests {
+            if let Request::Put { hash, .. } = request {
+                assert!(
+                    planned.requests.iter().any(|r| matches!(r, Request::Copy { hash: h, .. } if h == hash)),
+                    "the PUT of {hash} has a follower"
+                );
+            }
+        }
+
+        // Every slot in use: nothing is sent, not even a PUT.
+        for sled in &mut all {
+            sled.copy_slots = 0;
+        }
+        let inventory = Inventory { sleds: all, ..inventory };
+        let planned = plan(&inventory, &mut rng(), limits(3));
+        assert!(planned.requests.is_empty(), "{planned:?}");
+        assert_eq!(planned.deferred, 16 * 8);
     }
 
     #[test]

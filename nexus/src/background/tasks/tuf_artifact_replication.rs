@@ -20,12 +20,18 @@
 //!    first, then copies (some copies read from a sled that a PUT or another
 //!    copy is filling), `max_concurrent_requests` at a time; a copy whose
 //!    source's own request failed goes to an alternate source, or becomes a
-//!    PUT ([`super::replication_plan::reroute`]). A 503/429 with
-//!    `Retry-After` is waited out and retried, a bounded number of times.
+//!    PUT ([`super::replication_plan::reroute`]). PUTs and copy requests
+//!    draw on separate pools of `max_concurrent_requests` permits, so that
+//!    PUTs, which hold theirs for a whole transfer, never starve the copy
+//!    requests (answered at once). The plan sends a sled no more copies
+//!    than it has free copy slots (the rest are deferred). A 503/429 with
+//!    `Retry-After` is waited out, without holding a permit, and retried a
+//!    bounded number of times; still busy after that is back-pressure, not
+//!    failure: no back-off, and a follow-up asks again.
 //!    Every request lands in the ring buffer with its full error chain.
-//! 7. If copies are running on sleds (started now or earlier), or a PUT made
-//!    progress on a staged repository, activate again after
-//!    `followup_delay` instead of waiting a period.
+//! 7. If copies are running on sleds (started now or earlier), a sled was
+//!    busy, or a PUT made progress on a staged repository, activate again
+//!    after `followup_delay` instead of waiting a period.
 //!
 //! # Back-off
 //!
@@ -168,6 +174,9 @@ struct Record {
     /// The sled refused because it holds another generation: not a failure
     /// of this (sled, artifact), so no back-off.
     generation_conflict: bool,
+    /// The sled was still busy after the retries: back-pressure, so no
+    /// back-off; the next activation asks again.
+    busy: bool,
 }
 
 /// Why an activation stopped early.
@@ -256,6 +265,7 @@ impl ArtifactReplication {
         }
         // Set by the plan, not by a record.
         counters.skipped_backoff = status.last_run.skipped_backoff;
+        counters.deferred = status.plan.deferred as u64;
         self.lifetime.add(&counters);
         status.last_run = counters;
         status.lifetime = self.lifetime.clone();
@@ -283,8 +293,10 @@ impl ArtifactReplication {
             .collect();
         // Progress, not mere activity: copies running on sleds will finish
         // and need a look; a successful PUT lets staged repositories go.
-        let work_remains =
-            status.copies_in_flight > 0 || (status.last_run.put_ok > 0 && !self.local_repos.is_empty());
+        // A busy sled is working too: it is asked again once it had time.
+        let work_remains = status.copies_in_flight > 0
+            || status.last_run.busy > 0
+            || (status.last_run.put_ok > 0 && !self.local_repos.is_empty());
         if work_remains && status.outcome == ReplicationOutcome::Completed {
             let activator = self.activator.clone();
             let delay = self.settings.followup_delay;
@@ -359,7 +371,10 @@ impl ArtifactReplication {
                 }
                 Ok((_, listed, healthy_m2)) => {
                     records.push(Record::ok(sled.id, RequestOperation::List));
-                    inventory.sleds.push(SledState { id: sled.id, healthy_m2 });
+                    let copy_slots = listed
+                        .max_concurrent_copies
+                        .map_or(usize::MAX, |limit| limit.saturating_sub(listed.copies_in_flight.len()));
+                    inventory.sleds.push(SledState { id: sled.id, healthy_m2, copy_slots });
                     for (hash, copies) in listed.list {
                         inventory.artifacts.entry(hash).or_default().copies.insert(sled.id, copies);
                     }
@@ -399,6 +414,7 @@ impl ArtifactReplication {
                         failure.last_error, failure.last_source, failure.failures
                     )),
                     generation_conflict: false,
+                    busy: false,
                 });
             }
         }
@@ -421,6 +437,7 @@ impl ArtifactReplication {
         let plan = replication_plan::plan(&inventory, &mut rand::rng(), limits);
         status.plan = summarize(&plan);
         let by_id: BTreeMap<Uuid, &SledTarget> = listed_sleds.iter().map(|&sled| (sled.id, sled)).collect();
+        crate::failpoints::delay("nexus::replication::before_execute", self.nexus_id).await;
         let results = self.execute(&plan.requests, &by_id, config.generation).await;
         let copy_results: Vec<&Record> =
             results.iter().filter(|record| record.operation == RequestOperation::Copy).collect();
@@ -434,7 +451,7 @@ impl ArtifactReplication {
         );
         status.copies_in_flight = in_flight.len();
         records.extend(results);
-        for record in records.iter().filter(|r| r.error.is_some() && !r.generation_conflict) {
+        for record in records.iter().filter(|r| r.error.is_some() && !r.generation_conflict && !r.busy) {
             if let (Some(hash), RequestOperation::Put | RequestOperation::Copy) =
                 (record.hash, record.operation)
             {
@@ -596,7 +613,8 @@ impl ArtifactReplication {
         futures::stream::iter(requests).buffered(self.settings.max_concurrent_requests).collect().await
     }
 
-    /// Runs the plan, `max_concurrent_requests` requests at a time, in the
+    /// Runs the plan, at most `max_concurrent_requests` PUTs and as many copy
+    /// requests at a time, in the
     /// order the plan's dependencies allow (see the planner's module doc): a
     /// `Pipelined` copy starts once the request filling its source has
     /// started (a PUT that has been under way for [`PIPELINE_HEAD_START`],
@@ -613,7 +631,11 @@ impl ArtifactReplication {
         let progress: Vec<watch::Sender<Progress>> =
             requests.iter().map(|_| watch::Sender::new(Progress::Pending)).collect();
         let fills = fill_order(requests);
-        let permits = tokio::sync::Semaphore::new(self.settings.max_concurrent_requests);
+        let limit = self.settings.max_concurrent_requests;
+        let permits = RequestPermits {
+            puts: tokio::sync::Semaphore::new(limit),
+            copies: tokio::sync::Semaphore::new(limit),
+        };
         let puts: Vec<usize> = requests
             .iter()
             .enumerate()
@@ -649,8 +671,7 @@ impl ArtifactReplication {
                         return Record::skipped(request);
                     }
                 };
-                let _permit = permits.acquire().await.expect("the semaphore is never closed");
-                let record = self.execute_one(request, sleds, generation, &progress[index]).await;
+                let record = self.execute_one(request, sleds, generation, &progress[index], permits).await;
                 progress[index].send_replace(if record.error.is_none() {
                     Progress::Done
                 } else {
@@ -668,24 +689,13 @@ impl ArtifactReplication {
         sleds: &BTreeMap<Uuid, &SledTarget>,
         generation: Generation,
         progress: &watch::Sender<Progress>,
+        permits: &RequestPermits,
     ) -> Record {
         let (sled_id, operation, hash, source_sled_id, outcome) = match request {
             Request::Put { hash, sled } => {
                 let target = sleds[sled];
                 let path = self.staging.artifact_path(hash);
-                // Followers may start once the sled has begun to receive.
-                let head_start = async {
-                    tokio::time::sleep(PIPELINE_HEAD_START).await;
-                    progress.send_if_modified(|state| {
-                        let pending = *state == Progress::Pending;
-                        if pending {
-                            *state = Progress::Started;
-                        }
-                        pending
-                    });
-                    std::future::pending::<()>().await
-                };
-                let put = with_busy_retries(|| async {
+                let outcome = with_busy_retries(&permits.puts, || async {
                     let opened = async {
                         let file = tokio::fs::File::open(&path).await?;
                         let length = file.metadata().await?.len();
@@ -695,17 +705,25 @@ impl ArtifactReplication {
                         .await
                         .map_err(|error| Attempt::other(format!("opening staged {path}: {error}")))?;
                     let body = known_length_body(file, length);
-                    target
-                        .put_client
-                        .artifact_put(hash, generation.get(), body)
-                        .await
-                        .map(|_| ())
-                        .map_err(Attempt::from)
-                });
-                let outcome = tokio::select! {
-                    outcome = put => outcome,
-                    () = head_start => unreachable!("pending forever"),
-                };
+                    let put = target.put_client.artifact_put(hash, generation.get(), body);
+                    // Followers may start once the sled has begun to receive.
+                    let head_start = async {
+                        tokio::time::sleep(PIPELINE_HEAD_START).await;
+                        progress.send_if_modified(|state| {
+                            let pending = *state == Progress::Pending;
+                            if pending {
+                                *state = Progress::Started;
+                            }
+                            pending
+                        });
+                        std::future::pending::<()>().await
+                    };
+                    tokio::select! {
+                        outcome = put => outcome.map(|_| ()).map_err(Attempt::from),
+                        () = head_start => unreachable!("pending forever"),
+                    }
+                })
+                .await;
                 fail::fail_point!("nexus::replication::after_a_put", outcome.is_ok(), |_| {
                     std::process::abort()
                 });
@@ -720,7 +738,7 @@ impl ArtifactReplication {
                         .collect(),
                 };
                 let client = &sleds[target].client;
-                let outcome = with_busy_retries(|| async {
+                let outcome = with_busy_retries(&permits.copies, || async {
                     client
                         .artifact_copy_from_depot(hash, generation.get(), &body)
                         .await
@@ -735,10 +753,14 @@ impl ArtifactReplication {
                 (*target, RequestOperation::Copy, *hash, Some(*source), outcome)
             }
         };
-        let (error, generation_conflict) = match outcome {
-            Ok(()) => (None, false),
-            Err(Attempt::Final { message, generation_conflict }) => (Some(message), generation_conflict),
-            Err(Attempt::Busy { message, .. }) => (Some(message), false),
+        let (error, generation_conflict, busy) = match outcome {
+            Ok(()) => (None, false, false),
+            Err(Attempt::Final { message, generation_conflict }) => {
+                (Some(message), generation_conflict, false)
+            }
+            Err(Attempt::Busy { message, .. }) => {
+                (Some(format!("{message} (still busy after {BUSY_RETRIES} retries)")), false, true)
+            }
         };
         Record {
             time: chrono::Utc::now(),
@@ -748,6 +770,7 @@ impl ArtifactReplication {
             source_sled_id,
             error,
             generation_conflict,
+            busy,
         }
     }
 
@@ -917,6 +940,7 @@ impl Record {
             source_sled_id: None,
             error: None,
             generation_conflict: false,
+            busy: false,
         }
     }
 
@@ -932,6 +956,7 @@ fn summarize(plan: &Plan) -> PlanSummary {
         copies: count(|r| matches!(r, Request::Copy { recopy: false, .. })),
         recopies: count(|r| matches!(r, Request::Copy { recopy: true, .. })),
         unplaceable: plan.unplaceable.clone(),
+        deferred: plan.deferred,
     }
 }
 
@@ -943,6 +968,7 @@ fn backoff_delay(base: Duration, max: Duration, failures: u32) -> Duration {
 
 fn count(counters: &mut ReplicationCounters, record: &Record) {
     let ok = record.error.is_none();
+    counters.busy += u64::from(record.busy);
     let (good, bad) = match record.operation {
         RequestOperation::PutConfig => (&mut counters.put_config_ok, &mut counters.put_config_err),
         RequestOperation::List => (&mut counters.list_ok, &mut counters.list_err),
@@ -1023,21 +1049,33 @@ impl From<SledError<common::clients::sled_agent::types::Error>> for Attempt {
     }
 }
 
-async fn with_busy_retries<F, Fut>(mut attempt: F) -> Result<(), Attempt>
+/// Nexus's bound on its own requests to sleds. PUTs stream an artifact and
+/// hold their permit for the whole transfer; copy requests are answered at
+/// once (202). Separate pools keep long PUTs from starving copy requests.
+struct RequestPermits {
+    puts: tokio::sync::Semaphore,
+    copies: tokio::sync::Semaphore,
+}
+
+/// Runs `attempt` with a permit from `permits`, and again after a busy
+/// answer's `Retry-After` (without the permit meanwhile: waiting holds no
+/// slot another request could use), at most [`BUSY_RETRIES`] more times.
+async fn with_busy_retries<F, Fut>(permits: &tokio::sync::Semaphore, mut attempt: F) -> Result<(), Attempt>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), Attempt>>,
 {
     let mut tries = 0;
     loop {
-        match attempt().await {
+        let permit = permits.acquire().await.expect("the semaphore is never closed");
+        let outcome = attempt().await;
+        drop(permit);
+        match outcome {
             Ok(()) => return Ok(()),
             Err(Attempt::Busy { retry_after, message }) => {
                 tries += 1;
                 if tries > BUSY_RETRIES {
-                    return Err(Attempt::other(format!(
-                        "{message} (still busy after {BUSY_RETRIES} retries)"
-                    )));
+                    return Err(Attempt::Busy { retry_after, message });
                 }
                 tokio::time::sleep(retry_after).await;
             }
