@@ -99,7 +99,7 @@ pub struct CopyConfig {
 
 impl Default for CopyConfig {
     fn default() -> Self {
-        CopyConfig { max_concurrent: 4, read_timeout_secs: 30, resume_attempts: 3 }
+        CopyConfig { max_concurrent: 16, read_timeout_secs: 30, resume_attempts: 3 }
     }
 }
 
