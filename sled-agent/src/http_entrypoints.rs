@@ -5,8 +5,8 @@ use crate::range::{self, RangeDecision};
 use crate::store::{ArtifactStore, DepotArtifact, StoreError};
 use common::api::sled_agent::{
     ArtifactCopyFromDepotBody, ArtifactCopyFromDepotResponse, ArtifactListResponse, ArtifactPathParam,
-    ArtifactPutResponse, ArtifactQueryParam, CONFIG_GENERATION, LEDGER_DAMAGED, M2PathParam, M2StateRequest,
-    RepoDepotApi, SledAgentApi, SledInventory,
+    ArtifactPutResponse, ArtifactQueryParam, ArtifactReverifyResponse, CONFIG_GENERATION, LEDGER_DAMAGED,
+    M2PathParam, M2StateRequest, RepoDepotApi, SledAgentApi, SledInventory,
 };
 use common::error::server_error;
 use common::{ArtifactConfig, error_chain};
@@ -224,5 +224,17 @@ impl RepoDepotApi for RepoDepotImpl {
         response.body(body).map_err(|error| {
             HttpError::for_internal_error(format!("building the response for {hash}: {error}"))
         })
+    }
+
+    async fn artifact_reverify(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+    ) -> Result<HttpResponseAccepted<ArtifactReverifyResponse>, HttpError> {
+        let hash = path.into_inner().sha256;
+        if rqctx.context().store.reverify(hash) {
+            Ok(HttpResponseAccepted(ArtifactReverifyResponse {}))
+        } else {
+            Err(StoreError::NotFound { hash }.into())
+        }
     }
 }

@@ -347,3 +347,72 @@ async fn a_config_at_the_artifact_limit_is_accepted_and_one_past_it_refused() {
     let kept = client.artifact_config_get().await.unwrap().into_inner();
     assert_eq!(kept.generation, Generation::new(1));
 }
+
+/// Flips a byte in the middle of a stored copy (its metadata changes, as
+/// with any write: the verification stamp no longer vouches for it).
+async fn corrupt_copy(sled: &TestSled, slot: u32, artifact: &Artifact) {
+    let inventory = sled.client().inventory().await.unwrap().into_inner();
+    let m2 = inventory.m2.iter().find(|m2| m2.slot == slot).unwrap();
+    let path = camino::Utf8Path::new(&m2.path).join("artifacts").join(artifact.hash.to_string());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+}
+
+/// Issue #21: a depot serves the copy whose verification still holds, so a
+/// damaged copy on one M.2 (changed behind the store's back) is not what
+/// peers get while the other copy is good.
+#[tokio::test]
+async fn the_depot_serves_the_copy_whose_verification_still_holds() {
+    let source = TestSled::start(NO_NEXUS).await;
+    let target = TestSled::start(NO_NEXUS).await;
+    let a = artifact(31, 1 << 20);
+    for sled in [&source, &target] {
+        sled.client().artifact_config_put(&config(1, &[&a])).await.unwrap();
+    }
+    put(&source.client(), &a, 1).await.unwrap();
+    corrupt_copy(&source, 0, &a).await;
+    target.client().artifact_copy_from_depot(&a.hash, 1, &copy_body(source.depot_url())).await.unwrap();
+    let client = target.client();
+    wait_for("the copy lands", async || copies(&client, &a).await == 2).await;
+}
+
+/// Issue #21: a peer whose copy came out wrong tells the source, which
+/// re-verifies its copies at once (not at the next daily scrub pass) and
+/// deletes the corrupt ones, so that replication replaces them.
+#[tokio::test]
+async fn wrong_bytes_from_a_depot_make_it_re_verify_its_copies_at_once() {
+    let source = TestSled::start(NO_NEXUS).await;
+    let target = TestSled::start(NO_NEXUS).await;
+    let a = artifact(32, 1 << 20);
+    for sled in [&source, &target] {
+        sled.client().artifact_config_put(&config(1, &[&a])).await.unwrap();
+    }
+    put(&source.client(), &a, 1).await.unwrap();
+    for slot in [0, 1] {
+        corrupt_copy(&source, slot, &a).await;
+    }
+    assert_eq!(copies(&source.client(), &a).await, 2, "nothing has read them yet");
+
+    target.client().artifact_copy_from_depot(&a.hash, 1, &copy_body(source.depot_url())).await.unwrap();
+    let (client, source_client) = (target.client(), source.client());
+    wait_for("the copy fails its hash check", async || {
+        client.artifact_list().await.unwrap().into_inner().copy_failures.contains_key(&a.hash)
+    })
+    .await;
+    wait_for("the source drops both corrupt copies", async || copies(&source_client, &a).await == 0).await;
+    assert_eq!(copies(&client, &a).await, 0);
+    let inventory = source_client.inventory().await.unwrap().into_inner();
+    assert!(inventory.m2.iter().all(|m2| m2.artifacts == 0), "{:?}", inventory.m2);
+    let start_up_pass = inventory.scrub.last.as_ref().map(|pass| pass.files_checked);
+    assert_eq!(
+        (inventory.scrub.passes_finished, start_up_pass),
+        (1, Some(0)),
+        "only the empty start-up pass ran"
+    );
+
+    // A re-verify request for an artifact the depot does not hold is a 404.
+    let url = format!("{}/artifact/sha256/{}/reverify", source.depot_url(), a.hash);
+    assert_eq!(reqwest::Client::new().post(&url).send().await.unwrap().status().as_u16(), 404);
+}

@@ -304,4 +304,18 @@ pub trait RepoDepotApi {
         rqctx: RequestContext<Self::Context>,
         path: Path<ArtifactPathParam>,
     ) -> Result<Response<Body>, HttpError>;
+
+    /// A peer's copy of this artifact from here did not match its hash:
+    /// re-hash the stored copies now, not at the next scrub pass (a corrupt
+    /// one is deleted, so replication replaces it). Answers 202 at once; a
+    /// check of the same artifact already under way is not repeated. 404 if
+    /// no copy is stored here.
+    #[endpoint { method = POST, path = "/artifact/sha256/{sha256}/reverify" }]
+    async fn artifact_reverify(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+    ) -> Result<HttpResponseAccepted<ArtifactReverifyResponse>, HttpError>;
 }
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct ArtifactReverifyResponse {}

@@ -36,7 +36,9 @@
 //! the request until its commit has finished (renamed and synced) or failed.
 //! A copy that fails in the background is recorded with its error and a
 //! count of consecutive failures, which `GET /artifacts` reports so that
-//! Nexus can back off instead of asking again at once.
+//! Nexus can back off instead of asking again at once. A copy whose bytes
+//! did not match the hash also tells the source it last read from, which
+//! re-verifies its own copies at once ([`super::scrub`]).
 
 use super::write::{PendingWrite, Temp};
 use super::{ArtifactStore, StoreError};
@@ -50,6 +52,9 @@ use std::time::Duration;
 
 /// The longest `Retry-After` of a busy depot honoured while resuming.
 const MAX_SOURCE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// How long telling a source its bytes were wrong may take.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Takes an artifact out of the in-flight set when its copy ends, however
 /// it ends.
@@ -140,6 +145,9 @@ impl ArtifactStore {
                 Err((error, url)) => {
                     let message = error_chain(&error);
                     slog::warn!(store.log, "copy failed"; "hash" => %hash, "from" => url, "error" => &message);
+                    if matches!(error, StoreError::HashMismatch { .. }) {
+                        store.report_wrong_bytes(hash, url).await;
+                    }
                     store.record_copy_failure(hash, url, message).await;
                 }
             }
@@ -195,6 +203,24 @@ impl ArtifactStore {
             return Err(StoreError::QuotaExceeded { hash, source });
         }
         Ok(())
+    }
+
+    /// Tells the depot at `url` (the artifact's URL there) that what it
+    /// served did not match the hash, so that it re-verifies its copies now
+    /// (see [`super::scrub`]). The copy's failure stands either way; a
+    /// depot that cannot be told is logged, not retried.
+    async fn report_wrong_bytes(&self, hash: ArtifactHash, url: &str) {
+        let reverify = format!("{url}/reverify");
+        let outcome = self.http.post(&reverify).timeout(REPORT_TIMEOUT).send().await;
+        match outcome.map(|response| response.status()) {
+            Ok(status) if status.is_success() => {
+                slog::info!(self.log, "asked the source to re-verify its copies"; "hash" => %hash, "url" => &reverify)
+            }
+            Ok(status) => slog::warn!(self.log, "the source refused to re-verify"; "hash" => %hash,
+                "url" => &reverify, "status" => status.as_u16()),
+            Err(error) => slog::warn!(self.log, "telling the source to re-verify failed"; "hash" => %hash,
+                "url" => &reverify, "error" => error_chain(&error)),
+        }
     }
 
     pub(super) fn forget_copy_failures(&self, hash: &ArtifactHash) {

@@ -231,6 +231,10 @@ pub struct ArtifactStore {
     /// its account nor stops sending it: a verified write renames a fresh
     /// copy over it. The scrub's next read of it decides.
     unreadable: std::sync::Mutex<BTreeMap<(u32, ArtifactHash), UnreadableCopy>>,
+    /// Artifacts a peer found wrong, queued or being re-verified
+    /// ([`ArtifactStore::reverify`]), and the lock that runs one at a time.
+    reverifying: std::sync::Mutex<BTreeSet<ArtifactHash>>,
+    reverify_permit: Mutex<()>,
 }
 
 impl ArtifactStore {
@@ -306,6 +310,8 @@ impl ArtifactStore {
             unreadable: std::sync::Mutex::new(
                 verified.unreadable.into_iter().map(|copy| ((copy.slot, copy.sha256), copy)).collect(),
             ),
+            reverifying: Default::default(),
+            reverify_permit: Mutex::new(()),
         };
         for m2 in store.healthy() {
             store.adopt(&m2, &enforced)?;

@@ -10,6 +10,15 @@
 //! fresh copy over it) and read again next pass. Passes and what they found
 //! are in `GET /inventory`.
 //!
+//! # Re-verification on a peer's report
+//!
+//! A peer whose copy from this depot failed its hash check says so
+//! (`POST /artifact/sha256/{hash}/reverify`): the scrub then checks that
+//! one artifact's copies at once, at the scrub's rate, rather than up to a
+//! day later. One such check runs at a time, and an artifact already
+//! queued or under way is not queued again, so a peer cannot make the sled
+//! read more than its stored artifacts, once each, at the scrub's rate.
+//!
 //! # Pacing
 //!
 //! Files are read a chunk ([`FileHash::CHUNK`]) at a time on the blocking
@@ -56,6 +65,38 @@ pub(super) enum Scrubbed {
 }
 
 impl ArtifactStore {
+    /// Checks `hash`'s stored copies soon (see the module doc). False if
+    /// no copy is stored here; true if a check is queued or under way.
+    pub fn reverify(self: &Arc<Self>, hash: ArtifactHash) -> bool {
+        let stored: Vec<Arc<M2>> =
+            self.healthy().into_iter().filter(|m2| m2.artifact_path(&hash).is_file()).collect();
+        if stored.is_empty() {
+            return false;
+        }
+        if !self.reverifying.lock().unwrap_or_else(|e| e.into_inner()).insert(hash) {
+            return true;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let _one_at_a_time = store.reverify_permit.lock().await;
+            let rate = store.scrub_state().rate_limit_bytes_per_sec;
+            let mut pacer = Pacer { bytes_per_sec: rate, since: Instant::now(), bytes: 0 };
+            for m2 in &stored {
+                let outcome = match store.scrub_file(m2, hash, &mut pacer).await {
+                    Scrubbed::Intact { .. } => "intact",
+                    Scrubbed::Corrupt { removed: true, .. } => "corrupt, removed",
+                    Scrubbed::Corrupt { removed: false, .. } => "corrupt, removal failed",
+                    Scrubbed::Unreadable => "unreadable, kept",
+                    Scrubbed::Gone => "gone",
+                };
+                slog::info!(store.log, "re-verified an artifact a peer found wrong"; "hash" => %hash,
+                    "slot" => m2.slot, "outcome" => outcome);
+            }
+            store.reverifying.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
+        });
+        true
+    }
+
     /// Runs scrub passes forever: one right away, then one every `interval`
     /// (from the start of the previous one), each at most `bytes_per_sec`.
     pub(super) async fn scrub_forever(self: Arc<Self>, bytes_per_sec: u64, interval: Duration) {

@@ -243,18 +243,26 @@ impl ArtifactStore {
         }
     }
 
+    /// The stored copy to serve: one whose metadata still matches its last
+    /// verification (see [`super::stamps`]) if there is one, else any that
+    /// opens; never one whose last read failed.
     async fn open_stored(&self, hash: &ArtifactHash) -> Result<Option<DepotArtifact>, StoreError> {
-        for m2 in self.healthy() {
-            if let Ok(file) = tokio::fs::File::open(m2.artifact_path(hash)).await {
-                let length = file.metadata().await.map_err(|source| StoreError::Io {
-                    what: "reading the size of",
-                    path: m2.artifact_path(hash),
-                    source,
-                })?;
-                return Ok(Some(DepotArtifact::Stored { file, length: length.len() }));
+        let unreadable = self.unreadable_state().clone();
+        let mut unverified = None;
+        for m2 in self.healthy().into_iter().filter(|m2| !unreadable.contains_key(&(m2.slot, *hash))) {
+            let Ok(file) = tokio::fs::File::open(m2.artifact_path(hash)).await else { continue };
+            let metadata = file.metadata().await.map_err(|source| StoreError::Io {
+                what: "reading the size of",
+                path: m2.artifact_path(hash),
+                source,
+            })?;
+            let stored = DepotArtifact::Stored { file, length: metadata.len() };
+            if self.stamps(&m2).trusts(hash, &metadata) {
+                return Ok(Some(stored));
             }
+            unverified.get_or_insert(stored);
         }
-        Ok(None)
+        Ok(unverified)
     }
 
     /// A follower of the write of `hash`, if one is registered and its file
