@@ -5,8 +5,8 @@ use crate::range::{self, RangeDecision};
 use crate::store::{ArtifactStore, DepotArtifact, StoreError};
 use common::api::sled_agent::{
     ArtifactCopyFromDepotBody, ArtifactCopyFromDepotResponse, ArtifactListResponse, ArtifactPathParam,
-    ArtifactPutResponse, ArtifactQueryParam, ArtifactReverifyResponse, CONFIG_GENERATION, LEDGER_DAMAGED,
-    M2PathParam, M2StateRequest, RepoDepotApi, SledAgentApi, SledInventory,
+    ArtifactPutResponse, ArtifactQueryParam, ArtifactReverifyResponse, CONFIG_GENERATION, HASH_MISMATCH,
+    LEDGER_DAMAGED, M2PathParam, M2StateRequest, RepoDepotApi, SledAgentApi, SledInventory,
 };
 use common::error::server_error;
 use common::{ArtifactConfig, error_chain};
@@ -50,7 +50,7 @@ impl From<StoreError> for HttpError {
                 client("CONFIG_TOO_LARGE", ClientErrorStatusCode::BAD_REQUEST)
             }
             StoreError::LedgerDamaged { .. } => server(LEDGER_DAMAGED, StatusCode::SERVICE_UNAVAILABLE),
-            StoreError::HashMismatch { .. } => client("HASH_MISMATCH", ClientErrorStatusCode::BAD_REQUEST),
+            StoreError::HashMismatch { .. } => client(HASH_MISMATCH, ClientErrorStatusCode::BAD_REQUEST),
             StoreError::Body { .. } => client("BAD_BODY", ClientErrorStatusCode::BAD_REQUEST),
             StoreError::NotFound { .. } | StoreError::NoSuchSlot { .. } => {
                 client("NOT_FOUND", ClientErrorStatusCode::NOT_FOUND)

@@ -156,6 +156,48 @@ async fn an_unreadable_staged_file_stops_the_start_and_is_kept() {
     rack.converge(20).await;
 }
 
+/// Issue #21: a sled that finds the bytes of Nexus's PUT wrong makes Nexus
+/// re-hash its staged file. The corrupt file is deleted (before, it was
+/// PUT again at every back-off expiry, forever, and health said it was
+/// staged); the artifact is then unplaceable and its repository lost,
+/// which is the truth, until it is uploaded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_file_a_sled_finds_corrupt_is_re_verified_and_dropped() {
+    let (rack, factory) = TestRack::with_trust_root(1, |config| {
+        let replication = &mut config.background_tasks.tuf_artifact_replication;
+        replication.disabled = true;
+        replication.allow_fewer_sleds = true;
+    })
+    .await;
+    rack.upload_ok(&factory, "1.0.0", &[("os", 70_001)], 3).await;
+    let hash = *rack.config().await.artifacts.iter().next().unwrap();
+    let staged = rack.nexus.staging_dir().join("artifacts").join(hash.to_string());
+    let mut bytes = std::fs::read(&staged).unwrap();
+    bytes[500] ^= 0xff;
+    std::fs::write(&staged, bytes).unwrap();
+
+    let background = &rack.nexus.server.nexus().background;
+    let enabled = common::bgtask::TaskMode::Enabled;
+    background.set_switch(integration_tests::rack::REPLICATION, enabled, "test", "corrupted").await.unwrap();
+    let first = rack.replicate().await;
+    assert_eq!((first.last_run.put_ok, first.last_run.put_err), (0, 1), "{:?}", first.last_run);
+    assert!(
+        first
+            .ring
+            .iter()
+            .any(|r| r.error.as_deref().is_some_and(|e| e.contains("the data received has sha256"))),
+        "{:#?}",
+        first.ring
+    );
+    assert!(!staged.exists(), "the corrupt staged file is deleted at once");
+
+    let second = rack.replicate().await;
+    assert_eq!((second.last_run.put_ok, second.last_run.put_err), (0, 0), "nothing left to PUT");
+    assert_eq!(second.plan.unplaceable, vec![hash]);
+    let view = rack.nexus.external_client().repository_view("1.0.0").await.unwrap().into_inner();
+    assert_eq!(view.health.map(|health| health.state), Some(common::api::external::RepoHealth::Lost));
+}
+
 /// The race from the design review: Nexus A reads config N; Nexus B records
 /// a repository (N+1) and replicates it; A's late requests, made at N, must
 /// be refused by the sleds, and nothing B placed may disappear.

@@ -21,6 +21,10 @@ pub const CONFIG_GENERATION: &str = "CONFIG_GENERATION";
 /// and acts on nothing until a Nexus pushes a config at least that new.
 pub const LEDGER_DAMAGED: &str = "LEDGER_DAMAGED";
 
+/// The `error_code` of a 400 from a sled agent whose PUT body did not hash
+/// to the artifact's name: the sender's copy may be corrupt.
+pub const HASH_MISMATCH: &str = "HASH_MISMATCH";
+
 /// The most artifacts one config may list. It bounds the config's body
 /// (see [`ARTIFACT_CONFIG_BODY_MAX_BYTES`]) and the ledger written per M.2.
 pub const MAX_CONFIG_ARTIFACTS: usize = 100_000;

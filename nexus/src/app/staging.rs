@@ -129,6 +129,22 @@ impl StagingArea {
         }
     }
 
+    /// Deletes a staged copy found corrupt (its contents hash to something
+    /// else), pins or not: pins keep good bytes, and these are not. Only if
+    /// the name still points at the file that was hashed (`inode`), so that
+    /// a fresh copy staged meanwhile by a re-upload stays.
+    pub fn remove_corrupt(&self, hash: &ArtifactHash, inode: u64) -> std::io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let _pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let path = self.artifact_path(hash);
+        match std::fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.ino() == inode => std::fs::remove_file(&path).map(|()| true),
+            Ok(_) => Ok(false),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Deletes every unpinned staged artifact, and anything in the artifacts
     /// directory that is not one. Returns how many files went.
     pub fn sweep(&self) -> std::io::Result<usize> {
@@ -254,11 +270,13 @@ pub async fn recover(
 
 /// What checking one staged file found.
 #[derive(Debug)]
-enum StagedCheck {
+pub enum StagedCheck {
     Intact,
     Missing,
-    /// Its contents do not match its name (the file is deleted).
-    Corrupt,
+    /// Its contents do not match its name; `inode` is the file hashed.
+    Corrupt {
+        inode: u64,
+    },
     /// Reading it failed: nothing is known about its contents, so it is kept.
     Unreadable(std::io::Error),
 }
@@ -273,7 +291,14 @@ async fn verify_staged_retrying(
         tries += 1;
         match check_staged(staging, hash, log).await {
             StagedCheck::Intact => return Ok(true),
-            StagedCheck::Missing | StagedCheck::Corrupt => return Ok(false),
+            StagedCheck::Corrupt { .. } => {
+                if let Err(error) = staging.remove_if_unpinned(hash) {
+                    slog::error!(log, "deleting a corrupt staged artifact failed"; "path" => %staging.artifact_path(hash),
+                        "error" => %error);
+                }
+                return Ok(false);
+            }
+            StagedCheck::Missing => return Ok(false),
             StagedCheck::Unreadable(source) if tries >= UNREADABLE_TRIES => {
                 return Err(UnreadableStaging { path: staging.artifact_path(hash), tries, source });
             }
@@ -286,30 +311,29 @@ async fn verify_staged_retrying(
     }
 }
 
-/// Re-hashes a staged copy; one whose contents do not match its name is
-/// deleted, unless something pins it.
-async fn check_staged(staging: &StagingArea, hash: &ArtifactHash, log: &slog::Logger) -> StagedCheck {
+/// Re-hashes a staged copy (the caller decides what to do with a corrupt
+/// one).
+pub async fn check_staged(staging: &StagingArea, hash: &ArtifactHash, log: &slog::Logger) -> StagedCheck {
     use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
     let path = staging.artifact_path(hash);
     let checked = path.clone();
-    let digest = tokio::task::spawn_blocking(move || -> std::io::Result<[u8; 32]> {
+    let digest = tokio::task::spawn_blocking(move || -> std::io::Result<([u8; 32], u64)> {
         let mut file = std::fs::File::open(&checked)?;
         common::failpoints::read_error("nexus::staging::read_error", &checked)?;
+        let inode = file.metadata()?.ino();
         let mut hasher = sha2::Sha256::new();
         std::io::copy(&mut file, &mut hasher)?;
-        Ok(hasher.finalize().into())
+        Ok((hasher.finalize().into(), inode))
     })
     .await
     .expect("hashing does not panic");
     match digest {
-        Ok(digest) if ArtifactHash(digest) == *hash => StagedCheck::Intact,
-        Ok(digest) => {
+        Ok((digest, _)) if ArtifactHash(digest) == *hash => StagedCheck::Intact,
+        Ok((digest, inode)) => {
             let actual = ArtifactHash(digest);
-            slog::error!(log, "staged artifact is corrupt; deleting it"; "path" => %path, "actual_sha256" => %actual);
-            if let Err(error) = staging.remove_if_unpinned(hash) {
-                slog::error!(log, "deleting a corrupt staged artifact failed"; "path" => %path, "error" => %error);
-            }
-            StagedCheck::Corrupt
+            slog::error!(log, "staged artifact is corrupt"; "path" => %path, "actual_sha256" => %actual);
+            StagedCheck::Corrupt { inode }
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => StagedCheck::Missing,
         Err(error) => StagedCheck::Unreadable(error),

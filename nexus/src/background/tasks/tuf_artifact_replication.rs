@@ -66,7 +66,7 @@
 
 use super::replication_plan::{self, Fanout, Feed, Inventory, Limits, Plan, Request, SledState};
 use super::repo_health;
-use crate::app::staging::{StagedRepo, StagingArea};
+use crate::app::staging::{self, StagedRepo, StagingArea};
 use crate::background::driver::{Activator, BackgroundTask};
 use crate::db::datastore::{health_state_from_sql, health_state_to_sql};
 use crate::db::model::Sled;
@@ -75,7 +75,7 @@ use crate::db::{DataStore, DataStoreError};
 use common::api::external::ReplicationProgress;
 use common::api::external::{RepoHealth, RepoHealthView};
 use common::api::sled_agent::{
-    ArtifactCopyFromDepotBody, ArtifactListResponse, CONFIG_GENERATION, CopyFailure, M2State,
+    ArtifactCopyFromDepotBody, ArtifactListResponse, CONFIG_GENERATION, CopyFailure, HASH_MISMATCH, M2State,
 };
 use common::bgtask::details::{
     BackoffStatus, LocalRepoStatus, PlanSummary, ReplicationCounters, ReplicationOutcome, RepoReplication,
@@ -394,10 +394,11 @@ impl ArtifactReplication {
             inventory.artifacts.entry(*hash).or_default();
         }
         inventory.artifacts.retain(|hash, _| config.artifacts.contains(hash));
+        // A staged file deleted as corrupt (see `execute_one`) is no source.
         for repo in &self.local_repos {
             for artifact in &repo.artifacts {
                 if let Some(state) = inventory.artifacts.get_mut(&artifact.hash) {
-                    state.local = true;
+                    state.local |= self.staging.artifact_path(&artifact.hash).is_file();
                 }
             }
         }
@@ -438,7 +439,7 @@ impl ArtifactReplication {
         status.plan = summarize(&plan);
         let by_id: BTreeMap<Uuid, &SledTarget> = listed_sleds.iter().map(|&sled| (sled.id, sled)).collect();
         crate::failpoints::delay("nexus::replication::before_execute", self.nexus_id).await;
-        let results = self.execute(&plan.requests, &by_id, config.generation).await;
+        let results = self.execute(log, &plan.requests, &by_id, config.generation).await;
         let copy_results: Vec<&Record> =
             results.iter().filter(|record| record.operation == RequestOperation::Copy).collect();
         let mut in_flight: BTreeSet<(Uuid, ArtifactHash)> = inventory
@@ -624,6 +625,7 @@ impl ArtifactReplication {
     /// Records come back in plan order.
     async fn execute(
         &self,
+        log: &slog::Logger,
         requests: &[Request],
         sleds: &BTreeMap<Uuid, &SledTarget>,
         generation: Generation,
@@ -671,7 +673,8 @@ impl ArtifactReplication {
                         return Record::skipped(request);
                     }
                 };
-                let record = self.execute_one(request, sleds, generation, &progress[index], permits).await;
+                let record =
+                    self.execute_one(log, request, sleds, generation, &progress[index], permits).await;
                 progress[index].send_replace(if record.error.is_none() {
                     Progress::Done
                 } else {
@@ -685,6 +688,7 @@ impl ArtifactReplication {
 
     async fn execute_one(
         &self,
+        log: &slog::Logger,
         request: &Request,
         sleds: &BTreeMap<Uuid, &SledTarget>,
         generation: Generation,
@@ -695,6 +699,7 @@ impl ArtifactReplication {
             Request::Put { hash, sled } => {
                 let target = sleds[sled];
                 let path = self.staging.artifact_path(hash);
+                let wrong_bytes = std::sync::atomic::AtomicBool::new(false);
                 let outcome = with_busy_retries(&permits.puts, || async {
                     let opened = async {
                         let file = tokio::fs::File::open(&path).await?;
@@ -718,12 +723,21 @@ impl ArtifactReplication {
                         });
                         std::future::pending::<()>().await
                     };
-                    tokio::select! {
-                        outcome = put => outcome.map(|_| ()).map_err(Attempt::from),
+                    let outcome = tokio::select! {
+                        outcome = put => outcome,
                         () = head_start => unreachable!("pending forever"),
+                    };
+                    if let Err(SledError::ErrorResponse(response)) = &outcome
+                        && response.error_code.as_deref() == Some(HASH_MISMATCH)
+                    {
+                        wrong_bytes.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
+                    outcome.map(|_| ()).map_err(Attempt::from)
                 })
                 .await;
+                if wrong_bytes.into_inner() {
+                    self.reverify_staged(log, hash).await;
+                }
                 fail::fail_point!("nexus::replication::after_a_put", outcome.is_ok(), |_| {
                     std::process::abort()
                 });
@@ -771,6 +785,34 @@ impl ArtifactReplication {
             error,
             generation_conflict,
             busy,
+        }
+    }
+
+    /// A sled found the bytes of our staged `hash` wrong: re-hash the staged
+    /// file now. A corrupt one is deleted (pins or not: its bytes are of no
+    /// use), so that the planner stops PUTting it and health tells the truth
+    /// (staged nowhere: degraded or lost until someone uploads it again).
+    async fn reverify_staged(&self, log: &slog::Logger, hash: &ArtifactHash) {
+        let path = self.staging.artifact_path(hash);
+        match staging::check_staged(&self.staging, hash, log).await {
+            staging::StagedCheck::Corrupt { inode } => match self.staging.remove_corrupt(hash, inode) {
+                Ok(removed) => {
+                    slog::error!(log, "a sled found a staged artifact corrupt; deleted it"; "path" => %path,
+                        "removed" => removed)
+                }
+                Err(error) => {
+                    slog::error!(log, "deleting a corrupt staged artifact failed"; "path" => %path,
+                        "error" => %error)
+                }
+            },
+            staging::StagedCheck::Intact => {
+                slog::warn!(log, "a sled found a staged artifact wrong, but it re-hashes right"; "path" => %path)
+            }
+            staging::StagedCheck::Missing => {}
+            staging::StagedCheck::Unreadable(error) => {
+                slog::error!(log, "re-verifying a staged artifact failed; keeping it"; "path" => %path,
+                    "error" => %error)
+            }
         }
     }
 
