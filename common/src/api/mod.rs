@@ -60,6 +60,7 @@ pub fn start_server<C: dropshot::ServerContext, E: std::fmt::Display>(
 /// refused. A server that answers while the client is still sending closes
 /// the connection, and the client then sees a broken pipe instead of the
 /// answer; draining a bounded amount first lets ordinary clients read why.
+/// A client that sends nothing for [`DRAIN_IDLE`] is not waited for.
 pub async fn drain_body<S, B, E>(body: S, limit: u64)
 where
     S: futures::Stream<Item = Result<B, E>>,
@@ -69,12 +70,15 @@ where
     let mut body = std::pin::pin!(body);
     let mut drained = 0u64;
     while drained < limit {
-        match body.next().await {
-            Some(Ok(chunk)) => drained += chunk.as_ref().len() as u64,
-            Some(Err(_)) | None => break,
+        match tokio::time::timeout(DRAIN_IDLE, body.next()).await {
+            Ok(Some(Ok(chunk))) => drained += chunk.as_ref().len() as u64,
+            Ok(Some(Err(_)) | None) | Err(_) => break,
         }
     }
 }
+
+/// How long [`drain_body`] waits for the next chunk.
+pub const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The OpenAPI document of one API, as checked in.
 pub fn openapi_document(title: &str, stub: StubApi) -> String {
@@ -86,6 +90,27 @@ pub fn openapi_document(title: &str, stub: StubApi) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A refused body is drained up to its limit, and a client that stops
+    /// sending is given up on after `DRAIN_IDLE` instead of holding the
+    /// handler (and its connection) forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_stops_at_its_limit_and_at_an_idle_client() {
+        use futures::StreamExt;
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = read.clone();
+        let chunks = futures::stream::iter(0..100).map(move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok::<_, std::io::Error>(vec![0u8; 1000])
+        });
+        super::drain_body(chunks, 10_000).await;
+        assert_eq!(read.load(std::sync::atomic::Ordering::Relaxed), 10, "10 chunks make the limit");
+
+        let started = tokio::time::Instant::now();
+        let silent = futures::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+        super::drain_body(silent, 10_000).await;
+        assert_eq!(started.elapsed(), super::DRAIN_IDLE);
+    }
+
     #[test]
     fn openapi_documents_are_current() {
         for (file, title, stub) in super::DOCUMENTS {

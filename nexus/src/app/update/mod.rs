@@ -417,6 +417,9 @@ where
             return Err(UploadError::TooLarge { limit });
         }
         if spool.write(chunk).await.is_err() {
+            // The spool keeps its error for `finish` (507 for a full disk);
+            // the client reads that answer only if its body is taken.
+            common::api::drain_body(body, DRAIN_LIMIT_BYTES).await;
             break;
         }
     }
