@@ -32,13 +32,22 @@ pub enum BenchCommand {
         sleds: Vec<usize>,
         #[arg(long, default_value_t = 64)]
         repo_mib: u64,
-        #[arg(long, default_value_t = 4)]
-        artifacts: u64,
+        /// Artifact counts the repository is split into, e.g. 4,16,64
+        /// (--netns runs each; without it, one count).
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        artifacts: Vec<u64>,
         /// Each sled and Nexus in a network namespace with a limited link.
         #[arg(long)]
         netns: bool,
         #[arg(long, default_value_t = 100, requires = "netns")]
         link_mbit: u32,
+        /// With --netns: the first sled's link runs at this rate instead.
+        #[arg(long, requires = "netns")]
+        slow_sled_mbit: Option<u32>,
+        /// With --netns: the first sled's link loses this percentage of
+        /// packets.
+        #[arg(long, requires = "netns")]
+        lossy_sled_pct: Option<f32>,
         /// With --netns: the fan-outs to compare.
         #[arg(long, value_delimiter = ',', default_value = "pipelined,two_stage,star")]
         fanouts: Vec<String>,
@@ -101,20 +110,37 @@ pub(crate) fn report(name: &str, rows: Vec<(&str, String)>, json: serde_json::Va
 pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Upload { size_mib } => upload(size_mib).await,
-        BenchCommand::Replicate { sleds, repo_mib, artifacts, netns: true, link_mbit, fanouts, out } => {
+        BenchCommand::Replicate {
+            sleds,
+            repo_mib,
+            artifacts,
+            netns: true,
+            link_mbit,
+            slow_sled_mbit,
+            lossy_sled_pct,
+            fanouts,
+            out,
+        } => {
             crate::bench_fanout::replicate_on_a_network(crate::bench_fanout::FanoutOptions {
                 sled_counts: sleds,
                 link_mbit,
                 repo_mib,
-                artifacts,
+                artifact_counts: artifacts,
+                odd_sled: crate::netns::LinkLimits {
+                    mbit: slow_sled_mbit,
+                    delay_ms: None,
+                    loss_pct: lossy_sled_pct,
+                },
                 fanouts,
                 out,
             })
             .await
         }
         BenchCommand::Replicate { sleds, repo_mib, artifacts, netns: false, .. } => {
-            let [sleds] = sleds[..] else { bail!("without --netns, --sleds takes one count") };
-            replicate(sleds, repo_mib, artifacts).await
+            let ([sleds], [artifacts]) = (&sleds[..], &artifacts[..]) else {
+                bail!("without --netns, --sleds and --artifacts take one count each")
+            };
+            replicate(*sleds, repo_mib, *artifacts).await
         }
         BenchCommand::Bgtask { activations } => bgtask(activations).await,
         BenchCommand::Plan { sleds, artifacts, repos } => plan(sleds, artifacts, repos),
@@ -294,15 +320,20 @@ pub(crate) async fn replication_status(rack: &Rack) -> anyhow::Result<(u64, TufA
 /// every healthy M.2.
 pub(crate) async fn all_hold(sleds: &[sled_agent::Client], expected: usize) -> bool {
     for client in sleds {
-        let (Ok(list), Ok(inventory)) = (client.artifact_list().await, client.inventory().await) else {
-            return false;
-        };
-        let healthy = inventory.m2.iter().filter(|m2| m2.state == M2State::Healthy).count();
-        if list.list.len() != expected || list.list.values().any(|&copies| copies < healthy) {
+        if !holds_all(client, expected).await {
             return false;
         }
     }
     true
+}
+
+/// Whether one sled holds `expected` artifacts on every healthy M.2.
+pub(crate) async fn holds_all(client: &sled_agent::Client, expected: usize) -> bool {
+    let (Ok(list), Ok(inventory)) = (client.artifact_list().await, client.inventory().await) else {
+        return false;
+    };
+    let healthy = inventory.m2.iter().filter(|m2| m2.state == M2State::Healthy).count();
+    list.list.len() == expected && list.list.values().all(|&copies| copies >= healthy)
 }
 
 async fn replicate(sleds: usize, repo_mib: u64, artifacts: u64) -> anyhow::Result<()> {

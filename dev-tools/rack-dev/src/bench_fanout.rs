@@ -1,15 +1,18 @@
 //! `rack-dev bench replicate --netns ...`: replication on a rack with a real
 //! network (DESIGN §13), judged against the physical limit. Every sled must
 //! receive the repository over its own link, so the lower bound is the
-//! repository's bytes over one link's rate. For each sled count it measures,
-//! on the same machine in the same run, the time from the upload's response
-//! until every sled holds everything, for the pipelined fan-out and the two
-//! baselines (star: Nexus PUTs to every sled; two-stage: PUT to
-//! `min_sled_replication` sleds, the rest copy from them), with Nexus's
-//! egress; it prints a table, a `BENCH` JSON line, and draws the times
-//! against the sled count (PNG) in the output directory.
+//! repository's bytes over one link's rate. For each artifact count and
+//! sled count it measures, on the same machine in the same run, the time
+//! from the upload's response until each sled, and every sled, holds
+//! everything, for the pipelined fan-out and the two baselines (star: Nexus
+//! PUTs to every sled; two-stage: PUT to `min_sled_replication` sleds, the
+//! rest copy from them), with Nexus's egress. `--slow-sled-mbit` and
+//! `--lossy-sled-pct` give the first sled (`s0`) a worse link, reported
+//! apart from the others (against its own link's bound). It prints a
+//! table, a `BENCH` JSON line (per-sled completion times, p50/p99), and
+//! draws per-sled completion over time (PNG) in the output directory.
 
-use crate::bench::{Forged, all_hold, forge, mib, replication_status, report, upload_zip};
+use crate::bench::{Forged, forge, holds_all, mib, replication_status, report, upload_zip};
 use crate::netns::LinkLimits;
 use crate::run_all::{Rack, RackOptions};
 use anyhow::{Context, bail};
@@ -21,64 +24,134 @@ pub struct FanoutOptions {
     pub sled_counts: Vec<usize>,
     pub link_mbit: u32,
     pub repo_mib: u64,
-    pub artifacts: u64,
+    pub artifact_counts: Vec<u64>,
+    /// Limits of the first sled's link instead of `link_mbit`'s, if any
+    /// are set: a slow or lossy sled among healthy ones.
+    pub odd_sled: LinkLimits,
     pub fanouts: Vec<String>,
     pub out: camino::Utf8PathBuf,
 }
 
 struct Measured {
     sleds: usize,
+    artifacts: u64,
     fanout: String,
+    /// Until every sled held everything.
     seconds: f64,
+    /// When each sled (in rack order) first held everything.
+    per_sled: Vec<f64>,
     nexus_egress: u64,
+}
+
+impl Measured {
+    /// The sleds other than an odd one, sorted.
+    fn others(&self, odd: bool) -> Vec<f64> {
+        let mut others = self.per_sled[usize::from(odd)..].to_vec();
+        others.sort_by(f64::total_cmp);
+        others
+    }
+}
+
+/// The `q`-quantile (nearest rank) of sorted values.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }
 
 pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()> {
     crate::netns::check_permission()?;
-    if options.artifacts == 0 || options.sled_counts.is_empty() {
+    if options.artifact_counts.contains(&0)
+        || options.artifact_counts.is_empty()
+        || options.sled_counts.is_empty()
+    {
         bail!("--artifacts and --sleds must be at least 1");
     }
-    let each = (options.repo_mib << 20) / options.artifacts;
-    let forged = forge(options.artifacts, each).await?;
-    let repo_bytes = each * options.artifacts;
-    let bound = repo_bytes as f64 * 8.0 / (f64::from(options.link_mbit) * 1e6);
+    let odd = options.odd_sled != LinkLimits::default();
+    let repo_bytes_of = |artifacts: u64| ((options.repo_mib << 20) / artifacts) * artifacts;
+    let bound_at = |bytes: u64, mbit: u32| bytes as f64 * 8.0 / (f64::from(mbit) * 1e6);
     let mut results = Vec::new();
-    for &sleds in &options.sled_counts {
-        for fanout in &options.fanouts {
-            let (seconds, nexus_egress) = one_run(sleds, fanout, &options, &forged, each).await?;
-            println!(
-                "{sleds} sleds, {fanout}: {seconds:.2} s ({:.2}x the bound), Nexus sent {:.1} MiB",
-                seconds / bound,
-                mib(nexus_egress)
-            );
-            results.push(Measured { sleds, fanout: fanout.clone(), seconds, nexus_egress });
+    for &artifacts in &options.artifact_counts {
+        let each = (options.repo_mib << 20) / artifacts;
+        let forged = forge(artifacts, each).await?;
+        let bound = bound_at(repo_bytes_of(artifacts), options.link_mbit);
+        for &sleds in &options.sled_counts {
+            for fanout in &options.fanouts {
+                let measured = one_run(sleds, fanout, &options, &forged, artifacts, each).await?;
+                let others = measured.others(odd);
+                println!(
+                    "{sleds} sleds, {artifacts} artifacts, {fanout}: {:.2} s ({:.2}x the bound); sleds done \
+                     p50 {:.2} s, p99 {:.2} s{}; Nexus sent {:.1} MiB",
+                    measured.seconds,
+                    measured.seconds / bound,
+                    quantile(&others, 0.5),
+                    quantile(&others, 0.99),
+                    if odd {
+                        format!(" (not counting s0: {:.2} s)", measured.per_sled[0])
+                    } else {
+                        String::new()
+                    },
+                    mib(measured.nexus_egress)
+                );
+                results.push(measured);
+            }
         }
     }
     std::fs::create_dir_all(&options.out)?;
     let plot = options.out.join("replicate-netns.png");
-    draw(&plot, &results, &options, bound).with_context(|| format!("drawing {plot}"))?;
+    draw(&plot, &results, &options).with_context(|| format!("drawing {plot}"))?;
     let mut rows: Vec<(String, String)> = vec![
         ("link".into(), format!("{} Mbit/s per host", options.link_mbit)),
-        ("repository".into(), format!("{} MiB in {} artifacts", options.repo_mib, options.artifacts)),
-        ("lower bound (repository / link rate)".into(), format!("{bound:.2} s")),
+        ("repository".into(), format!("{} MiB", options.repo_mib)),
+        (
+            "lower bound (repository / link rate)".into(),
+            format!("{:.2} s", bound_at(options.repo_mib << 20, options.link_mbit)),
+        ),
     ];
+    if odd {
+        rows.push(("odd sled (s0)".into(), format!("{:?}", options.odd_sled)));
+    }
+    let odd_bound = |artifacts: u64| {
+        options.odd_sled.mbit.map(|mbit| bound_at(repo_bytes_of(artifacts), mbit.min(options.link_mbit)))
+    };
     for result in &results {
+        let bound = bound_at(repo_bytes_of(result.artifacts), options.link_mbit);
+        let others = result.others(odd);
+        let mut value = format!(
+            "{:.2} s = {:.2}x bound; sleds done p50 {:.2}x, p99 {:.2}x; Nexus egress {:.1}x the repository",
+            result.seconds,
+            result.seconds / bound,
+            quantile(&others, 0.5) / bound,
+            quantile(&others, 0.99) / bound,
+            result.nexus_egress as f64 / repo_bytes_of(result.artifacts) as f64
+        );
+        if odd {
+            value += &format!("; s0 {:.2} s", result.per_sled[0]);
+            if let Some(own) = odd_bound(result.artifacts) {
+                value += &format!(" = {:.2}x its own link's bound", result.per_sled[0] / own);
+            }
+        }
         rows.push((
-            format!("{} sleds, {}", result.sleds, result.fanout),
-            format!(
-                "{:.2} s = {:.2}x bound, Nexus egress {:.1} MiB = {:.1}x the repository",
-                result.seconds,
-                result.seconds / bound,
-                mib(result.nexus_egress),
-                result.nexus_egress as f64 / repo_bytes as f64
-            ),
+            format!("{} sleds, {} artifacts, {}", result.sleds, result.artifacts, result.fanout),
+            value,
         ));
     }
-    for &sleds in &options.sled_counts {
-        let time =
-            |fanout: &str| results.iter().find(|r| r.sleds == sleds && r.fanout == fanout).map(|r| r.seconds);
-        if let (Some(pipelined), Some(star)) = (time("pipelined"), time("star")) {
-            rows.push((format!("{sleds} sleds: star / pipelined"), format!("{:.1}x", star / pipelined)));
+    for &artifacts in &options.artifact_counts {
+        for &sleds in &options.sled_counts {
+            let time = |fanout: &str| {
+                results
+                    .iter()
+                    .find(|r| r.sleds == sleds && r.artifacts == artifacts && r.fanout == fanout)
+                    .map(|r| r.seconds)
+            };
+            if let (Some(pipelined), Some(star)) = (time("pipelined"), time("star")) {
+                rows.push((
+                    format!("{sleds} sleds, {artifacts} artifacts: star / pipelined"),
+                    format!("{:.1}x", star / pipelined),
+                ));
+            }
         }
     }
     rows.push(("plot".into(), plot.to_string()));
@@ -86,25 +159,39 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
         "replicate-netns",
         rows.iter().map(|(measure, value)| (measure.as_str(), value.clone())).collect(),
         serde_json::json!({
-            "link_mbit": options.link_mbit, "repo_bytes": repo_bytes, "lower_bound_secs": bound,
-            "runs": results.iter().map(|r| serde_json::json!({
-                "sleds": r.sleds, "fanout": r.fanout, "convergence_secs": r.seconds,
-                "ratio_to_bound": r.seconds / bound, "nexus_egress_bytes": r.nexus_egress,
-            })).collect::<Vec<_>>(),
+            "link_mbit": options.link_mbit, "repo_mib": options.repo_mib,
+            "odd_sled": {"mbit": options.odd_sled.mbit, "loss_pct": options.odd_sled.loss_pct},
+            "runs": results.iter().map(|r| {
+                let bound = bound_at(repo_bytes_of(r.artifacts), options.link_mbit);
+                let others = r.others(odd);
+                serde_json::json!({
+                    "sleds": r.sleds, "artifacts": r.artifacts, "fanout": r.fanout,
+                    "lower_bound_secs": bound,
+                    "convergence_secs": r.seconds, "ratio_to_bound": r.seconds / bound,
+                    "sled_done_p50_secs": quantile(&others, 0.5),
+                    "sled_done_p99_secs": quantile(&others, 0.99),
+                    "odd_sled_done_secs": odd.then(|| r.per_sled[0]),
+                    "odd_sled_own_bound_secs": odd_bound(r.artifacts),
+                    "per_sled_done_secs": r.per_sled,
+                    "nexus_egress_bytes": r.nexus_egress,
+                })
+            }).collect::<Vec<_>>(),
         }),
     );
     Ok(())
 }
 
-/// One rack, one upload: seconds from the upload's response to every sled
-/// holding every artifact on every healthy M.2, and Nexus's PUT bytes.
+/// One rack, one upload: seconds from the upload's response until each
+/// sled, and every sled, holds every artifact on every healthy M.2, and
+/// Nexus's PUT bytes.
 async fn one_run(
     sleds: usize,
     fanout: &str,
     options: &FanoutOptions,
     forged: &Forged,
+    artifacts: u64,
     each: u64,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<Measured> {
     let settings = vec![
         (
             vec!["external_api", "request_body_max_bytes"],
@@ -113,6 +200,7 @@ async fn one_run(
         (vec!["background_tasks", "tuf_artifact_replication", "fanout"], fanout.into()),
         (vec!["background_tasks", "tuf_artifact_replication", "followup_delay_millis"], 200.into()),
     ];
+    let link = LinkLimits { mbit: Some(options.link_mbit), delay_ms: None, loss_pct: None };
     let rack = Rack::start(&RackOptions {
         sleds,
         nexus: 1,
@@ -120,41 +208,61 @@ async fn one_run(
         log_level: "warn".into(),
         dir: None,
         nexus_settings: settings,
-        netns: Some(LinkLimits { mbit: Some(options.link_mbit), delay_ms: None, loss_pct: None }),
+        netns: Some(link),
     })
     .await?;
     let clients: Vec<_> = rack.discovery.sleds.iter().map(|s| sled_agent::Client::new(&s.api_url)).collect();
     let outcome = async {
+        if options.odd_sled != LinkLimits::default() {
+            let odd = LinkLimits { mbit: options.odd_sled.mbit.or(link.mbit), ..options.odd_sled };
+            rack.limit_host("s0", odd)?;
+        }
         upload_zip(&rack, forged).await?;
         let started = Instant::now();
         let deadline = started + Duration::from_secs(900);
-        while !all_hold(&clients, options.artifacts as usize).await {
+        let mut done: Vec<Option<f64>> = vec![None; clients.len()];
+        while done.iter().any(Option::is_none) {
             if Instant::now() > deadline {
                 bail!("{sleds} sleds with {fanout}: no convergence within 15 minutes");
             }
+            for (client, done) in clients.iter().zip(&mut done).filter(|(_, done)| done.is_none()) {
+                if holds_all(client, artifacts as usize).await {
+                    *done = Some(started.elapsed().as_secs_f64());
+                }
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let seconds = started.elapsed().as_secs_f64();
+        let per_sled: Vec<f64> = done.into_iter().flatten().collect();
+        let seconds = per_sled.iter().copied().fold(0.0, f64::max);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (_, status) = replication_status(&rack).await?;
-        Ok((seconds, status.lifetime.put_ok * each))
+        Ok(Measured {
+            sleds,
+            artifacts,
+            fanout: fanout.to_string(),
+            seconds,
+            per_sled,
+            nexus_egress: status.lifetime.put_ok * each,
+        })
     }
     .await;
     rack.stop();
     outcome
 }
 
-/// Convergence time against sled count, one line per fan-out, and the bound.
-fn draw(path: &Utf8Path, results: &[Measured], options: &FanoutOptions, bound: f64) -> anyhow::Result<()> {
+/// Per-sled completion over time: for each run, the fraction of sleds that
+/// hold everything against seconds since the upload; the bound as a
+/// vertical line.
+fn draw(path: &Utf8Path, results: &[Measured], options: &FanoutOptions) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
         .context("the plot's labels use DejaVu Sans (Debian's fonts-dejavu-core)")?;
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
         .map_err(|_| anyhow::anyhow!("loading DejaVu Sans"))?;
-    let root = BitMapBackend::new(path.as_std_path(), (900, 600)).into_drawing_area();
+    let root = BitMapBackend::new(path.as_std_path(), (1000, 650)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max_sleds = *options.sled_counts.iter().max().unwrap_or(&1) as f64;
-    let max_time = results.iter().map(|r| r.seconds).fold(bound, f64::max) * 1.1;
+    let bound = (options.repo_mib << 20) as f64 * 8.0 / (f64::from(options.link_mbit) * 1e6);
+    let max_time = results.iter().map(|r| r.seconds).fold(bound, f64::max) * 1.05;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!("{} MiB to every sled, {} Mbit/s links", options.repo_mib, options.link_mbit),
@@ -163,24 +271,34 @@ fn draw(path: &Utf8Path, results: &[Measured], options: &FanoutOptions, bound: f
         .margin(20)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_sleds * 1.05, 0.0..max_time)?;
-    chart.configure_mesh().x_desc("sleds").y_desc("seconds to convergence").draw()?;
-    let palette = [RED, BLUE, GREEN, MAGENTA];
-    for (index, fanout) in options.fanouts.iter().enumerate() {
+        .build_cartesian_2d(0.0..max_time, 0.0..1.05)?;
+    chart.configure_mesh().x_desc("seconds since the upload").y_desc("fraction of sleds done").draw()?;
+    let palette = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    for (index, result) in results.iter().enumerate() {
         let color = palette[index % palette.len()];
-        let points: Vec<(f64, f64)> =
-            results.iter().filter(|r| &r.fanout == fanout).map(|r| (r.sleds as f64, r.seconds)).collect();
+        let mut done = result.per_sled.clone();
+        done.sort_by(f64::total_cmp);
+        let count = done.len() as f64;
+        let mut points = vec![(0.0, 0.0)];
+        for (n, &at) in done.iter().enumerate() {
+            points.push((at, n as f64 / count));
+            points.push((at, (n + 1) as f64 / count));
+        }
         chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(fanout.as_str())
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(format!("{}, {} sleds, {} artifacts", result.fanout, result.sleds, result.artifacts))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart.draw_series(points.iter().map(|&point| Circle::new(point, 4, color.filled())))?;
     }
     chart
-        .draw_series(LineSeries::new([(0.0, bound), (max_sleds * 1.05, bound)], BLACK.stroke_width(1)))?
+        .draw_series(LineSeries::new([(bound, 0.0), (bound, 1.05)], BLACK.stroke_width(1)))?
         .label("lower bound")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }

@@ -218,6 +218,14 @@ impl Rack {
         first_exited(&mut self.processes)
     }
 
+    /// Changes one host's link limits (`s0` is the first sled); only with
+    /// `--netns`.
+    pub fn limit_host(&self, name: &str, limits: LinkLimits) -> anyhow::Result<()> {
+        let network = self.network.as_ref().context("link limits need --netns")?;
+        let host = network.hosts().iter().find(|host| host.name == name);
+        host.with_context(|| format!("no host {name} in this rack"))?.limit(limits)
+    }
+
     /// Stops sleds, then Nexus, then PostgreSQL; removes the run directory
     /// unless it was named.
     pub fn stop(mut self) {
