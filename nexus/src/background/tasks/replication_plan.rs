@@ -165,6 +165,20 @@ pub fn reroute(requests: &[Request], copy: &Request) -> Option<Request> {
 /// Alternate sources offered with each copy.
 const ALTERNATES: usize = 2;
 
+/// Up to [`ALTERNATES`] distinct random sleds from `pools`, read as one list,
+/// leaving out the one at `except` (the source). It costs O(ALTERNATES),
+/// not the pools' length: with 1,000 sleds in one chain, building the
+/// candidates for every copy was the planner's k × N² term.
+fn pick_excluding(pools: [&[SledId]; 2], except: usize, rng: &mut impl Rng) -> Vec<SledId> {
+    let length = pools[0].len() + pools[1].len();
+    let available = length.saturating_sub(1);
+    rand::seq::index::sample(rng, available, ALTERNATES.min(available))
+        .into_iter()
+        .map(|n| if n >= except { n + 1 } else { n })
+        .map(|n| if n < pools[0].len() { pools[0][n] } else { pools[1][n - pools[0].len()] })
+        .collect()
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// PUTs first, then copies.
@@ -227,10 +241,8 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
             }
         }
         let heads: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
-        let alternates = |source: SledId, rng: &mut _| -> Vec<SledId> {
-            let others: Vec<SledId> = heads.iter().copied().filter(|&id| id != source).collect();
-            others.choose_multiple(rng, ALTERNATES).copied().collect()
-        };
+        let holder_index: BTreeMap<SledId, usize> =
+            holders.iter().enumerate().map(|(index, &id)| (id, index)).collect();
         let mut followers = Vec::new();
         for sled in usable.iter().filter(|sled| wanted(sled) && !put_targets.contains(&sled.id)) {
             if state.backing_off.contains(&sled.id) {
@@ -245,15 +257,23 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
             *free -= 1;
             let held = state.copies.get(&sled.id).copied().unwrap_or(0);
             if held > 0 {
-                let others: Vec<SledId> = holders.iter().copied().filter(|&id| id != sled.id).collect();
-                let source = others.choose(rng).copied().unwrap_or(sled.id);
+                // Another holder, else its own depot (which rewrites every
+                // healthy M.2). Here the heads are the holders.
+                let own = holder_index[&sled.id];
+                let source_index = match holders.len() {
+                    1 => own,
+                    count => {
+                        let pick = rng.random_range(0..count - 1);
+                        if pick >= own { pick + 1 } else { pick }
+                    }
+                };
                 copies.push(Request::Copy {
                     hash: *hash,
                     target: sled.id,
-                    source,
+                    source: holders[source_index],
                     feed: Feed::Holds,
                     recopy: true,
-                    alternates: alternates(source, rng),
+                    alternates: pick_excluding([&heads, &[]], source_index, rng),
                 });
             } else {
                 followers.push(sled.id);
@@ -265,31 +285,36 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 // Chain i: heads[i], then followers i, i + heads, i + 2 heads...
                 let mut chains: Vec<Vec<SledId>> = heads.iter().map(|&head| vec![head]).collect();
                 for (index, target) in followers.into_iter().enumerate() {
-                    let chain = &mut chains[index % heads.len()];
+                    let head = index % heads.len();
+                    let chain = &mut chains[head];
                     let source = *chain.last().expect("a chain starts with its head");
                     let feed = match chain.len() {
                         1 if !put_targets.contains(&source) => Feed::Holds,
                         _ => Feed::Pipelined,
                     };
                     // Resume sources: the other heads, and the sleds earlier
-                    // in this chain, each at least as far along as the source.
-                    let resume_from: BTreeSet<SledId> =
-                        heads.iter().chain(chain.iter()).copied().filter(|&id| id != source).collect();
-                    let resume_from: Vec<SledId> = resume_from.into_iter().collect();
+                    // in this chain, each at least as far along as the source
+                    // (the chain's head is one of the heads; the source is
+                    // the head or the chain's last sled).
+                    let source_index = match chain.len() {
+                        1 => head,
+                        length => heads.len() + length - 2,
+                    };
                     copies.push(Request::Copy {
                         hash: *hash,
                         target,
                         source,
                         feed,
                         recopy: false,
-                        alternates: resume_from.choose_multiple(rng, ALTERNATES).copied().collect(),
+                        alternates: pick_excluding([&heads, &chain[1..]], source_index, rng),
                     });
                     chain.push(target);
                 }
             }
             Fanout::TwoStage | Fanout::Star => {
                 for target in followers {
-                    let source = *heads.choose(rng).expect("holders or PUT targets exist here");
+                    let source_index = rng.random_range(0..heads.len());
+                    let source = heads[source_index];
                     let feed = if put_targets.contains(&source) { Feed::AfterPut } else { Feed::Holds };
                     copies.push(Request::Copy {
                         hash: *hash,
@@ -297,7 +322,7 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                         source,
                         feed,
                         recopy: false,
-                        alternates: alternates(source, rng),
+                        alternates: pick_excluding([&heads, &[]], source_index, rng),
                     });
                 }
             }
@@ -736,6 +761,26 @@ mod tests {
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert!(planned.requests.is_empty(), "{planned:?}");
         assert_eq!(planned.deferred, 16 * 8);
+    }
+
+    #[test]
+    fn alternates_are_distinct_random_picks_that_leave_out_the_source() {
+        let ids: Vec<SledId> = (1..=5).map(Uuid::from_u128).collect();
+        let (heads, chain) = ids.split_at(2);
+        let mut seen = BTreeSet::new();
+        for seed in 0..200 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            for except in 0..ids.len() {
+                let picked = pick_excluding([heads, chain], except, &mut rng);
+                assert_eq!(picked.len(), ALTERNATES);
+                assert!(!picked.contains(&ids[except]), "the source is no alternate");
+                assert_ne!(picked[0], picked[1]);
+                seen.extend(picked);
+            }
+        }
+        assert_eq!(seen.len(), ids.len(), "every other sled is picked sometimes");
+        assert!(pick_excluding([&ids[..1], &[]], 0, &mut rng()).is_empty(), "only the source");
+        assert_eq!(pick_excluding([&ids[..2], &[]], 0, &mut rng()), vec![ids[1]]);
     }
 
     #[test]
