@@ -446,6 +446,25 @@ fn print_banner(discovery: &RackDiscovery, token: &str, postgres: Option<&PgClus
         // SAFETY: geteuid(2) has no preconditions and cannot fail.
         let as_postgres = if unsafe { libc::geteuid() } == 0 { "runuser -u postgres -- " } else { "" };
         println!("                   {as_postgres}{pg_ctl} promote -D {data}/data");
+        if servers.len() > 2 {
+            // ANY 1: an acknowledged commit is on at least one standby, not
+            // necessarily this one.
+            let psql = test_harness::pg::bin_dir().unwrap_or_default().join("psql");
+            println!(
+                "                   (or the standby furthest along, which may not be {}: the one for which",
+                standby.name
+            );
+            for member in servers.iter().skip(1) {
+                println!(
+                    "                   {as_postgres}{} -h 127.0.0.1 -p {} -d postgres -Atc 'SELECT pg_last_wal_receive_lsn()'",
+                    psql.display(),
+                    member.port
+                );
+            }
+            println!(
+                "                   prints the highest LSN; promoting another loses acknowledged uploads)"
+            );
+        }
         println!("                   Nexus follows by itself; the old primary is not to be restarted.");
     }
     for (index, nexus) in discovery.nexus.iter().enumerate() {

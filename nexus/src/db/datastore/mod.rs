@@ -353,11 +353,21 @@ impl DataStore {
 /// cause of a failure. diesel keeps only tokio-postgres's "error connecting
 /// to server"; with several hosts the cause ("database does not allow
 /// writes") is what tells an operator that no primary was found.
+/// Opens a pooled session. It pins `statement_timeout = 0` whatever the
+/// server, database or role sets: a COMMIT waiting for a synchronous
+/// standby that a timeout cancels has already committed locally, and is
+/// answered as committed (with only a warning) although no standby may
+/// have it; a failover would then lose an acknowledged upload. Every wait
+/// is bounded by Nexus's own timeouts instead.
 async fn establish(url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .map_err(|error| diesel::ConnectionError::BadConnection(common::error_chain(&error)))?;
-    AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
+    diesel::sql_query("SET statement_timeout = 0").execute(&mut conn).await.map_err(|error| {
+        diesel::ConnectionError::BadConnection(format!("pinning statement_timeout = 0: {error}"))
+    })?;
+    Ok(conn)
 }
 
 /// The check-out test of a pooled connection: it answers, and its server
@@ -627,6 +637,33 @@ mod tests {
             .unwrap();
         assert_eq!(attempts.into_inner(), 2, "{sabotage}");
         assert_eq!(rows(&datastore).await, 1, "{sabotage}");
+    }
+
+    /// A COMMIT that a statement timeout cancels while it waits for the
+    /// synchronous standby is answered as committed without the standby
+    /// having it: sessions pin the timeout off, whatever the database says.
+    #[tokio::test]
+    async fn sessions_pin_statement_timeout_off_whatever_the_database_sets() {
+        let db = TestDatabase::new().await;
+        let (client, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let name = db.name();
+        client
+            .batch_execute(&format!("ALTER DATABASE \"{name}\" SET statement_timeout = '1ms'"))
+            .await
+            .unwrap();
+        let datastore = datastore_with(&db, 2).await;
+        let setting: String = datastore
+            .statement_retry("show", InDoubt::Read, |conn| {
+                diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+                    "current_setting('statement_timeout')",
+                ))
+                .get_result(conn)
+                .scope_boxed()
+            })
+            .await
+            .unwrap();
+        assert_eq!(setting, "0");
     }
 
     #[tokio::test]

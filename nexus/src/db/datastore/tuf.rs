@@ -268,14 +268,14 @@ async fn insert_in_txn(
         .filter(tuf_trust_root::id.eq(description.trust_root_id).and(tuf_trust_root::time_deleted.is_null()))
         .count()
         .get_result::<i64>(conn)
-        .await?;
-    if trusted == 0 {
-        return Err(DataStoreError::Conflict(format!(
+        .await?
+        > 0;
+    let deleted_root = || {
+        DataStoreError::Conflict(format!(
             "trust root {} verified this repository but was deleted during the upload; nothing was recorded",
             description.trust_root_id
         ))
-        .into());
-    }
+    };
     let existing = tuf_repo::table
         .filter(tuf_repo::system_version.eq(&description.system_version))
         .select(TufRepo::as_select())
@@ -286,6 +286,19 @@ async fn insert_in_txn(
         let artifacts = repo_artifacts(conn, repo.id).await?;
         if repo.sha256.0 != description.sha256 {
             return Err(DataStoreError::Conflict(describe_difference(&repo, &artifacts, description)).into());
+        }
+        // The same bytes are recorded already: perhaps by this very insert,
+        // whose COMMIT was in doubt and is being run again, after the root
+        // went. Only unpruning needs the root: it records something anew.
+        if !trusted && repo.time_pruned.is_some() {
+            return Err(deleted_root().into());
+        }
+        if !trusted {
+            return Ok(TufRepoInsertResult {
+                recorded: TufRepoWithArtifacts { repo, artifacts },
+                status: TufRepoInsertStatus::AlreadyExists,
+                generation,
+            });
         }
         // Every upload counts as the newest for the pruner, and an upload of
         // a pruned repository unprunes it.
@@ -307,6 +320,9 @@ async fn insert_in_txn(
         });
     }
 
+    if !trusted {
+        return Err(deleted_root().into());
+    }
     let same_bytes = tuf_repo::table
         .filter(tuf_repo::sha256.eq(DbArtifactHash(description.sha256)))
         .select(tuf_repo::system_version)
@@ -581,6 +597,21 @@ mod tests {
             (Generation::new(1), BTreeSet::new()),
             "nothing recorded"
         );
+    }
+
+    /// An insert whose COMMIT was in doubt is run again; if the root went
+    /// meanwhile, the re-run must find its own row (already recorded), not
+    /// report "nothing was recorded". A pruned repository is not unpruned on
+    /// the word of a deleted root.
+    #[tokio::test]
+    async fn the_same_repository_again_after_its_root_went_is_found_not_refused() {
+        let (_db, datastore) = datastore().await;
+        let description = repo("1.0.0", vec![artifact("a", "1")]);
+        datastore.tuf_repo_insert(&description).await.unwrap();
+        datastore.trust_root_delete(TEST_TRUST_ROOT).await.unwrap();
+        let again = datastore.tuf_repo_insert(&description).await.unwrap();
+        assert_eq!(again.status, TufRepoInsertStatus::AlreadyExists);
+        assert_eq!(again.generation, Generation::new(2), "nothing changed");
     }
 
     #[tokio::test]
