@@ -59,7 +59,7 @@ impl OperatorToken {
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)
+                    common::durable::create_dir_all(parent)
                         .map_err(|source| io("creating the directory of", source))?;
                 }
                 let token = hex::encode(rand::random::<[u8; 32]>());

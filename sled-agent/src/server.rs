@@ -175,7 +175,7 @@ fn persisted_sled_id(m2s: &[Arc<M2>]) -> Result<Uuid, StartError> {
     }
     let id = Uuid::new_v4();
     for m2 in m2s {
-        std::fs::create_dir_all(m2.root())
+        common::durable::create_dir_all(m2.root())
             .and_then(|()| common::durable::replace_file(&file(m2), id.to_string().as_bytes(), 0o644))
             .map_err(|source| StartError::Storage { path: m2.root().to_owned(), source })?;
     }

@@ -246,7 +246,7 @@ impl M2 {
     /// Creates the dataset directories if missing. Temp files are left
     /// alone: writes may be in progress.
     pub fn create_dirs(&self) -> std::io::Result<()> {
-        std::fs::create_dir_all(self.tmp_dir())
+        common::durable::create_dir_all(&self.tmp_dir())
     }
 
     /// At start-up: creates the dataset directories and clears the temp

@@ -104,10 +104,16 @@ impl NexusProcess {
     /// Starts Nexus with the config at `dir/config.toml` (see
     /// [`write_nexus_config`]).
     pub fn start(dir: &Utf8Path, failpoints: Option<&str>) -> NexusProcess {
-        let process = Process::start("nexus", &dir.join("config.toml"), 2, failpoints);
+        NexusProcess::start_at(dir, dir, failpoints)
+    }
+
+    /// Starts Nexus with the config at `config_dir/config.toml` and its
+    /// token and staging under `state_dir` (see [`write_nexus_config_at`]).
+    pub fn start_at(config_dir: &Utf8Path, state_dir: &Utf8Path, failpoints: Option<&str>) -> NexusProcess {
+        let process = Process::start("nexus", &config_dir.join("config.toml"), 2, failpoints);
         let internal_url = process.after("nexus internal API: ").to_string();
         let external_url = process.after("nexus external API: ").to_string();
-        let token = std::fs::read_to_string(dir.join("operator-token")).unwrap();
+        let token = std::fs::read_to_string(state_dir.join("operator-token")).unwrap();
         NexusProcess { process, internal_url, external_url, token }
     }
 
@@ -125,16 +131,27 @@ impl NexusProcess {
 /// period an hour (tests activate explicitly). `edit` may change the text
 /// further.
 pub fn write_nexus_config(dir: &Utf8Path, database_url: &str, edit: impl FnOnce(String) -> String) {
+    write_nexus_config_at(dir, dir, database_url, edit);
+}
+
+/// [`write_nexus_config`] with the config in `config_dir` and the token and
+/// staging under `state_dir`.
+pub fn write_nexus_config_at(
+    config_dir: &Utf8Path,
+    state_dir: &Utf8Path,
+    database_url: &str,
+    edit: impl FnOnce(String) -> String,
+) {
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/nexus/config.toml")).unwrap();
     let text = shipped
         .replace("127.0.0.1:12221", "127.0.0.1:0")
         .replace("127.0.0.1:12220", "127.0.0.1:0")
-        .replace("/var/lib/rack/nexus", dir.as_str())
+        .replace("/var/lib/rack/nexus", state_dir.as_str())
         .replace("postgresql://postgres@127.0.0.1:5432/rack", database_url)
         .replace("period_secs = 60", "period_secs = 3600")
         .replace("period_secs = 300", "period_secs = 3600");
-    std::fs::write(dir.join("config.toml"), edit(text)).unwrap();
+    std::fs::write(config_dir.join("config.toml"), edit(text)).unwrap();
 }
 
 /// A running `sled-agent` binary with M.2 directories that outlive it.
@@ -167,7 +184,17 @@ impl SledProcess {
 /// loopback ports, registration every second with the given Nexus, M.2s at
 /// `dir/m2-0` and `dir/m2-1` (returned), a short copy read timeout.
 pub fn write_sled_config(dir: &Utf8Path, nexus_internal_url: &str) -> [Utf8PathBuf; 2] {
-    let m2 = [dir.join("m2-0"), dir.join("m2-1")];
+    write_sled_config_at(dir, dir, nexus_internal_url)
+}
+
+/// [`write_sled_config`] with the config in `config_dir` and the M.2s at
+/// `m2_parent/m2-0` and `m2_parent/m2-1`.
+pub fn write_sled_config_at(
+    config_dir: &Utf8Path,
+    m2_parent: &Utf8Path,
+    nexus_internal_url: &str,
+) -> [Utf8PathBuf; 2] {
+    let m2 = [m2_parent.join("m2-0"), m2_parent.join("m2-1")];
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../smf/sled-agent/config.toml"))
             .unwrap();
@@ -181,7 +208,7 @@ pub fn write_sled_config(dir: &Utf8Path, nexus_internal_url: &str) -> [Utf8PathB
             "m2_dirs = [\"/var/lib/rack/sled-agent/m2-0\", \"/var/lib/rack/sled-agent/m2-1\"]",
             &format!("m2_dirs = [{:?}, {:?}]", m2[0], m2[1]),
         );
-    std::fs::write(dir.join("config.toml"), text).unwrap();
+    std::fs::write(config_dir.join("config.toml"), text).unwrap();
     m2
 }
 

@@ -67,7 +67,10 @@ fn hard_links_set_len_and_modes_behave() {
     write(&root.join("tmp"), b"token", true);
     std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::hard_link(root.join("tmp"), root.join("token")).unwrap();
-    assert_eq!(std::fs::hard_link(root.join("tmp"), root.join("token")).unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+    assert_eq!(
+        std::fs::hard_link(root.join("tmp"), root.join("token")).unwrap_err().kind(),
+        std::io::ErrorKind::AlreadyExists
+    );
     std::fs::remove_file(root.join("tmp")).unwrap();
     fsync_dir(&root);
     let file = std::fs::OpenOptions::new().write(true).open(root.join("token")).unwrap();

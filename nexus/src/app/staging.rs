@@ -50,12 +50,12 @@ impl StagingArea {
     /// Creates the layout and removes uploads that a previous run left
     /// unfinished.
     pub fn open(root: &Utf8Path) -> std::io::Result<Arc<StagingArea>> {
-        std::fs::create_dir_all(root.join("artifacts"))?;
+        common::durable::create_dir_all(&root.join("artifacts"))?;
         let uploads = root.join("uploads");
         if uploads.exists() {
             std::fs::remove_dir_all(&uploads)?;
         }
-        std::fs::create_dir_all(&uploads)?;
+        common::durable::create_dir_all(&uploads)?;
         Ok(Arc::new(StagingArea { root: root.to_owned(), pins: Mutex::new(BTreeMap::new()) }))
     }
 

@@ -529,6 +529,10 @@ impl ArtifactStore {
 
     pub async fn list(&self) -> ArtifactListResponse {
         let enforced = self.config.read().await;
+        // A rename and its directory fsync happen under `commit`: a name
+        // seen under it is durable, so the list never acknowledges a copy
+        // that a power cut could still take back.
+        let _commit = self.commit.lock().await;
         let copies_in_flight = self.copies_in_flight.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let copy_failures = self.copy_failures.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (list, ledger_damage) = match &*enforced {

@@ -564,5 +564,7 @@ fn hash_prefix(path: &Utf8Path, length: u64) -> std::io::Result<Sha256> {
 async fn sync(mut file: tokio::fs::File) -> std::io::Result<()> {
     file.flush().await?;
     fail::fail_point!("sled_agent::store::after_temp_write", |_| std::process::abort());
+    // The one fsync `tests/tests/power_cut.rs` removes, to show it notices.
+    fail::fail_point!("sled_agent::store::skip_artifact_fsync", |_| Ok(()));
     file.sync_all().await
 }
