@@ -19,6 +19,20 @@ pub struct RackDiscovery {
     /// interface name) and each host's address ("n0", "s3", ...).
     #[serde(default)]
     pub network: Option<NetworkDiscovery>,
+    /// The private PostgreSQL servers run-all started (none with
+    /// `--database-url`), for `rack-dev db-promote`.
+    #[serde(default)]
+    pub database_servers: Vec<DatabaseServer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseServer {
+    /// `pg0` (the first primary), `pg1`, ...
+    pub name: String,
+    /// On 127.0.0.1.
+    pub port: u16,
+    /// The server's directory, which holds `data/` and its log.
+    pub dir: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -246,7 +246,7 @@ fn run_all_with_a_standby_prints_both_servers_and_cleans_up_both() {
         "{url}"
     );
     assert!(url.ends_with("target_session_attrs=read-write"), "{url}");
-    assert!(banner.contains("pg_ctl promote"), "the banner says how to fail over:\n{banner}");
+    assert!(banner.contains("rack-dev db-promote"), "the banner says how to fail over:\n{banner}");
 
     let omdb = Command::new(binary("omdb")).args(["db", "tuf-repos", "--db-url", &url]).output().unwrap();
     assert!(omdb.status.success(), "{}", String::from_utf8_lossy(&omdb.stderr));

@@ -45,6 +45,10 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// After the primary of `run-all --db-standbys N` died: promote the
+    /// standby that received the most WAL (`pg_ctl promote`), so that no
+    /// acknowledged commit is lost. Refused while any server accepts writes.
+    DbPromote,
     /// TUF repositories: upload, list, show.
     Repo {
         #[command(flatten)]
@@ -92,6 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(command) => bench::bench(command).await,
         Command::DbRun => db_run().await,
         Command::DbUpgrade { database_url } => db_upgrade(&database_url).await,
+        Command::DbPromote => db_promote().await,
         Command::Repo { connection, command } => operator::repo(&connection, command).await,
         Command::TrustRoot { connection, command } => operator::trust_root(&connection, command).await,
         Command::Sled { connection, command } => operator::sled(&connection, command).await,
@@ -123,6 +128,37 @@ async fn db_run() -> anyhow::Result<()> {
     }
     server.stop();
     println!("PostgreSQL stopped and its data directory removed.");
+    Ok(())
+}
+
+async fn db_promote() -> anyhow::Result<()> {
+    let path = common::discovery::path();
+    let discovery = common::discovery::RackDiscovery::load()
+        .with_context(|| format!("no running rack-dev run-all found at {}", path.display()))?;
+    if discovery.database_servers.len() < 2 {
+        anyhow::bail!(
+            "the rack at {} has no standby to promote (start it with run-all --db-standbys N)",
+            path.display()
+        );
+    }
+    let servers: Vec<test_harness::ServerAddress> = discovery
+        .database_servers
+        .iter()
+        .map(|server| test_harness::ServerAddress {
+            name: server.name.clone(),
+            port: server.port,
+            dir: server.dir.clone().into(),
+        })
+        .collect();
+    let (promoted, positions) =
+        test_harness::promote_furthest_along(&servers).await.context("promoting a standby")?;
+    for position in &positions {
+        println!("{}: standby with WAL up to {}", position.server.name, position.lsn_text());
+    }
+    println!(
+        "promoted {} (port {}): it has the most WAL; Nexus reconnects to it by itself",
+        promoted.server.name, promoted.server.port
+    );
     Ok(())
 }
 

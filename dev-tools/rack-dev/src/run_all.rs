@@ -180,6 +180,15 @@ impl Rack {
         };
         let token_file = run_dir.join("operator-token");
         let (token, _) = OperatorToken::load_or_create(&token_file)?;
+        let database_servers = postgres
+            .iter()
+            .flat_map(|cluster| cluster.members())
+            .map(|member| common::discovery::DatabaseServer {
+                name: member.name.to_string(),
+                port: member.port,
+                dir: member.dir.display().to_string(),
+            })
+            .collect();
         let mut rack = Rack {
             discovery: RackDiscovery {
                 run_dir: run_dir.to_string(),
@@ -188,6 +197,7 @@ impl Rack {
                 nexus: Vec::new(),
                 sleds: Vec::new(),
                 network: None,
+                database_servers,
             },
             token: token.as_str().to_string(),
             processes: Vec::new(),
@@ -432,40 +442,20 @@ fn print_banner(discovery: &RackDiscovery, token: &str, postgres: Option<&PgClus
     let servers: Vec<_> = postgres.iter().flat_map(|cluster| cluster.members()).collect();
     if let [server] = &servers[..] {
         println!("  database log:    {}", server.log.display());
-    } else if let Some(standby) = servers.get(1) {
+    } else if servers.len() > 1 {
         for member in &servers {
             let label = format!("database {}:", member.name);
             println!("  {label:<16} {} on 127.0.0.1:{}", member.role.as_str(), member.port);
             println!("                   dir {}", member.dir.display());
             println!("                   log {}", member.log.display());
         }
-        let pg_ctl = test_harness::pg::bin_dir().unwrap_or_default().join("pg_ctl");
-        let (pg_ctl, data) = (pg_ctl.display(), standby.dir.display());
         println!("  failover:        kill -9 the primary (its pid: line 1 of data/postmaster.pid), then");
-        // The servers run as `postgres` when run-all runs as root.
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        let as_postgres = if unsafe { libc::geteuid() } == 0 { "runuser -u postgres -- " } else { "" };
-        println!("                   {as_postgres}{pg_ctl} promote -D {data}/data");
-        if servers.len() > 2 {
-            // ANY 1: an acknowledged commit is on at least one standby, not
-            // necessarily this one.
-            let psql = test_harness::pg::bin_dir().unwrap_or_default().join("psql");
-            println!(
-                "                   (or the standby furthest along, which may not be {}: the one for which",
-                standby.name
-            );
-            for member in servers.iter().skip(1) {
-                println!(
-                    "                   {as_postgres}{} -h 127.0.0.1 -p {} -d postgres -Atc 'SELECT pg_last_wal_receive_lsn()'",
-                    psql.display(),
-                    member.port
-                );
-            }
-            println!(
-                "                   prints the highest LSN; promoting another loses acknowledged uploads)"
-            );
-        }
-        println!("                   Nexus follows by itself; the old primary is not to be restarted.");
+        println!("                   rack-dev db-promote");
+        // ANY 1: an acknowledged commit is on at least one standby, not
+        // necessarily a given one.
+        println!("                   which runs pg_ctl promote on the standby with the most WAL (promoting");
+        println!("                   another can lose acknowledged uploads). Nexus follows by itself; the");
+        println!("                   old primary is not to be restarted.");
     }
     for (index, nexus) in discovery.nexus.iter().enumerate() {
         println!("  nexus-{index}:         external {}  internal {}", nexus.external_url, nexus.internal_url);

@@ -29,17 +29,20 @@
 //! [`PgCluster::promote`] a standby (`pg_ctl promote`). Nothing re-points
 //! the other standbys at the new primary and the old primary is never
 //! restarted: that is a failover orchestrator's work (Patroni), which this
-//! project does not do. With `ANY 1`, the standby to promote is the one that
-//! received the most WAL (`pg_last_wal_receive_lsn()`); with one standby
-//! there is no choice.
+//! project does not do. With `ANY 1`, an acknowledged commit is on at least
+//! one standby, not necessarily a given one: the standby to promote is the
+//! one that received the most WAL ([`promote_furthest_along`], which
+//! `rack-dev db-promote` and [`PgCluster::promote_furthest_along`] use).
+//! Promoting another loses acknowledged commits, and Nexus would then hand
+//! out a generation number a second time.
 //!
 //! Like every test server these run with `fsync=off`: "flushed" on a standby
 //! means handed to its kernel, which survives anything but a power cut of
 //! the machine. Production settings are in ARCHITECTURE.md ("A replicated
 //! database").
 
-use crate::pg::{DataSource, PgError, PgServer, execute};
-use std::path::Path;
+use crate::pg::{DataSource, PgError, PgServer, execute, promote_dir};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How long standbys may take to start streaming after they started.
@@ -191,6 +194,48 @@ impl PgCluster {
         Ok(())
     }
 
+    /// Promotes the running standby that received the most WAL (see
+    /// [`promote_furthest_along`]) and returns its name.
+    pub async fn promote_furthest_along(&mut self) -> Result<String, PgError> {
+        let candidates: Vec<ServerAddress> = self
+            .members
+            .iter()
+            .filter(|member| member.role != Role::Killed)
+            .map(|member| ServerAddress {
+                name: member.name.clone(),
+                port: member.server.port(),
+                dir: member.server.dir().to_owned(),
+            })
+            .collect();
+        let (promoted, _) = promote_furthest_along(&candidates).await?;
+        let member = self.members.iter_mut().find(|member| member.name == promoted.server.name);
+        member.expect("the promoted server is a member").role = Role::Primary;
+        Ok(promoted.server.name)
+    }
+
+    /// Cuts the standby at `index` off from the primary, as a partition
+    /// would: it stops receiving WAL (its `primary_conninfo` is emptied and
+    /// reloaded) but keeps serving reads at the position it reached. The
+    /// primary's commits then wait for the other standbys only.
+    pub async fn detach_standby(&self, index: usize) -> Result<(), PgError> {
+        let url = self.members[index].server.url("postgres");
+        execute(&url, "ALTER SYSTEM SET primary_conninfo = ''").await?;
+        execute(&url, "SELECT pg_reload_conf()").await?;
+        let deadline = Instant::now() + STREAMING_TIMEOUT;
+        while query_i64(&url, "SELECT count(*) FROM pg_stat_wal_receiver").await? > 0 {
+            if Instant::now() > deadline {
+                return Err(PgError::StandbysNotStreaming {
+                    streaming: 1,
+                    expected: 0,
+                    timeout: STREAMING_TIMEOUT,
+                    dirs: self.members[index].server.dir().display().to_string(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(())
+    }
+
     async fn wait_streaming(&self, expected: usize) -> Result<(), PgError> {
         let url = self.members[0].server.url("postgres");
         let deadline = Instant::now() + STREAMING_TIMEOUT;
@@ -226,6 +271,79 @@ impl Drop for PgCluster {
             member.server.stop();
         }
     }
+}
+
+/// A database server to consider for promotion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerAddress {
+    pub name: String,
+    /// On 127.0.0.1.
+    pub port: u16,
+    /// The server's directory (the one holding `data/`).
+    pub dir: PathBuf,
+}
+
+/// How much WAL a standby has: the later of what it received and what it
+/// replayed (a standby restarted since it last streamed has received
+/// nothing in this run).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StandbyPosition {
+    pub server: ServerAddress,
+    pub wal_lsn: u64,
+}
+
+impl StandbyPosition {
+    /// PostgreSQL's spelling of the position (`16/B374D848`).
+    pub fn lsn_text(&self) -> String {
+        format!("{:X}/{:X}", self.wal_lsn >> 32, self.wal_lsn & 0xffff_ffff)
+    }
+}
+
+/// The WAL position of every server of `servers` that answers, after
+/// checking that none of them accepts writes: promoting a standby while a
+/// primary runs would make two primaries, each losing the other's writes.
+/// Servers that do not answer (the dead primary) are left out.
+pub async fn standby_positions(servers: &[ServerAddress]) -> Result<Vec<StandbyPosition>, PgError> {
+    const POSITION: &str = "SELECT pg_is_in_recovery(), (GREATEST(\
+        COALESCE(pg_last_wal_receive_lsn(), '0/0'), COALESCE(pg_last_wal_replay_lsn(), '0/0')) \
+        - '0/0'::pg_lsn)::bigint";
+    let mut positions = Vec::new();
+    for server in servers {
+        let url = format!("postgresql://postgres@127.0.0.1:{}/postgres?connect_timeout=5", server.port);
+        let Ok((client, connection)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+            continue;
+        };
+        let connection = tokio::spawn(connection);
+        let row = client.query_one(POSITION, &[]).await;
+        drop(client);
+        let _ = connection.await;
+        let row = row.map_err(|source| PgError::Sql {
+            context: format!("asking {} for its WAL position", server.name),
+            source,
+        })?;
+        if !row.get::<_, bool>(0) {
+            return Err(PgError::PrimaryRunning { name: server.name.clone(), standby: "a standby".into() });
+        }
+        positions.push(StandbyPosition { server: server.clone(), wal_lsn: row.get::<_, i64>(1) as u64 });
+    }
+    Ok(positions)
+}
+
+/// Promotes the standby of `servers` with the most WAL (the first listed of
+/// equals), refusing while any server accepts writes. Returns it and every
+/// position it compared.
+pub async fn promote_furthest_along(
+    servers: &[ServerAddress],
+) -> Result<(StandbyPosition, Vec<StandbyPosition>), PgError> {
+    let positions = standby_positions(servers).await?;
+    let furthest =
+        positions.iter().rev().max_by_key(|position| position.wal_lsn).cloned().ok_or_else(|| {
+            let tried: Vec<String> =
+                servers.iter().map(|s| format!("{} on port {}", s.name, s.port)).collect();
+            PgError::NoStandbyReachable { tried: tried.join(", ") }
+        })?;
+    promote_dir(&furthest.server.dir).await?;
+    Ok((furthest, positions))
 }
 
 /// A cluster member's settings: its name (which a standby's WAL receiver

@@ -12,6 +12,8 @@ mod cluster;
 pub mod pg;
 mod test_db;
 
-pub use cluster::{MemberView, PgCluster, Role};
+pub use cluster::{
+    MemberView, PgCluster, Role, ServerAddress, StandbyPosition, promote_furthest_along, standby_positions,
+};
 pub use pg::{PgError, PgServer};
 pub use test_db::TestDatabase;

@@ -73,6 +73,8 @@ pub enum PgError {
          would both accept writes, and each would lose the other's)"
     )]
     PrimaryRunning { name: String, standby: String },
+    #[error("no standby answered, so none can be promoted (tried {tried})")]
+    NoStandbyReachable { tried: String },
     #[error("{name} is not a running standby ({role}); only a running standby can be promoted")]
     NotAStandby { name: String, role: &'static str },
     #[error("{context}")]
@@ -230,17 +232,7 @@ impl PgServer {
     /// until the server accepts writes (run on a blocking thread: it polls
     /// for seconds).
     pub(crate) async fn promote(&self) -> Result<(), PgError> {
-        let bin_dir = find_bin_dir().ok_or(PgError::BinariesNotFound)?;
-        let run_as = run_as_user()?;
-        let dir = self.dir().to_path_buf();
-        let data_dir = dir.join("data");
-        let mut command = command_as(bin_dir.join("pg_ctl"), &dir, run_as);
-        command.args(["promote", "--wait", "--timeout=60", "--pgdata"]).arg(&data_dir).stdin(Stdio::null());
-        let output = tokio::task::spawn_blocking(move || command.output())
-            .await
-            .expect("running pg_ctl does not panic")
-            .map_err(|source| PgError::Io { what: "running pg_ctl in", path: bin_dir, source })?;
-        check_tool("pg_ctl promote", data_dir, output)
+        promote_dir(self.dir()).await
     }
 
     /// Stops the server (fast shutdown, then SIGKILL after a bound) and removes
@@ -319,6 +311,22 @@ fn find_bin_dir() -> Option<PathBuf> {
         return Some(dir);
     }
     std::env::split_paths(&std::env::var_os("PATH")?).find(|dir| has_server(dir))
+}
+
+/// `pg_ctl promote` on the standby whose server directory (the one holding
+/// `data/`) is `dir`; waits until it accepts writes (on a blocking thread:
+/// pg_ctl polls for seconds).
+pub(crate) async fn promote_dir(dir: &Path) -> Result<(), PgError> {
+    let bin_dir = find_bin_dir().ok_or(PgError::BinariesNotFound)?;
+    let run_as = run_as_user()?;
+    let data_dir = dir.join("data");
+    let mut command = command_as(bin_dir.join("pg_ctl"), dir, run_as);
+    command.args(["promote", "--wait", "--timeout=60", "--pgdata"]).arg(&data_dir).stdin(Stdio::null());
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("running pg_ctl does not panic")
+        .map_err(|source| PgError::Io { what: "running pg_ctl in", path: bin_dir, source })?;
+    check_tool("pg_ctl promote", data_dir, output)
 }
 
 /// The (uid, gid) to run the server as, if we are root.
