@@ -49,11 +49,7 @@ const PROMOTE_AFTER: Duration = Duration::from_secs(5);
 async fn a_failover_loses_no_acknowledged_upload_and_nexus_rides_through_it() {
     let _scenario = fail::FailScenario::setup();
     let mut cluster = PgCluster::start(1).await.unwrap();
-    let url = cluster.create_database("rack").await.unwrap();
-    let mut conn =
-        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url).await.unwrap();
-    nexus::db::schema_version::upgrade(&mut conn).await.unwrap();
-    drop(conn);
+    let url = integration_tests::migrated_rack_database(&cluster).await;
 
     let dir = camino_tempfile::tempdir().unwrap();
     let mut config = test_config(&url, dir.path());

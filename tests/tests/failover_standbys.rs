@@ -20,11 +20,7 @@ use test_harness::{PgCluster, TestDatabase};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoting_the_standby_with_the_most_wal_keeps_an_upload_only_it_has() {
     let mut cluster = PgCluster::start(2).await.unwrap();
-    let url = cluster.create_database("rack").await.unwrap();
-    let mut conn =
-        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url).await.unwrap();
-    nexus::db::schema_version::upgrade(&mut conn).await.unwrap();
-    drop(conn);
+    let url = integration_tests::migrated_rack_database(&cluster).await;
     let dir = camino_tempfile::tempdir().unwrap();
     let mut config = integration_tests::test_config(&url, dir.path());
     config.database.failover_wait_secs = 1;

@@ -75,6 +75,18 @@ impl Layout {
     fn sled_state(&self, sled: usize) -> Utf8PathBuf {
         self.disk.join(format!("sled-{sled}"))
     }
+
+    /// Starts Nexus, then the sleds (with `sled_failpoints`) pointed at it.
+    fn start(&self, sled_failpoints: Option<&str>) -> (NexusProcess, Vec<SledProcess>) {
+        let nexus = NexusProcess::start_at(&self.nexus_config(), &self.nexus_state(), None);
+        let sleds = (0..SLEDS)
+            .map(|sled| {
+                write_sled_config_at(&self.sled_config(sled), &self.sled_state(sled), &nexus.internal_url);
+                SledProcess::start(&self.sled_config(sled), sled_failpoints)
+            })
+            .collect();
+        (nexus, sleds)
+    }
 }
 
 async fn upload_replicate_and_cut(sled_failpoints: Option<&str>) -> Outcome {
@@ -96,13 +108,7 @@ async fn upload_replicate_and_cut(sled_failpoints: Option<&str>) -> Outcome {
     }
     disk.sync_everything();
 
-    let nexus = NexusProcess::start_at(&layout.nexus_config(), &layout.nexus_state(), None);
-    let sleds: Vec<SledProcess> = (0..SLEDS)
-        .map(|sled| {
-            write_sled_config_at(&layout.sled_config(sled), &layout.sled_state(sled), &nexus.internal_url);
-            SledProcess::start(&layout.sled_config(sled), sled_failpoints)
-        })
-        .collect();
+    let (nexus, sleds) = layout.start(sled_failpoints);
     let datastore = nexus::db::DataStore::connect(db.url(), &Default::default()).await.unwrap();
     wait_until("the sleds register", Duration::from_secs(20), async || {
         datastore.sled_list().await.unwrap().len() == SLEDS
@@ -139,13 +145,7 @@ async fn upload_replicate_and_cut(sled_failpoints: Option<&str>) -> Outcome {
     let (_disk, cut) = cut.await.unwrap();
     let canary_gone = !canary.exists();
 
-    let nexus = NexusProcess::start_at(&layout.nexus_config(), &layout.nexus_state(), None);
-    let sleds: Vec<SledProcess> = (0..SLEDS)
-        .map(|sled| {
-            write_sled_config_at(&layout.sled_config(sled), &layout.sled_state(sled), &nexus.internal_url);
-            SledProcess::start(&layout.sled_config(sled), None)
-        })
-        .collect();
+    let (nexus, sleds) = layout.start(None);
     let mut violations = Vec::new();
     if nexus.token != token {
         violations.push("the operator token changed: the one operators were given is gone".to_string());
