@@ -374,16 +374,22 @@ async fn concurrent_nexus_instances_never_lose_an_artifact() {
     // generation before it pushes: it must stop, superseded, and undo
     // nothing (the observer watches meanwhile).
     rack.converge(20).await;
+    // The stale run gets 1 s to read the config (100 ms was not always
+    // enough with the other tests running) and then waits until 3 s, by
+    // which the upload below has committed; the rounds after go back to
+    // 300 ms.
+    fail::cfg("nexus::replication::before_config_push", &format!("return({slow}:3000)")).unwrap();
     let stale_run = tokio::spawn({
         let nexus = nexuses[1].server.nexus().clone();
         async move { nexus.background.activate_and_wait(integration_tests::rack::REPLICATION).await.unwrap() }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     let (status, body) = upload(&rack.nexus.external_url(), Some(&rack.nexus.token), &zips[0]).await;
     assert_eq!(status, 200, "{body}");
     rack.replicate().await;
     let stale = integration_tests::rack::replication_status(&stale_run.await.unwrap());
     assert!(matches!(stale.outcome, ReplicationOutcome::Superseded { .. }), "{:?}", stale.outcome);
+    fail::cfg("nexus::replication::before_config_push", &format!("return({slow}:300)")).unwrap();
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut next_zip = 1;
