@@ -213,16 +213,6 @@ pub fn test_sled_config(nexus_internal_url: &str) -> sled_agent::config::Config 
     config
 }
 
-/// Creates the `rack` database on a cluster's primary, at the current
-/// schema, and returns the cluster's URL of it.
-pub async fn migrated_rack_database(cluster: &test_harness::PgCluster) -> String {
-    let url = cluster.create_database("rack").await.unwrap();
-    let mut conn =
-        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url).await.unwrap();
-    nexus::db::schema_version::upgrade(&mut conn).await.unwrap();
-    url
-}
-
 pub mod fake_depot;
 
 pub mod repos;

@@ -50,6 +50,31 @@ impl TestRack {
         rack
     }
 
+    /// A rack on a replicated database: the `rack` database created on
+    /// `cluster`'s primary at the current schema, a Nexus given the
+    /// cluster's multi-host URL (returned) that waits 1 s for a lost
+    /// database, and `sleds` sled agents.
+    pub async fn on_cluster(cluster: &test_harness::PgCluster, sleds: usize) -> (TestRack, String) {
+        let url = cluster.create_database("rack").await.unwrap();
+        let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url)
+            .await
+            .unwrap();
+        nexus::db::schema_version::upgrade(&mut conn).await.unwrap();
+        drop(conn);
+        let dir = camino_tempfile::tempdir().unwrap();
+        let mut config = crate::test_config(&url, dir.path());
+        config.database.failover_wait_secs = 1;
+        config.background_tasks.tuf_artifact_replication.followup_delay_millis = 100;
+        config.background_tasks.tuf_artifact_replication.backoff_base_millis = 100;
+        let db = test_harness::TestDatabase::existing("rack", url.clone());
+        let nexus = TestNexus::start_on(db, dir, &config).await;
+        let mut rack = TestRack { nexus, sleds: Vec::new() };
+        for _ in 0..sleds {
+            rack.add_sled().await;
+        }
+        (rack, url)
+    }
+
     /// A rack that trusts the root of a new repository factory.
     pub async fn with_trust_root(sleds: usize, adjust: impl FnOnce(&mut Config)) -> (TestRack, RepoFactory) {
         let rack = TestRack::start(sleds, adjust).await;

@@ -31,14 +31,13 @@ use common::bgtask::{CurrentStatus, LastResult};
 use common::{ArtifactHash, Generation};
 use integration_tests::rack::{PRUNER, REPLICATION, TestRack, holds_exactly, wait_until};
 use integration_tests::repos::{RepoFactory, upload};
-use integration_tests::{TestNexus, test_config};
 use nexus::db::{DataStore, DataStoreError};
 use sha2::Digest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use test_harness::{PgCluster, TestDatabase};
+use test_harness::PgCluster;
 
 /// How long the held upload and activation wait at their failpoints: past
 /// the kill, the gap and the promotion.
@@ -49,18 +48,7 @@ const PROMOTE_AFTER: Duration = Duration::from_secs(5);
 async fn a_failover_loses_no_acknowledged_upload_and_nexus_rides_through_it() {
     let _scenario = fail::FailScenario::setup();
     let mut cluster = PgCluster::start(1).await.unwrap();
-    let url = integration_tests::migrated_rack_database(&cluster).await;
-
-    let dir = camino_tempfile::tempdir().unwrap();
-    let mut config = test_config(&url, dir.path());
-    config.database.failover_wait_secs = 1;
-    config.background_tasks.tuf_artifact_replication.followup_delay_millis = 100;
-    config.background_tasks.tuf_artifact_replication.backoff_base_millis = 100;
-    let nexus = TestNexus::start_on(TestDatabase::existing("rack", url.clone()), dir, &config).await;
-    let mut rack = TestRack { nexus, sleds: Vec::new() };
-    for _ in 0..3 {
-        rack.add_sled().await;
-    }
+    let (rack, url) = TestRack::on_cluster(&cluster, 3).await;
     let nexus_id = rack.nexus.server.nexus().id;
     let factory = RepoFactory::new().await;
     rack.nexus.external_client().trust_root_create(&factory.root_json()).await.unwrap();

@@ -11,26 +11,15 @@
 //! reused one would be refused by every sled with 409), and the rack
 //! converges to it.
 
-use integration_tests::TestNexus;
 use integration_tests::rack::{TestRack, wait_until};
 use integration_tests::repos::{RepoFactory, try_upload};
 use std::time::Duration;
-use test_harness::{PgCluster, TestDatabase};
+use test_harness::PgCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoting_the_standby_with_the_most_wal_keeps_an_upload_only_it_has() {
     let mut cluster = PgCluster::start(2).await.unwrap();
-    let url = integration_tests::migrated_rack_database(&cluster).await;
-    let dir = camino_tempfile::tempdir().unwrap();
-    let mut config = integration_tests::test_config(&url, dir.path());
-    config.database.failover_wait_secs = 1;
-    config.background_tasks.tuf_artifact_replication.followup_delay_millis = 100;
-    config.background_tasks.tuf_artifact_replication.backoff_base_millis = 100;
-    let nexus = TestNexus::start_on(TestDatabase::existing("rack", url.clone()), dir, &config).await;
-    let mut rack = TestRack { nexus, sleds: Vec::new() };
-    for _ in 0..3 {
-        rack.add_sled().await;
-    }
+    let (rack, _url) = TestRack::on_cluster(&cluster, 3).await;
     let factory = RepoFactory::new().await;
     rack.nexus.external_client().trust_root_create(&factory.root_json()).await.unwrap();
     rack.upload_ok(&factory, "1.0.0", &[("os-1", 64 << 10)], 1).await;
