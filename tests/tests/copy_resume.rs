@@ -7,7 +7,8 @@
 //! middle of a copy from a depot that sends slowly, as over a capped link,
 //! and restarts it on the same M.2s. The others start an in-process sled on
 //! M.2s that hold partials of their own making: of different lengths, the
-//! whole artifact, and for a depot that ignores Range.
+//! whole artifact, and for a depot that ignores Range. The last has a copy
+//! far slower than its peers continue (Range) from an alternate source.
 
 use camino::{Utf8Path, Utf8PathBuf};
 use common::api::sled_agent::ArtifactCopyFromDepotBody;
@@ -195,4 +196,53 @@ async fn a_partial_that_is_the_whole_artifact_lands_without_a_byte_fetched() {
     assert_eq!(depot.ranges(), [Some("bytes=300000-".to_string())]);
     assert_eq!(depot.served_bytes(), 0);
     assert_stored_exactly(&client, &m2s, &a).await;
+}
+
+/// A copy far slower than the sled's other copies (its source is a slow
+/// sled, or behind one in a chain) moves to its alternate with a Range from
+/// the bytes it has, and lands long before the slow source alone could have
+/// sent it; its peers, equally fast, stay where they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_far_slower_than_its_peers_moves_to_an_alternate() {
+    let dir = camino_tempfile::tempdir().unwrap();
+    let (sled, _m2s) = sled_on(dir.path()).await;
+    let slow = artifact(1, 2 << 20);
+    let peers = [artifact(2, 6 << 20), artifact(3, 6 << 20)];
+    let throttled = |bytes_per_sec| Behavior::Throttled { bytes_per_sec };
+    let slow_source = FakeDepot::start(slow.bytes.clone(), throttled(64 << 10)).await;
+    let alternate = FakeDepot::start(slow.bytes.clone(), throttled(4 << 20)).await;
+    let mut peer_depots = Vec::new();
+    for peer in &peers {
+        peer_depots.push(FakeDepot::start(peer.bytes.clone(), throttled(1 << 20)).await);
+    }
+    let client = sled.client();
+    client.artifact_config_put(&config(1, &[&slow, &peers[0], &peers[1]])).await.unwrap();
+    for (peer, depot) in peers.iter().zip(&peer_depots) {
+        client.artifact_copy_from_depot(&peer.hash, 1, &copy_body(depot)).await.unwrap();
+    }
+    let body = ArtifactCopyFromDepotBody {
+        depot_base_url: slow_source.base_url(),
+        alternates: vec![alternate.base_url()],
+    };
+    client.artifact_copy_from_depot(&slow.hash, 1, &body).await.unwrap();
+    // From the slow source alone the copy would take 32 s.
+    wait_until("the slow copy lands", Duration::from_secs(12), async || {
+        client.artifact_list().await.unwrap().into_inner().list.get(&slow.hash) == Some(&2)
+    })
+    .await;
+    let asked = alternate.ranges();
+    let offset: u64 = match asked.as_slice() {
+        [Some(range)] => range.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap().parse().unwrap(),
+        other => panic!("the alternate should be asked once, for the rest: {other:?}"),
+    };
+    assert!(offset > 0 && offset <= slow_source.served_bytes(), "resumed at {offset}");
+    assert!(slow_source.served_bytes() < slow.bytes.len() as u64 / 2);
+    for depot in &peer_depots {
+        assert_eq!(depot.ranges(), [None], "a copy as fast as its peers does not move");
+    }
+    for peer in &peers {
+        wait_for_landing(&client, peer).await;
+    }
+    let listed = client.artifact_list().await.unwrap().into_inner();
+    assert!(listed.copy_failures.is_empty(), "{:?}", listed.copy_failures);
 }

@@ -29,6 +29,13 @@
 //! the same bytes (they are named by their hash), so where each part came
 //! from does not matter; the whole hash is still checked before the rename.
 //!
+//! A copy that runs far below this sled's other copies (see [`super::rate`])
+//! moves on to the next source too, at once, with a Range request from the
+//! bytes it has: in a pipelined chain that is how the sleds behind a slow
+//! or lossy one stop waiting for it. A resume that is followed by a
+//! megabyte of progress earns the copy a fresh resume budget, so a source
+//! that breaks now and then but delivers is not given up on.
+//!
 //! A copy whose source said the artifact's length can be followed by other
 //! sleds' depot requests while it runs (see [`super::serve`]).
 //!
@@ -40,6 +47,7 @@
 //! did not match the hash also tells the source it last read from, which
 //! re-verifies its own copies at once ([`super::scrub`]).
 
+use super::rate::{RateWatch, Slow};
 use super::write::{PendingWrite, Temp};
 use super::{ArtifactStore, StoreError};
 use crate::storage::QuotaExceeded;
@@ -52,6 +60,14 @@ use std::time::Duration;
 
 /// The longest `Retry-After` of a busy depot honoured while resuming.
 const MAX_SOURCE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Moves off a slow source per copy: enough to try each alternate Nexus
+/// names, not so many that copies with no better source churn.
+const MAX_RATE_MOVES: u32 = 3;
+
+/// Progress after a resume that earns the copy a fresh resume budget: a
+/// source that keeps breaking but keeps delivering is still worth reading.
+const RESUME_PROGRESS: u64 = 1 << 20;
 
 /// How long telling a source its bytes were wrong may take.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -341,36 +357,78 @@ impl ArtifactStore {
                 .map_err(|e| (e, url(current)));
         };
         let mut resumes = 0;
+        // Where the copy stood when it last resumed: a resume that moved it
+        // on by `RESUME_PROGRESS` since has earned a fresh budget.
+        let mut resumed_at = write.bytes;
+        let mut moves = 0;
         let alternates = urls.len() > 1;
+        let mut rate = RateWatch::new(self.copy_rates.clone(), write.hash);
         loop {
             let mut stream = response.bytes_stream();
-            let broke = loop {
-                match stream.next().await {
-                    None => break None,
-                    Some(Ok(chunk)) => write.write(&chunk).await.map_err(|e| (e, url(current)))?,
-                    Some(Err(error)) => break Some(error),
+            let interrupted = loop {
+                match tokio::time::timeout_at(rate.window_end(), stream.next()).await {
+                    Ok(None) => break None,
+                    Ok(Some(Ok(chunk))) => {
+                        write.write(&chunk).await.map_err(|e| (e, url(current)))?;
+                        rate.add(chunk.len());
+                    }
+                    Ok(Some(Err(error))) => break Some(Interrupted::Broke(error)),
+                    Err(_window_ended) => {}
+                }
+                if let Some(slow) = rate.judge(tokio::time::Instant::now())
+                    && alternates
+                    && moves < MAX_RATE_MOVES
+                {
+                    break Some(Interrupted::Slow(slow));
                 }
             };
-            let Some(error) = broke else { break };
-            if length == Some(write.bytes) {
-                // Every byte arrived before the stream broke: asking for
-                // `bytes=length-` could only be refused. The hash decides.
-                slog::info!(self.log, "copy stream broke after its last byte"; "from" => url(current),
-                    "error" => error_chain(&error));
-                break;
-            }
-            if resumes == self.copy.resume_attempts {
-                let message = format!("from {}: {}", url(current), error_chain(&error));
-                return Err((
-                    StoreError::Body { hash: write.hash, bytes: write.bytes, message },
-                    url(current),
-                ));
-            }
-            slog::info!(self.log, "copy interrupted; resuming"; "from" => url(current), "offset" => write.bytes,
-                "attempt" => resumes + 1, "error" => error_chain(&error));
+            drop(stream);
+            let pause_first = match interrupted {
+                None => break,
+                Some(Interrupted::Slow(slow)) => {
+                    moves += 1;
+                    let from = current;
+                    current = (current + 1) % urls.len();
+                    slog::info!(self.log, "copy runs far below this sled's other copies; moving to another source";
+                        "hash" => %write.hash, "from" => url(from), "next" => url(current), "offset" => write.bytes,
+                        "bytes_per_sec" => slow.rate as u64, "peers_median_bytes_per_sec" => slow.peers_median as u64);
+                    false
+                }
+                Some(Interrupted::Broke(error)) => {
+                    if length == Some(write.bytes) {
+                        // Every byte arrived before the stream broke: asking
+                        // for `bytes=length-` could only be refused. The hash
+                        // decides.
+                        slog::info!(self.log, "copy stream broke after its last byte"; "from" => url(current),
+                            "error" => error_chain(&error));
+                        break;
+                    }
+                    if write.bytes >= resumed_at + RESUME_PROGRESS {
+                        resumes = 0;
+                    }
+                    if resumes == self.copy.resume_attempts {
+                        let message = format!("from {}: {}", url(current), error_chain(&error));
+                        return Err((
+                            StoreError::Body { hash: write.hash, bytes: write.bytes, message },
+                            url(current),
+                        ));
+                    }
+                    slog::info!(self.log, "copy interrupted; resuming"; "from" => url(current),
+                        "offset" => write.bytes, "attempt" => resumes + 1, "error" => error_chain(&error));
+                    true
+                }
+            };
+            resumed_at = write.bytes;
+            rate.restart();
+            let mut pause = pause_first;
             let resumed = loop {
-                resumes += 1;
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
+                // A move off a slow source asks the next one at once, and
+                // only its failures count against the budget.
+                if pause {
+                    resumes += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
+                }
+                pause = true;
                 match self.resume(url(current), write.bytes).await {
                     Err(StoreError::SourceBusy { retry_after_secs, .. })
                         if resumes < self.copy.resume_attempts =>
@@ -426,6 +484,13 @@ impl ArtifactStore {
         }
         next
     }
+}
+
+/// Why a copy's stream stopped before its end.
+enum Interrupted {
+    Broke(reqwest::Error),
+    /// It ran far below the sled's other copies ([`super::rate`]).
+    Slow(Slow),
 }
 
 /// A copy's source, as its first request found it.

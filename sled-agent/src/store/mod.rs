@@ -53,6 +53,7 @@
 
 mod copy;
 mod reconcile;
+mod rate;
 mod scrub;
 mod serve;
 mod stamps;
@@ -218,6 +219,8 @@ pub struct ArtifactStore {
     copies_in_flight: Arc<std::sync::Mutex<BTreeSet<ArtifactHash>>>,
     /// Writes the depot can follow (see [`serve`]).
     in_flight_writes: Arc<InFlightWrites>,
+    /// Each running copy's rate, for judging a slow source ([`rate`]).
+    copy_rates: Arc<rate::CopyRates>,
     copy_failures: std::sync::Mutex<BTreeMap<ArtifactHash, CopyFailure>>,
     copy: CopyConfig,
     http: reqwest::Client,
@@ -296,6 +299,7 @@ impl ArtifactStore {
             limits,
             copies_in_flight: Default::default(),
             in_flight_writes: Default::default(),
+            copy_rates: Default::default(),
             copy_failures: Default::default(),
             copy,
             http,
