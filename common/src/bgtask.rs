@@ -265,6 +265,10 @@ pub mod details {
         /// still running from an earlier one).
         #[serde(default)]
         pub copies_in_flight: usize,
+        /// Sleds whose copies run far slower than the median sled's: last in
+        /// every chain, and PUT targets only when no other sled can be.
+        #[serde(default)]
+        pub slow_sleds: Vec<Uuid>,
         /// Whether another activation was scheduled because work remains:
         /// copies in flight, or staged repositories that made progress.
         pub followup_scheduled: bool,

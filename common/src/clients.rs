@@ -8,6 +8,7 @@ pub mod nexus_internal {
         derives = [schemars::JsonSchema, PartialEq],
         map_type = std::collections::BTreeMap,
         replace = {
+            ArtifactHash = crate::ArtifactHash,
             BackgroundTask = crate::bgtask::BackgroundTask,
             BackgroundTaskSwitchRequest = crate::api::nexus_internal::BackgroundTaskSwitchRequest,
             BackgroundTasksActivateRequest = crate::api::nexus_internal::BackgroundTasksActivateRequest,

@@ -10,6 +10,7 @@ pub mod bgtask;
 pub mod cli;
 pub mod clients;
 pub mod config;
+pub mod depot;
 pub mod discovery;
 pub mod durable;
 pub mod error;

@@ -1,5 +1,5 @@
 //! The internal API's implementation: thin adapters from HTTP to the
-//! background task driver and the datastore.
+//! background task driver, the datastore and the staging area.
 
 use crate::app::Nexus;
 use crate::db::model::SledRegistration;
@@ -8,7 +8,15 @@ use common::api::nexus_internal::{
     SledAgentInfo, SledAgentPathParam,
 };
 use common::bgtask::BackgroundTask;
-use dropshot::{HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path, RequestContext, TypedBody};
+use crate::app::StagedReadError;
+use common::api::sled_agent::ArtifactPathParam;
+use common::error::server_error;
+use common::{depot, error_chain};
+use dropshot::{
+    Body, ClientErrorStatusCode, HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path, RequestContext,
+    TypedBody,
+};
+use http::{Response, StatusCode, header};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -70,5 +78,28 @@ impl NexusInternalApi for NexusInternalApiImpl {
         };
         rqctx.context().datastore.sled_upsert(&registration).await?;
         Ok(HttpResponseUpdatedNoContent())
+    }
+
+    async fn artifact_get_by_sha256(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+    ) -> Result<Response<Body>, HttpError> {
+        let hash = path.into_inner().sha256;
+        let (file, length, permit) = rqctx.context().open_staged(&hash).await.map_err(|error| {
+            let message = error_chain(&error);
+            match error {
+                StagedReadError::NotStaged { .. } => {
+                    HttpError::for_client_error(Some("NOT_STAGED".into()), ClientErrorStatusCode::NOT_FOUND, message)
+                }
+                StagedReadError::Busy { .. } => server_error(StatusCode::SERVICE_UNAVAILABLE, "BUSY", message)
+                    .with_header(header::RETRY_AFTER, "1")
+                    .expect("a valid header"),
+                StagedReadError::Io { .. } => HttpError::for_internal_error(message),
+            }
+        })?;
+        let range_header = rqctx.request.headers().get(header::RANGE).and_then(|value| value.to_str().ok());
+        let span = depot::span(&hash, range_header, length)?;
+        let body = depot::file_body(&hash, file, span, permit).await?;
+        depot::respond(&hash, span, body)
     }
 }

@@ -75,6 +75,7 @@ impl Server {
         let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(config.updates.handoff_capacity);
         let replication_activator = Activator::new();
         let progress = Default::default();
+        let depot_url = Arc::new(std::sync::OnceLock::new());
         let wiring = ReplicationWiring {
             staging: staging_area.clone(),
             handoff: handoff_rx,
@@ -82,6 +83,7 @@ impl Server {
             activator: replication_activator.clone(),
             progress: Arc::clone(&progress),
             nexus_id,
+            depot_url: depot_url.clone(),
         };
         let definitions = background::register_all(&config.background_tasks, &datastore, wiring);
         let updates = &config.updates;
@@ -113,6 +115,7 @@ impl Server {
             uploader,
             operator_token: operator_token.clone(),
             replication_progress: progress,
+            staged_reads: Arc::new(tokio::sync::Semaphore::new(crate::app::MAX_STAGED_READS)),
             log: log.clone(),
         });
 
@@ -132,6 +135,12 @@ impl Server {
             JSON_BODY_MAX_BYTES,
             &log,
         )?;
+        // Sleds can reach the internal API at its address only if it is
+        // a specific one.
+        let internal_address = internal_api.local_addr();
+        if !internal_address.ip().is_unspecified() {
+            depot_url.set(format!("http://{internal_address}")).expect("set once, here");
+        }
         slog::info!(log, "nexus started"; "internal_api" => %internal_api.local_addr(), "external_api" => %external_api.local_addr());
         Ok(Server {
             nexus,

@@ -117,7 +117,7 @@ pub struct RequestLimits {
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        RequestLimits { max_concurrent_puts: 8, max_concurrent_depot_reads: 16 }
+        RequestLimits { max_concurrent_puts: 8, max_concurrent_depot_reads: 32 }
     }
 }
 

@@ -1,7 +1,6 @@
 //! The sled-agent API and the repo depot: thin adapters from HTTP to the
 //! artifact store.
 
-use crate::range::{self, RangeDecision};
 use crate::store::{ArtifactStore, DepotArtifact, StoreError};
 use common::api::sled_agent::{
     ArtifactCopyFromDepotBody, ArtifactCopyFromDepotResponse, ArtifactListResponse, ArtifactPathParam,
@@ -9,16 +8,14 @@ use common::api::sled_agent::{
     LEDGER_DAMAGED, M2PathParam, M2StateRequest, RepoDepotApi, SledAgentApi, SledInventory,
 };
 use common::error::server_error;
-use common::{ArtifactConfig, error_chain};
+use common::{ArtifactConfig, depot, error_chain};
 use dropshot::{
     Body, ClientErrorStatusCode, HttpError, HttpResponseAccepted, HttpResponseOk,
     HttpResponseUpdatedNoContent, Path, Query, RequestContext, StreamingBody, TypedBody,
 };
-use futures::TryStreamExt;
 use http::{Response, StatusCode, header};
 use http_body::Frame;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use uuid::Uuid;
 
 /// What the handlers share.
@@ -172,40 +169,18 @@ impl RepoDepotApi for RepoDepotImpl {
     ) -> Result<Response<Body>, HttpError> {
         let hash = path.into_inner().sha256;
         let (artifact, permit) = rqctx.context().store.open_for_depot(&hash).await?;
-        let length = artifact.length();
         let range_header = rqctx.request.headers().get(header::RANGE).and_then(|value| value.to_str().ok());
-        let (status, start, end) = match range::decide(range_header, length) {
-            RangeDecision::Whole => (StatusCode::OK, 0, length.saturating_sub(1)),
-            RangeDecision::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end),
-            RangeDecision::Unsatisfiable => {
-                return Err(HttpError::for_client_error(
-                    Some("RANGE_NOT_SATISFIABLE".into()),
-                    ClientErrorStatusCode::RANGE_NOT_SATISFIABLE,
-                    format!("artifact {hash} has {length} bytes; the requested range starts beyond them"),
-                )
-                .with_header(header::CONTENT_RANGE, format!("bytes */{length}"))
-                .expect("a valid header"));
-            }
-        };
-        let count = if length == 0 { 0 } else { end - start + 1 };
-        let seek_failed = |error: std::io::Error| {
-            HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}"))
-        };
+        let span = depot::span(&hash, range_header, artifact.length())?;
         // The permit is released when the body is done (or dropped).
         let body = match artifact {
-            DepotArtifact::Stored { mut file, .. } => {
-                file.seek(std::io::SeekFrom::Start(start)).await.map_err(seek_failed)?;
-                let stream = tokio_util::io::ReaderStream::new(file.take(count)).map_ok(move |bytes| {
-                    let _held = &permit;
-                    Frame::data(bytes)
-                });
-                Body::wrap(http_body_util::StreamBody::new(stream))
-            }
+            DepotArtifact::Stored { file, .. } => depot::file_body(&hash, file, span, permit).await?,
             // An error mid-stream breaks the response off short of its
             // Content-Length: the receiver sees a broken body, never a
             // short artifact.
             DepotArtifact::Writing(follower) => {
-                let follower = follower.range(start, start + count).await.map_err(seek_failed)?;
+                let follower = follower.range(span.start, span.start + span.count).await.map_err(|error| {
+                    HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}"))
+                })?;
                 let stream =
                     futures::stream::try_unfold((follower, permit), |(mut follower, permit)| async {
                         let chunk = follower.next_chunk().await?;
@@ -214,16 +189,7 @@ impl RepoDepotApi for RepoDepotImpl {
                 Body::wrap(http_body_util::StreamBody::new(stream))
             }
         };
-        let mut response = Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .header(header::CONTENT_LENGTH, count);
-        if status == StatusCode::PARTIAL_CONTENT {
-            response = response.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{length}"));
-        }
-        response.body(body).map_err(|error| {
-            HttpError::for_internal_error(format!("building the response for {hash}: {error}"))
-        })
+        depot::respond(&hash, span, body)
     }
 
     async fn artifact_reverify(

@@ -20,7 +20,6 @@
 pub mod config;
 pub mod http_entrypoints;
 mod ledger;
-mod range;
 pub mod registration;
 pub mod server;
 pub mod storage;

@@ -395,6 +395,10 @@ async fn a_sled_busy_with_copies_is_asked_again_not_backed_off() {
             client.artifact_config_get().await.is_ok_and(|c| c.into_inner().generation == config.generation)
         })
         .await;
+        // The listing follows the config push at once; filling the slot
+        // before it would show the slot taken, and nothing would be sent
+        // to be refused. The execute delay leaves 1.5 s for this.
+        tokio::time::sleep(Duration::from_millis(700)).await;
         let body = common::api::sled_agent::ArtifactCopyFromDepotBody {
             depot_base_url: stalling.base_url(),
             alternates: Vec::new(),

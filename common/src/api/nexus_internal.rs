@@ -1,8 +1,13 @@
-//! Nexus's internal API: background tasks and sled registration. Listens on
+//! Nexus's internal API: background tasks, sled registration, and the
+//! artifacts Nexus has staged, served like a sled's repo depot. Listens on
 //! an internal address only; operators use the external API.
 
+use crate::api::sled_agent::ArtifactPathParam;
 use crate::bgtask::{BackgroundTask, TaskMode};
-use dropshot::{HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path, RequestContext, TypedBody};
+use dropshot::{
+    Body, HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path, RequestContext, TypedBody,
+};
+use http::Response;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -88,4 +93,15 @@ pub trait NexusInternalApi {
         path: Path<SledAgentPathParam>,
         body: TypedBody<SledAgentInfo>,
     ) -> Result<HttpResponseUpdatedNoContent, HttpError>;
+
+    /// Streams an artifact this Nexus has staged, as a sled's repo depot
+    /// does (`Content-Length`; a single `Range: bytes=START-[END]` gets
+    /// 206). A sled's copy falls back to it when every sled it could read
+    /// from is slow or gone. 404 if it is not staged here; 503 with
+    /// `Retry-After` while as many such reads run as Nexus allows.
+    #[endpoint { method = GET, path = "/artifact/sha256/{sha256}" }]
+    async fn artifact_get_by_sha256(
+        rqctx: RequestContext<Self::Context>,
+        path: Path<ArtifactPathParam>,
+    ) -> Result<Response<Body>, HttpError>;
 }

@@ -72,6 +72,12 @@ pub struct ArtifactListResponse {
     /// `copies_in_flight`. Absent from older sleds: no known limit.
     #[serde(default)]
     pub max_concurrent_copies: Option<usize>,
+    /// The best total rate of this sled's copies over one second in the
+    /// last 30 s (or when copies last ran), bytes/s: what its link has
+    /// shown it can take. Absent until a copy has been measured. A planner
+    /// compares sleds by it, to find one far slower than the rest.
+    #[serde(default)]
+    pub copy_bytes_per_sec: Option<u64>,
     /// Non-empty when the newest config ledger copy is damaged: `generation`
     /// is then the one its file name claims, `list` is empty (the sled no
     /// longer knows its config's artifacts) and every PUT and copy is

@@ -275,6 +275,10 @@ fn replication_lines(status: TufArtifactReplicationStatus) -> Vec<String> {
         status.last_run.copy_failed_on_sled, status.lifetime.copy_failed_on_sled, status.last_run.skipped_backoff
     ));
     lines.push(format!("copies in flight on sleds: {}", status.copies_in_flight));
+    if !status.slow_sleds.is_empty() {
+        let slow: Vec<String> = status.slow_sleds.iter().map(ToString::to_string).collect();
+        lines.push(format!("slow sleds (last in every chain): {}", slow.join(", ")));
+    }
     lines.push(format!("backing off (sled, artifact): {}", status.backoff.len()));
     for backoff in &status.backoff {
         lines.push(format!(

@@ -48,6 +48,10 @@ pub enum BenchCommand {
         /// packets.
         #[arg(long, requires = "netns")]
         lossy_sled_pct: Option<f32>,
+        /// With --netns: kill the second sled this many seconds after the
+        /// upload, and restart it as long again later.
+        #[arg(long, requires = "netns")]
+        kill_sled_at: Option<f64>,
         /// With --netns: the fan-outs to compare.
         #[arg(long, value_delimiter = ',', default_value = "pipelined,two_stage,star")]
         fanouts: Vec<String>,
@@ -118,6 +122,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
             link_mbit,
             slow_sled_mbit,
             lossy_sled_pct,
+            kill_sled_at,
             fanouts,
             out,
         } => {
@@ -131,6 +136,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
                     delay_ms: None,
                     loss_pct: lossy_sled_pct,
                 },
+                kill_sled_at,
                 fanouts,
                 out,
             })
@@ -561,6 +567,7 @@ fn plan(sleds: usize, artifacts: usize, repos: usize) -> anyhow::Result<()> {
             id: uuid::Uuid::from_u128(i as u128 + 1),
             healthy_m2: 2,
             copy_slots: usize::MAX,
+            slow: false,
         })
         .collect();
     // Each repository's artifacts at a different stage: the newest only

@@ -6,13 +6,16 @@
 //! from the upload's response until each sled, and every sled, holds
 //! everything, for the pipelined fan-out and the two baselines (star: Nexus
 //! PUTs to every sled; two-stage: PUT to `min_sled_replication` sleds, the
-//! rest copy from them), with Nexus's egress. `--slow-sled-mbit` and
-//! `--lossy-sled-pct` give the first sled (`s0`) a worse link, reported
-//! apart from the others (against its own link's bound). It prints a
+//! rest copy from them), with Nexus's egress (what its link sent).
+//! `--slow-sled-mbit` and `--lossy-sled-pct` give the first sled (`s0`) a
+//! worse link, reported apart from the others (against its own link's
+//! bound); `--kill-sled-at SECS` kills the second (`s1`, somewhere in the
+//! middle of most chains) that long after the upload and restarts it as
+//! long again later, also reported apart. It prints a
 //! table, a `BENCH` JSON line (per-sled completion times, p50/p99), and
 //! draws per-sled completion over time (PNG) in the output directory.
 
-use crate::bench::{Forged, forge, holds_all, mib, replication_status, report, upload_zip};
+use crate::bench::{Forged, forge, holds_all, mib, report, upload_zip};
 use crate::netns::LinkLimits;
 use crate::run_all::{Rack, RackOptions};
 use anyhow::{Context, bail};
@@ -28,6 +31,9 @@ pub struct FanoutOptions {
     /// Limits of the first sled's link instead of `link_mbit`'s, if any
     /// are set: a slow or lossy sled among healthy ones.
     pub odd_sled: LinkLimits,
+    /// Seconds after the upload at which the second sled (`s1`, in the
+    /// middle of chains) is killed; it is restarted as long again later.
+    pub kill_sled_at: Option<f64>,
     pub fanouts: Vec<String>,
     pub out: camino::Utf8PathBuf,
 }
@@ -43,10 +49,24 @@ struct Measured {
     nexus_egress: u64,
 }
 
+/// Which sleds are reported apart: an odd link (`s0`), a killed one (`s1`).
+#[derive(Clone, Copy)]
+struct Apart {
+    odd: bool,
+    killed: bool,
+}
+
+impl Apart {
+    fn contains(self, index: usize) -> bool {
+        (self.odd && index == 0) || (self.killed && index == 1)
+    }
+}
+
 impl Measured {
-    /// The sleds other than an odd one, sorted.
-    fn others(&self, odd: bool) -> Vec<f64> {
-        let mut others = self.per_sled[usize::from(odd)..].to_vec();
+    /// The sleds not reported apart, sorted.
+    fn others(&self, apart: Apart) -> Vec<f64> {
+        let mut others: Vec<f64> =
+            self.per_sled.iter().enumerate().filter(|(i, _)| !apart.contains(*i)).map(|(_, t)| *t).collect();
         others.sort_by(f64::total_cmp);
         others
     }
@@ -70,6 +90,11 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
         bail!("--artifacts and --sleds must be at least 1");
     }
     let odd = options.odd_sled != LinkLimits::default();
+    let killed = options.kill_sled_at.is_some();
+    if killed && options.sled_counts.iter().any(|&sleds| sleds < 3) {
+        bail!("--kill-sled-at needs at least 3 sleds: one killed among others");
+    }
+    let apart = Apart { odd, killed };
     let repo_bytes_of = |artifacts: u64| ((options.repo_mib << 20) / artifacts) * artifacts;
     let bound_at = |bytes: u64, mbit: u32| bytes as f64 * 8.0 / (f64::from(mbit) * 1e6);
     let mut results = Vec::new();
@@ -79,8 +104,8 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
         let bound = bound_at(repo_bytes_of(artifacts), options.link_mbit);
         for &sleds in &options.sled_counts {
             for fanout in &options.fanouts {
-                let measured = one_run(sleds, fanout, &options, &forged, artifacts, each).await?;
-                let others = measured.others(odd);
+                let measured = one_run(sleds, fanout, &options, &forged, artifacts).await?;
+                let others = measured.others(apart);
                 println!(
                     "{sleds} sleds, {artifacts} artifacts, {fanout}: {:.2} s ({:.2}x the bound); sleds done \
                      p50 {:.2} s, p99 {:.2} s{}; Nexus sent {:.1} MiB",
@@ -88,11 +113,7 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
                     measured.seconds / bound,
                     quantile(&others, 0.5),
                     quantile(&others, 0.99),
-                    if odd {
-                        format!(" (not counting s0: {:.2} s)", measured.per_sled[0])
-                    } else {
-                        String::new()
-                    },
+                    apart_note(&measured, apart),
                     mib(measured.nexus_egress)
                 );
                 results.push(measured);
@@ -113,12 +134,15 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
     if odd {
         rows.push(("odd sled (s0)".into(), format!("{:?}", options.odd_sled)));
     }
+    if let Some(at) = options.kill_sled_at {
+        rows.push(("killed sled (s1)".into(), format!("killed {at} s after the upload, restarted at {} s", 2.0 * at)));
+    }
     let odd_bound = |artifacts: u64| {
         options.odd_sled.mbit.map(|mbit| bound_at(repo_bytes_of(artifacts), mbit.min(options.link_mbit)))
     };
     for result in &results {
         let bound = bound_at(repo_bytes_of(result.artifacts), options.link_mbit);
-        let others = result.others(odd);
+        let others = result.others(apart);
         let mut value = format!(
             "{:.2} s = {:.2}x bound; sleds done p50 {:.2}x, p99 {:.2}x; Nexus egress {:.1}x the repository",
             result.seconds,
@@ -127,6 +151,9 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
             quantile(&others, 0.99) / bound,
             result.nexus_egress as f64 / repo_bytes_of(result.artifacts) as f64
         );
+        if killed {
+            value += &format!("; killed s1 {:.2} s", result.per_sled[1]);
+        }
         if odd {
             value += &format!("; s0 {:.2} s", result.per_sled[0]);
             if let Some(own) = odd_bound(result.artifacts) {
@@ -161,9 +188,10 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
         serde_json::json!({
             "link_mbit": options.link_mbit, "repo_mib": options.repo_mib,
             "odd_sled": {"mbit": options.odd_sled.mbit, "loss_pct": options.odd_sled.loss_pct},
+            "kill_sled_at_secs": options.kill_sled_at,
             "runs": results.iter().map(|r| {
                 let bound = bound_at(repo_bytes_of(r.artifacts), options.link_mbit);
-                let others = r.others(odd);
+                let others = r.others(apart);
                 serde_json::json!({
                     "sleds": r.sleds, "artifacts": r.artifacts, "fanout": r.fanout,
                     "lower_bound_secs": bound,
@@ -171,6 +199,7 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
                     "sled_done_p50_secs": quantile(&others, 0.5),
                     "sled_done_p99_secs": quantile(&others, 0.99),
                     "odd_sled_done_secs": odd.then(|| r.per_sled[0]),
+                    "killed_sled_done_secs": killed.then(|| r.per_sled[1]),
                     "odd_sled_own_bound_secs": odd_bound(r.artifacts),
                     "per_sled_done_secs": r.per_sled,
                     "nexus_egress_bytes": r.nexus_egress,
@@ -183,14 +212,14 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
 
 /// One rack, one upload: seconds from the upload's response until each
 /// sled, and every sled, holds every artifact on every healthy M.2, and
-/// Nexus's PUT bytes.
+/// the bytes Nexus's link sent meanwhile (PUTs, staged reads by sleds,
+/// headers and its database traffic included).
 async fn one_run(
     sleds: usize,
     fanout: &str,
     options: &FanoutOptions,
     forged: &Forged,
     artifacts: u64,
-    each: u64,
 ) -> anyhow::Result<Measured> {
     let settings = vec![
         (
@@ -201,7 +230,7 @@ async fn one_run(
         (vec!["background_tasks", "tuf_artifact_replication", "followup_delay_millis"], 200.into()),
     ];
     let link = LinkLimits { mbit: Some(options.link_mbit), delay_ms: None, loss_pct: None };
-    let rack = Rack::start(&RackOptions {
+    let mut rack = Rack::start(&RackOptions {
         sleds,
         nexus: 1,
         database_url: None,
@@ -217,13 +246,27 @@ async fn one_run(
             let odd = LinkLimits { mbit: options.odd_sled.mbit.or(link.mbit), ..options.odd_sled };
             rack.limit_host("s0", odd)?;
         }
+        let nexus_sent_before = rack.host_sent_bytes("n0")?;
         upload_zip(&rack, forged).await?;
         let started = Instant::now();
         let deadline = started + Duration::from_secs(900);
         let mut done: Vec<Option<f64>> = vec![None; clients.len()];
+        // Killed, then restarted.
+        let mut kill = options.kill_sled_at.map(|at| (at, false, false));
         while done.iter().any(Option::is_none) {
             if Instant::now() > deadline {
                 bail!("{sleds} sleds with {fanout}: no convergence within 15 minutes");
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            if let Some((at, killed, restarted)) = &mut kill {
+                if !*killed && elapsed >= *at {
+                    rack.kill("sled-1")?;
+                    *killed = true;
+                }
+                if !*restarted && elapsed >= 2.0 * *at {
+                    rack.restart("sled-1")?;
+                    *restarted = true;
+                }
             }
             for (client, done) in clients.iter().zip(&mut done).filter(|(_, done)| done.is_none()) {
                 if holds_all(client, artifacts as usize).await {
@@ -232,22 +275,29 @@ async fn one_run(
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let nexus_egress = rack.host_sent_bytes("n0")? - nexus_sent_before;
         let per_sled: Vec<f64> = done.into_iter().flatten().collect();
         let seconds = per_sled.iter().copied().fold(0.0, f64::max);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (_, status) = replication_status(&rack).await?;
-        Ok(Measured {
-            sleds,
-            artifacts,
-            fanout: fanout.to_string(),
-            seconds,
-            per_sled,
-            nexus_egress: status.lifetime.put_ok * each,
-        })
+        Ok(Measured { sleds, artifacts, fanout: fanout.to_string(), seconds, per_sled, nexus_egress })
     }
     .await;
     rack.stop();
     outcome
+}
+
+/// What the one-line summary says of the sleds reported apart.
+fn apart_note(measured: &Measured, apart: Apart) -> String {
+    let mut notes = Vec::new();
+    if apart.odd {
+        notes.push(format!("s0: {:.2} s", measured.per_sled[0]));
+    }
+    if apart.killed {
+        notes.push(format!("killed s1: {:.2} s", measured.per_sled[1]));
+    }
+    match notes.is_empty() {
+        true => String::new(),
+        false => format!(" (not counting {})", notes.join(", ")),
+    }
 }
 
 /// Per-sled completion over time: for each run, the fraction of sleds that

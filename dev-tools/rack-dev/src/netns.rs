@@ -256,6 +256,14 @@ impl Host {
         Ok(())
     }
 
+    /// Bytes the host has sent over its link (what its bridge port
+    /// received), headers included.
+    pub fn sent_bytes(&self) -> anyhow::Result<u64> {
+        let path = format!("/sys/class/net/{}/statistics/rx_bytes", self.bridge_port);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        text.trim().parse().with_context(|| format!("parsing {path}: {text:?}"))
+    }
+
     /// Takes the host's link down (it reaches nobody) or up again.
     pub fn set_link(&self, up: bool) -> anyhow::Result<()> {
         ip(&["link", "set", &self.bridge_port, if up { "up" } else { "down" }])

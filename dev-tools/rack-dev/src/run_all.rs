@@ -94,6 +94,10 @@ struct Process {
     name: String,
     child: Child,
     log: Utf8PathBuf,
+    /// How it was started, to start it again ([`Rack::restart`]).
+    binary: &'static str,
+    config: Utf8PathBuf,
+    namespace: Option<std::os::fd::OwnedFd>,
 }
 
 /// How to start a rack; run-all's flags, and what benchmarks change.
@@ -223,6 +227,28 @@ impl Rack {
         self.processes.iter().find(|p| p.name == name).map(|p| p.child.id())
     }
 
+    /// Kills child `name` ("sled-3") with SIGKILL, as a crash would.
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let process = self.process(name)?;
+        process.child.kill().with_context(|| format!("killing {name}"))?;
+        process.child.wait().with_context(|| format!("reaping {name}"))?;
+        Ok(())
+    }
+
+    /// Starts killed child `name` again, on the same config, log and
+    /// namespace (and so the same M.2s and addresses).
+    pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let process = self.process(name)?;
+        let namespace = process.namespace.take();
+        let (binary, config, log) = (process.binary, process.config.clone(), process.log.clone());
+        *process = spawn(name.to_string(), binary, &config, &log, namespace)?;
+        Ok(())
+    }
+
+    fn process(&mut self, name: &str) -> anyhow::Result<&mut Process> {
+        self.processes.iter_mut().find(|p| p.name == name).with_context(|| format!("no process {name} in this rack"))
+    }
+
     /// A child that exited on its own, described.
     pub fn first_exited(&mut self) -> Option<String> {
         first_exited(&mut self.processes)
@@ -231,9 +257,18 @@ impl Rack {
     /// Changes one host's link limits (`s0` is the first sled); only with
     /// `--netns`.
     pub fn limit_host(&self, name: &str, limits: LinkLimits) -> anyhow::Result<()> {
-        let network = self.network.as_ref().context("link limits need --netns")?;
+        self.host(name)?.limit(limits)
+    }
+
+    /// Bytes host `name` (`n0`, `s3`...) has sent over its link.
+    pub fn host_sent_bytes(&self, name: &str) -> anyhow::Result<u64> {
+        self.host(name)?.sent_bytes()
+    }
+
+    fn host(&self, name: &str) -> anyhow::Result<&crate::netns::Host> {
+        let network = self.network.as_ref().context("hosts with links need --netns")?;
         let host = network.hosts().iter().find(|host| host.name == name);
-        host.with_context(|| format!("no host {name} in this rack"))?.limit(limits)
+        host.with_context(|| format!("no host {name} in this rack"))
     }
 
     /// Stops sleds, then Nexus, then PostgreSQL; removes the run directory
@@ -302,7 +337,7 @@ impl Rack {
             }
             let config_path = write_config(&dir, &config)?;
             let process =
-                spawn(format!("nexus-{index}"), "nexus", &config_path, &log, placement.namespace.as_ref())?;
+                spawn(format!("nexus-{index}"), "nexus", &config_path, &log, placement.namespace)?;
             self.processes.push(process);
             let internal_url = format!("http://{ip}:{internal}");
             wait_for_http(&format!("{internal_url}/bgtasks"), READY_TIMEOUT)
@@ -341,7 +376,7 @@ impl Rack {
                 "sled-agent",
                 &config_path,
                 &log,
-                placement.namespace.as_ref(),
+                placement.namespace,
             )?;
             self.processes.push(process);
             self.discovery.sleds.push(SledEndpoints {
@@ -539,16 +574,16 @@ struct Placement {
 
 fn spawn(
     name: String,
-    binary: &str,
+    binary: &'static str,
     config: &Utf8Path,
     log: &Utf8Path,
-    namespace: Option<&std::os::fd::OwnedFd>,
+    namespace: Option<std::os::fd::OwnedFd>,
 ) -> anyhow::Result<Process> {
     let program = sibling_binary(binary)?;
     let output = std::fs::OpenOptions::new().create(true).append(true).open(log.with_extension("out"))?;
     let mut command = Command::new(&program);
     command.arg("--config").arg(config).stdin(Stdio::null()).stdout(output.try_clone()?).stderr(output);
-    if let Some(namespace) = namespace {
+    if let Some(namespace) = &namespace {
         crate::netns::enter_before_exec(&mut command, namespace);
     }
     // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
@@ -563,7 +598,7 @@ fn spawn(
         });
     }
     let child = command.spawn().with_context(|| format!("starting {}", program.display()))?;
-    Ok(Process { name, child, log: log.to_owned() })
+    Ok(Process { name, child, log: log.to_owned(), binary, config: config.to_owned(), namespace })
 }
 
 fn first_exited(processes: &mut [Process]) -> Option<String> {

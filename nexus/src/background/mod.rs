@@ -24,6 +24,9 @@ pub struct ReplicationWiring {
     pub progress: ProgressMap,
     /// This Nexus (named in what its tasks record).
     pub nexus_id: uuid::Uuid,
+    /// This Nexus's internal API URL, once it listens (see
+    /// `tuf_artifact_replication`'s `depot_url`).
+    pub depot_url: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 pub fn register_all(

@@ -391,7 +391,7 @@ impl ArtifactStore {
                     current = (current + 1) % urls.len();
                     slog::info!(self.log, "copy runs far below this sled's other copies; moving to another source";
                         "hash" => %write.hash, "from" => url(from), "next" => url(current), "offset" => write.bytes,
-                        "bytes_per_sec" => slow.rate as u64, "peers_median_bytes_per_sec" => slow.peers_median as u64);
+                        "bytes_per_sec" => slow.rate as u64, "peers_upper_quartile_bytes_per_sec" => slow.reference as u64);
                     false
                 }
                 Some(Interrupted::Broke(error)) => {
@@ -430,6 +430,11 @@ impl ArtifactStore {
                 }
                 pause = true;
                 match self.resume(url(current), write.bytes).await {
+                    // Another source may have room now; this one asked for
+                    // time.
+                    Err(error @ StoreError::SourceBusy { .. }) if alternates && resumes < self.copy.resume_attempts => {
+                        current = self.next_source(urls, current, &error);
+                    }
                     Err(StoreError::SourceBusy { retry_after_secs, .. })
                         if resumes < self.copy.resume_attempts =>
                     {

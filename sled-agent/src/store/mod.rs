@@ -567,6 +567,7 @@ impl ArtifactStore {
             copies_in_flight,
             copy_failures,
             max_concurrent_copies: Some(self.copy.max_concurrent),
+            copy_bytes_per_sec: self.copy_rates.best_total(),
             ledger_damage,
         }
     }

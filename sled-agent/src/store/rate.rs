@@ -5,19 +5,27 @@
 //! which forwards the bytes as they arrive. One slow or lossy sled in the
 //! chain then holds back every sled after it, whatever their own links can
 //! do. The sled after it cannot know the rack's link rates, but it can see
-//! that this one copy runs far below its other copies, which share its own
-//! link: the copies run at about the same rate when their sources are
-//! equally good. So each copy measures its rate over fixed windows and
-//! publishes it here; one that stays below [`SLOW_FRACTION`] of the median
-//! of the others for [`SLOW_WINDOWS`] windows in a row resumes (Range) from
-//! its next source. Copies on a sled whose own link is slow are all slow
-//! together, so none of them moves: the comparison is relative on purpose.
+//! two things:
+//! - this one copy runs far below its other copies (running, or finished
+//!   in the last [`RECENT`]), which share its own link: copies run at about
+//!   the same rate when their sources are equally good;
+//! - its link has room: the copies' total rate is well below the best total
+//!   it reached in the last [`RECENT`]. While the link is full, moving a
+//!   copy only reshuffles the same bytes (and on a sled whose own link is
+//!   slow, the unfairness of many flows on one slow link would look like
+//!   slow sources); once the fast copies are done, the slow one is what
+//!   holds the sled back.
 //!
-//! A copy with fewer than [`MIN_PEERS`] other measured copies beside it is
-//! never judged: there is nothing to compare it with.
+//! So each copy measures its rate over fixed windows and publishes it here;
+//! one that is slow by both tests for [`SLOW_WINDOWS`] windows in a row
+//! resumes (Range) from its next source. A copy with fewer than
+//! [`MIN_PEERS`] rates to compare with is never judged.
+//!
+//! The best recent total is also what the sled reports to Nexus as its copy
+//! rate: what its link has shown it can do.
 
 use common::ArtifactHash;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -25,30 +33,81 @@ use tokio::time::Instant;
 /// The span over which a copy's rate is measured.
 pub(super) const WINDOW: Duration = Duration::from_secs(1);
 
-/// A copy slower than this fraction of its peers' median rate is slow.
+/// A copy slower than this fraction of its peers' upper-quartile rate is
+/// slow. The upper quartile, not the median: with one slow sled in every
+/// chain, half of a sled's copies or more can be behind it, and the median
+/// is then one of them.
 const SLOW_FRACTION: f64 = 0.3;
+
+/// The link has room when the copies' total is below this fraction of the
+/// best recent total.
+const ROOM_FRACTION: f64 = 0.7;
+
+/// How long finished copies' rates and past totals count.
+const RECENT: Duration = Duration::from_secs(30);
 
 /// Consecutive slow windows before a copy moves: one window can be a
 /// stall that any source has now and then.
 const SLOW_WINDOWS: u32 = 2;
 
-/// Other measured copies needed before a copy is judged.
+/// Rates (other copies', running or recent) needed before a copy is judged.
 const MIN_PEERS: usize = 2;
 
-/// The latest window rate of every running copy that has one, bytes/s.
+/// What the running copies, and those of the last [`RECENT`], achieved.
 #[derive(Default)]
 pub(super) struct CopyRates {
-    rates: std::sync::Mutex<HashMap<ArtifactHash, f64>>,
+    inner: std::sync::Mutex<Rates>,
 }
 
-/// Why a copy should move: its rate and its peers' median, bytes/s.
+#[derive(Default)]
+struct Rates {
+    /// The latest window rate of every running copy that has one, bytes/s.
+    running: HashMap<ArtifactHash, f64>,
+    /// The last rate of copies that finished, with when.
+    finished: VecDeque<(Instant, f64)>,
+    /// The running copies' total at each judgement, with when.
+    totals: VecDeque<(Instant, f64)>,
+    /// The best total when copies last ran, for the listing between copies.
+    last_best: Option<f64>,
+}
+
+impl Rates {
+    fn forget_old(&mut self, now: Instant) {
+        for list in [&mut self.finished, &mut self.totals] {
+            while list.front().is_some_and(|(time, _)| now.duration_since(*time) > RECENT) {
+                list.pop_front();
+            }
+        }
+    }
+
+    fn best_total(&self) -> Option<f64> {
+        self.totals.iter().map(|(_, total)| *total).max_by(f64::total_cmp)
+    }
+}
+
+impl CopyRates {
+    /// The best total rate of this sled's copies over the last [`RECENT`],
+    /// or the last one seen; `None` until a copy has been measured. Nexus
+    /// compares sleds by it (see `replication_plan`'s slow sleds).
+    pub fn best_total(&self) -> Option<u64> {
+        let mut rates = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        rates.forget_old(Instant::now());
+        if let Some(best) = rates.best_total() {
+            rates.last_best = Some(best);
+        }
+        rates.last_best.map(|rate| rate as u64)
+    }
+}
+
+/// Why a copy should move: its rate and its peers' upper quartile, bytes/s.
 #[derive(Debug)]
 pub(super) struct Slow {
     pub rate: f64,
-    pub peers_median: f64,
+    pub reference: f64,
 }
 
-/// One copy's measurement; dropping it withdraws the copy's rate.
+/// One copy's measurement; dropping it withdraws the copy's rate, which
+/// then counts among the recent ones.
 pub(super) struct RateWatch {
     registry: Arc<CopyRates>,
     hash: ArtifactHash,
@@ -85,42 +144,51 @@ impl RateWatch {
         self.window_start = now;
         self.window_bytes = 0;
         self.windows += 1;
-        let mut rates = self.registry.rates.lock().unwrap_or_else(|e| e.into_inner());
-        rates.insert(self.hash, rate);
+        let mut rates = self.registry.inner.lock().unwrap_or_else(|e| e.into_inner());
+        rates.forget_old(now);
+        rates.running.insert(self.hash, rate);
+        let total: f64 = rates.running.values().sum();
+        rates.totals.push_back((now, total));
         if self.windows == 1 {
             return None;
         }
-        let mut peers: Vec<f64> =
-            rates.iter().filter(|(hash, _)| **hash != self.hash).map(|(_, &rate)| rate).collect();
+        let mut peers: Vec<f64> = rates
+            .running
+            .iter()
+            .filter(|(hash, _)| **hash != self.hash)
+            .map(|(_, rate)| *rate)
+            .chain(rates.finished.iter().map(|(_, rate)| *rate))
+            .collect();
+        let best_total = rates.best_total().unwrap_or(total);
         drop(rates);
         if peers.len() < MIN_PEERS {
             self.slow_windows = 0;
             return None;
         }
         peers.sort_by(f64::total_cmp);
-        let peers_median = peers[peers.len() / 2];
-        if rate >= SLOW_FRACTION * peers_median {
+        let reference = peers[peers.len() * 3 / 4];
+        if rate >= SLOW_FRACTION * reference || total >= ROOM_FRACTION * best_total {
             self.slow_windows = 0;
             return None;
         }
         self.slow_windows += 1;
-        (self.slow_windows >= SLOW_WINDOWS).then_some(Slow { rate, peers_median })
+        (self.slow_windows >= SLOW_WINDOWS).then_some(Slow { rate, reference })
     }
 
-    /// The copy reads from a new source now: measure it afresh.
+    /// The copy reads from a new source now: measure it afresh (its slow
+    /// rate is no peer's reference).
     pub fn restart(&mut self) {
-        self.withdraw();
+        self.registry.inner.lock().unwrap_or_else(|e| e.into_inner()).running.remove(&self.hash);
         *self = RateWatch::new(self.registry.clone(), self.hash);
-    }
-
-    fn withdraw(&self) {
-        self.registry.rates.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.hash);
     }
 }
 
 impl Drop for RateWatch {
     fn drop(&mut self) {
-        self.withdraw();
+        let mut rates = self.registry.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rate) = rates.running.remove(&self.hash) {
+            rates.finished.push_back((Instant::now(), rate));
+        }
     }
 }
 
@@ -147,30 +215,54 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_far_below_its_peers_moves_after_two_judged_windows() {
+    fn a_copy_far_below_its_peers_moves_once_the_link_has_room() {
         let registry = Arc::new(CopyRates::default());
         let mut watches: Vec<RateWatch> = (0..4).map(|n| watch(&registry, n)).collect();
-        let rates = [100_000, 1_000_000, 1_000_000, 900_000];
-        assert_eq!(run(&mut watches, &rates, 2), [false; 4], "the first window is not judged, one slow one is not enough");
-        assert_eq!(run(&mut watches, &rates, 1), [true, false, false, false]);
+        assert_eq!(run(&mut watches, &[1_000_000, 2_000_000, 2_000_000, 2_000_000], 2), [false; 4]);
+        // Its source slowed down, and the link is no longer full.
+        let slowed = [100_000, 1_000_000, 1_000_000, 1_000_000];
+        // The first slowed window it judges before its peers publish
+        // theirs (the link still looks full); the second is one slow
+        // window, not yet enough.
+        assert_eq!(run(&mut watches, &slowed, 2), [false; 4]);
+        assert_eq!(run(&mut watches, &slowed, 1), [true, false, false, false]);
         watches[0].restart();
         assert_eq!(run(&mut watches, &[1_000_000; 4], 3), [false; 4], "after a move it is measured afresh");
+    }
+
+    #[test]
+    fn a_slow_copy_on_a_full_link_stays() {
+        let registry = Arc::new(CopyRates::default());
+        let mut watches: Vec<RateWatch> = (0..4).map(|n| watch(&registry, n)).collect();
+        assert_eq!(run(&mut watches, &[100_000, 1_000_000, 1_000_000, 900_000], 6), [false; 4]);
     }
 
     #[test]
     fn copies_that_are_all_slow_together_stay() {
         let registry = Arc::new(CopyRates::default());
         let mut watches: Vec<RateWatch> = (0..4).map(|n| watch(&registry, n)).collect();
+        run(&mut watches, &[1_000_000; 4], 2);
         assert_eq!(run(&mut watches, &[10_000, 11_000, 9_000, 10_000], 6), [false; 4]);
+    }
+
+    #[test]
+    fn a_lone_slow_copy_moves_after_its_fast_peers_finish() {
+        let registry = Arc::new(CopyRates::default());
+        let mut watches: Vec<RateWatch> = (0..3).map(|n| watch(&registry, n)).collect();
+        assert_eq!(run(&mut watches, &[10_000, 1_000_000, 1_000_000], 2), [false; 3], "the link is full");
+        watches.truncate(1);
+        assert_eq!(run(&mut watches, &[10_000], 2), [true], "judged against the finished copies' rates");
     }
 
     #[test]
     fn a_copy_without_enough_peers_is_never_judged() {
         let registry = Arc::new(CopyRates::default());
         let mut watches: Vec<RateWatch> = (0..2).map(|n| watch(&registry, n)).collect();
+        run(&mut watches, &[1_000_000, 1_000_000], 2);
         assert_eq!(run(&mut watches, &[1, 1_000_000], 6), [false; 2]);
-        drop(watches.pop());
-        assert!(registry.rates.lock().unwrap().len() == 1, "a dropped watch withdraws its rate");
+        assert_eq!(registry.best_total(), Some(2_000_000), "the best total of the last 30 s");
+        watches.clear();
+        assert_eq!(registry.best_total(), Some(2_000_000), "between copies, it stands");
     }
 
     #[test]

@@ -22,6 +22,19 @@
 //!
 //! Sleds with no healthy M.2 are neither targets nor sources.
 //!
+//! # Slow sleds and spread heads (issue #20)
+//!
+//! Each artifact's single PUT goes to the sled that heads the fewest chains
+//! of this plan so far, so the chains start at different sleds and every
+//! sled's uplink carries a share. A sled measured slow ([`slow_sleds`]:
+//! its copies run below a fraction of the median sled's) is a PUT target
+//! only when no other sled can be, and goes last in every chain: nobody
+//! reads from it, and it pulls at its own rate from a sled that keeps up.
+//! Before anything is measured (a rack's first upload) a slow sled may sit
+//! mid-chain; the sleds after it then move off it themselves (see the sled
+//! agent's `store::rate`), to the first alternate each copy carries: its
+//! chain's head.
+//!
 //! # Copy slots (issue #20)
 //!
 //! A sled runs a bounded number of copies at once and refuses one more as
@@ -73,6 +86,10 @@ pub struct SledState {
     /// New copies the sled can start now (its limit less its copies in
     /// flight); `usize::MAX` if it does not say.
     pub copy_slots: usize,
+    /// Measured far slower than the other sleds: not a PUT target while
+    /// another sled can be, and last in every chain, so that no sled waits
+    /// on it.
+    pub slow: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -179,6 +196,40 @@ fn pick_excluding(pools: [&[SledId]; 2], except: usize, rng: &mut impl Rng) -> V
         .collect()
 }
 
+/// A sled copying slower than this fraction of the median sled is slow.
+const SLOW_FRACTION: f64 = 0.3;
+
+/// Sleds with a measured rate needed before any is called slow.
+const MIN_MEASURED_FOR_SLOW: usize = 3;
+
+/// The sleds whose copies run far slower than the median sled's, from each
+/// sled's last reported copy rate (bytes/s; a sled's own median over its
+/// running copies). Relative, like the sleds' own judgement of a slow
+/// source: a rack whose links are all slow has no slow sled.
+pub fn slow_sleds(rates: &BTreeMap<SledId, u64>) -> BTreeSet<SledId> {
+    if rates.len() < MIN_MEASURED_FOR_SLOW {
+        return BTreeSet::new();
+    }
+    let mut sorted: Vec<u64> = rates.values().copied().collect();
+    sorted.sort_unstable();
+    let median = sorted[sorted.len() / 2] as f64;
+    rates.iter().filter(|(_, rate)| (**rate as f64) < SLOW_FRACTION * median).map(|(&id, _)| id).collect()
+}
+
+/// The PUT target among `candidates` that heads the fewest chains so far,
+/// a sled not measured slow if there is one; random among equals.
+fn least_used_head(
+    candidates: &[&&SledState],
+    heads_so_far: &BTreeMap<SledId, usize>,
+    rng: &mut impl Rng,
+) -> Option<SledId> {
+    let rank = |sled: &SledState| (sled.slow, heads_so_far.get(&sled.id).copied().unwrap_or(0));
+    let best = candidates.iter().map(|sled| rank(sled)).min()?;
+    let equals: Vec<SledId> =
+        candidates.iter().filter(|sled| rank(sled) == best).map(|sled| sled.id).collect();
+    equals.choose(rng).copied()
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// PUTs first, then copies.
@@ -198,6 +249,10 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
     let mut skipped_backoff = 0;
     let mut deferred = 0;
     let mut slots: BTreeMap<SledId, usize> = usable.iter().map(|sled| (sled.id, sled.copy_slots)).collect();
+    let slow: BTreeSet<SledId> = usable.iter().filter(|sled| sled.slow).map(|sled| sled.id).collect();
+    // PUTs per sled in this plan, so that each artifact's chain starts at a
+    // different sled and every sled's uplink carries a share.
+    let mut heads_so_far: BTreeMap<SledId, usize> = BTreeMap::new();
     for (hash, state) in &inventory.artifacts {
         let holders: Vec<SledId> = usable
             .iter()
@@ -223,16 +278,21 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 deferred += candidates.len();
                 continue;
             }
-            let count = match limits.fanout {
-                Fanout::Star => candidates.len(),
+            put_targets = match limits.fanout {
+                Fanout::Star => candidates.iter().map(|sled| sled.id).collect(),
                 // One PUT: the chain makes every other copy at link rate, so
                 // Nexus's link carries the repository once. Durability does
                 // not rest on the PUT count: the staged copy stays until
                 // `min_sled_replication` sleds hold the artifact.
-                Fanout::Pipelined => candidates.len().min(1),
-                Fanout::TwoStage => limits.min_sled_replication.min(candidates.len()),
+                Fanout::Pipelined => least_used_head(&candidates, &heads_so_far, rng).into_iter().collect(),
+                Fanout::TwoStage => candidates
+                    .choose_multiple(rng, limits.min_sled_replication.min(candidates.len()))
+                    .map(|sled| sled.id)
+                    .collect(),
             };
-            put_targets = candidates.choose_multiple(rng, count).map(|sled| sled.id).collect();
+            for &sled in &put_targets {
+                *heads_so_far.entry(sled).or_default() += 1;
+            }
             put_targets.sort();
             puts.extend(put_targets.iter().map(|&sled| Request::Put { hash: *hash, sled }));
             if put_targets.is_empty() {
@@ -280,6 +340,8 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
             }
         }
         followers.shuffle(rng);
+        // Stable: the slow ones go last, still in random order.
+        followers.sort_by_key(|sled| slow.contains(sled));
         match limits.fanout {
             Fanout::Pipelined => {
                 // Chain i: heads[i], then followers i, i + heads, i + 2 heads...
@@ -300,13 +362,28 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                         1 => head,
                         length => heads.len() + length - 2,
                     };
+                    // The chain's head first: a copy moves off a source
+                    // that is slow (a slow sled before it in the chain), and
+                    // the head is fed by Nexus or already holds it.
+                    let alternates = match chain.len() {
+                        1 => pick_excluding([&heads, &chain[1..]], source_index, rng),
+                        _ => std::iter::once(chain[0])
+                            .chain(pick_excluding([&heads, &chain[1..]], source_index, rng))
+                            .filter(|&sled| sled != source)
+                            .fold(Vec::new(), |mut alternates, sled| {
+                                if alternates.len() < ALTERNATES && !alternates.contains(&sled) {
+                                    alternates.push(sled);
+                                }
+                                alternates
+                            }),
+                    };
                     copies.push(Request::Copy {
                         hash: *hash,
                         target,
                         source,
                         feed,
                         recopy: false,
-                        alternates: pick_excluding([&heads, &chain[1..]], source_index, rng),
+                        alternates,
                     });
                     chain.push(target);
                 }
@@ -341,7 +418,12 @@ mod tests {
 
     fn sleds(count: usize) -> Vec<SledState> {
         let mut sleds: Vec<SledState> = (0..count)
-            .map(|i| SledState { id: Uuid::from_u128(i as u128 + 1), healthy_m2: 2, copy_slots: usize::MAX })
+            .map(|i| SledState {
+                id: Uuid::from_u128(i as u128 + 1),
+                healthy_m2: 2,
+                copy_slots: usize::MAX,
+                slow: false,
+            })
             .collect();
         sleds.sort_by_key(|s| s.id);
         sleds
@@ -808,5 +890,90 @@ mod tests {
         let planned = plan(&inventory, &mut rng(), limits(3));
         assert!(planned.requests.is_empty());
         assert_eq!(planned.skipped_backoff, 4);
+    }
+
+    /// 16 staged artifacts, nobody holding any, on `sleds`.
+    fn a_release_on(sleds: Vec<SledState>) -> Inventory {
+        let staged = ArtifactState { local: true, ..Default::default() };
+        Inventory { sleds, artifacts: (1..=16).map(|n| (hash(n), staged.clone())).collect() }
+    }
+
+    /// Each artifact's chain, from its PUT target on, in copy order.
+    fn chains(planned: &Plan) -> BTreeMap<ArtifactHash, Vec<SledId>> {
+        let mut chains: BTreeMap<ArtifactHash, Vec<SledId>> = BTreeMap::new();
+        for request in &planned.requests {
+            match request {
+                Request::Put { hash, sled } => chains.entry(*hash).or_default().insert(0, *sled),
+                Request::Copy { hash, target, source, .. } => {
+                    let chain = chains.entry(*hash).or_default();
+                    assert_eq!(chain.last(), Some(source), "one chain per artifact, each from the one before");
+                    chain.push(*target);
+                }
+            }
+        }
+        chains
+    }
+
+    #[test]
+    fn each_sled_heads_an_equal_share_of_the_chains() {
+        let planned = plan(&a_release_on(sleds(8)), &mut rng(), limits(3));
+        let mut heads: BTreeMap<SledId, usize> = BTreeMap::new();
+        for chain in chains(&planned).values() {
+            assert_eq!(chain.len(), 8);
+            *heads.entry(chain[0]).or_default() += 1;
+        }
+        assert_eq!(heads.len(), 8, "{heads:?}");
+        assert!(heads.values().all(|&n| n == 2), "{heads:?}");
+    }
+
+    #[test]
+    fn a_slow_sled_heads_no_chain_and_ends_every_chain() {
+        let mut all = sleds(8);
+        all[3].slow = true;
+        all[5].slow = true;
+        let slow = [all[3].id, all[5].id];
+        let planned = plan(&a_release_on(all.clone()), &mut rng(), limits(3));
+        for (hash, chain) in chains(&planned) {
+            assert!(!slow.contains(&chain[0]), "{hash}: a slow sled is no PUT target");
+            let tail: BTreeSet<SledId> = chain[6..].iter().copied().collect();
+            assert_eq!(tail, slow.into(), "{hash}: the slow sleds come last");
+        }
+        for request in &planned.requests {
+            if let Request::Copy { source, target, .. } = request
+                && !slow.contains(target)
+            {
+                assert!(!slow.contains(source), "no sled that keeps up reads from a slow one");
+            }
+        }
+
+        // Only slow sleds can take it: one of them is PUT to all the same.
+        let only_slow: Vec<SledState> = all.iter().filter(|s| s.slow).cloned().collect();
+        let planned = plan(&a_release_on(only_slow), &mut rng(), limits(3));
+        assert_eq!(count(&planned), (16, 16, 0));
+    }
+
+    #[test]
+    fn a_copy_behind_the_head_may_move_to_the_head_first() {
+        let planned = plan(&a_release_on(sleds(8)), &mut rng(), limits(3));
+        let chains = chains(&planned);
+        for request in &planned.requests {
+            if let Request::Copy { hash, source, alternates, .. } = request {
+                let head = chains[hash][0];
+                assert!(!alternates.contains(source), "{alternates:?}");
+                assert!(alternates.len() <= ALTERNATES);
+                if *source != head {
+                    assert_eq!(alternates.first(), Some(&head), "{hash}: the head is the first alternate");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sleds_far_below_the_median_rate_are_slow() {
+        let ids: Vec<SledId> = (1..=5).map(Uuid::from_u128).collect();
+        let rates = |values: &[u64]| ids.iter().copied().zip(values.iter().copied()).collect();
+        assert_eq!(slow_sleds(&rates(&[1000, 1000, 900, 250, 310])), [ids[3]].into());
+        assert!(slow_sleds(&rates(&[10, 11, 9, 10, 12])).is_empty(), "all slow together: none is");
+        assert!(slow_sleds(&rates(&[1000, 1])).is_empty(), "too few sleds measured");
     }
 }

@@ -33,6 +33,28 @@
 //!    busy, or a PUT made progress on a staged repository, activate again
 //!    after `followup_delay` instead of waiting a period.
 //!
+//! # Stragglers, slow sleds and Nexus as a last source (issue #20)
+//!
+//! An activation ends when its last request has. One PUT to a slow sled
+//! (which nothing has measured yet: a rack's first upload) would hold the
+//! whole activation, and with it every follow-up, for as long as that
+//! sled's link needs. So once every other PUT of the activation has
+//! finished, a PUT that runs below [`STRAGGLER_FRACTION`] of their median
+//! rate for [`STRAGGLER_WINDOWS`] seconds is abandoned. Like a busy answer
+//! it is no failure of the (sled, artifact): no back-off, and a follow-up
+//! has the sled copy it, at its own pace, from a sled that holds it.
+//!
+//! Each sled reports the best total rate of its copies
+//! (`copy_bytes_per_sec`); this task remembers the last report of each
+//! and calls sleds far below the median slow
+//! ([`replication_plan::slow_sleds`]): the planner puts them last in every
+//! chain and PUTs to them only when no other sled can take it.
+//!
+//! A copy of an artifact staged here carries this Nexus's internal API as
+//! its last alternate source: it serves staged artifacts as a depot does.
+//! A copy behind a slow chain head has no better source (every sled before
+//! it is behind the head too); it moves here instead.
+//!
 //! # Back-off
 //!
 //! A (sled, artifact) whose request failed, or whose copy the sled accepted
@@ -141,7 +163,13 @@ pub struct ArtifactReplication {
     lifetime: ReplicationCounters,
     progress: ProgressMap,
     backoff: BTreeMap<(Uuid, ArtifactHash), Backoff>,
+    /// Each sled's last reported copy rate, bytes/s, for finding slow ones.
+    copy_rates: BTreeMap<Uuid, u64>,
     nexus_id: Uuid,
+    /// This Nexus's internal API, which serves what it has staged like a
+    /// depot: the last alternate of a copy of a staged artifact. Set once
+    /// the API listens (unset if it listens on an unspecified address).
+    depot_url: Arc<std::sync::OnceLock<String>>,
 }
 
 /// Failures of one (sled, artifact) and when to ask again.
@@ -213,7 +241,9 @@ impl ArtifactReplication {
             lifetime: ReplicationCounters::default(),
             progress: wiring.progress,
             backoff: BTreeMap::new(),
+            copy_rates: BTreeMap::new(),
             nexus_id: wiring.nexus_id,
+            depot_url: wiring.depot_url,
         }
     }
 
@@ -234,6 +264,7 @@ impl ArtifactReplication {
             ring: Vec::new(),
             backoff: Vec::new(),
             copies_in_flight: 0,
+            slow_sleds: Vec::new(),
             followup_scheduled: false,
         };
         let mut records = Vec::new();
@@ -374,7 +405,10 @@ impl ArtifactReplication {
                     let copy_slots = listed
                         .max_concurrent_copies
                         .map_or(usize::MAX, |limit| limit.saturating_sub(listed.copies_in_flight.len()));
-                    inventory.sleds.push(SledState { id: sled.id, healthy_m2, copy_slots });
+                    if let Some(rate) = listed.copy_bytes_per_sec {
+                        self.copy_rates.insert(sled.id, rate);
+                    }
+                    inventory.sleds.push(SledState { id: sled.id, healthy_m2, copy_slots, slow: false });
                     for (hash, copies) in listed.list {
                         inventory.artifacts.entry(hash).or_default().copies.insert(sled.id, copies);
                     }
@@ -390,6 +424,12 @@ impl ArtifactReplication {
         }
 
         // 5. Inventory, back-off, and the staged repositories it lets go.
+        self.copy_rates.retain(|id, _| sleds.iter().any(|sled| sled.id == *id));
+        let slow = replication_plan::slow_sleds(&self.copy_rates);
+        for sled in &mut inventory.sleds {
+            sled.slow = slow.contains(&sled.id);
+        }
+        status.slow_sleds = slow.into_iter().collect();
         for hash in &config.artifacts {
             inventory.artifacts.entry(*hash).or_default();
         }
@@ -637,6 +677,7 @@ impl ArtifactReplication {
         let permits = RequestPermits {
             puts: tokio::sync::Semaphore::new(limit),
             copies: tokio::sync::Semaphore::new(limit),
+            tracker: PutTracker::default(),
         };
         let puts: Vec<usize> = requests
             .iter()
@@ -700,7 +741,8 @@ impl ArtifactReplication {
                 let target = sleds[sled];
                 let path = self.staging.artifact_path(hash);
                 let wrong_bytes = std::sync::atomic::AtomicBool::new(false);
-                let outcome = with_busy_retries(&permits.puts, || async {
+                let (tracked, sent) = permits.tracker.register();
+                let put = with_busy_retries(&permits.puts, || async {
                     let opened = async {
                         let file = tokio::fs::File::open(&path).await?;
                         let length = file.metadata().await?.len();
@@ -709,7 +751,7 @@ impl ArtifactReplication {
                     let (file, length) = opened
                         .await
                         .map_err(|error| Attempt::other(format!("opening staged {path}: {error}")))?;
-                    let body = known_length_body(file, length);
+                    let body = known_length_body(file, length, sent.clone());
                     let put = target.put_client.artifact_put(hash, generation.get(), body);
                     // Followers may start once the sled has begun to receive.
                     let head_start = async {
@@ -733,8 +775,12 @@ impl ArtifactReplication {
                         wrong_bytes.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                     outcome.map(|_| ()).map_err(Attempt::from)
-                })
-                .await;
+                });
+                let outcome = tokio::select! {
+                    outcome = put => outcome,
+                    message = permits.tracker.straggler(tracked) => Err(Attempt::Straggler { message }),
+                };
+                permits.tracker.finish(tracked);
                 if wrong_bytes.into_inner() {
                     self.reverify_staged(log, hash).await;
                 }
@@ -744,11 +790,16 @@ impl ArtifactReplication {
                 (*sled, RequestOperation::Put, *hash, None, outcome)
             }
             Request::Copy { hash, target, source, alternates, .. } => {
+                // Staged here, the artifact can always be read from this
+                // Nexus: last, so that it costs Nexus's link only when no
+                // sled serves it well (a slow sled that heads the chain).
+                let from_nexus = self.depot_url.get().filter(|_| self.staging.artifact_path(hash).is_file());
                 let body = ArtifactCopyFromDepotBody {
                     depot_base_url: sleds[source].depot_url.clone(),
                     alternates: alternates
                         .iter()
                         .filter_map(|sled| Some(sleds.get(sled)?.depot_url.clone()))
+                        .chain(from_nexus.cloned())
                         .collect(),
                 };
                 let client = &sleds[target].client;
@@ -775,6 +826,9 @@ impl ArtifactReplication {
             Err(Attempt::Busy { message, .. }) => {
                 (Some(format!("{message} (still busy after {BUSY_RETRIES} retries)")), false, true)
             }
+            // Like busy, no failure of the (sled, artifact): the sled is
+            // slow, and a copy will do at its own pace.
+            Err(Attempt::Straggler { message }) => (Some(message), false, true),
         };
         Record {
             time: chrono::Utc::now(),
@@ -1057,6 +1111,8 @@ async fn sled_generation(sled: &SledTarget) -> Option<Generation> {
 /// One try of a request: retry after a while, or give up with a message.
 enum Attempt {
     Busy { retry_after: Duration, message: String },
+    /// A PUT abandoned as the activation's straggler.
+    Straggler { message: String },
     Final { message: String, generation_conflict: bool },
 }
 
@@ -1097,6 +1153,87 @@ impl From<SledError<common::clients::sled_agent::types::Error>> for Attempt {
 struct RequestPermits {
     puts: tokio::sync::Semaphore,
     copies: tokio::sync::Semaphore,
+    /// The activation's PUTs, for finding a straggler.
+    tracker: PutTracker,
+}
+
+/// A PUT running below this fraction of the activation's other PUTs' median
+/// rate, once they have all finished, is a straggler.
+const STRAGGLER_FRACTION: f64 = 0.3;
+
+/// Consecutive one-second windows a straggler must be slow for.
+const STRAGGLER_WINDOWS: u32 = 2;
+
+/// The PUTs of one activation (see "Stragglers" in the module doc).
+#[derive(Default)]
+struct PutTracker {
+    puts: Mutex<Vec<TrackedPut>>,
+}
+
+struct TrackedPut {
+    /// Body bytes sent, over all attempts.
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    started: Instant,
+    finished: Option<Instant>,
+}
+
+impl PutTracker {
+    fn register(&self) -> (usize, Arc<std::sync::atomic::AtomicU64>) {
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut puts = self.puts.lock().unwrap_or_else(|e| e.into_inner());
+        puts.push(TrackedPut { sent: sent.clone(), started: Instant::now(), finished: None });
+        (puts.len() - 1, sent)
+    }
+
+    fn finish(&self, id: usize) {
+        self.puts.lock().unwrap_or_else(|e| e.into_inner())[id].finished = Some(Instant::now());
+    }
+
+    /// Resolves, with why, once PUT `id` is a straggler: every other PUT of
+    /// the activation has finished, and it has run below
+    /// [`STRAGGLER_FRACTION`] of their median rate for
+    /// [`STRAGGLER_WINDOWS`] seconds.
+    async fn straggler(&self, id: usize) -> String {
+        let mut slow_windows = 0;
+        let mut last_sent = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let puts = self.puts.lock().unwrap_or_else(|e| e.into_inner());
+            let sent = puts[id].sent.load(std::sync::atomic::Ordering::Relaxed);
+            let rate = sent.saturating_sub(last_sent) as f64;
+            last_sent = sent;
+            let mut others: Vec<f64> = puts
+                .iter()
+                .enumerate()
+                .filter(|(other, _)| *other != id)
+                .map(|(_, put)| {
+                    let elapsed = put.finished.map(|finished| (finished - put.started).as_secs_f64());
+                    elapsed.map(|secs| put.sent.load(std::sync::atomic::Ordering::Relaxed) as f64 / secs.max(0.001))
+                })
+                .collect::<Option<Vec<f64>>>()
+                .unwrap_or_default();
+            drop(puts);
+            others.sort_by(f64::total_cmp);
+            let Some(&median) = others.get(others.len() / 2) else {
+                slow_windows = 0;
+                continue;
+            };
+            if rate >= STRAGGLER_FRACTION * median {
+                slow_windows = 0;
+                continue;
+            }
+            slow_windows += 1;
+            if slow_windows >= STRAGGLER_WINDOWS {
+                return format!(
+                    "abandoned after {sent} bytes: at {:.0} KiB/s it ran below {STRAGGLER_FRACTION} of the \
+                     {:.0} KiB/s of this activation's other PUTs, which have all finished; the sled will \
+                     copy it from a sled that holds it",
+                    rate / 1024.0,
+                    median / 1024.0
+                );
+            }
+        }
+    }
 }
 
 /// Runs `attempt` with a permit from `permits`, and again after a busy
@@ -1129,7 +1266,13 @@ where
 /// A streamed request body that tells its length, so that it is sent with
 /// `Content-Length`: a sled follows a PUT from its depot only if it knows
 /// how long the artifact is.
-fn known_length_body(file: tokio::fs::File, length: u64) -> reqwest::Body {
+/// `file`'s bytes as a body of exactly `length`, counting what is sent in
+/// `sent`.
+fn known_length_body(
+    file: tokio::fs::File,
+    length: u64,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) -> reqwest::Body {
     struct KnownLength<B> {
         inner: B,
         length: u64,
@@ -1147,7 +1290,10 @@ fn known_length_body(file: tokio::fs::File, length: u64) -> reqwest::Body {
             http_body::SizeHint::with_exact(self.length)
         }
     }
-    let frames = tokio_util::io::ReaderStream::new(file).map_ok(http_body::Frame::data);
+    let frames = tokio_util::io::ReaderStream::new(file).map_ok(move |bytes| {
+        sent.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        http_body::Frame::data(bytes)
+    });
     reqwest::Body::wrap(KnownLength { inner: http_body_util::StreamBody::new(frames), length })
 }
 
@@ -1192,7 +1338,7 @@ mod tests {
             String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase()
         });
         let file = tokio::fs::File::open(&path).await.unwrap();
-        let response = reqwest::Client::new().put(url).body(known_length_body(file, 300_000)).send().await;
+        let response = reqwest::Client::new().put(url).body(known_length_body(file, 300_000, Default::default())).send().await;
         assert_eq!(response.unwrap().status(), 204);
         let head = server.await.unwrap();
         assert!(head.contains("content-length: 300000"), "{head}");
