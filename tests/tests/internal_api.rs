@@ -173,3 +173,53 @@ async fn sled_agents_register_and_reregister() {
     assert!(message(error).contains("sim-0"));
     assert_eq!(nexus.server.nexus().datastore.sled_list().await.unwrap().len(), 1);
 }
+
+/// Nexus serves what it has staged as a repo depot does (a copy's last
+/// resort, issue #20): whole, from a Range, 416 past the end, 404 for what
+/// it has not staged; and a sled's copy can read from it.
+#[tokio::test]
+async fn staged_artifacts_are_served_like_a_depot() {
+    let (rack, factory) = integration_tests::rack::TestRack::with_trust_root(0, |_| {}).await;
+    rack.upload_ok(&factory, "1.0.0", &[("staged", 300_000)], 3).await;
+    let config = rack.config().await;
+    let hash = *config.artifacts.iter().next().unwrap();
+    let staged = std::fs::read(rack.nexus.staging_dir().join("artifacts").join(hash.to_string())).unwrap();
+    assert_eq!(staged.len(), 300_000);
+    let url = format!("{}/artifact/sha256/{hash}", rack.nexus.internal_url());
+    let http = reqwest::Client::new();
+
+    let whole = http.get(&url).send().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.content_length(), Some(300_000));
+    assert!(whole.bytes().await.unwrap() == staged);
+
+    let rest = http.get(&url).header("range", "bytes=1000-").send().await.unwrap();
+    assert_eq!(rest.status(), 206);
+    assert_eq!(rest.headers()["content-range"], "bytes 1000-299999/300000");
+    assert!(rest.bytes().await.unwrap() == staged[1000..]);
+
+    let past = http.get(&url).header("range", "bytes=300000-").send().await.unwrap();
+    assert_eq!(past.status(), 416);
+    assert_eq!(past.headers()["content-range"], "bytes */300000");
+
+    let unknown = common::ArtifactHash([7; 32]);
+    let missing =
+        http.get(format!("{}/artifact/sha256/{unknown}", rack.nexus.internal_url())).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let body = missing.text().await.unwrap();
+    assert!(body.contains("NOT_STAGED") && body.contains(&unknown.to_string()), "{body}");
+
+    // A sled copies it from Nexus as from any depot.
+    let sled = integration_tests::TestSled::start(integration_tests::synthetic::NO_NEXUS).await;
+    let client = sled.client();
+    client.artifact_config_put(&config).await.unwrap();
+    let body = common::api::sled_agent::ArtifactCopyFromDepotBody {
+        depot_base_url: rack.nexus.internal_url(),
+        alternates: Vec::new(),
+    };
+    client.artifact_copy_from_depot(&hash, config.generation.get(), &body).await.unwrap();
+    integration_tests::rack::wait_until("the copy from Nexus lands", Duration::from_secs(20), async || {
+        client.artifact_list().await.unwrap().into_inner().list.get(&hash) == Some(&2)
+    })
+    .await;
+}

@@ -72,8 +72,8 @@ pub struct ArtifactListResponse {
     /// `copies_in_flight`. Absent from older sleds: no known limit.
     #[serde(default)]
     pub max_concurrent_copies: Option<usize>,
-    /// The best total rate of this sled's copies over one second in the
-    /// last 30 s (or when copies last ran), bytes/s: what its link has
+    /// The best total rate of this sled's copies over half a second in the
+    /// last 5 minutes (or when copies last ran), bytes/s: what its link has
     /// shown it can take. Absent until a copy has been measured. A planner
     /// compares sleds by it, to find one far slower than the rest.
     #[serde(default)]

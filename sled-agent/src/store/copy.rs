@@ -388,7 +388,8 @@ impl ArtifactStore {
                 Some(Interrupted::Slow(slow)) => {
                     moves += 1;
                     let from = current;
-                    current = (current + 1) % urls.len();
+                    self.copy_rates.mark_slow_source(url(from));
+                    current = self.next_fast_source(urls, current);
                     slog::info!(self.log, "copy runs far below this sled's other copies; moving to another source";
                         "hash" => %write.hash, "from" => url(from), "next" => url(current), "offset" => write.bytes,
                         "bytes_per_sec" => slow.rate as u64, "peers_upper_quartile_bytes_per_sec" => slow.reference as u64);
@@ -477,6 +478,15 @@ impl ArtifactStore {
         }
         let last = url(current);
         self.commit(write).await.map(|outcome| (outcome, last)).map_err(|e| (e, last))
+    }
+
+    /// The first source after `current` in `urls` that no copy here has
+    /// recently moved off as slow (the next one if all have).
+    fn next_fast_source(&self, urls: &[String], current: usize) -> usize {
+        (1..urls.len())
+            .map(|step| (current + step) % urls.len())
+            .find(|&next| !self.copy_rates.recently_slow(&urls[next]))
+            .unwrap_or((current + 1) % urls.len())
     }
 
     /// The source after `current` in `urls`, after `error` ruled `current`

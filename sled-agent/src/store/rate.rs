@@ -21,8 +21,8 @@
 //! resumes (Range) from its next source. A copy with fewer than
 //! [`MIN_PEERS`] rates to compare with is never judged.
 //!
-//! The best recent total is also what the sled reports to Nexus as its copy
-//! rate: what its link has shown it can do.
+//! The best total of the last [`REPORTED_SPAN`] is also what the sled
+//! reports to Nexus as its copy rate: what its link has shown it can do.
 
 use common::ArtifactHash;
 use std::collections::{HashMap, VecDeque};
@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The span over which a copy's rate is measured.
-pub(super) const WINDOW: Duration = Duration::from_secs(1);
+pub(super) const WINDOW: Duration = Duration::from_millis(500);
 
 /// A copy slower than this fraction of its peers' upper-quartile rate is
 /// slow. The upper quartile, not the median: with one slow sled in every
@@ -46,12 +46,18 @@ const ROOM_FRACTION: f64 = 0.7;
 /// How long finished copies' rates and past totals count.
 const RECENT: Duration = Duration::from_secs(30);
 
+/// How far back the best total reported to Nexus looks: long enough that
+/// a busy period's end (a last slow copy) does not stand for the link.
+const REPORTED_SPAN: Duration = Duration::from_secs(300);
+
 /// Consecutive slow windows before a copy moves: one window can be a
-/// stall that any source has now and then.
+/// stall that any source has now and then. With the first window unjudged,
+/// a copy behind a slow sled moves after about 1.5 s.
 const SLOW_WINDOWS: u32 = 2;
 
-/// Rates (other copies', running or recent) needed before a copy is judged.
-const MIN_PEERS: usize = 2;
+/// Rates (other copies', running or recent) needed before a copy is
+/// judged. One will do: the link's room is checked too.
+const MIN_PEERS: usize = 1;
 
 /// What the running copies, and those of the last [`RECENT`], achieved.
 #[derive(Default)]
@@ -69,30 +75,68 @@ struct Rates {
     totals: VecDeque<(Instant, f64)>,
     /// The best total when copies last ran, for the listing between copies.
     last_best: Option<f64>,
+    /// Sources (`host:port`) a copy moved off as slow, and when: another
+    /// copy moving does not pick them while they are recent.
+    slow_sources: HashMap<String, Instant>,
+}
+
+/// `host:port` of a depot URL.
+fn source_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest)
 }
 
 impl Rates {
     fn forget_old(&mut self, now: Instant) {
+        self.slow_sources.retain(|_, time| now.duration_since(*time) <= RECENT);
         for list in [&mut self.finished, &mut self.totals] {
-            while list.front().is_some_and(|(time, _)| now.duration_since(*time) > RECENT) {
+            while list.front().is_some_and(|(time, _)| now.duration_since(*time) > REPORTED_SPAN) {
                 list.pop_front();
             }
         }
     }
 
-    fn best_total(&self) -> Option<f64> {
-        self.totals.iter().map(|(_, total)| *total).max_by(f64::total_cmp)
+    /// The best the link did recently: the copies' best total, or a
+    /// finished copy's own rate if higher (copies that end within their
+    /// first window never add to a total).
+    fn best_total(&self, now: Instant, span: Duration) -> Option<f64> {
+        self.totals
+            .iter()
+            .chain(&self.finished)
+            .filter(|(time, _)| now.duration_since(*time) <= span)
+            .map(|(_, rate)| *rate)
+            .max_by(f64::total_cmp)
+    }
+
+    /// The rates of copies that finished in the last [`RECENT`].
+    fn recently_finished(&self, now: Instant) -> impl Iterator<Item = f64> + '_ {
+        self.finished.iter().filter(move |(time, _)| now.duration_since(*time) <= RECENT).map(|(_, rate)| *rate)
     }
 }
 
 impl CopyRates {
-    /// The best total rate of this sled's copies over the last [`RECENT`],
-    /// or the last one seen; `None` until a copy has been measured. Nexus
+    /// A copy moved off the depot at `url` as slow.
+    pub fn mark_slow_source(&self, url: &str) {
+        let mut rates = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        rates.slow_sources.insert(source_of(url).to_string(), Instant::now());
+    }
+
+    /// Whether a copy moved off the depot at `url` as slow in the last
+    /// [`RECENT`].
+    pub fn recently_slow(&self, url: &str) -> bool {
+        let mut rates = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        rates.forget_old(Instant::now());
+        rates.slow_sources.contains_key(source_of(url))
+    }
+
+    /// The best total rate of this sled's copies over the last
+    /// [`REPORTED_SPAN`], or the last one seen; `None` until a copy has been measured. Nexus
     /// compares sleds by it (see `replication_plan`'s slow sleds).
     pub fn best_total(&self) -> Option<u64> {
         let mut rates = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        rates.forget_old(Instant::now());
-        if let Some(best) = rates.best_total() {
+        let now = Instant::now();
+        rates.forget_old(now);
+        if let Some(best) = rates.best_total(now, REPORTED_SPAN) {
             rates.last_best = Some(best);
         }
         rates.last_best.map(|rate| rate as u64)
@@ -111,6 +155,8 @@ pub(super) struct Slow {
 pub(super) struct RateWatch {
     registry: Arc<CopyRates>,
     hash: ArtifactHash,
+    started: Instant,
+    bytes: u64,
     window_start: Instant,
     window_bytes: u64,
     /// Windows ended since the copy (re)started reading from its source:
@@ -123,7 +169,8 @@ pub(super) struct RateWatch {
 
 impl RateWatch {
     pub fn new(registry: Arc<CopyRates>, hash: ArtifactHash) -> RateWatch {
-        RateWatch { registry, hash, window_start: Instant::now(), window_bytes: 0, windows: 0, slow_windows: 0 }
+        let now = Instant::now();
+        RateWatch { registry, hash, started: now, bytes: 0, window_start: now, window_bytes: 0, windows: 0, slow_windows: 0 }
     }
 
     pub fn window_end(&self) -> Instant {
@@ -132,6 +179,7 @@ impl RateWatch {
 
     pub fn add(&mut self, bytes: usize) {
         self.window_bytes += bytes as u64;
+        self.bytes += bytes as u64;
     }
 
     /// At the end of a window (and only then), publishes the copy's rate and
@@ -157,9 +205,9 @@ impl RateWatch {
             .iter()
             .filter(|(hash, _)| **hash != self.hash)
             .map(|(_, rate)| *rate)
-            .chain(rates.finished.iter().map(|(_, rate)| *rate))
+            .chain(rates.recently_finished(now))
             .collect();
-        let best_total = rates.best_total().unwrap_or(total);
+        let best_total = rates.best_total(now, RECENT).unwrap_or(total);
         drop(rates);
         if peers.len() < MIN_PEERS {
             self.slow_windows = 0;
@@ -179,15 +227,21 @@ impl RateWatch {
     /// rate is no peer's reference).
     pub fn restart(&mut self) {
         self.registry.inner.lock().unwrap_or_else(|e| e.into_inner()).running.remove(&self.hash);
-        *self = RateWatch::new(self.registry.clone(), self.hash);
+        let now = Instant::now();
+        (self.started, self.bytes, self.window_start, self.window_bytes) = (now, 0, now, 0);
+        (self.windows, self.slow_windows) = (0, 0);
     }
 }
 
 impl Drop for RateWatch {
     fn drop(&mut self) {
+        let now = Instant::now();
+        let whole = self.bytes as f64 / (now - self.started).as_secs_f64().max(0.001);
         let mut rates = self.registry.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rate) = rates.running.remove(&self.hash) {
-            rates.finished.push_back((Instant::now(), rate));
+        // A copy that ended within its first window has only its whole rate.
+        let rate = rates.running.remove(&self.hash).unwrap_or(whole);
+        if self.bytes > 0 {
+            rates.finished.push_back((now, rate));
         }
     }
 }
@@ -255,13 +309,34 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_without_enough_peers_is_never_judged() {
+    fn copies_that_end_within_a_window_still_set_the_reference() {
         let registry = Arc::new(CopyRates::default());
-        let mut watches: Vec<RateWatch> = (0..2).map(|n| watch(&registry, n)).collect();
-        run(&mut watches, &[1_000_000, 1_000_000], 2);
-        assert_eq!(run(&mut watches, &[1, 1_000_000], 6), [false; 2]);
-        assert_eq!(registry.best_total(), Some(2_000_000), "the best total of the last 30 s");
-        watches.clear();
+        for n in 1..=2 {
+            let mut quick = watch(&registry, n);
+            quick.add(10_000_000);
+        }
+        assert!(registry.best_total().is_some_and(|rate| rate > 1_000_000));
+        let mut slow = vec![watch(&registry, 3)];
+        assert_eq!(run(&mut slow, &[10_000], 2), [false]);
+        assert_eq!(run(&mut slow, &[10_000], 1), [true], "slow against the quick ones, and the link has room");
+    }
+
+    #[test]
+    fn a_source_found_slow_is_remembered_by_host() {
+        let registry = CopyRates::default();
+        registry.mark_slow_source("http://10.0.0.4:12346/artifact/sha256/aa");
+        assert!(registry.recently_slow("http://10.0.0.4:12346/artifact/sha256/bb"));
+        assert!(!registry.recently_slow("http://10.0.0.5:12346/artifact/sha256/aa"));
+    }
+
+    #[test]
+    fn a_lone_copy_is_never_judged_and_the_best_total_stands() {
+        let registry = Arc::new(CopyRates::default());
+        let mut alone = vec![watch(&registry, 0)];
+        run(&mut alone, &[1_000_000], 2);
+        assert_eq!(run(&mut alone, &[1], 6), [false], "nothing to compare it with");
+        assert_eq!(registry.best_total(), Some(2_000_000), "1 MB a half-second");
+        alone.clear();
         assert_eq!(registry.best_total(), Some(2_000_000), "between copies, it stands");
     }
 

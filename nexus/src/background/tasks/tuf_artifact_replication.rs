@@ -121,6 +121,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// too early is told to retry).
 const PIPELINE_HEAD_START: Duration = Duration::from_millis(100);
 
+/// The longest a pipelined copy waits for the request that fills its
+/// source to start.
+const FILLER_WAIT: Duration = Duration::from_secs(1);
+
 /// How many times a request refused with 503/429 is retried in one
 /// activation, and the longest `Retry-After` honoured.
 const BUSY_RETRIES: u32 = 3;
@@ -689,8 +693,16 @@ impl ArtifactReplication {
             let (progress, fills, permits, puts) = (&progress, &fills, &permits, &puts);
             async move {
                 let waited = match request {
+                    // A filler that has not answered within `FILLER_WAIT`
+                    // is a slow sled (its link's queues hold its answer):
+                    // the copy goes anyway, and its sled moves off a source
+                    // that sends nothing.
                     Request::Copy { feed: Feed::Pipelined, .. } => match fills[index] {
-                        Some(filler) => wait_for(&progress[filler], Progress::Started).await,
+                        Some(filler) => {
+                            tokio::time::timeout(FILLER_WAIT, wait_for(&progress[filler], Progress::Started))
+                                .await
+                                .unwrap_or(true)
+                        }
                         None => true,
                     },
                     Request::Copy { feed: Feed::AfterPut, .. } => {
