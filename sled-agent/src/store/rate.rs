@@ -9,8 +9,8 @@
 //! - this one copy runs far below its other copies (running, or finished
 //!   in the last [`RECENT`]), which share its own link: copies run at about
 //!   the same rate when their sources are equally good;
-//! - its link has room: the copies' total rate is well below the best total
-//!   it reached in the last [`RECENT`]. While the link is full, moving a
+//! - its link has room: the copies' total rate is well below its typical
+//!   total (upper quartile) of the last [`RECENT`]. While the link is full, moving a
 //!   copy only reshuffles the same bytes (and on a sled whose own link is
 //!   slow, the unfairness of many flows on one slow link would look like
 //!   slow sources); once the fast copies are done, the slow one is what
@@ -39,8 +39,8 @@ pub(super) const WINDOW: Duration = Duration::from_millis(500);
 /// is then one of them.
 const SLOW_FRACTION: f64 = 0.3;
 
-/// The link has room when the copies' total is below this fraction of the
-/// best recent total.
+/// The link has room when the copies' total is below this fraction of its
+/// typical recent total.
 const ROOM_FRACTION: f64 = 0.7;
 
 /// How long finished copies' rates and past totals count.
@@ -106,6 +106,22 @@ impl Rates {
             .filter(|(time, _)| now.duration_since(*time) <= span)
             .map(|(_, rate)| *rate)
             .max_by(f64::total_cmp)
+    }
+
+    /// What the link typically carried in the last [`RECENT`]: the upper
+    /// quartile of the copies' totals (and of finished copies' own rates).
+    /// Not the maximum: on a slow link shared by many flows the total jumps
+    /// about, and its peaks would make a full link look as if it had room.
+    fn typical_total(&self, now: Instant) -> Option<f64> {
+        let mut recent: Vec<f64> = self
+            .totals
+            .iter()
+            .filter(|(time, _)| now.duration_since(*time) <= RECENT)
+            .map(|(_, total)| *total)
+            .chain(self.recently_finished(now))
+            .collect();
+        recent.sort_by(f64::total_cmp);
+        recent.get(recent.len() * 3 / 4).copied()
     }
 
     /// The rates of copies that finished in the last [`RECENT`].
@@ -207,7 +223,7 @@ impl RateWatch {
             .map(|(_, rate)| *rate)
             .chain(rates.recently_finished(now))
             .collect();
-        let best_total = rates.best_total(now, RECENT).unwrap_or(total);
+        let typical_total = rates.typical_total(now).unwrap_or(total);
         drop(rates);
         if peers.len() < MIN_PEERS {
             self.slow_windows = 0;
@@ -215,7 +231,7 @@ impl RateWatch {
         }
         peers.sort_by(f64::total_cmp);
         let reference = peers[peers.len() * 3 / 4];
-        if rate >= SLOW_FRACTION * reference || total >= ROOM_FRACTION * best_total {
+        if rate >= SLOW_FRACTION * reference || total >= ROOM_FRACTION * typical_total {
             self.slow_windows = 0;
             return None;
         }
