@@ -136,7 +136,7 @@ async fn a_lossy_rack_converges() {
 /// and a slow rate is what a long link does to a transfer): every sled that
 /// does not read from it converges as fast as on a healthy rack.
 ///
-/// Issue #20: one sled at 1/100 of the others' rate holds back no other
+/// Issue #20: one sled at 1/200 of the others' rate holds back no other
 /// sled, not even those chained behind it, nor the activation. Chains are
 /// formed before anything is known of rates, so s4 sits inside some and may
 /// head some (the PUTs): the sleds behind it move to a chain's head or to
@@ -150,13 +150,15 @@ async fn a_slow_sled_holds_back_no_other_sled() {
         return;
     }
     let rack = Rack::start(&["--sleds", "5", "--link-mbit", "200"]).await;
-    rack.run.rack_dev(&["link", "set", "s4", "--mbit", "2"]);
+    rack.run.rack_dev(&["link", "set", "s4", "--mbit", "1"]);
     let artifacts: Vec<(String, u64)> = (0..4).map(|n| (format!("a{n}"), 3 << 19)).collect();
     let artifacts: Vec<(&str, u64)> = artifacts.iter().map(|(name, size)| (name.as_str(), *size)).collect();
     rack.upload("1.0.0", &artifacts).await;
-    // 6 MiB at 200 Mbit/s is a quarter of a second; at 2 Mbit/s, 25 s.
-    // The sleds are watched apart from the activations: an activation may
-    // wait on s4's slow answers, the copies do not.
+    // 6 MiB at 200 Mbit/s is a quarter of a second; at 1 Mbit/s, 50 s.
+    // Alone this takes about 6 s; the bound is half of s4's time, as the
+    // whole suite runs at once on two cores. The sleds are watched apart
+    // from the activations: an activation may wait on s4's slow answers,
+    // the copies do not.
     let started = Instant::now();
     let config = rack.config().await;
     let fast = ["s0", "s1", "s2", "s3"];
@@ -168,7 +170,7 @@ async fn a_slow_sled_holds_back_no_other_sled() {
     };
     let fast_sleds_hold_everything = async {
         while !rack.hold(&fast, &config).await {
-            assert!(started.elapsed() < Duration::from_secs(15), "{fast:?} held back beyond 15 s");
+            assert!(started.elapsed() < Duration::from_secs(25), "{fast:?} held back beyond 25 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
@@ -177,8 +179,8 @@ async fn a_slow_sled_holds_back_no_other_sled() {
         () = activations => {}
     }
     println!("every sled but the slow s4 converged in {:?}", started.elapsed());
-    assert!(!rack.hold(&["s4"], &config).await, "s4 cannot have everything yet: its link is 100 times slower");
-    rack.converge(&["s4"], Duration::from_secs(120)).await;
+    assert!(!rack.hold(&["s4"], &config).await, "s4 cannot have everything yet: its link is 200 times slower");
+    rack.converge(&["s4"], Duration::from_secs(180)).await;
     let s4 = {
         let datastore =
             nexus::db::DataStore::connect(&rack.run.discovery.database_url, &Default::default()).await.unwrap();
