@@ -95,7 +95,8 @@ pub fn respond(hash: &ArtifactHash, span: Span, body: Body) -> Result<Response<B
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, span.count);
     if span.status == StatusCode::PARTIAL_CONTENT {
-        response = response.header(header::CONTENT_RANGE, format!("bytes {}-{}/{}", span.start, span.end, span.length));
+        response = response
+            .header(header::CONTENT_RANGE, format!("bytes {}-{}/{}", span.start, span.end, span.length));
     }
     response
         .body(body)

@@ -2,19 +2,19 @@
 //! background task driver, the datastore and the staging area.
 
 use crate::app::Nexus;
+use crate::app::StagedReadError;
 use crate::db::model::SledRegistration;
 use common::api::nexus_internal::{
     BackgroundTaskPathParam, BackgroundTaskSwitchRequest, BackgroundTasksActivateRequest, NexusInternalApi,
     SledAgentInfo, SledAgentPathParam,
 };
-use common::bgtask::BackgroundTask;
-use crate::app::StagedReadError;
 use common::api::sled_agent::ArtifactPathParam;
+use common::bgtask::BackgroundTask;
 use common::error::server_error;
 use common::{depot, error_chain};
 use dropshot::{
-    Body, ClientErrorStatusCode, HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path, RequestContext,
-    TypedBody,
+    Body, ClientErrorStatusCode, HttpError, HttpResponseOk, HttpResponseUpdatedNoContent, Path,
+    RequestContext, TypedBody,
 };
 use http::{Response, StatusCode, header};
 use std::collections::BTreeMap;
@@ -88,12 +88,16 @@ impl NexusInternalApi for NexusInternalApiImpl {
         let (file, length, permit) = rqctx.context().open_staged(&hash).await.map_err(|error| {
             let message = error_chain(&error);
             match error {
-                StagedReadError::NotStaged { .. } => {
-                    HttpError::for_client_error(Some("NOT_STAGED".into()), ClientErrorStatusCode::NOT_FOUND, message)
+                StagedReadError::NotStaged { .. } => HttpError::for_client_error(
+                    Some("NOT_STAGED".into()),
+                    ClientErrorStatusCode::NOT_FOUND,
+                    message,
+                ),
+                StagedReadError::Busy { .. } => {
+                    server_error(StatusCode::SERVICE_UNAVAILABLE, "BUSY", message)
+                        .with_header(header::RETRY_AFTER, "1")
+                        .expect("a valid header")
                 }
-                StagedReadError::Busy { .. } => server_error(StatusCode::SERVICE_UNAVAILABLE, "BUSY", message)
-                    .with_header(header::RETRY_AFTER, "1")
-                    .expect("a valid header"),
                 StagedReadError::Io { .. } => HttpError::for_internal_error(message),
             }
         })?;

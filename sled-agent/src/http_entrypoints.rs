@@ -178,9 +178,10 @@ impl RepoDepotApi for RepoDepotImpl {
             // Content-Length: the receiver sees a broken body, never a
             // short artifact.
             DepotArtifact::Writing(follower) => {
-                let follower = follower.range(span.start, span.start + span.count).await.map_err(|error| {
-                    HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}"))
-                })?;
+                let follower =
+                    follower.range(span.start, span.start + span.count).await.map_err(|error| {
+                        HttpError::for_internal_error(format!("seeking in artifact {hash}: {error}"))
+                    })?;
                 let stream =
                     futures::stream::try_unfold((follower, permit), |(mut follower, permit)| async {
                         let chunk = follower.next_chunk().await?;

@@ -232,7 +232,9 @@ async fn a_copy_far_slower_than_its_peers_moves_to_an_alternate() {
     .await;
     let asked = alternate.ranges();
     let offset: u64 = match asked.as_slice() {
-        [Some(range)] => range.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap().parse().unwrap(),
+        [Some(range)] => {
+            range.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap().parse().unwrap()
+        }
         other => panic!("the alternate should be asked once, for the rest: {other:?}"),
     };
     assert!(offset > 0 && offset <= slow_source.served_bytes(), "resumed at {offset}");

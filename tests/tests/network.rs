@@ -179,11 +179,15 @@ async fn a_slow_sled_holds_back_no_other_sled() {
         () = activations => {}
     }
     println!("every sled but the slow s4 converged in {:?}", started.elapsed());
-    assert!(!rack.hold(&["s4"], &config).await, "s4 cannot have everything yet: its link is 200 times slower");
+    assert!(
+        !rack.hold(&["s4"], &config).await,
+        "s4 cannot have everything yet: its link is 200 times slower"
+    );
     rack.converge(&["s4"], Duration::from_secs(180)).await;
     let s4 = {
-        let datastore =
-            nexus::db::DataStore::connect(&rack.run.discovery.database_url, &Default::default()).await.unwrap();
+        let datastore = nexus::db::DataStore::connect(&rack.run.discovery.database_url, &Default::default())
+            .await
+            .unwrap();
         let sleds = datastore.sled_list().await.unwrap();
         sleds.iter().find(|sled| sled.serial == rack.run.discovery.sleds[4].serial).unwrap().id
     };

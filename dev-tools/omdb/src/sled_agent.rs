@@ -131,7 +131,10 @@ impl SledAgentArgs {
             out += &format!("copies in flight: {}\n", list.copies_in_flight.len());
         }
         if let Some(rate) = list.copy_bytes_per_sec {
-            out += &format!("copy rate (best total over 5 min): {:.1} MiB/s\n", rate as f64 / f64::from(1 << 20));
+            out += &format!(
+                "copy rate (best total over 5 min): {:.1} MiB/s\n",
+                rate as f64 / f64::from(1 << 20)
+            );
         }
         if !list.copy_failures.is_empty() {
             let failures: Vec<CopyFailureRow> = list

@@ -135,7 +135,10 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
         rows.push(("odd sled (s0)".into(), format!("{:?}", options.odd_sled)));
     }
     if let Some(at) = options.kill_sled_at {
-        rows.push(("killed sled (s1)".into(), format!("killed {at} s after the upload, restarted at {} s", 2.0 * at)));
+        rows.push((
+            "killed sled (s1)".into(),
+            format!("killed {at} s after the upload, restarted at {} s", 2.0 * at),
+        ));
     }
     let odd_bound = |artifacts: u64| {
         options.odd_sled.mbit.map(|mbit| bound_at(repo_bytes_of(artifacts), mbit.min(options.link_mbit)))

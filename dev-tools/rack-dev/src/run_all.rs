@@ -246,7 +246,10 @@ impl Rack {
     }
 
     fn process(&mut self, name: &str) -> anyhow::Result<&mut Process> {
-        self.processes.iter_mut().find(|p| p.name == name).with_context(|| format!("no process {name} in this rack"))
+        self.processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no process {name} in this rack"))
     }
 
     /// A child that exited on its own, described.
@@ -336,8 +339,7 @@ impl Rack {
                 set(&mut config, keys, value.clone());
             }
             let config_path = write_config(&dir, &config)?;
-            let process =
-                spawn(format!("nexus-{index}"), "nexus", &config_path, &log, placement.namespace)?;
+            let process = spawn(format!("nexus-{index}"), "nexus", &config_path, &log, placement.namespace)?;
             self.processes.push(process);
             let internal_url = format!("http://{ip}:{internal}");
             wait_for_http(&format!("{internal_url}/bgtasks"), READY_TIMEOUT)
@@ -371,13 +373,8 @@ impl Rack {
             set_log(&mut config, &log, &options.log_level);
             std::fs::create_dir_all(&dir)?;
             let config_path = write_config(&dir, &config)?;
-            let process = spawn(
-                format!("sled-{index}"),
-                "sled-agent",
-                &config_path,
-                &log,
-                placement.namespace,
-            )?;
+            let process =
+                spawn(format!("sled-{index}"), "sled-agent", &config_path, &log, placement.namespace)?;
             self.processes.push(process);
             self.discovery.sleds.push(SledEndpoints {
                 serial,

@@ -433,7 +433,9 @@ impl ArtifactStore {
                 match self.resume(url(current), write.bytes).await {
                     // Another source may have room now; this one asked for
                     // time.
-                    Err(error @ StoreError::SourceBusy { .. }) if alternates && resumes < self.copy.resume_attempts => {
+                    Err(error @ StoreError::SourceBusy { .. })
+                        if alternates && resumes < self.copy.resume_attempts =>
+                    {
                         current = self.next_source(urls, current, &error);
                     }
                     Err(StoreError::SourceBusy { retry_after_secs, .. })

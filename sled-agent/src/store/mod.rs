@@ -52,8 +52,8 @@
 //! artifact a moment before a write renames it back.
 
 mod copy;
-mod reconcile;
 mod rate;
+mod reconcile;
 mod scrub;
 mod serve;
 mod stamps;

@@ -126,7 +126,10 @@ impl Rates {
 
     /// The rates of copies that finished in the last [`RECENT`].
     fn recently_finished(&self, now: Instant) -> impl Iterator<Item = f64> + '_ {
-        self.finished.iter().filter(move |(time, _)| now.duration_since(*time) <= RECENT).map(|(_, rate)| *rate)
+        self.finished
+            .iter()
+            .filter(move |(time, _)| now.duration_since(*time) <= RECENT)
+            .map(|(_, rate)| *rate)
     }
 }
 
@@ -186,7 +189,16 @@ pub(super) struct RateWatch {
 impl RateWatch {
     pub fn new(registry: Arc<CopyRates>, hash: ArtifactHash) -> RateWatch {
         let now = Instant::now();
-        RateWatch { registry, hash, started: now, bytes: 0, window_start: now, window_bytes: 0, windows: 0, slow_windows: 0 }
+        RateWatch {
+            registry,
+            hash,
+            started: now,
+            bytes: 0,
+            window_start: now,
+            window_bytes: 0,
+            windows: 0,
+            slow_windows: 0,
+        }
     }
 
     pub fn window_end(&self) -> Instant {
@@ -334,7 +346,11 @@ mod tests {
         assert!(registry.best_total().is_some_and(|rate| rate > 1_000_000));
         let mut slow = vec![watch(&registry, 3)];
         assert_eq!(run(&mut slow, &[10_000], 2), [false]);
-        assert_eq!(run(&mut slow, &[10_000], 1), [true], "slow against the quick ones, and the link has room");
+        assert_eq!(
+            run(&mut slow, &[10_000], 1),
+            [true],
+            "slow against the quick ones, and the link has room"
+        );
     }
 
     #[test]

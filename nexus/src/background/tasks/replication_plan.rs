@@ -906,7 +906,11 @@ mod tests {
                 Request::Put { hash, sled } => chains.entry(*hash).or_default().insert(0, *sled),
                 Request::Copy { hash, target, source, .. } => {
                     let chain = chains.entry(*hash).or_default();
-                    assert_eq!(chain.last(), Some(source), "one chain per artifact, each from the one before");
+                    assert_eq!(
+                        chain.last(),
+                        Some(source),
+                        "one chain per artifact, each from the one before"
+                    );
                     chain.push(*target);
                 }
             }

@@ -1122,10 +1122,18 @@ async fn sled_generation(sled: &SledTarget) -> Option<Generation> {
 
 /// One try of a request: retry after a while, or give up with a message.
 enum Attempt {
-    Busy { retry_after: Duration, message: String },
+    Busy {
+        retry_after: Duration,
+        message: String,
+    },
     /// A PUT abandoned as the activation's straggler.
-    Straggler { message: String },
-    Final { message: String, generation_conflict: bool },
+    Straggler {
+        message: String,
+    },
+    Final {
+        message: String,
+        generation_conflict: bool,
+    },
 }
 
 impl Attempt {
@@ -1220,7 +1228,9 @@ impl PutTracker {
                 .filter(|(other, _)| *other != id)
                 .map(|(_, put)| {
                     let elapsed = put.finished.map(|finished| (finished - put.started).as_secs_f64());
-                    elapsed.map(|secs| put.sent.load(std::sync::atomic::Ordering::Relaxed) as f64 / secs.max(0.001))
+                    elapsed.map(|secs| {
+                        put.sent.load(std::sync::atomic::Ordering::Relaxed) as f64 / secs.max(0.001)
+                    })
                 })
                 .collect::<Option<Vec<f64>>>()
                 .unwrap_or_default();
@@ -1350,7 +1360,11 @@ mod tests {
             String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase()
         });
         let file = tokio::fs::File::open(&path).await.unwrap();
-        let response = reqwest::Client::new().put(url).body(known_length_body(file, 300_000, Default::default())).send().await;
+        let response = reqwest::Client::new()
+            .put(url)
+            .body(known_length_body(file, 300_000, Default::default()))
+            .send()
+            .await;
         assert_eq!(response.unwrap().status(), 204);
         let head = server.await.unwrap();
         assert!(head.contains("content-length: 300000"), "{head}");
