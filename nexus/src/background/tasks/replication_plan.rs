@@ -365,18 +365,13 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                     // The chain's head first: a copy moves off a source
                     // that is slow (a slow sled before it in the chain), and
                     // the head is fed by Nexus or already holds it.
-                    let alternates = match chain.len() {
-                        1 => pick_excluding([&heads, &chain[1..]], source_index, rng),
-                        _ => std::iter::once(chain[0])
-                            .chain(pick_excluding([&heads, &chain[1..]], source_index, rng))
-                            .filter(|&sled| sled != source)
-                            .fold(Vec::new(), |mut alternates, sled| {
-                                if alternates.len() < ALTERNATES && !alternates.contains(&sled) {
-                                    alternates.push(sled);
-                                }
-                                alternates
-                            }),
-                    };
+                    let mut alternates = pick_excluding([&heads, &chain[1..]], source_index, rng);
+                    if chain.len() > 1 {
+                        // The source is a follower here, so not the head.
+                        alternates.retain(|&sled| sled != chain[0]);
+                        alternates.insert(0, chain[0]);
+                        alternates.truncate(ALTERNATES);
+                    }
                     copies.push(Request::Copy {
                         hash: *hash,
                         target,
