@@ -269,6 +269,12 @@ pub mod details {
         /// every chain, and PUT targets only when no other sled can be.
         #[serde(default)]
         pub slow_sleds: Vec<Uuid>,
+        /// Sleds this activation sent no config, listing or inventory
+        /// request: a follow-up that knew their state from an earlier
+        /// activation (listed at this generation with no copies running,
+        /// and sent no PUT or copy since).
+        #[serde(default)]
+        pub sleds_known: usize,
         /// Whether another activation was scheduled because work remains:
         /// copies in flight, or staged repositories that made progress.
         pub followup_scheduled: bool,

@@ -476,3 +476,66 @@ async fn inventory_records_every_sled_including_unreachable_ones() {
     assert_eq!(failed.state, "failed");
     assert_eq!(inventory.m2s.len(), 4, "two M.2s for each reachable sled");
 }
+
+/// A follow-up asks only the sleds that may have changed: three sleds that
+/// hold everything are not sent a config, listing or inventory request by
+/// the follow-ups that copy a repository, one artifact at a time, to a
+/// third; an operator's activation afterwards asks every sled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ups_ask_only_sleds_that_may_have_changed() {
+    use common::bgtask::details::{RequestOperation, TufArtifactReplicationStatus};
+    use integration_tests::rack::{REPLICATION, replication_status, wait_until};
+    use std::time::Duration;
+
+    let (mut rack, factory) = TestRack::with_trust_root(3, |config| {
+        config.background_tasks.tuf_artifact_replication.ring_buffer_size = 1000;
+    })
+    .await;
+    let artifacts = [("os", 200_000), ("sp", 100_000), ("rot", 50_000), ("bootloader", 20_000)];
+    rack.upload_ok(&factory, "1.0.0", &artifacts, 7).await;
+    rack.converge(20).await;
+    let nexus = rack.nexus.server.nexus().clone();
+    let background = &nexus.background;
+    let last = async || replication_status(&background.view(REPLICATION).await.unwrap());
+    wait_until("the follow-ups of the upload end", Duration::from_secs(20), async || {
+        !last().await.followup_scheduled
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // One copy at a time: every artifact needs an activation of its own.
+    let newcomer = rack.add_sled_with(|config| config.copy.max_concurrent = 1).await.server.sled_id;
+    let holders: Vec<_> = rack.sleds[..3].iter().map(|sled| sled.server.sled_id).collect();
+    let since = chrono::Utc::now();
+    let mut completions = background.completions(REPLICATION).unwrap();
+    let explicit = *completions.borrow_and_update();
+    let first = rack.replicate().await;
+    assert_eq!(first.sleds_known, 0, "an operator's activation asks every sled");
+    assert!(first.followup_scheduled, "{first:#?}");
+
+    let config = rack.config().await;
+    wait_until("the follow-ups copy everything to the new sled", Duration::from_secs(30), async || {
+        let status = last().await;
+        !status.followup_scheduled && integration_tests::rack::holds_exactly(&rack.views().await[3], &config)
+    })
+    .await;
+    let done: TufArtifactReplicationStatus = last().await;
+    let activations = *completions.borrow_and_update() - explicit;
+    assert!(activations >= 1 + artifacts.len() as u64, "one follow-up per copy at least: {activations}");
+    assert_eq!(done.sleds_known, 3, "the holders were not asked: {done:#?}");
+    let asked = |sled, operation| {
+        done.ring.iter().filter(|r| r.time >= since && r.sled_id == sled && r.operation == operation).count()
+    };
+    for holder in &holders {
+        assert_eq!(asked(*holder, RequestOperation::PutConfig), 1, "only by the operator's activation");
+        assert_eq!(asked(*holder, RequestOperation::List), 1, "only by the operator's activation");
+    }
+    assert_eq!(asked(newcomer, RequestOperation::PutConfig) as u64, activations);
+    assert_eq!(asked(newcomer, RequestOperation::Copy), artifacts.len());
+
+    let since = chrono::Utc::now();
+    let again = rack.replicate().await;
+    assert_eq!(again.sleds_known, 0, "an operator's activation asks every sled: {again:#?}");
+    let listed = again.ring.iter().filter(|r| r.time >= since && r.operation == RequestOperation::List);
+    assert_eq!(listed.count(), 4);
+}

@@ -279,6 +279,12 @@ fn replication_lines(status: TufArtifactReplicationStatus) -> Vec<String> {
         let slow: Vec<String> = status.slow_sleds.iter().map(ToString::to_string).collect();
         lines.push(format!("slow sleds (last in every chain): {}", slow.join(", ")));
     }
+    if status.sleds_known > 0 {
+        lines.push(format!(
+            "sleds not asked (a follow-up that knew their state): {} of {}",
+            status.sleds_known, status.sleds_in_service
+        ));
+    }
     lines.push(format!("backing off (sled, artifact): {}", status.backoff.len()));
     for backoff in &status.backoff {
         lines.push(format!(

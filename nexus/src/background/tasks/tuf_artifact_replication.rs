@@ -7,7 +7,8 @@
 //!    recovery at start-up).
 //! 2. Read the artifact config `{generation G, hashes}` from the database in
 //!    one transaction, and the in-service sleds.
-//! 3. PUT the config to every sled. A sled that answers 409
+//! 3. PUT the config to every sled (a follow-up: every sled that may have
+//!    changed, see below). A sled that answers 409
 //!    `CONFIG_GENERATION` holds a newer generation: another Nexus is ahead of
 //!    us. Stop, and report "superseded".
 //! 4. LIST every sled (and read its inventory for its healthy M.2 count). A
@@ -32,6 +33,24 @@
 //! 7. If copies are running on sleds (started now or earlier), a sled was
 //!    busy, or a PUT made progress on a staged repository, activate again
 //!    after `followup_delay` instead of waiting a period.
+//!
+//! # Follow-ups ask only sleds that may have changed
+//!
+//! A sled that an activation listed at generation G with no copies
+//! running, and then sent no PUT or copy, is *settled*: nothing this Nexus
+//! does can change what it holds. The follow-up that activation schedules
+//! (and only it: a periodic or operator's activation asks every sled) goes
+//! on from that listing while the generation is still G, for at most
+//! [`SETTLED_MAX_AGE`]: it sends the sled no config, listing or inventory
+//! request, but still plans for it and reads from it. On a rack of 1,000
+//! sleds where a handful are still copying, a follow-up costs a handful of
+//! control requests, not 3,000, and it does not wait for the answers of
+//! sleds it has nothing to ask. What this can miss is bounded: another
+//! Nexus's requests (harmless: at worst a copy the sled no longer needs,
+//! which it answers at once), a sled restarted empty or an M.2 failed
+//! (found by the next full activation, at most [`SETTLED_MAX_AGE`] later).
+//! It cannot break the generation rules below: skipping a sled sends it
+//! nothing, and what is sent still carries G.
 //!
 //! # Stragglers, slow sleds and Nexus as a last source (issue #20)
 //!
@@ -99,6 +118,7 @@ use common::api::external::{RepoHealth, RepoHealthView};
 use common::api::sled_agent::{
     ArtifactCopyFromDepotBody, ArtifactListResponse, CONFIG_GENERATION, CopyFailure, HASH_MISMATCH, M2State,
 };
+use common::bgtask::ActivationReason;
 use common::bgtask::details::{
     BackoffStatus, LocalRepoStatus, PlanSummary, ReplicationCounters, ReplicationOutcome, RepoReplication,
     RequestOperation, RequestRecord, TufArtifactReplicationStatus,
@@ -108,6 +128,7 @@ use common::{ArtifactConfig, ArtifactHash, Generation, error_chain};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -124,6 +145,12 @@ const PIPELINE_HEAD_START: Duration = Duration::from_millis(100);
 /// The longest a pipelined copy waits for the request that fills its
 /// source to start.
 const FILLER_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a follow-up may go on from what an earlier activation learned
+/// of a settled sled instead of asking it. Nothing this Nexus does changes
+/// such a sled, but a failed M.2 or a sled restarted empty does: a
+/// periodic activation, or a follow-up this much later, finds that out.
+const SETTLED_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// How many times a request refused with 503/429 is retried in one
 /// activation, and the longest `Retry-After` honoured.
@@ -174,6 +201,22 @@ pub struct ArtifactReplication {
     /// depot: the last alternate of a copy of a staged artifact. Set once
     /// the API listens (unset if it listens on an unspecified address).
     depot_url: Arc<std::sync::OnceLock<String>>,
+    /// Sleds the last activation left settled, which a follow-up need not
+    /// ask again (see "Follow-ups ask only sleds that may have changed").
+    settled: BTreeMap<Uuid, Settled>,
+    /// Set by the follow-up timer: the activation it causes may go on from
+    /// `settled`.
+    followup_due: Arc<AtomicBool>,
+}
+
+/// A sled listed at `generation` with no copies running and sent no PUT or
+/// copy afterwards: only another Nexus or the sled itself can have changed
+/// what it holds since.
+struct Settled {
+    generation: Generation,
+    listed: ArtifactListResponse,
+    healthy_m2: usize,
+    listed_at: Instant,
 }
 
 /// Failures of one (sled, artifact) and when to ask again.
@@ -248,10 +291,16 @@ impl ArtifactReplication {
             copy_rates: BTreeMap::new(),
             nexus_id: wiring.nexus_id,
             depot_url: wiring.depot_url,
+            settled: BTreeMap::new(),
+            followup_due: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    async fn run(&mut self, log: &slog::Logger) -> TufArtifactReplicationStatus {
+    async fn run(&mut self, log: &slog::Logger, reason: ActivationReason) -> TufArtifactReplicationStatus {
+        // An operator's activation that coincides with the follow-up timer
+        // is taken as the follow-up; one at any other time asks every sled.
+        let followup =
+            self.followup_due.swap(false, Ordering::Relaxed) && reason == ActivationReason::Explicit;
         while let Ok(repo) = self.handoff.try_recv() {
             self.local_repos.push(repo);
         }
@@ -269,10 +318,11 @@ impl ArtifactReplication {
             backoff: Vec::new(),
             copies_in_flight: 0,
             slow_sleds: Vec::new(),
+            sleds_known: 0,
             followup_scheduled: false,
         };
         let mut records = Vec::new();
-        match self.replicate(log, &mut status, &mut records).await {
+        match self.replicate(log, followup, &mut status, &mut records).await {
             Ok(()) => {}
             Err(Stop::Superseded { sled_id, sled_generation }) => {
                 slog::info!(log, "superseded by a newer generation"; "sled_id" => %sled_id, "generation" => %sled_generation);
@@ -335,8 +385,10 @@ impl ArtifactReplication {
         if work_remains && status.outcome == ReplicationOutcome::Completed {
             let activator = self.activator.clone();
             let delay = self.settings.followup_delay;
+            let due = self.followup_due.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
+                due.store(true, Ordering::Relaxed);
                 activator.activate();
             });
             status.followup_scheduled = true;
@@ -347,6 +399,7 @@ impl ArtifactReplication {
     async fn replicate(
         &mut self,
         log: &slog::Logger,
+        followup: bool,
         status: &mut TufArtifactReplicationStatus,
         records: &mut Vec<Record>,
     ) -> Result<(), Stop> {
@@ -356,7 +409,16 @@ impl ArtifactReplication {
         status.generation = config.generation;
         status.sleds_in_service = sleds.len();
         let owned: Vec<SledTarget> = sleds.iter().map(|sled| self.target(sled)).collect();
-        let targets: Vec<&SledTarget> = owned.iter().collect();
+        let in_service = sleds.iter().map(|sled| sled.id).collect();
+        let known = known_sleds(
+            std::mem::take(&mut self.settled),
+            followup,
+            config.generation,
+            &in_service,
+            Instant::now(),
+        );
+        status.sleds_known = known.len();
+        let targets: Vec<&SledTarget> = owned.iter().filter(|sled| !known.contains_key(&sled.id)).collect();
         // A crash point only once there is something to replicate (the
         // activation at start-up has nothing).
         fail::fail_point!("nexus::replication::after_config_read", !config.artifacts.is_empty(), |_| {
@@ -391,7 +453,13 @@ impl ArtifactReplication {
         let mut inventory = Inventory::default();
         let mut listed_sleds = Vec::new();
         let mut copy_failures = Vec::new();
-        for (&sled, outcome) in reachable.iter().zip(listed) {
+        let mut settled = BTreeMap::new();
+        let asked = reachable.iter().zip(listed).map(|(&sled, outcome)| (sled, outcome, Instant::now()));
+        let remembered = owned.iter().filter_map(|sled| {
+            let known = known.get(&sled.id)?;
+            Some((sled, Ok((known.generation, known.listed.clone(), known.healthy_m2)), known.listed_at))
+        });
+        for (sled, outcome, listed_at) in asked.chain(remembered) {
             match outcome {
                 Ok((generation, _, _)) if generation != config.generation => {
                     records.push(Record::failed(
@@ -404,8 +472,14 @@ impl ArtifactReplication {
                     ));
                     return Err(Stop::Superseded { sled_id: sled.id, sled_generation: generation });
                 }
-                Ok((_, listed, healthy_m2)) => {
-                    records.push(Record::ok(sled.id, RequestOperation::List));
+                Ok((generation, listed, healthy_m2)) => {
+                    if !known.contains_key(&sled.id) {
+                        records.push(Record::ok(sled.id, RequestOperation::List));
+                    }
+                    if listed.copies_in_flight.is_empty() {
+                        let listed = listed.clone();
+                        settled.insert(sled.id, Settled { generation, listed, healthy_m2, listed_at });
+                    }
                     let copy_slots = listed
                         .max_concurrent_copies
                         .map_or(usize::MAX, |limit| limit.saturating_sub(listed.copies_in_flight.len()));
@@ -484,6 +558,12 @@ impl ArtifactReplication {
         let by_id: BTreeMap<Uuid, &SledTarget> = listed_sleds.iter().map(|&sled| (sled.id, sled)).collect();
         crate::failpoints::delay("nexus::replication::before_execute", self.nexus_id).await;
         let results = self.execute(log, &plan.requests, &by_id, config.generation).await;
+        for record in &results {
+            if matches!(record.operation, RequestOperation::Put | RequestOperation::Copy) {
+                settled.remove(&record.sled_id);
+            }
+        }
+        self.settled = settled;
         let copy_results: Vec<&Record> =
             results.iter().filter(|record| record.operation == RequestOperation::Copy).collect();
         let mut in_flight: BTreeSet<(Uuid, ArtifactHash)> = inventory
@@ -975,9 +1055,11 @@ impl BackgroundTask for ArtifactReplication {
     fn activate<'a>(
         &'a mut self,
         log: &'a slog::Logger,
-        _reason: common::bgtask::ActivationReason,
+        reason: ActivationReason,
     ) -> BoxFuture<'a, serde_json::Value> {
-        Box::pin(async move { serde_json::to_value(self.run(log).await).expect("statuses serialize") })
+        Box::pin(
+            async move { serde_json::to_value(self.run(log, reason).await).expect("statuses serialize") },
+        )
     }
 }
 
@@ -1114,6 +1196,29 @@ async fn list(sled: &SledTarget) -> Result<(Generation, ArtifactListResponse, us
     let inventory = sled.client.inventory().await.map_err(describe)?.into_inner();
     let healthy = inventory.m2.iter().filter(|m2| m2.state == M2State::Healthy).count();
     Ok((listed.generation, listed, healthy))
+}
+
+/// The settled sleds a follow-up at `generation` may go on from without
+/// asking them: still in service, and listed at most [`SETTLED_MAX_AGE`]
+/// ago. Any other activation asks every sled.
+fn known_sleds(
+    settled: BTreeMap<Uuid, Settled>,
+    followup: bool,
+    generation: Generation,
+    in_service: &BTreeSet<Uuid>,
+    now: Instant,
+) -> BTreeMap<Uuid, Settled> {
+    if !followup {
+        return BTreeMap::new();
+    }
+    settled
+        .into_iter()
+        .filter(|(id, known)| {
+            known.generation == generation
+                && now.saturating_duration_since(known.listed_at) < SETTLED_MAX_AGE
+                && in_service.contains(id)
+        })
+        .collect()
 }
 
 async fn sled_generation(sled: &SledTarget) -> Option<Generation> {
@@ -1334,7 +1439,48 @@ fn describe(error: SledError<common::clients::sled_agent::types::Error>) -> Stri
 
 #[cfg(test)]
 mod tests {
-    use super::known_length_body;
+    use super::{SETTLED_MAX_AGE, Settled, known_length_body, known_sleds};
+    use common::Generation;
+    use common::api::sled_agent::ArtifactListResponse;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::{Duration, Instant};
+    use uuid::Uuid;
+
+    /// A follow-up goes on from a settled sled only while the generation is
+    /// the same, the sled is in service and the listing is recent; any
+    /// other activation asks every sled.
+    #[test]
+    fn a_follow_up_knows_only_recent_settled_sleds_of_its_generation() {
+        let now = Instant::now();
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+        let settled = |generation: u64, age: Duration| Settled {
+            generation: Generation::new(generation),
+            listed: ArtifactListResponse {
+                generation: Generation::new(generation),
+                list: BTreeMap::new(),
+                copies_in_flight: BTreeSet::new(),
+                copy_failures: BTreeMap::new(),
+                max_concurrent_copies: None,
+                copy_bytes_per_sec: None,
+                ledger_damage: Vec::new(),
+            },
+            healthy_m2: 2,
+            listed_at: now - age,
+        };
+        let all = || -> BTreeMap<Uuid, Settled> {
+            [
+                (ids[0], settled(5, Duration::from_secs(1))),
+                (ids[1], settled(4, Duration::from_secs(1))),
+                (ids[2], settled(5, SETTLED_MAX_AGE + Duration::from_secs(1))),
+                (ids[3], settled(5, Duration::from_secs(1))),
+            ]
+            .into()
+        };
+        let in_service: BTreeSet<Uuid> = ids[..3].iter().copied().collect();
+        let known = known_sleds(all(), true, Generation::new(5), &in_service, now);
+        assert_eq!(known.keys().copied().collect::<Vec<_>>(), [ids[0]], "older generation, stale, expunged");
+        assert!(known_sleds(all(), false, Generation::new(5), &in_service, now).is_empty());
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A sled follows a PUT from its depot only if the PUT says how long it
