@@ -252,34 +252,35 @@ async fn one_run(
         let nexus_sent_before = rack.host_sent_bytes("n0")?;
         upload_zip(&rack, forged).await?;
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(900);
-        let mut done: Vec<Option<f64>> = vec![None; clients.len()];
+        // Each sled is watched on its own: one slow sled's answers (its
+        // link's queues hold them) must not delay noticing the others.
+        let watches = clients.iter().map(|client| async move {
+            while !holds_all(client, artifacts as usize).await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            started.elapsed().as_secs_f64()
+        });
         // Killed, then restarted.
-        let mut kill = options.kill_sled_at.map(|at| (at, false, false));
-        while done.iter().any(Option::is_none) {
-            if Instant::now() > deadline {
-                bail!("{sleds} sleds with {fanout}: no convergence within 15 minutes");
+        let kill = async {
+            if let Some(at) = options.kill_sled_at {
+                tokio::time::sleep_until((started + Duration::from_secs_f64(at)).into()).await;
+                rack.kill("sled-1")?;
+                tokio::time::sleep_until((started + Duration::from_secs_f64(2.0 * at)).into()).await;
+                rack.restart("sled-1")?;
             }
-            let elapsed = started.elapsed().as_secs_f64();
-            if let Some((at, killed, restarted)) = &mut kill {
-                if !*killed && elapsed >= *at {
-                    rack.kill("sled-1")?;
-                    *killed = true;
-                }
-                if !*restarted && elapsed >= 2.0 * *at {
-                    rack.restart("sled-1")?;
-                    *restarted = true;
-                }
+            std::future::pending::<()>().await;
+            anyhow::Ok(())
+        };
+        let converged = async {
+            tokio::select! {
+                per_sled = futures::future::join_all(watches) => Ok(per_sled),
+                killed = kill => killed.map(|()| Vec::new()),
             }
-            for (client, done) in clients.iter().zip(&mut done).filter(|(_, done)| done.is_none()) {
-                if holds_all(client, artifacts as usize).await {
-                    *done = Some(started.elapsed().as_secs_f64());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        };
+        let per_sled = tokio::time::timeout(Duration::from_secs(900), converged).await.map_err(|_| {
+            anyhow::anyhow!("{sleds} sleds with {fanout}: no convergence within 15 minutes")
+        })??;
         let nexus_egress = rack.host_sent_bytes("n0")? - nexus_sent_before;
-        let per_sled: Vec<f64> = done.into_iter().flatten().collect();
         let seconds = per_sled.iter().copied().fold(0.0, f64::max);
         Ok(Measured { sleds, artifacts, fanout: fanout.to_string(), seconds, per_sled, nexus_egress })
     }

@@ -57,9 +57,10 @@
 //! An activation ends when its last request has. One PUT to a slow sled
 //! (which nothing has measured yet: a rack's first upload) would hold the
 //! whole activation, and with it every follow-up, for as long as that
-//! sled's link needs. So once every other PUT of the activation has
-//! finished, a PUT that runs below [`STRAGGLER_FRACTION`] of their median
-//! rate for [`STRAGGLER_WINDOWS`] seconds is abandoned. Like a busy answer
+//! sled's link needs. So once at least half of the activation's other
+//! PUTs have finished (not all: two PUTs to one slow sled would wait for
+//! each other), a PUT that runs below [`STRAGGLER_FRACTION`] of their
+//! median rate for [`STRAGGLER_WINDOWS`] seconds is abandoned. Like a busy answer
 //! it is no failure of the (sled, artifact): no back-off, and a follow-up
 //! has the sled copy it, at its own pace, from a sled that holds it.
 //!
@@ -1314,8 +1315,8 @@ impl PutTracker {
         self.puts.lock().unwrap_or_else(|e| e.into_inner())[id].finished = Some(Instant::now());
     }
 
-    /// Resolves, with why, once PUT `id` is a straggler: every other PUT of
-    /// the activation has finished, and it has run below
+    /// Resolves, with why, once PUT `id` is a straggler: at least half of
+    /// the activation's other PUTs have finished, and it has run below
     /// [`STRAGGLER_FRACTION`] of their median rate for
     /// [`STRAGGLER_WINDOWS`] seconds.
     async fn straggler(&self, id: usize) -> String {
@@ -1327,21 +1328,22 @@ impl PutTracker {
             let sent = puts[id].sent.load(std::sync::atomic::Ordering::Relaxed);
             let rate = sent.saturating_sub(last_sent) as f64;
             last_sent = sent;
-            let mut others: Vec<f64> = puts
+            let others = puts.len() - 1;
+            let mut finished: Vec<f64> = puts
                 .iter()
                 .enumerate()
                 .filter(|(other, _)| *other != id)
-                .map(|(_, put)| {
-                    let elapsed = put.finished.map(|finished| (finished - put.started).as_secs_f64());
-                    elapsed.map(|secs| {
-                        put.sent.load(std::sync::atomic::Ordering::Relaxed) as f64 / secs.max(0.001)
-                    })
+                .filter_map(|(_, put)| {
+                    let secs = (put.finished? - put.started).as_secs_f64();
+                    Some(put.sent.load(std::sync::atomic::Ordering::Relaxed) as f64 / secs.max(0.001))
                 })
-                .collect::<Option<Vec<f64>>>()
-                .unwrap_or_default();
+                .collect();
             drop(puts);
-            others.sort_by(f64::total_cmp);
-            let Some(&median) = others.get(others.len() / 2) else {
+            finished.sort_by(f64::total_cmp);
+            // Half, not all: two PUTs to one slow sled would otherwise
+            // wait for each other.
+            let Some(&median) = finished.get(finished.len() / 2).filter(|_| 2 * finished.len() >= others)
+            else {
                 slow_windows = 0;
                 continue;
             };
@@ -1353,7 +1355,7 @@ impl PutTracker {
             if slow_windows >= STRAGGLER_WINDOWS {
                 return format!(
                     "abandoned after {sent} bytes: at {:.0} KiB/s it ran below {STRAGGLER_FRACTION} of the \
-                     {:.0} KiB/s of this activation's other PUTs, which have all finished; the sled will \
+                     {:.0} KiB/s of this activation's finished PUTs; the sled will \
                      copy it from a sled that holds it",
                     rate / 1024.0,
                     median / 1024.0

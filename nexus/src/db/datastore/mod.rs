@@ -80,6 +80,13 @@ const TRANSACTION_ATTEMPTS: u32 = 10;
 /// primary goes unnoticed; [`DataStore::connection`] asks again until its
 /// own wait is over.
 const POOL_GET_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long establishing one pooled connection may take, unless the URL
+/// says (`connect_timeout`). A connect that hangs holds a pool slot for as
+/// long as the kernel retries its SYN (about two minutes). Benchmarks saw
+/// sleds unable to register for 10-60 s at a rack's start, with every slot
+/// "in use" and no connection error recorded, which is what hung connects
+/// look like; with this bound they fail, are recorded, and are retried.
+const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Back-off after a lost connection: doubling from the first, capped.
 const LOSS_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const LOSS_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -360,9 +367,13 @@ impl DataStore {
 /// have it; a failover would then lose an acknowledged upload. Every wait
 /// is bounded by Nexus's own timeouts instead.
 async fn establish(url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(|error| diesel::ConnectionError::BadConnection(common::error_chain(&error)))?;
+    let bad =
+        |error: tokio_postgres::Error| diesel::ConnectionError::BadConnection(common::error_chain(&error));
+    let mut config: tokio_postgres::Config = url.parse().map_err(bad)?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(ESTABLISH_TIMEOUT);
+    }
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(bad)?;
     let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
     diesel::sql_query("SET statement_timeout = 0").execute(&mut conn).await.map_err(|error| {
         diesel::ConnectionError::BadConnection(format!("pinning statement_timeout = 0: {error}"))
