@@ -17,10 +17,9 @@
 //!    staged repository once each of its artifacts is on at least
 //!    `min_sled_replication` sleds (or when it left the config, pruned);
 //!    its staged files go once nothing else pins them.
-//! 6. Plan ([`super::replication_plan`], a pure function) and execute:
-//!    pipelined copies first (they read from a sled that a PUT or another
-//!    copy is about to fill), then PUTs, `max_concurrent_requests` at a
-//!    time (see [`ArtifactReplication::execute`]); a copy whose
+//! 6. Plan ([`super::replication_plan`], a pure function) and execute: PUTs
+//!    first, then copies (some copies read from a sled that a PUT or another
+//!    copy is filling), `max_concurrent_requests` at a time; a copy whose
 //!    source's own request failed goes to an alternate source, or becomes a
 //!    PUT ([`super::replication_plan::reroute`]). PUTs and copy requests
 //!    draw on separate pools of `max_concurrent_requests` permits, so that
@@ -139,9 +138,14 @@ use uuid::Uuid;
 /// How long connecting to a sled may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The longest the PUTs of an activation wait for its pipelined copy
-/// requests to be answered (see [`ArtifactReplication::execute`]).
-const COPIES_FIRST: Duration = Duration::from_millis(300);
+/// How long a PUT has been under way before pipelined copies read from its
+/// sled: long enough for the sled to have begun the write (a copy that asks
+/// too early is told to retry).
+const PIPELINE_HEAD_START: Duration = Duration::from_millis(100);
+
+/// The longest a pipelined copy waits for the request that fills its
+/// source to start.
+const FILLER_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a follow-up may go on from what an earlier activation learned
 /// of a settled sled instead of asking it. Nothing this Nexus does changes
@@ -736,17 +740,14 @@ impl ArtifactReplication {
     }
 
     /// Runs the plan, at most `max_concurrent_requests` PUTs and as many copy
-    /// requests at a time, in the order the plan's dependencies allow (see
-    /// the planner's module doc). Copies go first: `Pipelined` copies are
-    /// sent at once, before their sources are being filled (a depot waits
-    /// a while for an expected artifact's write to begin), and the PUTs
-    /// wait up to [`COPIES_FIRST`] for them to be answered. Those requests
-    /// are small, but once the PUTs fill Nexus's link they wait in its
-    /// queues: on the netns bench (queues of 400 ms) each hop of a chain
-    /// started some 250 ms after the one before it. An `AfterPut` copy
-    /// starts once every PUT has finished. A copy whose source's request
-    /// has failed is rerouted ([`replication_plan::reroute`]), or not sent
-    /// if it cannot be. Records come back in plan order.
+    /// requests at a time, in the
+    /// order the plan's dependencies allow (see the planner's module doc): a
+    /// `Pipelined` copy starts once the request filling its source has
+    /// started (a PUT that has been under way for [`PIPELINE_HEAD_START`],
+    /// a copy the sled accepted), an `AfterPut` copy once every PUT has
+    /// finished; a copy whose source's request failed is rerouted
+    /// ([`replication_plan::reroute`]), or not sent if it cannot be.
+    /// Records come back in plan order.
     async fn execute(
         &self,
         log: &slog::Logger,
@@ -763,28 +764,28 @@ impl ArtifactReplication {
             copies: tokio::sync::Semaphore::new(limit),
             tracker: PutTracker::default(),
         };
-        let indices = |wanted: fn(&Request) -> bool| -> Vec<usize> {
-            requests.iter().enumerate().filter(|(_, r)| wanted(r)).map(|(i, _)| i).collect()
-        };
-        let puts = indices(|r| matches!(r, Request::Put { .. }));
-        let pipelined = indices(|r| matches!(r, Request::Copy { feed: Feed::Pipelined, .. }));
+        let puts: Vec<usize> = requests
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r, Request::Put { .. }))
+            .map(|(i, _)| i)
+            .collect();
         let runs = requests.iter().enumerate().map(|(index, request)| {
-            let (progress, fills, permits, puts, pipelined) =
-                (&progress, &fills, &permits, &puts, &pipelined);
+            let (progress, fills, permits, puts) = (&progress, &fills, &permits, &puts);
             async move {
                 let waited = match request {
-                    Request::Put { .. } => {
-                        let answered = async {
-                            for &copy in pipelined {
-                                wait_for(&progress[copy], Progress::Started).await;
-                            }
-                        };
-                        let _ = tokio::time::timeout(COPIES_FIRST, answered).await;
-                        true
-                    }
-                    Request::Copy { feed: Feed::Pipelined, .. } => {
-                        fills[index].is_none_or(|filler| *progress[filler].borrow() != Progress::Failed)
-                    }
+                    // A filler that has not answered within `FILLER_WAIT`
+                    // is a slow sled (its link's queues hold its answer):
+                    // the copy goes anyway, and its sled moves off a source
+                    // that sends nothing.
+                    Request::Copy { feed: Feed::Pipelined, .. } => match fills[index] {
+                        Some(filler) => {
+                            tokio::time::timeout(FILLER_WAIT, wait_for(&progress[filler], Progress::Started))
+                                .await
+                                .unwrap_or(true)
+                        }
+                        None => true,
+                    },
                     Request::Copy { feed: Feed::AfterPut, .. } => {
                         let mut all = true;
                         for &put in puts {
@@ -844,7 +845,23 @@ impl ArtifactReplication {
                         .await
                         .map_err(|error| Attempt::other(format!("opening staged {path}: {error}")))?;
                     let body = known_length_body(file, length, sent.clone());
-                    let outcome = target.put_client.artifact_put(hash, generation.get(), body).await;
+                    let put = target.put_client.artifact_put(hash, generation.get(), body);
+                    // Followers may start once the sled has begun to receive.
+                    let head_start = async {
+                        tokio::time::sleep(PIPELINE_HEAD_START).await;
+                        progress.send_if_modified(|state| {
+                            let pending = *state == Progress::Pending;
+                            if pending {
+                                *state = Progress::Started;
+                            }
+                            pending
+                        });
+                        std::future::pending::<()>().await
+                    };
+                    let outcome = tokio::select! {
+                        outcome = put => outcome,
+                        () = head_start => unreachable!("pending forever"),
+                    };
                     if let Err(SledError::ErrorResponse(response)) = &outcome
                         && response.error_code.as_deref() == Some(HASH_MISMATCH)
                     {
@@ -1051,8 +1068,7 @@ impl BackgroundTask for ArtifactReplication {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Progress {
     Pending,
-    /// A copy the sled accepted (202): it is receiving, or waiting for its
-    /// source.
+    /// Under way far enough for pipelined followers to read from its sled.
     Started,
     Done,
     Failed,
