@@ -214,7 +214,6 @@ pub struct ArtifactReplication {
 /// copy afterwards: only another Nexus or the sled itself can have changed
 /// what it holds since.
 struct Settled {
-    generation: Generation,
     listed: ArtifactListResponse,
     healthy_m2: usize,
     listed_at: Instant,
@@ -458,7 +457,11 @@ impl ArtifactReplication {
         let asked = reachable.iter().zip(listed).map(|(&sled, outcome)| (sled, outcome, Instant::now()));
         let remembered = owned.iter().filter_map(|sled| {
             let known = known.get(&sled.id)?;
-            Some((sled, Ok((known.generation, known.listed.clone(), known.healthy_m2)), known.listed_at))
+            Some((
+                sled,
+                Ok((known.listed.generation, known.listed.clone(), known.healthy_m2)),
+                known.listed_at,
+            ))
         });
         for (sled, outcome, listed_at) in asked.chain(remembered) {
             match outcome {
@@ -473,13 +476,13 @@ impl ArtifactReplication {
                     ));
                     return Err(Stop::Superseded { sled_id: sled.id, sled_generation: generation });
                 }
-                Ok((generation, listed, healthy_m2)) => {
+                Ok((_, listed, healthy_m2)) => {
                     if !known.contains_key(&sled.id) {
                         records.push(Record::ok(sled.id, RequestOperation::List));
                     }
                     if listed.copies_in_flight.is_empty() {
                         let listed = listed.clone();
-                        settled.insert(sled.id, Settled { generation, listed, healthy_m2, listed_at });
+                        settled.insert(sled.id, Settled { listed, healthy_m2, listed_at });
                     }
                     let copy_slots = listed
                         .max_concurrent_copies
@@ -1215,7 +1218,7 @@ fn known_sleds(
     settled
         .into_iter()
         .filter(|(id, known)| {
-            known.generation == generation
+            known.listed.generation == generation
                 && now.saturating_duration_since(known.listed_at) < SETTLED_MAX_AGE
                 && in_service.contains(id)
         })
@@ -1456,7 +1459,6 @@ mod tests {
         let now = Instant::now();
         let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
         let settled = |generation: u64, age: Duration| Settled {
-            generation: Generation::new(generation),
             listed: ArtifactListResponse {
                 generation: Generation::new(generation),
                 list: BTreeMap::new(),
