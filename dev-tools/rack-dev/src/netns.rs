@@ -103,7 +103,14 @@ impl Network {
         reap();
         let gateway = Ipv4Addr::new(10, 100 + (id >> 8 & 0x7f) as u8, (id & 0xff) as u8, 1);
         let bridge = format!("{PREFIX}{id}br");
-        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        // An explicit address: a bridge without one takes the lowest of
+        // its ports' addresses, so adding a host could change it under the
+        // hosts already running. Their cached neighbour entry then points
+        // at a port, frames to it are dropped, and TCP to the gateway (the
+        // database relay) stalls until the entry expires: Nexus lost its
+        // database for up to a minute while the sleds were being added.
+        let address = format!("02:72:6b:{:02x}:{:02x}:01", gateway.octets()[1], gateway.octets()[2]);
+        ip(&["link", "add", &bridge, "address", &address, "type", "bridge"])?;
         let network = Network { id, bridge: bridge.clone(), gateway, hosts: Vec::new(), relays: Vec::new() };
         ip(&["addr", "add", &format!("{gateway}/24"), "dev", &bridge])?;
         ip(&["link", "set", &bridge, "up"])?;

@@ -123,7 +123,8 @@ pub struct Rack {
     /// Dropped after the processes are stopped.
     network: Option<Network>,
     keep_dir: bool,
-    _temp_dir: Option<camino_tempfile::Utf8TempDir>,
+    /// Removed with the rack, unless it failed to start.
+    temp_dir: Option<camino_tempfile::Utf8TempDir>,
 }
 
 impl Rack {
@@ -208,9 +209,13 @@ impl Rack {
             postgres,
             network,
             keep_dir: options.dir.is_some(),
-            _temp_dir: temp_dir,
+            temp_dir,
         };
         if let Err(error) = rack.start_processes(options, &nexus_database_url).await {
+            // The error points at the logs: they must outlive it.
+            if let Some(temp_dir) = rack.temp_dir.take() {
+                let _kept = temp_dir.keep();
+            }
             rack.stop();
             return Err(error);
         }

@@ -80,12 +80,11 @@ const TRANSACTION_ATTEMPTS: u32 = 10;
 /// primary goes unnoticed; [`DataStore::connection`] asks again until its
 /// own wait is over.
 const POOL_GET_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long establishing one pooled connection may take, unless the URL
-/// says (`connect_timeout`). A connect that hangs holds a pool slot for as
-/// long as the kernel retries its SYN (about two minutes). Benchmarks saw
-/// sleds unable to register for 10-60 s at a rack's start, with every slot
-/// "in use" and no connection error recorded, which is what hung connects
-/// look like; with this bound they fail, are recorded, and are retried.
+/// How long the TCP connect of one pooled connection may take, unless the
+/// URL says (`connect_timeout`). A connect to an unreachable server would
+/// otherwise hold a pool slot for as long as the kernel retries its SYN
+/// (about two minutes) and record no error; with this bound it fails, is
+/// recorded, and is retried.
 const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Back-off after a lost connection: doubling from the first, capped.
 const LOSS_BACKOFF_FIRST: Duration = Duration::from_millis(50);
