@@ -145,9 +145,10 @@ async fn unknown_tasks_and_missing_urls_are_explained() {
     assert!(stderr.contains("--nexus-internal-url") && stderr.contains("OMDB_NEXUS_URL"), "{stderr}");
 }
 
-/// A rack of one in-process sled, replicated one repository of `artifacts`,
-/// whose M.2 directories outlive the sled: a test stops it, changes its
-/// disks and starts it again on them.
+/// A rack of two in-process sleds, replicated one repository of
+/// `artifacts`; the M.2 directories of the second (always the last in
+/// `rack.sleds`) outlive it: a test stops it, changes its disks and starts
+/// it again on them.
 struct OneSledRack {
     rack: integration_tests::rack::TestRack,
     m2s: Vec<camino::Utf8PathBuf>,
@@ -234,10 +235,12 @@ async fn a_damaged_ledger_is_shown_everywhere_and_repaired_by_the_next_push() {
     let enabled = TaskMode::Enabled;
     background.set_switch(integration_tests::rack::REPLICATION, enabled, "test", "looked").await.unwrap();
     rack.replicate().await;
-    let view = sled_view(&rack.sleds[0]).await;
+    // The damaged sled, started last (the rack's first sled is another).
+    let damaged = rack.sleds.last().expect("the sled was started again");
+    let view = sled_view(damaged).await;
     assert!(holds_exactly(&view, &config), "repaired by the push: {view:?}");
-    let listed = rack.sleds[0].client().artifact_list().await.unwrap().into_inner();
-    assert!(listed.ledger_damage.is_empty());
+    let listed = damaged.client().artifact_list().await.unwrap().into_inner();
+    assert!(listed.ledger_damage.is_empty(), "{listed:?}");
     let shown = omdb.success(&["sled-agent", "artifacts", "--sled-url", &api_url]).await;
     assert!(shown.contains(&format!("artifact config generation {}", config.generation)), "{shown}");
 }

@@ -50,6 +50,9 @@ pub fn register_all(
         put_timeout: Duration::from_secs(replication_config.put_timeout_secs),
     };
     let inventory = &config.inventory_collection;
+    let (activator, nexus_id) = (replication.activator.clone(), replication.nexus_id);
+    let replicator = ArtifactReplication::new(datastore.clone(), settings, replication);
+    let followups = replicator.followups();
     vec![
         TaskDefinition {
             name: "inventory_collection".into(),
@@ -60,7 +63,7 @@ pub fn register_all(
             period: Duration::from_secs(inventory.period_secs),
             task: Box::new(tasks::inventory_collection::InventoryCollector::new(
                 datastore.clone(),
-                format!("nexus {}", replication.nexus_id),
+                format!("nexus {nexus_id}"),
                 inventory.keep_collections,
                 inventory.max_concurrent_requests,
                 Duration::from_secs(inventory.request_timeout_secs),
@@ -75,9 +78,9 @@ pub fn register_all(
                 "makes every sled hold every artifact of every unpruned TUF repository on each healthy M.2"
                     .into(),
             period: Duration::from_secs(replication_config.period_secs),
-            activator: replication.activator.clone(),
-            task: Box::new(ArtifactReplication::new(datastore.clone(), settings, replication)),
-            dependencies: vec![Box::new(pruned_rx)],
+            activator,
+            task: Box::new(replicator),
+            dependencies: vec![Box::new(pruned_rx), Box::new(followups)],
             enabled: !replication_config.disabled,
         },
         TaskDefinition {

@@ -109,7 +109,7 @@
 use super::replication_plan::{self, Fanout, Feed, Inventory, Limits, Plan, Request, SledState};
 use super::repo_health;
 use crate::app::staging::{self, StagedRepo, StagingArea};
-use crate::background::driver::{Activator, BackgroundTask};
+use crate::background::driver::BackgroundTask;
 use crate::db::datastore::{health_state_from_sql, health_state_to_sql};
 use crate::db::model::Sled;
 use crate::db::model::TufRepoWithArtifacts;
@@ -142,10 +142,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// sled: long enough for the sled to have begun the write (a copy that asks
 /// too early is told to retry).
 const PIPELINE_HEAD_START: Duration = Duration::from_millis(100);
-
-/// The longest a pipelined copy waits for the request that fills its
-/// source to start.
-const FILLER_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a follow-up may go on from what an earlier activation learned
 /// of a settled sled instead of asking it. Nothing this Nexus does changes
@@ -188,7 +184,9 @@ pub struct ArtifactReplication {
     handoff: mpsc::Receiver<StagedRepo>,
     local_repos: Vec<StagedRepo>,
     settings: ReplicationSettings,
-    activator: Activator,
+    /// Bumped by the follow-up timer; the driver watches it (see
+    /// [`ArtifactReplication::followups`]).
+    followups: watch::Sender<u64>,
     http: reqwest::Client,
     put_http: reqwest::Client,
     ring: VecDeque<RequestRecord>,
@@ -205,8 +203,8 @@ pub struct ArtifactReplication {
     /// Sleds the last activation left settled, which a follow-up need not
     /// ask again (see "Follow-ups ask only sleds that may have changed").
     settled: BTreeMap<Uuid, Settled>,
-    /// Set by the follow-up timer: the activation it causes may go on from
-    /// `settled`.
+    /// Set by the follow-up timer: the activation it causes (reason
+    /// `Dependency`) may go on from `settled`.
     followup_due: Arc<AtomicBool>,
 }
 
@@ -283,7 +281,7 @@ impl ArtifactReplication {
             http: client(settings.request_timeout),
             put_http: client(settings.put_timeout),
             settings,
-            activator: wiring.activator,
+            followups: watch::Sender::new(0),
             ring: VecDeque::new(),
             lifetime: ReplicationCounters::default(),
             progress: wiring.progress,
@@ -296,11 +294,22 @@ impl ArtifactReplication {
         }
     }
 
+    /// What the driver watches for follow-ups, as a dependency: they come
+    /// with reason `Dependency`, which tells them from an operator's
+    /// activation.
+    pub fn followups(&self) -> watch::Receiver<u64> {
+        self.followups.subscribe()
+    }
+
     async fn run(&mut self, log: &slog::Logger, reason: ActivationReason) -> TufArtifactReplicationStatus {
-        // An operator's activation that coincides with the follow-up timer
-        // is taken as the follow-up; one at any other time asks every sled.
+        // The timer activates through a dependency, so an operator's
+        // activation is never taken for a follow-up, even one that comes
+        // with the timer's (the driver runs one activation for both, as
+        // `Explicit`), nor one after a follow-up the task's switch skipped.
+        // Another dependency (the pruner) that fires with the timer's moves
+        // the generation, which the settled listings then no longer match.
         let followup =
-            self.followup_due.swap(false, Ordering::Relaxed) && reason == ActivationReason::Explicit;
+            self.followup_due.swap(false, Ordering::Relaxed) && reason == ActivationReason::Dependency;
         while let Ok(repo) = self.handoff.try_recv() {
             self.local_repos.push(repo);
         }
@@ -383,13 +392,13 @@ impl ArtifactReplication {
             || status.last_run.busy > 0
             || (status.last_run.put_ok > 0 && !self.local_repos.is_empty());
         if work_remains && status.outcome == ReplicationOutcome::Completed {
-            let activator = self.activator.clone();
+            let followups = self.followups.clone();
             let delay = self.settings.followup_delay;
             let due = self.followup_due.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 due.store(true, Ordering::Relaxed);
-                activator.activate();
+                followups.send_modify(|count| *count += 1);
             });
             status.followup_scheduled = true;
         }
@@ -743,14 +752,18 @@ impl ArtifactReplication {
     }
 
     /// Runs the plan, at most `max_concurrent_requests` PUTs and as many copy
-    /// requests at a time, in the
-    /// order the plan's dependencies allow (see the planner's module doc): a
-    /// `Pipelined` copy starts once the request filling its source has
-    /// started (a PUT that has been under way for [`PIPELINE_HEAD_START`],
-    /// a copy the sled accepted), an `AfterPut` copy once every PUT has
-    /// finished; a copy whose source's request failed is rerouted
-    /// ([`replication_plan::reroute`]), or not sent if it cannot be.
-    /// Records come back in plan order.
+    /// requests at a time, in the order the plan's dependencies allow (see
+    /// the planner's module doc). Every `Pipelined` copy of a chain starts
+    /// once the PUT at its head has been under way for
+    /// [`PIPELINE_HEAD_START`] (at once if a holder heads it), not once the
+    /// hop before it was accepted: once the PUTs fill Nexus's link, each
+    /// request waits in its queues, and on the netns bench (queues of
+    /// 400 ms) hop after hop started some 250 ms after the one before it. A
+    /// hop asked for before its source has begun to receive waits for that
+    /// at the source's depot (`ARRIVAL_WAIT`). An `AfterPut` copy starts once
+    /// every PUT has finished. A copy whose source's request has failed is
+    /// rerouted ([`replication_plan::reroute`]), or not sent if it cannot
+    /// be. Records come back in plan order.
     async fn execute(
         &self,
         log: &slog::Logger,
@@ -761,6 +774,7 @@ impl ArtifactReplication {
         let progress: Vec<watch::Sender<Progress>> =
             requests.iter().map(|_| watch::Sender::new(Progress::Pending)).collect();
         let fills = fill_order(requests);
+        let heads = chain_heads(requests, &fills);
         let limit = self.settings.max_concurrent_requests;
         let permits = RequestPermits {
             puts: tokio::sync::Semaphore::new(limit),
@@ -774,21 +788,21 @@ impl ArtifactReplication {
             .map(|(i, _)| i)
             .collect();
         let runs = requests.iter().enumerate().map(|(index, request)| {
-            let (progress, fills, permits, puts) = (&progress, &fills, &permits, &puts);
+            let (progress, fills, heads, permits, puts) = (&progress, &fills, &heads, &permits, &puts);
             async move {
                 let waited = match request {
-                    // A filler that has not answered within `FILLER_WAIT`
-                    // is a slow sled (its link's queues hold its answer):
-                    // the copy goes anyway, and its sled moves off a source
-                    // that sends nothing.
-                    Request::Copy { feed: Feed::Pipelined, .. } => match fills[index] {
-                        Some(filler) => {
-                            tokio::time::timeout(FILLER_WAIT, wait_for(&progress[filler], Progress::Started))
-                                .await
-                                .unwrap_or(true)
-                        }
-                        None => true,
-                    },
+                    // A hop before this one that failed already is known
+                    // now; one failing later leaves this copy to its
+                    // alternates.
+                    Request::Copy { feed: Feed::Pipelined, .. } => {
+                        let head_started = match heads[index] {
+                            Some(put) => wait_for(&progress[put], Progress::Started).await,
+                            None => true,
+                        };
+                        head_started
+                            && fills[index]
+                                .is_none_or(|filler| *progress[filler].borrow() != Progress::Failed)
+                    }
                     Request::Copy { feed: Feed::AfterPut, .. } => {
                         let mut all = true;
                         for &put in puts {
@@ -1087,6 +1101,20 @@ async fn wait_for(progress: &watch::Sender<Progress>, goal: Progress) -> bool {
         })
         .await;
     reached.is_ok_and(|state| *state != Progress::Failed)
+}
+
+/// For each copy, the PUT at the head of its chain of fillers, if a PUT
+/// heads it (not a sled that holds the artifact already).
+fn chain_heads(requests: &[Request], fills: &[Option<usize>]) -> Vec<Option<usize>> {
+    let mut heads: Vec<Option<usize>> = Vec::with_capacity(requests.len());
+    for filler in fills {
+        let head = filler.and_then(|filler| match requests[filler] {
+            Request::Put { .. } => Some(filler),
+            Request::Copy { .. } => heads[filler],
+        });
+        heads.push(head);
+    }
+    heads
 }
 
 /// For each copy, the index of the earlier request that fills its source
