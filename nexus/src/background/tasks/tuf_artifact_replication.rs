@@ -143,6 +143,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// too early is told to retry).
 const PIPELINE_HEAD_START: Duration = Duration::from_millis(100);
 
+/// The longest a pipelined copy waits for the request that fills its
+/// source to start.
+const FILLER_WAIT: Duration = Duration::from_secs(1);
+
 /// How long a follow-up may go on from what an earlier activation learned
 /// of a settled sled instead of asking it. Nothing this Nexus does changes
 /// such a sled, but a failed M.2 or a sled restarted empty does: a
@@ -752,18 +756,14 @@ impl ArtifactReplication {
     }
 
     /// Runs the plan, at most `max_concurrent_requests` PUTs and as many copy
-    /// requests at a time, in the order the plan's dependencies allow (see
-    /// the planner's module doc). Every `Pipelined` copy of a chain starts
-    /// once the PUT at its head has been under way for
-    /// [`PIPELINE_HEAD_START`] (at once if a holder heads it), not once the
-    /// hop before it was accepted: once the PUTs fill Nexus's link, each
-    /// request waits in its queues, and on the netns bench (queues of
-    /// 400 ms) hop after hop started some 250 ms after the one before it. A
-    /// hop asked for before its source has begun to receive waits for that
-    /// at the source's depot (`ARRIVAL_WAIT`). An `AfterPut` copy starts once
-    /// every PUT has finished. A copy whose source's request has failed is
-    /// rerouted ([`replication_plan::reroute`]), or not sent if it cannot
-    /// be. Records come back in plan order.
+    /// requests at a time, in the
+    /// order the plan's dependencies allow (see the planner's module doc): a
+    /// `Pipelined` copy starts once the request filling its source has
+    /// started (a PUT that has been under way for [`PIPELINE_HEAD_START`],
+    /// a copy the sled accepted), an `AfterPut` copy once every PUT has
+    /// finished; a copy whose source's request failed is rerouted
+    /// ([`replication_plan::reroute`]), or not sent if it cannot be.
+    /// Records come back in plan order.
     async fn execute(
         &self,
         log: &slog::Logger,
@@ -774,7 +774,6 @@ impl ArtifactReplication {
         let progress: Vec<watch::Sender<Progress>> =
             requests.iter().map(|_| watch::Sender::new(Progress::Pending)).collect();
         let fills = fill_order(requests);
-        let heads = chain_heads(requests, &fills);
         let limit = self.settings.max_concurrent_requests;
         let permits = RequestPermits {
             puts: tokio::sync::Semaphore::new(limit),
@@ -788,21 +787,21 @@ impl ArtifactReplication {
             .map(|(i, _)| i)
             .collect();
         let runs = requests.iter().enumerate().map(|(index, request)| {
-            let (progress, fills, heads, permits, puts) = (&progress, &fills, &heads, &permits, &puts);
+            let (progress, fills, permits, puts) = (&progress, &fills, &permits, &puts);
             async move {
                 let waited = match request {
-                    // A hop before this one that failed already is known
-                    // now; one failing later leaves this copy to its
-                    // alternates.
-                    Request::Copy { feed: Feed::Pipelined, .. } => {
-                        let head_started = match heads[index] {
-                            Some(put) => wait_for(&progress[put], Progress::Started).await,
-                            None => true,
-                        };
-                        head_started
-                            && fills[index]
-                                .is_none_or(|filler| *progress[filler].borrow() != Progress::Failed)
-                    }
+                    // A filler that has not answered within `FILLER_WAIT`
+                    // is a slow sled (its link's queues hold its answer):
+                    // the copy goes anyway, and its sled moves off a source
+                    // that sends nothing.
+                    Request::Copy { feed: Feed::Pipelined, .. } => match fills[index] {
+                        Some(filler) => {
+                            tokio::time::timeout(FILLER_WAIT, wait_for(&progress[filler], Progress::Started))
+                                .await
+                                .unwrap_or(true)
+                        }
+                        None => true,
+                    },
                     Request::Copy { feed: Feed::AfterPut, .. } => {
                         let mut all = true;
                         for &put in puts {
@@ -1101,20 +1100,6 @@ async fn wait_for(progress: &watch::Sender<Progress>, goal: Progress) -> bool {
         })
         .await;
     reached.is_ok_and(|state| *state != Progress::Failed)
-}
-
-/// For each copy, the PUT at the head of its chain of fillers, if a PUT
-/// heads it (not a sled that holds the artifact already).
-fn chain_heads(requests: &[Request], fills: &[Option<usize>]) -> Vec<Option<usize>> {
-    let mut heads: Vec<Option<usize>> = Vec::with_capacity(requests.len());
-    for filler in fills {
-        let head = filler.and_then(|filler| match requests[filler] {
-            Request::Put { .. } => Some(filler),
-            Request::Copy { .. } => heads[filler],
-        });
-        heads.push(head);
-    }
-    heads
 }
 
 /// For each copy, the index of the earlier request that fills its source
