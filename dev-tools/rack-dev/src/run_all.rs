@@ -122,8 +122,8 @@ pub struct Rack {
     postgres: Option<PgCluster>,
     /// Dropped after the processes are stopped.
     network: Option<Network>,
-    keep_dir: bool,
-    /// Removed with the rack, unless it failed to start.
+    /// Removed with the rack, unless it failed to start; none if the run
+    /// directory was named (it is kept).
     temp_dir: Option<camino_tempfile::Utf8TempDir>,
 }
 
@@ -208,7 +208,6 @@ impl Rack {
             processes: Vec::new(),
             postgres,
             network,
-            keep_dir: options.dir.is_some(),
             temp_dir,
         };
         if let Err(error) = rack.start_processes(options, &nexus_database_url).await {
@@ -458,7 +457,7 @@ pub async fn run_all(args: RunAllArgs) -> anyhow::Result<()> {
     };
     say(format!("stopping ({reason})"));
     let run_dir = rack.discovery.run_dir.clone();
-    let kept = rack.keep_dir;
+    let kept = rack.temp_dir.is_none();
     rack.stop();
     RackDiscovery::remove();
     if kept {

@@ -129,7 +129,6 @@ use common::{ArtifactConfig, ArtifactHash, Generation, error_chain};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -188,9 +187,13 @@ pub struct ArtifactReplication {
     handoff: mpsc::Receiver<StagedRepo>,
     local_repos: Vec<StagedRepo>,
     settings: ReplicationSettings,
-    /// Bumped by the follow-up timer; the driver watches it (see
+    /// Counts the follow-up timer's expiries; the driver watches it (see
     /// [`ArtifactReplication::followups`]).
     followups: watch::Sender<u64>,
+    /// The count of `followups` the last activation saw: an activation
+    /// (reason `Dependency`) that sees a higher one is the follow-up, which
+    /// may go on from `settled`.
+    followups_seen: u64,
     http: reqwest::Client,
     put_http: reqwest::Client,
     ring: VecDeque<RequestRecord>,
@@ -207,9 +210,6 @@ pub struct ArtifactReplication {
     /// Sleds the last activation left settled, which a follow-up need not
     /// ask again (see "Follow-ups ask only sleds that may have changed").
     settled: BTreeMap<Uuid, Settled>,
-    /// Set by the follow-up timer: the activation it causes (reason
-    /// `Dependency`) may go on from `settled`.
-    followup_due: Arc<AtomicBool>,
 }
 
 /// A sled listed at `generation` with no copies running and sent no PUT or
@@ -294,7 +294,7 @@ impl ArtifactReplication {
             nexus_id: wiring.nexus_id,
             depot_url: wiring.depot_url,
             settled: BTreeMap::new(),
-            followup_due: Arc::new(AtomicBool::new(false)),
+            followups_seen: 0,
         }
     }
 
@@ -312,8 +312,9 @@ impl ArtifactReplication {
         // `Explicit`), nor one after a follow-up the task's switch skipped.
         // Another dependency (the pruner) that fires with the timer's moves
         // the generation, which the settled listings then no longer match.
-        let followup =
-            self.followup_due.swap(false, Ordering::Relaxed) && reason == ActivationReason::Dependency;
+        let followups = *self.followups.borrow();
+        let followup = followups != self.followups_seen && reason == ActivationReason::Dependency;
+        self.followups_seen = followups;
         while let Ok(repo) = self.handoff.try_recv() {
             self.local_repos.push(repo);
         }
@@ -398,10 +399,8 @@ impl ArtifactReplication {
         if work_remains && status.outcome == ReplicationOutcome::Completed {
             let followups = self.followups.clone();
             let delay = self.settings.followup_delay;
-            let due = self.followup_due.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                due.store(true, Ordering::Relaxed);
                 followups.send_modify(|count| *count += 1);
             });
             status.followup_scheduled = true;
@@ -470,26 +469,22 @@ impl ArtifactReplication {
         let asked = reachable.iter().zip(listed).map(|(&sled, outcome)| (sled, outcome, Instant::now()));
         let remembered = owned.iter().filter_map(|sled| {
             let known = known.get(&sled.id)?;
-            Some((
-                sled,
-                Ok((known.listed.generation, known.listed.clone(), known.healthy_m2)),
-                known.listed_at,
-            ))
+            Some((sled, Ok((known.listed.clone(), known.healthy_m2)), known.listed_at))
         });
         for (sled, outcome, listed_at) in asked.chain(remembered) {
             match outcome {
-                Ok((generation, _, _)) if generation != config.generation => {
+                Ok((listed, _)) if listed.generation != config.generation => {
                     records.push(Record::failed(
                         sled.id,
                         RequestOperation::List,
                         format!(
-                            "sled lists generation {generation}, this activation works at {}",
-                            config.generation
+                            "sled lists generation {}, this activation works at {}",
+                            listed.generation, config.generation
                         ),
                     ));
-                    return Err(Stop::Superseded { sled_id: sled.id, sled_generation: generation });
+                    return Err(Stop::Superseded { sled_id: sled.id, sled_generation: listed.generation });
                 }
-                Ok((_, listed, healthy_m2)) => {
+                Ok((listed, healthy_m2)) => {
                     if !known.contains_key(&sled.id) {
                         records.push(Record::ok(sled.id, RequestOperation::List));
                     }
@@ -1208,11 +1203,11 @@ async fn put_config(sled: &SledTarget, config: &ArtifactConfig) -> Result<(), Pu
 }
 
 /// The generation a sled lists, what it lists, and its healthy M.2 count.
-async fn list(sled: &SledTarget) -> Result<(Generation, ArtifactListResponse, usize), String> {
+async fn list(sled: &SledTarget) -> Result<(ArtifactListResponse, usize), String> {
     let listed = sled.client.artifact_list().await.map_err(describe)?.into_inner();
     let inventory = sled.client.inventory().await.map_err(describe)?.into_inner();
     let healthy = inventory.m2.iter().filter(|m2| m2.state == M2State::Healthy).count();
-    Ok((listed.generation, listed, healthy))
+    Ok((listed, healthy))
 }
 
 /// The settled sleds a follow-up at `generation` may go on from without
