@@ -182,7 +182,15 @@ pub struct TufArtifactReplicationConfig {
     /// release once every sled holds them.
     #[serde(default)]
     pub allow_fewer_sleds: bool,
+    /// Requests to sleds at once: control requests, and the PUTs, each of
+    /// which holds its permit for its whole transfer.
     pub max_concurrent_requests: usize,
+    /// Copy requests at once, on top: a sled answers one at once (it
+    /// queues what it cannot start), but on a loaded link each answer waits
+    /// out that link's queue, so a rack's worth of copies needs more in
+    /// flight than PUTs do.
+    #[serde(default = "default_max_concurrent_copy_requests")]
+    pub max_concurrent_copy_requests: usize,
     pub ring_buffer_size: usize,
     /// Delay before the follow-up activation while work remains.
     pub followup_delay_millis: u64,
@@ -201,6 +209,10 @@ pub struct TufArtifactReplicationConfig {
     pub put_timeout_secs: u64,
 }
 
+fn default_max_concurrent_copy_requests() -> usize {
+    TufArtifactReplicationConfig::default().max_concurrent_copy_requests
+}
+
 impl Default for TufArtifactReplicationConfig {
     fn default() -> Self {
         TufArtifactReplicationConfig {
@@ -209,6 +221,7 @@ impl Default for TufArtifactReplicationConfig {
             min_sled_replication: 3,
             allow_fewer_sleds: false,
             max_concurrent_requests: 16,
+            max_concurrent_copy_requests: 64,
             ring_buffer_size: 64,
             followup_delay_millis: 1000,
             fanout: Default::default(),
@@ -288,6 +301,10 @@ impl ConfigFile for Config {
             (
                 "background_tasks.tuf_artifact_replication.max_concurrent_requests",
                 replication.max_concurrent_requests as u64,
+            ),
+            (
+                "background_tasks.tuf_artifact_replication.max_concurrent_copy_requests",
+                replication.max_concurrent_copy_requests as u64,
             ),
             (
                 "background_tasks.tuf_artifact_replication.ring_buffer_size",

@@ -88,8 +88,13 @@ fn default_scrub_interval_secs() -> u64 {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CopyConfig {
-    /// Copies from other depots running at once; more are refused with 503.
+    /// Copies from other depots running at once; more are queued.
     pub max_concurrent: usize,
+    /// Copies waiting for a free slot, started in the order they came;
+    /// more are refused with 503. A queued copy is a task and its source
+    /// URLs: no file, no connection.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: usize,
     /// A source that sends nothing for this long is given up on.
     pub read_timeout_secs: u64,
     /// How many times an interrupted copy resumes (with a Range request)
@@ -97,9 +102,13 @@ pub struct CopyConfig {
     pub resume_attempts: u32,
 }
 
+fn default_max_queued() -> usize {
+    CopyConfig::default().max_queued
+}
+
 impl Default for CopyConfig {
     fn default() -> Self {
-        CopyConfig { max_concurrent: 16, read_timeout_secs: 30, resume_attempts: 3 }
+        CopyConfig { max_concurrent: 16, max_queued: 256, read_timeout_secs: 30, resume_attempts: 3 }
     }
 }
 

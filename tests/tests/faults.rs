@@ -380,6 +380,7 @@ async fn a_sled_busy_with_copies_is_asked_again_not_backed_off() {
     let newcomer = rack
         .add_sled_with(|config| {
             config.copy.max_concurrent = 1;
+            config.copy.max_queued = 0;
             config.copy.read_timeout_secs = 10;
         })
         .await;

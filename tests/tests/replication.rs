@@ -504,7 +504,14 @@ async fn follow_ups_ask_only_sleds_that_may_have_changed() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // One copy at a time: every artifact needs an activation of its own.
-    let newcomer = rack.add_sled_with(|config| config.copy.max_concurrent = 1).await.server.sled_id;
+    let newcomer = rack
+        .add_sled_with(|config| {
+            config.copy.max_concurrent = 1;
+            config.copy.max_queued = 0;
+        })
+        .await
+        .server
+        .sled_id;
     let holders: Vec<_> = rack.sleds[..3].iter().map(|sled| sled.server.sled_id).collect();
     let since = chrono::Utc::now();
     let mut completions = background.completions(REPLICATION).unwrap();

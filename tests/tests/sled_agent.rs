@@ -197,24 +197,44 @@ async fn an_interrupted_copy_resumes_where_it_stopped() {
 }
 
 #[tokio::test]
-async fn copies_beyond_the_limit_are_refused_with_retry_after() {
-    let sled = TestSled::start_with(NO_NEXUS, |config| config.copy.max_concurrent = 1).await;
+async fn copies_beyond_the_limit_are_queued_in_order_and_beyond_the_queue_refused_with_retry_after() {
+    let sled = TestSled::start_with(NO_NEXUS, |config| {
+        config.copy.max_concurrent = 1;
+        config.copy.max_queued = 1;
+        config.copy.read_timeout_secs = 1;
+        config.copy.resume_attempts = 0;
+    })
+    .await;
     let client = sled.client();
     let a = artifact(6, 64 << 10);
     let b = artifact(7, 64 << 10);
-    client.artifact_config_put(&config(1, &[&a, &b])).await.unwrap();
+    let c = artifact(9, 64 << 10);
+    client.artifact_config_put(&config(1, &[&a, &b, &c])).await.unwrap();
     let stalled = FakeDepot::start(a.bytes.clone(), Behavior::StallAfter(10)).await;
+    let serving_b = FakeDepot::start(b.bytes.clone(), Behavior::IgnoreRange).await;
     client.artifact_copy_from_depot(&a.hash, 1, &copy_body(stalled.base_url())).await.unwrap();
-    match client.artifact_copy_from_depot(&b.hash, 1, &copy_body(stalled.base_url())).await.unwrap_err() {
+    // No slot: queued, accepted at once, and listed as in flight.
+    client.artifact_copy_from_depot(&b.hash, 1, &copy_body(serving_b.base_url())).await.unwrap();
+    let listed = client.artifact_list().await.unwrap().into_inner();
+    assert!(listed.copies_in_flight.contains(&b.hash), "{listed:?}");
+    assert_eq!(listed.max_queued_copies, Some(1));
+    match client.artifact_copy_from_depot(&c.hash, 1, &copy_body(stalled.base_url())).await.unwrap_err() {
         ClientError::ErrorResponse(response) => {
             assert_eq!(response.status().as_u16(), 503);
             assert_eq!(response.headers()["retry-after"], "1");
             let body = response.into_inner();
             assert_eq!(body.error_code.as_deref(), Some("BUSY"));
-            assert!(body.message.contains("running copies (1, its limit)"), "{}", body.message);
+            assert!(body.message.contains("running and queued copies (2, its limit)"), "{}", body.message);
         }
         other => panic!("expected 503, got {other:?}"),
     }
+    // The queued copy waits for the slot: the stalled one holds it until
+    // the read timeout gives up on it (1 s); then the queued one runs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(serving_b.served_bytes(), 0, "the queued copy started without a slot");
+    assert_eq!(copies(&client, &b).await, 0);
+    wait_for("the queued copy lands once the slot frees", async || copies(&client, &b).await == 2).await;
+    assert_eq!(copies(&client, &a).await, 0, "the stalled copy failed");
 }
 
 #[tokio::test]

@@ -67,11 +67,16 @@ pub struct ArtifactListResponse {
     /// succeeds or the artifact leaves the config.
     #[serde(default)]
     pub copy_failures: BTreeMap<ArtifactHash, CopyFailure>,
-    /// How many copies this sled runs at once (`copy.max_concurrent`); one
-    /// more is refused as busy. A planner sends at most this many minus
-    /// `copies_in_flight`. Absent from older sleds: no known limit.
+    /// How many copies this sled runs at once (`copy.max_concurrent`); more
+    /// wait in its queue. Absent from older sleds: no known limit.
     #[serde(default)]
     pub max_concurrent_copies: Option<usize>,
+    /// How many more copies it queues (`copy.max_queued`), started in the
+    /// order they came as slots free; one more is refused as busy. A
+    /// planner sends at most the two limits' sum minus `copies_in_flight`
+    /// (which counts the queued ones). Absent: none.
+    #[serde(default)]
+    pub max_queued_copies: Option<usize>,
     /// The best total rate of this sled's copies over half a second in the
     /// last 5 minutes (or when copies last ran), bytes/s: what its link has
     /// shown it can take. Absent until a copy has been measured. A planner

@@ -57,6 +57,7 @@ use futures::StreamExt;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// The longest `Retry-After` of a busy depot honoured while resuming.
 const MAX_SOURCE_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -87,8 +88,11 @@ impl Drop for InFlight {
 
 impl ArtifactStore {
     /// Starts copying `hash` from another sled's depot, or from one of the
-    /// alternates if that one cannot be used. Returns once a source has
-    /// answered; the copy finishes in the background.
+    /// alternates if that one cannot be used. With a free copy slot it
+    /// returns once a source has answered; with every slot in use it queues
+    /// the copy (up to `copy.max_queued`), which starts, in the order
+    /// queued, when a slot frees, and fails in the background if it must.
+    /// The copy finishes in the background.
     pub async fn copy_from_depot(
         self: &Arc<Self>,
         hash: ArtifactHash,
@@ -105,16 +109,47 @@ impl ArtifactStore {
             }
             InFlight { set: self.copies_in_flight.clone(), hash }
         };
-        let permit = self
-            .copy_permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| StoreError::Busy { activity: "running copies", limit: self.copy.max_concurrent })?;
         let mut urls: Vec<String> = std::iter::once(depot_base_url)
             .chain(alternates.iter().map(String::as_str))
             .map(|base| format!("{}/artifact/sha256/{hash}", base.trim_end_matches('/')))
             .collect();
         urls.dedup();
+        if let Ok(permit) = self.copy_permits.clone().try_acquire_owned() {
+            return self.start_copy(hash, urls, in_flight, permit).await;
+        }
+        let queued = self.copy_queue_permits.clone().try_acquire_owned().map_err(|_| StoreError::Busy {
+            activity: "running and queued copies",
+            limit: self.copy.max_concurrent + self.copy.max_queued,
+        })?;
+        let store = self.clone();
+        tokio::spawn(async move {
+            // Tokio's semaphore is fair: queued copies start in the order
+            // they came, which is the order Nexus sent them in.
+            let Ok(permit) = store.copy_permits.clone().acquire_owned().await else { return };
+            drop(queued);
+            // A newer config may have come while it waited.
+            if let Err(error) = store.check_request(&hash, generation).await {
+                slog::info!(store.log, "queued copy dropped"; "hash" => %hash, "error" => error_chain(&error));
+                return;
+            }
+            if let Err(error) = store.start_copy(hash, urls.clone(), in_flight, permit).await {
+                let message = error_chain(&error);
+                slog::warn!(store.log, "queued copy failed to start"; "hash" => %hash, "error" => &message);
+                store.record_copy_failure(hash, &urls[0], message).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Opens the first usable source of `urls` and runs the copy in the
+    /// background, holding `permit` (its copy slot) until it ends.
+    async fn start_copy(
+        self: &Arc<Self>,
+        hash: ArtifactHash,
+        mut urls: Vec<String>,
+        in_flight: InFlight,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(), StoreError> {
         let mut write = self.begin_write(hash, Temp::Copy)?;
         write.in_flight = Some(in_flight);
         let mut first_error = None;

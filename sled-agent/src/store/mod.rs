@@ -211,6 +211,8 @@ pub struct ArtifactStore {
     /// quota accounting that depends on it agree.
     commit: Mutex<()>,
     copy_permits: Arc<Semaphore>,
+    /// Room in the queue of copies waiting for a `copy_permits` slot.
+    copy_queue_permits: Arc<Semaphore>,
     put_permits: Arc<Semaphore>,
     depot_permits: Arc<Semaphore>,
     limits: RequestLimits,
@@ -294,6 +296,7 @@ impl ArtifactStore {
         let store = ArtifactStore {
             log,
             copy_permits: Arc::new(Semaphore::new(copy.max_concurrent)),
+            copy_queue_permits: Arc::new(Semaphore::new(copy.max_queued)),
             put_permits: Arc::new(Semaphore::new(limits.max_concurrent_puts)),
             depot_permits: Arc::new(Semaphore::new(limits.max_concurrent_depot_reads)),
             limits,
@@ -567,6 +570,7 @@ impl ArtifactStore {
             copies_in_flight,
             copy_failures,
             max_concurrent_copies: Some(self.copy.max_concurrent),
+            max_queued_copies: Some(self.copy.max_queued),
             copy_bytes_per_sec: self.copy_rates.best_total(),
             ledger_damage,
         }

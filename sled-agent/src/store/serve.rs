@@ -50,6 +50,12 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 /// How long a depot request waits for an expected artifact's write to begin.
 pub const ARRIVAL_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a depot request waits for an artifact whose copy is queued
+/// here (or opening its source): a queued copy starts when a running one
+/// ends, which with copies of a few MiB at link rate is seconds. Longer
+/// than that and the follower is better off with its next source.
+pub const QUEUED_ARRIVAL_WAIT: Duration = Duration::from_secs(10);
+
 /// Bytes read from a temp file per response chunk.
 const FOLLOW_CHUNK_BYTES: u64 = 256 * 1024;
 
@@ -222,7 +228,7 @@ impl ArtifactStore {
             limit: self.limits.max_concurrent_depot_reads,
         })?;
         let mut changes = self.in_flight_writes.changes.subscribe();
-        let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
+        let started = tokio::time::Instant::now();
         loop {
             changes.mark_unchanged();
             if let Some(stored) = self.open_stored(hash).await? {
@@ -235,10 +241,13 @@ impl ArtifactStore {
                 return Err(StoreError::NotFound { hash: *hash });
             }
             // Not here yet: wait for a write to register, or for a commit
-            // that raced with the looks above.
-            let woke = tokio::time::timeout_at(deadline, changes.changed()).await;
+            // that raced with the looks above; longer for a copy queued
+            // here, which starts when one of this sled's copies ends.
+            let queued = self.copies_in_flight.lock().unwrap_or_else(|e| e.into_inner()).contains(hash);
+            let waited = if queued { QUEUED_ARRIVAL_WAIT } else { ARRIVAL_WAIT };
+            let woke = tokio::time::timeout_at(started + waited, changes.changed()).await;
             if !matches!(woke, Ok(Ok(()))) {
-                return Err(StoreError::NotYetHere { hash: *hash, waited: ARRIVAL_WAIT });
+                return Err(StoreError::NotYetHere { hash: *hash, waited });
             }
         }
     }

@@ -51,9 +51,12 @@
 //! # Fan-out
 //!
 //! - [`Fanout::Pipelined`] (the default): the sleds that hold the artifact or
-//!   receive one of this round's PUTs each head a *chain*; the sleds that
-//!   lack it are dealt round-robin onto the chains, and each copies from the
-//!   one before it in its chain, while that one is still receiving: a depot
+//!   receive one of this round's PUTs are the roots of a *tree*; the sleds
+//!   that lack it hang below them in breadth-first order, each feeding at
+//!   most [`TREE_FANOUT`] others (the slow ones last, as leaves; those that
+//!   have sent least in this plan first, as inner nodes, so every uplink
+//!   carries a share). Each copies from its parent, while that one is still
+//!   receiving: a depot
 //!   streams an artifact it is still writing, as the bytes arrive, and every
 //!   receiver verifies the whole hash before its rename. Every sled's link
 //!   then carries the artifact about once in and once out, Nexus's included
@@ -182,6 +185,10 @@ pub fn reroute(requests: &[Request], copy: &Request) -> Option<Request> {
 /// Alternate sources offered with each copy.
 const ALTERNATES: usize = 2;
 
+/// Followers each sled of a pipelined tree feeds: the tree's depth is
+/// log2(N), where a chain's was N.
+const TREE_FANOUT: usize = 2;
+
 /// Up to [`ALTERNATES`] distinct random sleds from `pools`, read as one list,
 /// leaving out the one at `except` (the source). It costs O(ALTERNATES),
 /// not the pools' length: with 1,000 sleds in one chain, building the
@@ -216,14 +223,18 @@ pub fn slow_sleds(rates: &BTreeMap<SledId, u64>) -> BTreeSet<SledId> {
     rates.iter().filter(|(_, rate)| (**rate as f64) < SLOW_FRACTION * median).map(|(&id, _)| id).collect()
 }
 
-/// The PUT target among `candidates` that heads the fewest chains so far,
-/// a sled not measured slow if there is one; random among equals.
+/// The PUT target among `candidates` that heads the fewest trees so far,
+/// then sends the fewest copies, a sled not measured slow if there is one;
+/// random among equals.
 fn least_used_head(
     candidates: &[&&SledState],
     heads_so_far: &BTreeMap<SledId, usize>,
+    sends: &BTreeMap<SledId, usize>,
     rng: &mut impl Rng,
 ) -> Option<SledId> {
-    let rank = |sled: &SledState| (sled.slow, heads_so_far.get(&sled.id).copied().unwrap_or(0));
+    let count =
+        |counts: &BTreeMap<SledId, usize>, sled: &SledState| counts.get(&sled.id).copied().unwrap_or(0);
+    let rank = |sled: &SledState| (sled.slow, count(heads_so_far, sled), count(sends, sled));
     let best = candidates.iter().map(|sled| rank(sled)).min()?;
     let equals: Vec<SledId> =
         candidates.iter().filter(|sled| rank(sled) == best).map(|sled| sled.id).collect();
@@ -253,6 +264,8 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
     // PUTs per sled in this plan, so that each artifact's chain starts at a
     // different sled and every sled's uplink carries a share.
     let mut heads_so_far: BTreeMap<SledId, usize> = BTreeMap::new();
+    // Copies that read from each sled in this plan: its uplink's share.
+    let mut sends: BTreeMap<SledId, usize> = BTreeMap::new();
     for (hash, state) in &inventory.artifacts {
         let holders: Vec<SledId> = usable
             .iter()
@@ -284,7 +297,9 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 // Nexus's link carries the repository once. Durability does
                 // not rest on the PUT count: the staged copy stays until
                 // `min_sled_replication` sleds hold the artifact.
-                Fanout::Pipelined => least_used_head(&candidates, &heads_so_far, rng).into_iter().collect(),
+                Fanout::Pipelined => {
+                    least_used_head(&candidates, &heads_so_far, &sends, rng).into_iter().collect()
+                }
                 Fanout::TwoStage => candidates
                     .choose_multiple(rng, limits.min_sled_replication.min(candidates.len()))
                     .map(|sled| sled.id)
@@ -300,7 +315,12 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 continue;
             }
         }
-        let heads: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
+        // The heads sending least so far take the first followers.
+        let mut heads: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
+        heads.shuffle(rng);
+        heads.sort_by_key(|sled| sends.get(sled).copied().unwrap_or(0));
+        let heads_index: BTreeMap<SledId, usize> =
+            heads.iter().enumerate().map(|(index, &id)| (id, index)).collect();
         let holder_index: BTreeMap<SledId, usize> =
             holders.iter().enumerate().map(|(index, &id)| (id, index)).collect();
         let mut followers = Vec::new();
@@ -333,54 +353,65 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                     source: holders[source_index],
                     feed: Feed::Holds,
                     recopy: true,
-                    alternates: pick_excluding([&heads, &[]], source_index, rng),
+                    alternates: pick_excluding([&heads, &[]], heads_index[&holders[source_index]], rng),
                 });
             } else {
                 followers.push(sled.id);
             }
         }
+        // Random among equals; the slow ones last (leaves: nobody reads from
+        // them), and among the rest those sending least so far first (the
+        // inner nodes of the tree below, which send the artifact on).
         followers.shuffle(rng);
-        // Stable: the slow ones go last, still in random order.
-        followers.sort_by_key(|sled| slow.contains(sled));
+        followers.sort_by_key(|sled| (slow.contains(sled), sends.get(sled).copied().unwrap_or(0)));
         match limits.fanout {
             Fanout::Pipelined => {
-                // Chain i: heads[i], then followers i, i + heads, i + 2 heads...
-                let mut chains: Vec<Vec<SledId>> = heads.iter().map(|&head| vec![head]).collect();
-                for (index, target) in followers.into_iter().enumerate() {
-                    let head = index % heads.len();
-                    let chain = &mut chains[head];
-                    let source = *chain.last().expect("a chain starts with its head");
-                    let feed = match chain.len() {
-                        1 if !put_targets.contains(&source) => Feed::Holds,
-                        _ => Feed::Pipelined,
+                // A tree in breadth-first order: the heads, then the
+                // followers; the follower at `position` copies from the
+                // node at `(position - heads) / TREE_FANOUT`. Its depth is
+                // log(N), so the last sled starts a few hops after the PUT.
+                let tree: Vec<SledId> = heads.iter().copied().chain(followers).collect();
+                let parent_of = |position: usize| (position - heads.len()) / TREE_FANOUT;
+                for position in heads.len()..tree.len() {
+                    let parent = parent_of(position);
+                    let source = tree[parent];
+                    let feed = match parent < heads.len() && !put_targets.contains(&source) {
+                        true => Feed::Holds,
+                        false => Feed::Pipelined,
                     };
-                    // Resume sources: the other heads, and the sleds earlier
-                    // in this chain, each at least as far along as the source
-                    // (the chain's head is one of the heads; the source is
-                    // the head or the chain's last sled).
-                    let source_index = match chain.len() {
-                        1 => head,
-                        length => heads.len() + length - 2,
+                    // The followers above this one, from the head's child
+                    // down to its source, each at least as far along as the
+                    // source; the head is one of the heads.
+                    let mut ancestors = Vec::new();
+                    let mut node = parent;
+                    while node >= heads.len() {
+                        ancestors.push(tree[node]);
+                        node = parent_of(node);
+                    }
+                    let head = tree[node];
+                    ancestors.reverse();
+                    let source_index = match ancestors.len() {
+                        0 => parent,
+                        above => heads.len() + above - 1,
                     };
-                    // The chain's head first: a copy moves off a source
-                    // that is slow (a slow sled before it in the chain), and
-                    // the head is fed by Nexus or already holds it.
-                    let mut alternates = pick_excluding([&heads, &chain[1..]], source_index, rng);
-                    if chain.len() > 1 {
-                        // The source is a follower here, so not the head.
-                        alternates.retain(|&sled| sled != chain[0]);
-                        alternates.insert(0, chain[0]);
+                    let mut alternates = pick_excluding([&heads, &ancestors], source_index, rng);
+                    if !ancestors.is_empty() {
+                        // The head first: a copy moves off a source that is
+                        // slow (a slow sled above it), and the head is fed by
+                        // Nexus or already holds the artifact.
+                        alternates.retain(|&sled| sled != head);
+                        alternates.insert(0, head);
                         alternates.truncate(ALTERNATES);
                     }
+                    *sends.entry(source).or_default() += 1;
                     copies.push(Request::Copy {
                         hash: *hash,
-                        target,
+                        target: tree[position],
                         source,
                         feed,
                         recopy: false,
                         alternates,
                     });
-                    chain.push(target);
                 }
             }
             Fanout::TwoStage | Fanout::Star => {
@@ -489,7 +520,13 @@ mod tests {
                     }
                 }
             }
-            assert!(reads.values().all(|&n| n == 1), "each sled sends the artifact once: {reads:?}");
+            assert!(
+                reads.values().all(|&n| n <= TREE_FANOUT),
+                "each sled feeds at most the fan-out: {reads:?}"
+            );
+            let depth = trees(&planned).values().map(|tree| tree.depth()).max().unwrap_or(0);
+            let bound = (sled_count as f64).log2().ceil() as usize;
+            assert!(depth <= bound, "{sled_count} sleds: a tree {depth} deep, more than log2 N");
             let first_copy = planned.requests.iter().position(|r| matches!(r, Request::Copy { .. }));
             let last_put = planned.requests.iter().rposition(|r| matches!(r, Request::Put { .. }));
             assert!(first_copy.is_none() || first_copy > last_put, "PUTs come first");
@@ -893,49 +930,86 @@ mod tests {
         Inventory { sleds, artifacts: (1..=16).map(|n| (hash(n), staged.clone())).collect() }
     }
 
-    /// Each artifact's chain, from its PUT target on, in copy order.
-    fn chains(planned: &Plan) -> BTreeMap<ArtifactHash, Vec<SledId>> {
-        let mut chains: BTreeMap<ArtifactHash, Vec<SledId>> = BTreeMap::new();
+    /// One artifact's tree: its PUT target, and each copy's source.
+    #[derive(Default)]
+    struct Tree {
+        head: Option<SledId>,
+        parent: BTreeMap<SledId, SledId>,
+    }
+
+    impl Tree {
+        fn depth_of(&self, mut sled: SledId) -> usize {
+            let mut depth = 0;
+            while let Some(&parent) = self.parent.get(&sled) {
+                sled = parent;
+                depth += 1;
+            }
+            depth
+        }
+
+        fn depth(&self) -> usize {
+            self.parent.keys().map(|&sled| self.depth_of(sled)).max().unwrap_or(0)
+        }
+
+        fn feeds(&self, sled: SledId) -> bool {
+            self.parent.values().any(|&parent| parent == sled)
+        }
+    }
+
+    /// Each artifact's tree, checking that every copy reads from the head
+    /// or from a sled an earlier copy fills.
+    fn trees(planned: &Plan) -> BTreeMap<ArtifactHash, Tree> {
+        let mut trees: BTreeMap<ArtifactHash, Tree> = BTreeMap::new();
         for request in &planned.requests {
             match request {
-                Request::Put { hash, sled } => chains.entry(*hash).or_default().insert(0, *sled),
+                Request::Put { hash, sled } => trees.entry(*hash).or_default().head = Some(*sled),
                 Request::Copy { hash, target, source, .. } => {
-                    let chain = chains.entry(*hash).or_default();
-                    assert_eq!(
-                        chain.last(),
-                        Some(source),
-                        "one chain per artifact, each from the one before"
+                    let tree = trees.entry(*hash).or_default();
+                    assert!(
+                        tree.head == Some(*source) || tree.parent.contains_key(source),
+                        "{hash}: {source} is filled by no earlier request"
                     );
-                    chain.push(*target);
+                    tree.parent.insert(*target, *source);
                 }
             }
         }
-        chains
+        trees
     }
 
     #[test]
-    fn each_sled_heads_an_equal_share_of_the_chains() {
+    fn each_sled_heads_an_equal_share_of_the_trees_and_sends_an_equal_share() {
         let planned = plan(&a_release_on(sleds(8)), &mut rng(), limits(3));
         let mut heads: BTreeMap<SledId, usize> = BTreeMap::new();
-        for chain in chains(&planned).values() {
-            assert_eq!(chain.len(), 8);
-            *heads.entry(chain[0]).or_default() += 1;
+        for tree in trees(&planned).values() {
+            assert_eq!(tree.parent.len(), 7);
+            *heads.entry(tree.head.unwrap()).or_default() += 1;
         }
         assert_eq!(heads.len(), 8, "{heads:?}");
         assert!(heads.values().all(|&n| n == 2), "{heads:?}");
+        // 16 artifacts x 7 copies over 8 uplinks: 14 each, give or take
+        // two trees' fan-out (a random chain-free deal strays further).
+        let mut sends: BTreeMap<SledId, usize> = BTreeMap::new();
+        for request in &planned.requests {
+            if let Request::Copy { source, .. } = request {
+                *sends.entry(*source).or_default() += 1;
+            }
+        }
+        let (least, most) = (sends.values().min().unwrap(), sends.values().max().unwrap());
+        assert!(most - least <= 2 * TREE_FANOUT, "uplinks unevenly used: {sends:?}");
     }
 
     #[test]
-    fn a_slow_sled_heads_no_chain_and_ends_every_chain() {
+    fn a_slow_sled_heads_no_tree_and_feeds_no_sled() {
         let mut all = sleds(8);
         all[3].slow = true;
         all[5].slow = true;
         let slow = [all[3].id, all[5].id];
         let planned = plan(&a_release_on(all.clone()), &mut rng(), limits(3));
-        for (hash, chain) in chains(&planned) {
-            assert!(!slow.contains(&chain[0]), "{hash}: a slow sled is no PUT target");
-            let tail: BTreeSet<SledId> = chain[6..].iter().copied().collect();
-            assert_eq!(tail, slow.into(), "{hash}: the slow sleds come last");
+        for (hash, tree) in trees(&planned) {
+            assert!(!slow.contains(&tree.head.unwrap()), "{hash}: a slow sled is no PUT target");
+            for sled in slow {
+                assert!(!tree.feeds(sled), "{hash}: a slow sled feeds no other");
+            }
         }
         for request in &planned.requests {
             if let Request::Copy { source, target, .. } = request
@@ -954,10 +1028,10 @@ mod tests {
     #[test]
     fn a_copy_behind_the_head_may_move_to_the_head_first() {
         let planned = plan(&a_release_on(sleds(8)), &mut rng(), limits(3));
-        let chains = chains(&planned);
+        let trees = trees(&planned);
         for request in &planned.requests {
             if let Request::Copy { hash, source, alternates, .. } = request {
-                let head = chains[hash][0];
+                let head = trees[hash].head.unwrap();
                 assert!(!alternates.contains(source), "{alternates:?}");
                 assert!(alternates.len() <= ALTERNATES);
                 if *source != head {

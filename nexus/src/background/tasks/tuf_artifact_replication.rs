@@ -164,6 +164,8 @@ pub struct ReplicationSettings {
     /// release staged artifacts once every sled holds them.
     pub allow_fewer_sleds: bool,
     pub max_concurrent_requests: usize,
+    /// Copy requests at once, a pool of their own.
+    pub max_concurrent_copy_requests: usize,
     pub ring_buffer_size: usize,
     pub followup_delay: Duration,
     pub fanout: Fanout,
@@ -492,9 +494,12 @@ impl ArtifactReplication {
                         let listed = listed.clone();
                         settled.insert(sled.id, Settled { listed, healthy_m2, listed_at });
                     }
-                    let copy_slots = listed
-                        .max_concurrent_copies
-                        .map_or(usize::MAX, |limit| limit.saturating_sub(listed.copies_in_flight.len()));
+                    // Queued copies take no slot of their own until they
+                    // start: the sled takes running and queued ones alike.
+                    let copy_slots = listed.max_concurrent_copies.map_or(usize::MAX, |limit| {
+                        (limit + listed.max_queued_copies.unwrap_or(0))
+                            .saturating_sub(listed.copies_in_flight.len())
+                    });
                     if let Some(rate) = listed.copy_bytes_per_sec {
                         self.copy_rates.insert(sled.id, rate);
                     }
@@ -772,7 +777,7 @@ impl ArtifactReplication {
         let limit = self.settings.max_concurrent_requests;
         let permits = RequestPermits {
             puts: tokio::sync::Semaphore::new(limit),
-            copies: tokio::sync::Semaphore::new(limit),
+            copies: tokio::sync::Semaphore::new(self.settings.max_concurrent_copy_requests),
             tracker: PutTracker::default(),
         };
         let puts: Vec<usize> = requests
@@ -786,12 +791,17 @@ impl ArtifactReplication {
             async move {
                 let waited = match request {
                     // A filler that has not answered within `FILLER_WAIT`
-                    // is a slow sled (its link's queues hold its answer):
-                    // the copy goes anyway, and its sled moves off a source
-                    // that sends nothing.
+                    // of being sent is a slow sled (its link's queues hold
+                    // its answer): the copy goes anyway, and its sled moves
+                    // off a source that sends nothing. Waiting for this
+                    // Nexus's own permits is not the sled's slowness.
                     Request::Copy { feed: Feed::Pipelined, .. } => match fills[index] {
                         Some(filler) => {
-                            tokio::time::timeout(FILLER_WAIT, wait_for(&progress[filler], Progress::Started))
+                            wait_for(&progress[filler], Progress::Sent).await
+                                && tokio::time::timeout(
+                                    FILLER_WAIT,
+                                    wait_for(&progress[filler], Progress::Started),
+                                )
                                 .await
                                 .unwrap_or(true)
                         }
@@ -847,6 +857,8 @@ impl ArtifactReplication {
                 let wrong_bytes = std::sync::atomic::AtomicBool::new(false);
                 let (tracked, sent) = permits.tracker.register();
                 let put = with_busy_retries(&permits.puts, || async {
+                    progress.send_if_modified(|state| advance(state, Progress::Sent));
+                    permits.tracker.start(tracked);
                     let opened = async {
                         let file = tokio::fs::File::open(&path).await?;
                         let length = file.metadata().await?.len();
@@ -860,13 +872,7 @@ impl ArtifactReplication {
                     // Followers may start once the sled has begun to receive.
                     let head_start = async {
                         tokio::time::sleep(PIPELINE_HEAD_START).await;
-                        progress.send_if_modified(|state| {
-                            let pending = *state == Progress::Pending;
-                            if pending {
-                                *state = Progress::Started;
-                            }
-                            pending
-                        });
+                        progress.send_if_modified(|state| advance(state, Progress::Started));
                         std::future::pending::<()>().await
                     };
                     let outcome = tokio::select! {
@@ -908,6 +914,7 @@ impl ArtifactReplication {
                 };
                 let client = &sleds[target].client;
                 let outcome = with_busy_retries(&permits.copies, || async {
+                    progress.send_if_modified(|state| advance(state, Progress::Sent));
                     client
                         .artifact_copy_from_depot(hash, generation.get(), &body)
                         .await
@@ -1079,10 +1086,27 @@ impl BackgroundTask for ArtifactReplication {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Progress {
     Pending,
+    /// Holds one of this Nexus's request permits and is being sent: what
+    /// it waits for now is the sled, not this Nexus's own queue.
+    Sent,
     /// Under way far enough for pipelined followers to read from its sled.
     Started,
     Done,
     Failed,
+}
+
+/// Moves `state` on to `to` if it is not there or beyond yet; whether it
+/// moved.
+fn advance(state: &mut Progress, to: Progress) -> bool {
+    let moves = match to {
+        Progress::Sent => *state == Progress::Pending,
+        Progress::Started => matches!(state, Progress::Pending | Progress::Sent),
+        _ => unreachable!("a request's end is sent with send_replace"),
+    };
+    if moves {
+        *state = to;
+    }
+    moves
 }
 
 /// Waits until `progress` reaches `goal` (or beyond); false if it failed.
@@ -1090,6 +1114,7 @@ async fn wait_for(progress: &watch::Sender<Progress>, goal: Progress) -> bool {
     let mut receiver = progress.subscribe();
     let reached = receiver
         .wait_for(|state| match goal {
+            Progress::Sent => *state != Progress::Pending,
             Progress::Started => matches!(state, Progress::Started | Progress::Done | Progress::Failed),
             _ => matches!(state, Progress::Done | Progress::Failed),
         })
@@ -1310,7 +1335,8 @@ struct PutTracker {
 struct TrackedPut {
     /// Body bytes sent, over all attempts.
     sent: Arc<std::sync::atomic::AtomicU64>,
-    started: Instant,
+    /// When it got its permit: a PUT waiting for one is not slow.
+    started: Option<Instant>,
     finished: Option<Instant>,
 }
 
@@ -1318,8 +1344,12 @@ impl PutTracker {
     fn register(&self) -> (usize, Arc<std::sync::atomic::AtomicU64>) {
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut puts = self.puts.lock().unwrap_or_else(|e| e.into_inner());
-        puts.push(TrackedPut { sent: sent.clone(), started: Instant::now(), finished: None });
+        puts.push(TrackedPut { sent: sent.clone(), started: None, finished: None });
         (puts.len() - 1, sent)
+    }
+
+    fn start(&self, id: usize) {
+        self.puts.lock().unwrap_or_else(|e| e.into_inner())[id].started.get_or_insert_with(Instant::now);
     }
 
     fn finish(&self, id: usize) {
@@ -1336,6 +1366,9 @@ impl PutTracker {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let puts = self.puts.lock().unwrap_or_else(|e| e.into_inner());
+            if puts[id].started.is_none() {
+                continue;
+            }
             let sent = puts[id].sent.load(std::sync::atomic::Ordering::Relaxed);
             let rate = sent.saturating_sub(last_sent) as f64;
             last_sent = sent;
@@ -1345,7 +1378,7 @@ impl PutTracker {
                 .enumerate()
                 .filter(|(other, _)| *other != id)
                 .filter_map(|(_, put)| {
-                    let secs = (put.finished? - put.started).as_secs_f64();
+                    let secs = (put.finished? - put.started?).as_secs_f64();
                     Some(put.sent.load(std::sync::atomic::Ordering::Relaxed) as f64 / secs.max(0.001))
                 })
                 .collect();
@@ -1473,6 +1506,7 @@ mod tests {
                 copies_in_flight: BTreeSet::new(),
                 copy_failures: BTreeMap::new(),
                 max_concurrent_copies: None,
+                max_queued_copies: None,
                 copy_bytes_per_sec: None,
                 ledger_damage: Vec::new(),
             },
