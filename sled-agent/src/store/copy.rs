@@ -132,10 +132,11 @@ impl ArtifactStore {
                 slog::info!(store.log, "queued copy dropped"; "hash" => %hash, "error" => error_chain(&error));
                 return;
             }
-            if let Err(error) = store.start_copy(hash, urls.clone(), in_flight, permit).await {
+            let source = urls[0].clone();
+            if let Err(error) = store.start_copy(hash, urls, in_flight, permit).await {
                 let message = error_chain(&error);
                 slog::warn!(store.log, "queued copy failed to start"; "hash" => %hash, "error" => &message);
-                store.record_copy_failure(hash, &urls[0], message).await;
+                store.record_copy_failure(hash, &source, message).await;
             }
         });
         Ok(())

@@ -223,6 +223,11 @@ pub fn slow_sleds(rates: &BTreeMap<SledId, u64>) -> BTreeSet<SledId> {
     rates.iter().filter(|(_, rate)| (**rate as f64) < SLOW_FRACTION * median).map(|(&id, _)| id).collect()
 }
 
+/// A sled's count in a tally of this plan (0 if it has none).
+fn count(counts: &BTreeMap<SledId, usize>, sled: &SledId) -> usize {
+    counts.get(sled).copied().unwrap_or(0)
+}
+
 /// The PUT target among `candidates` that heads the fewest trees so far,
 /// then sends the fewest copies, a sled not measured slow if there is one;
 /// random among equals.
@@ -232,9 +237,7 @@ fn least_used_head(
     sends: &BTreeMap<SledId, usize>,
     rng: &mut impl Rng,
 ) -> Option<SledId> {
-    let count =
-        |counts: &BTreeMap<SledId, usize>, sled: &SledState| counts.get(&sled.id).copied().unwrap_or(0);
-    let rank = |sled: &SledState| (sled.slow, count(heads_so_far, sled), count(sends, sled));
+    let rank = |sled: &SledState| (sled.slow, count(heads_so_far, &sled.id), count(sends, &sled.id));
     let best = candidates.iter().map(|sled| rank(sled)).min()?;
     let equals: Vec<SledId> =
         candidates.iter().filter(|sled| rank(sled) == best).map(|sled| sled.id).collect();
@@ -318,11 +321,9 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
         // The heads sending least so far take the first followers.
         let mut heads: Vec<SledId> = holders.iter().chain(&put_targets).copied().collect();
         heads.shuffle(rng);
-        heads.sort_by_key(|sled| sends.get(sled).copied().unwrap_or(0));
+        heads.sort_by_key(|sled| count(&sends, sled));
         let heads_index: BTreeMap<SledId, usize> =
             heads.iter().enumerate().map(|(index, &id)| (id, index)).collect();
-        let holder_index: BTreeMap<SledId, usize> =
-            holders.iter().enumerate().map(|(index, &id)| (id, index)).collect();
         let mut followers = Vec::new();
         for sled in usable.iter().filter(|sled| wanted(sled) && !put_targets.contains(&sled.id)) {
             if state.backing_off.contains(&sled.id) {
@@ -339,8 +340,8 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
             if held > 0 {
                 // Another holder, else its own depot (which rewrites every
                 // healthy M.2). Here the heads are the holders.
-                let own = holder_index[&sled.id];
-                let source_index = match holders.len() {
+                let own = heads_index[&sled.id];
+                let source_index = match heads.len() {
                     1 => own,
                     count => {
                         let pick = rng.random_range(0..count - 1);
@@ -350,10 +351,10 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
                 copies.push(Request::Copy {
                     hash: *hash,
                     target: sled.id,
-                    source: holders[source_index],
+                    source: heads[source_index],
                     feed: Feed::Holds,
                     recopy: true,
-                    alternates: pick_excluding([&heads, &[]], heads_index[&holders[source_index]], rng),
+                    alternates: pick_excluding([&heads, &[]], source_index, rng),
                 });
             } else {
                 followers.push(sled.id);
@@ -363,7 +364,7 @@ pub fn plan(inventory: &Inventory, rng: &mut impl Rng, limits: Limits) -> Plan {
         // them), and among the rest those sending least so far first (the
         // inner nodes of the tree below, which send the artifact on).
         followers.shuffle(rng);
-        followers.sort_by_key(|sled| (slow.contains(sled), sends.get(sled).copied().unwrap_or(0)));
+        followers.sort_by_key(|sled| (slow.contains(sled), count(&sends, sled)));
         match limits.fanout {
             Fanout::Pipelined => {
                 // A tree in breadth-first order: the heads, then the

@@ -1083,7 +1083,9 @@ impl BackgroundTask for ArtifactReplication {
 }
 
 /// Where one request of a plan is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// In order: a request only moves forward, and a waiter's goal is reached
+/// by any later state (`Failed` last, so waiting for `Done` ends on it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Progress {
     Pending,
     /// Holds one of this Nexus's request permits and is being sent: what
@@ -1098,11 +1100,7 @@ enum Progress {
 /// Moves `state` on to `to` if it is not there or beyond yet; whether it
 /// moved.
 fn advance(state: &mut Progress, to: Progress) -> bool {
-    let moves = match to {
-        Progress::Sent => *state == Progress::Pending,
-        Progress::Started => matches!(state, Progress::Pending | Progress::Sent),
-        _ => unreachable!("a request's end is sent with send_replace"),
-    };
+    let moves = *state < to;
     if moves {
         *state = to;
     }
@@ -1112,13 +1110,7 @@ fn advance(state: &mut Progress, to: Progress) -> bool {
 /// Waits until `progress` reaches `goal` (or beyond); false if it failed.
 async fn wait_for(progress: &watch::Sender<Progress>, goal: Progress) -> bool {
     let mut receiver = progress.subscribe();
-    let reached = receiver
-        .wait_for(|state| match goal {
-            Progress::Sent => *state != Progress::Pending,
-            Progress::Started => matches!(state, Progress::Started | Progress::Done | Progress::Failed),
-            _ => matches!(state, Progress::Done | Progress::Failed),
-        })
-        .await;
+    let reached = receiver.wait_for(|state| *state >= goal).await;
     reached.is_ok_and(|state| *state != Progress::Failed)
 }
 
