@@ -284,6 +284,10 @@ impl Drop for Network {
         }
         for host in &self.hosts {
             remove_namespace(&host.namespace);
+            // The kernel frees a deleted namespace, and the veth end in it,
+            // only once its last process has exited, and then in the
+            // background; deleting our end takes the pair now.
+            let _ = ip(&["link", "del", &host.bridge_port]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
     }
