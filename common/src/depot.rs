@@ -86,6 +86,15 @@ pub fn span(hash: &ArtifactHash, range_header: Option<&str>, length: u64) -> Res
     Ok(Span { status, start, end, count, length })
 }
 
+/// Response header of a depot serving an artifact it is still receiving:
+/// how many in-flight writes stood between these bytes and a complete copy
+/// when the write began (1 for a sled receiving a PUT, or copying from a
+/// complete copy; one more per sled in a pipelined chain). Absent for a
+/// complete copy. A copier
+/// far down a chain gives the sleds above it time to move off a slow
+/// source first (see the sled agent's `store::rate`).
+pub const HOPS_HEADER: &str = "x-artifact-hops";
+
 /// The response for `span` of `hash`, with `body` (exactly `span.count`
 /// bytes, or broken off short of them on an error: the receiver then sees
 /// a broken body, never a short artifact).

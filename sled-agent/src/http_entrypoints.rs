@@ -127,7 +127,13 @@ impl SledAgentApi for SledAgentImpl {
         rqctx
             .context()
             .store
-            .copy_from_depot(hash, generation, &body.depot_base_url, &body.alternates)
+            .copy_from_depot(
+                hash,
+                generation,
+                &body.depot_base_url,
+                &body.alternates,
+                body.fallback.as_deref(),
+            )
             .await?;
         Ok(HttpResponseAccepted(ArtifactCopyFromDepotResponse {}))
     }
@@ -171,6 +177,7 @@ impl RepoDepotApi for RepoDepotImpl {
         let (artifact, permit) = rqctx.context().store.open_for_depot(&hash).await?;
         let range_header = rqctx.request.headers().get(header::RANGE).and_then(|value| value.to_str().ok());
         let span = depot::span(&hash, range_header, artifact.length())?;
+        let hops = artifact.hops();
         // The permit is released when the body is done (or dropped).
         let body = match artifact {
             DepotArtifact::Stored { file, .. } => depot::file_body(&hash, file, span, permit).await?,
@@ -190,7 +197,11 @@ impl RepoDepotApi for RepoDepotImpl {
                 Body::wrap(http_body_util::StreamBody::new(stream))
             }
         };
-        depot::respond(&hash, span, body)
+        let mut response = depot::respond(&hash, span, body)?;
+        if hops > 0 {
+            response.headers_mut().insert(depot::HOPS_HEADER, hops.into());
+        }
+        Ok(response)
     }
 
     async fn artifact_reverify(

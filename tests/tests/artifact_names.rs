@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 const RESET_AT: usize = 300_000;
 
 fn copy_body(url: String) -> ArtifactCopyFromDepotBody {
-    ArtifactCopyFromDepotBody { depot_base_url: url, alternates: Vec::new() }
+    ArtifactCopyFromDepotBody { depot_base_url: url, alternates: Vec::new(), fallback: None }
 }
 
 // The PUT helpers return what went wrong rather than panic, so that a broken

@@ -23,7 +23,11 @@ async fn a_copy_stays_in_flight_until_its_commit_is_durable() {
     client.artifact_config_put(&config).await.unwrap();
     // Serves every byte on the first request (and after, if asked again).
     let source = FakeDepot::start(bytes.clone(), Behavior::ResetAfter(usize::MAX)).await;
-    let body = ArtifactCopyFromDepotBody { depot_base_url: source.base_url(), alternates: Vec::new() };
+    let body = ArtifactCopyFromDepotBody {
+        depot_base_url: source.base_url(),
+        alternates: Vec::new(),
+        fallback: None,
+    };
 
     fail::cfg("sled_agent::store::before_rename", "1*sleep(1500)").unwrap();
     client.artifact_copy_from_depot(&hash, 1, &body).await.unwrap();

@@ -23,7 +23,7 @@ use sha2::Digest;
 use std::time::Duration;
 
 fn copy_body(depot: &FakeDepot) -> ArtifactCopyFromDepotBody {
-    ArtifactCopyFromDepotBody { depot_base_url: depot.base_url(), alternates: Vec::new() }
+    ArtifactCopyFromDepotBody { depot_base_url: depot.base_url(), alternates: Vec::new(), fallback: None }
 }
 
 fn partial(m2: &Utf8Path, artifact: &Artifact) -> Utf8PathBuf {
@@ -146,8 +146,11 @@ async fn partials_of_different_lengths_continue_from_the_shorter() {
     let client = sled.client();
     assert_eq!(used_bytes(&client).await, [1_500_000, 600_000]);
 
-    let unreachable =
-        ArtifactCopyFromDepotBody { depot_base_url: NO_NEXUS.to_string(), alternates: Vec::new() };
+    let unreachable = ArtifactCopyFromDepotBody {
+        depot_base_url: NO_NEXUS.to_string(),
+        alternates: Vec::new(),
+        fallback: None,
+    };
     client.artifact_copy_from_depot(&a.hash, 1, &unreachable).await.unwrap_err();
     for m2 in &m2s {
         assert_eq!(std::fs::metadata(partial(m2, &a)).unwrap().len(), 600_000, "{m2}: cut, still held");
@@ -201,44 +204,75 @@ async fn a_partial_that_is_the_whole_artifact_lands_without_a_byte_fetched() {
 /// A copy far slower than the sled's other copies (its source is a slow
 /// sled, or behind one in a chain) moves to its alternate with a Range from
 /// the bytes it has, and lands long before the slow source alone could have
-/// sent it; its peers, equally fast, stay where they are.
+/// sent it; its peers, equally fast, stay where they are. Nexus's depot,
+/// the fallback, is where a slow copy goes only without a sled to go to,
+/// and one copy of the sled at a time: on a sled whose own link is slow
+/// every copy looks slow now and then, and Nexus's link carries every PUT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_far_slower_than_its_peers_moves_to_an_alternate() {
+async fn a_slow_copy_moves_to_another_sled_first_and_one_at_a_time_to_the_fallback() {
     let dir = camino_tempfile::tempdir().unwrap();
     let (sled, _m2s) = sled_on(dir.path()).await;
     let slow = artifact(1, 2 << 20);
-    let peers = [artifact(2, 6 << 20), artifact(3, 6 << 20)];
+    let lone = [artifact(4, 1 << 20), artifact(5, 1 << 20)];
+    let peers = [artifact(2, 3 << 20), artifact(3, 3 << 20)];
     let throttled = |bytes_per_sec| Behavior::Throttled { bytes_per_sec };
     let slow_source = FakeDepot::start(slow.bytes.clone(), throttled(64 << 10)).await;
     let alternate = FakeDepot::start(slow.bytes.clone(), throttled(4 << 20)).await;
+    let unused_fallback = FakeDepot::start(slow.bytes.clone(), throttled(4 << 20)).await;
+    let mut lone_sources = Vec::new();
+    let mut fallbacks = Vec::new();
+    for artifact in &lone {
+        lone_sources.push(FakeDepot::start(artifact.bytes.clone(), throttled(64 << 10)).await);
+        fallbacks.push(FakeDepot::start(artifact.bytes.clone(), throttled(4 << 20)).await);
+    }
     let mut peer_depots = Vec::new();
     for peer in &peers {
         peer_depots.push(FakeDepot::start(peer.bytes.clone(), throttled(1 << 20)).await);
     }
     let client = sled.client();
-    client.artifact_config_put(&config(1, &[&slow, &peers[0], &peers[1]])).await.unwrap();
+    client.artifact_config_put(&config(1, &[&slow, &lone[0], &lone[1], &peers[0], &peers[1]])).await.unwrap();
     for (peer, depot) in peers.iter().zip(&peer_depots) {
         client.artifact_copy_from_depot(&peer.hash, 1, &copy_body(depot)).await.unwrap();
     }
     let body = ArtifactCopyFromDepotBody {
         depot_base_url: slow_source.base_url(),
         alternates: vec![alternate.base_url()],
+        fallback: Some(unused_fallback.base_url()),
     };
     client.artifact_copy_from_depot(&slow.hash, 1, &body).await.unwrap();
-    // From the slow source alone the copy would take 32 s.
-    wait_until("the slow copy lands", Duration::from_secs(12), async || {
-        client.artifact_list().await.unwrap().into_inner().list.get(&slow.hash) == Some(&2)
+    for ((artifact, source), fallback) in lone.iter().zip(&lone_sources).zip(&fallbacks) {
+        let body = ArtifactCopyFromDepotBody {
+            depot_base_url: source.base_url(),
+            alternates: Vec::new(),
+            fallback: Some(fallback.base_url()),
+        };
+        client.artifact_copy_from_depot(&artifact.hash, 1, &body).await.unwrap();
+    }
+    // From the slow sources alone the copies would take 32 s and 16 s.
+    let mut asked_when_the_first_landed = None;
+    wait_until("the slow copies land", Duration::from_secs(12), async || {
+        let list = client.artifact_list().await.unwrap().into_inner().list;
+        let landed = lone.iter().filter(|artifact| list.get(&artifact.hash) == Some(&2)).count();
+        if landed == 1 && asked_when_the_first_landed.is_none() {
+            asked_when_the_first_landed =
+                Some(fallbacks.iter().filter(|depot| !depot.ranges().is_empty()).count());
+        }
+        list.get(&slow.hash) == Some(&2) && landed == 2
     })
     .await;
-    let asked = alternate.ranges();
-    let offset: u64 = match asked.as_slice() {
-        [Some(range)] => {
-            range.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap().parse().unwrap()
-        }
-        other => panic!("the alternate should be asked once, for the rest: {other:?}"),
-    };
-    assert!(offset > 0 && offset <= slow_source.served_bytes(), "resumed at {offset}");
-    assert!(slow_source.served_bytes() < slow.bytes.len() as u64 / 2);
+    assert_eq!(asked_when_the_first_landed, Some(1), "one copy at a time reads from the fallback for speed");
+    for (depot, source) in [(&alternate, &slow_source)].into_iter().chain(fallbacks.iter().zip(&lone_sources))
+    {
+        let offset: u64 = match depot.ranges().as_slice() {
+            [Some(range)] => {
+                range.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).unwrap().parse().unwrap()
+            }
+            other => panic!("the next source should be asked once, for the rest: {other:?}"),
+        };
+        assert!(offset > 0 && offset <= source.served_bytes(), "resumed at {offset}");
+        assert!(source.served_bytes() < slow.bytes.len() as u64 / 2);
+    }
+    assert!(unused_fallback.ranges().is_empty(), "a slow copy with another sled to go to leaves Nexus alone");
     for depot in &peer_depots {
         assert_eq!(depot.ranges(), [None], "a copy as fast as its peers does not move");
     }

@@ -403,6 +403,7 @@ async fn a_sled_busy_with_copies_is_asked_again_not_backed_off() {
         let body = common::api::sled_agent::ArtifactCopyFromDepotBody {
             depot_base_url: stalling.base_url(),
             alternates: Vec::new(),
+            fallback: None,
         };
         client.artifact_copy_from_depot(&occupied, config.generation.get(), &body).await.unwrap();
     };

@@ -216,6 +216,7 @@ async fn staged_artifacts_are_served_like_a_depot() {
     let body = common::api::sled_agent::ArtifactCopyFromDepotBody {
         depot_base_url: rack.nexus.internal_url(),
         alternates: Vec::new(),
+        fallback: None,
     };
     client.artifact_copy_from_depot(&hash, config.generation.get(), &body).await.unwrap();
     integration_tests::rack::wait_until("the copy from Nexus lands", Duration::from_secs(20), async || {

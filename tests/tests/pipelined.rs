@@ -38,7 +38,7 @@ fn fed_put(
 }
 
 fn copy_body(source: String, alternates: Vec<String>) -> ArtifactCopyFromDepotBody {
-    ArtifactCopyFromDepotBody { depot_base_url: source, alternates }
+    ArtifactCopyFromDepotBody { depot_base_url: source, alternates, fallback: None }
 }
 
 async fn holds(client: &Client, artifact: &Artifact) -> usize {
@@ -62,6 +62,8 @@ async fn a_depot_serves_an_artifact_it_is_still_receiving_and_the_next_sled_copi
     let response = reqwest::get(&url).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.content_length(), Some(a.bytes.len() as u64));
+    let hops = |response: &reqwest::Response| response.headers().get(common::depot::HOPS_HEADER).cloned();
+    assert_eq!(hops(&response), Some(1.into()), "bytes of a PUT, one write from Nexus's complete copy");
     let mut download = response.bytes_stream();
     second
         .client()
@@ -84,6 +86,10 @@ async fn a_depot_serves_an_artifact_it_is_still_receiving_and_the_next_sled_copi
     assert_eq!(holds(&first.client(), &a).await, 0, "the first sled has not committed the artifact");
     let copying = second.client().artifact_list().await.unwrap().into_inner();
     assert!(copying.copies_in_flight.contains(&a.hash), "the second sled copies while the first receives");
+    let second_url = format!("{}/artifact/sha256/{}", second.depot_url(), a.hash);
+    let from_second = reqwest::get(&second_url).await.unwrap();
+    assert_eq!(hops(&from_second), Some(2.into()), "one more hop down the chain");
+    drop(from_second);
 
     for chunk in tail[64 << 10..].chunks(256 << 10) {
         feed.send(chunk.to_vec()).await.unwrap();
@@ -98,6 +104,7 @@ async fn a_depot_serves_an_artifact_it_is_still_receiving_and_the_next_sled_copi
         holds(&second.client(), &a).await == 2
     })
     .await;
+    assert_eq!(hops(&reqwest::get(&second_url).await.unwrap()), None, "a complete copy is no hop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

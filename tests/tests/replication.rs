@@ -239,6 +239,7 @@ async fn a_stale_nexus_cannot_undo_a_newer_ones_work() {
         let body = common::api::sled_agent::ArtifactCopyFromDepotBody {
             depot_base_url: rack.sleds[0].depot_url(),
             alternates: Vec::new(),
+            fallback: None,
         };
         let copy = client.artifact_copy_from_depot(&os, stale.generation.get(), &body).await.unwrap_err();
         assert_eq!(copy.status().unwrap().as_u16(), 409);

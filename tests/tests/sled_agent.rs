@@ -42,7 +42,7 @@ async fn used_bytes(client: &Client) -> u64 {
 }
 
 fn copy_body(url: String) -> ArtifactCopyFromDepotBody {
-    ArtifactCopyFromDepotBody { depot_base_url: url, alternates: Vec::new() }
+    ArtifactCopyFromDepotBody { depot_base_url: url, alternates: Vec::new(), fallback: None }
 }
 
 #[tokio::test]

@@ -118,6 +118,13 @@ pub struct ArtifactCopyFromDepotBody {
     /// breaks off mid-copy.
     #[serde(default)]
     pub alternates: Vec<String>,
+    /// Nexus's own depot, where it has the artifact staged: tried after
+    /// every sled; a copy that is merely slow moves there only when no
+    /// sled source looks better, and only one such copy per sled at once
+    /// (every PUT of a release shares Nexus's link, and a copy slow because
+    /// its own sled's link is slow gains nothing there).
+    #[serde(default)]
+    pub fallback: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

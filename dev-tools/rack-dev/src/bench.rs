@@ -58,6 +58,11 @@ pub enum BenchCommand {
         /// Where the plot goes.
         #[arg(long, default_value = "target/bench")]
         out: camino::Utf8PathBuf,
+        /// With --netns: run each rack in a directory under this one and
+        /// keep it, with info-level logs (per-copy sources, moves off slow
+        /// sources), for reading afterwards.
+        #[arg(long, requires = "netns")]
+        keep_logs: Option<camino::Utf8PathBuf>,
     },
     /// Background task activation latency and status query latency.
     Bgtask {
@@ -125,6 +130,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
             kill_sled_at,
             fanouts,
             out,
+            keep_logs,
         } => {
             crate::bench_fanout::replicate_on_a_network(crate::bench_fanout::FanoutOptions {
                 sled_counts: sleds,
@@ -139,6 +145,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
                 kill_sled_at,
                 fanouts,
                 out,
+                keep_logs,
             })
             .await
         }

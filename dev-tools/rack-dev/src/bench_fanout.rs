@@ -36,6 +36,9 @@ pub struct FanoutOptions {
     pub kill_sled_at: Option<f64>,
     pub fanouts: Vec<String>,
     pub out: camino::Utf8PathBuf,
+    /// Where each run's rack goes, its info-level logs kept for reading
+    /// afterwards (a temporary directory, warnings only, if not set).
+    pub keep_logs: Option<camino::Utf8PathBuf>,
 }
 
 struct Measured {
@@ -237,8 +240,11 @@ async fn one_run(
         sleds,
         nexus: 1,
         database_url: None,
-        log_level: "warn".into(),
-        dir: None,
+        log_level: if options.keep_logs.is_some() { "info" } else { "warn" }.into(),
+        dir: options
+            .keep_logs
+            .as_ref()
+            .map(|dir| dir.join(format!("{sleds}-sleds-{artifacts}-artifacts-{fanout}"))),
         nexus_settings: settings,
         netns: Some(link),
     })

@@ -29,10 +29,18 @@
 //! the same bytes (they are named by their hash), so where each part came
 //! from does not matter; the whole hash is still checked before the rename.
 //!
+//! Nexus may name its own depot as a *fallback*, tried after every sled.
+//!
 //! A copy that runs far below this sled's other copies (see [`super::rate`])
 //! moves on to the next source too, at once, with a Range request from the
-//! bytes it has: in a pipelined chain that is how the sleds behind a slow
-//! or lossy one stop waiting for it. A resume that is followed by a
+//! bytes it has: in a pipelined chain that is how the sleds behind a slow or
+//! lossy one stop waiting for it. It prefers a source that no copy here
+//! has moved off as slow lately: a sled first; the fallback next, but only for
+//! [`FALLBACK_FOR_SPEED`] copies of this sled at once. On a sled whose own
+//! link is slow every copy looks slow now and then, whatever its source:
+//! without the bound, rotating those onto Nexus added most of a release to
+//! Nexus's egress (issue #20), while a sled behind a slow one needs Nexus
+//! for the one or two artifacts that slow sled was first to receive. A resume that is followed by a
 //! megabyte of progress earns the copy a fresh resume budget, so a source
 //! that breaks now and then but delivers is not given up on.
 //!
@@ -61,6 +69,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 /// The longest `Retry-After` of a busy depot honoured while resuming.
 const MAX_SOURCE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Copies of one sled that may read from the fallback (Nexus's depot) at
+/// once for speed; a copy whose sled sources fail uses it regardless.
+pub(super) const FALLBACK_FOR_SPEED: usize = 1;
 
 /// Moves off a slow source per copy: enough to try each alternate Nexus
 /// names, not so many that copies with no better source churn.
@@ -99,6 +111,7 @@ impl ArtifactStore {
         generation: Generation,
         depot_base_url: &str,
         alternates: &[String],
+        fallback: Option<&str>,
     ) -> Result<(), StoreError> {
         self.check_request(&hash, generation).await?;
         let in_flight = {
@@ -109,13 +122,16 @@ impl ArtifactStore {
             }
             InFlight { set: self.copies_in_flight.clone(), hash }
         };
+        let artifact_url = |base: &str| format!("{}/artifact/sha256/{hash}", base.trim_end_matches('/'));
         let mut urls: Vec<String> = std::iter::once(depot_base_url)
             .chain(alternates.iter().map(String::as_str))
-            .map(|base| format!("{}/artifact/sha256/{hash}", base.trim_end_matches('/')))
+            .map(artifact_url)
             .collect();
         urls.dedup();
+        let fallback = fallback.map(artifact_url).filter(|fallback| !urls.contains(fallback));
+        urls.extend(fallback.clone());
         if let Ok(permit) = self.copy_permits.clone().try_acquire_owned() {
-            return self.start_copy(hash, urls, in_flight, permit).await;
+            return self.start_copy(hash, urls, fallback, in_flight, permit).await;
         }
         let queued = self.copy_queue_permits.clone().try_acquire_owned().map_err(|_| StoreError::Busy {
             activity: "running and queued copies",
@@ -133,7 +149,7 @@ impl ArtifactStore {
                 return;
             }
             let source = urls[0].clone();
-            if let Err(error) = store.start_copy(hash, urls, in_flight, permit).await {
+            if let Err(error) = store.start_copy(hash, urls, fallback, in_flight, permit).await {
                 let message = error_chain(&error);
                 slog::warn!(store.log, "queued copy failed to start"; "hash" => %hash, "error" => &message);
                 store.record_copy_failure(hash, &source, message).await;
@@ -142,12 +158,14 @@ impl ArtifactStore {
         Ok(())
     }
 
-    /// Opens the first usable source of `urls` and runs the copy in the
-    /// background, holding `permit` (its copy slot) until it ends.
+    /// Opens the first usable source of `urls` (the last of which is
+    /// `fallback`, if any) and runs the copy in the background, holding
+    /// `permit` (its copy slot) until it ends.
     async fn start_copy(
         self: &Arc<Self>,
         hash: ArtifactHash,
         mut urls: Vec<String>,
+        fallback: Option<String>,
         in_flight: InFlight,
         permit: OwnedSemaphorePermit,
     ) -> Result<(), StoreError> {
@@ -180,7 +198,7 @@ impl ArtifactStore {
             return Err(first_error.expect("at least one source was tried"));
         };
         if let Some(length) = source.length {
-            write.serve(&self.in_flight_writes, length);
+            write.serve(&self.in_flight_writes, length, source.hops() + 1);
         }
         // The sources not yet tried come first if this one breaks, then the
         // ones that failed just now (they may have recovered).
@@ -188,7 +206,7 @@ impl ArtifactStore {
         let store = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match store.download(write, source, &urls).await {
+            match store.download(write, source, &urls, fallback.as_deref()).await {
                 Ok((outcome, url)) => {
                     store.forget_copy_failures(&hash);
                     slog::info!(store.log, "copied artifact"; "hash" => %hash, "from" => url,
@@ -369,6 +387,7 @@ impl ArtifactStore {
         mut write: PendingWrite,
         source: Source,
         urls: &'u [String],
+        fallback: Option<&str>,
     ) -> Result<(ArtifactPutResponse, &'u str), (StoreError, &'u str)> {
         let mut current = 0;
         let Source { mut response, mut length } = source;
@@ -383,7 +402,7 @@ impl ArtifactStore {
             Err(error) => return Err((error, url(current))),
         }
         if let Some(length) = length {
-            write.serve(&self.in_flight_writes, length);
+            write.serve(&self.in_flight_writes, length, response.as_ref().map_or(0, hops_of) + 1);
         }
         let Some(mut response) = response else {
             return self
@@ -399,7 +418,12 @@ impl ArtifactStore {
         let mut moves = 0;
         let alternates = urls.len() > 1;
         let mut rate = RateWatch::new(self.copy_rates.clone(), write.hash);
+        let mut fallback_permit = None;
         loop {
+            rate.set_source_hops(hops_of(&response));
+            if Some(url(current)) != fallback {
+                fallback_permit = None;
+            }
             let mut stream = response.bytes_stream();
             let interrupted = loop {
                 match tokio::time::timeout_at(rate.window_end(), stream.next()).await {
@@ -414,21 +438,23 @@ impl ArtifactStore {
                 if let Some(slow) = rate.judge(tokio::time::Instant::now())
                     && alternates
                     && moves < MAX_RATE_MOVES
+                    && let Some(next) = self.next_fast_source(urls, current, fallback, &mut fallback_permit)
                 {
-                    break Some(Interrupted::Slow(slow));
+                    break Some(Interrupted::Slow { slow, next });
                 }
             };
             drop(stream);
             let pause_first = match interrupted {
                 None => break,
-                Some(Interrupted::Slow(slow)) => {
+                Some(Interrupted::Slow { slow, next }) => {
                     moves += 1;
                     let from = current;
                     self.copy_rates.mark_slow_source(url(from));
-                    current = self.next_fast_source(urls, current);
+                    current = next;
                     slog::info!(self.log, "copy runs far below this sled's other copies; moving to another source";
                         "hash" => %write.hash, "from" => url(from), "next" => url(current), "offset" => write.bytes,
-                        "bytes_per_sec" => slow.rate as u64, "peers_upper_quartile_bytes_per_sec" => slow.reference as u64);
+                        "bytes_per_sec" => slow.rate as u64, "peers_upper_quartile_bytes_per_sec" => slow.reference as u64,
+                        "total_bytes_per_sec" => slow.total as u64, "typical_total_bytes_per_sec" => slow.typical_total as u64);
                     false
                 }
                 Some(Interrupted::Broke(error)) => {
@@ -518,13 +544,38 @@ impl ArtifactStore {
         self.commit(write).await.map(|outcome| (outcome, last)).map_err(|e| (e, last))
     }
 
-    /// The first source after `current` in `urls` that no copy here has
-    /// recently moved off as slow (the next one if all have).
-    fn next_fast_source(&self, urls: &[String], current: usize) -> usize {
-        (1..urls.len())
-            .map(|step| (current + step) % urls.len())
-            .find(|&next| !self.copy_rates.recently_slow(&urls[next]))
-            .unwrap_or((current + 1) % urls.len())
+    /// Where a slow copy reading `urls[current]` moves: the first sled
+    /// source after it that no copy here has recently moved off as slow;
+    /// else the `fallback`, if it is not such a source either and a
+    /// [`FALLBACK_FOR_SPEED`] permit is free (taken into `permit`); else
+    /// the next sled source, unless the copy reads from the fallback now
+    /// (moving back to a sled found slow is how a copy behind a slow head
+    /// ended its moves on that head). `None`: it stays.
+    fn next_fast_source(
+        &self,
+        urls: &[String],
+        current: usize,
+        fallback: Option<&str>,
+        permit: &mut Option<OwnedSemaphorePermit>,
+    ) -> Option<usize> {
+        let others = || (1..urls.len()).map(move |step| (current + step) % urls.len());
+        let is_fallback = |next: usize| Some(urls[next].as_str()) == fallback;
+        let fresh = |next: &usize| !self.copy_rates.recently_slow(&urls[*next]);
+        if let Some(next) = others().filter(|&next| !is_fallback(next)).find(fresh) {
+            return Some(next);
+        }
+        if let Some(next) = others().filter(|&next| is_fallback(next)).find(fresh) {
+            if permit.is_none() {
+                *permit = self.fallback_permits.clone().try_acquire_owned().ok();
+            }
+            if permit.is_some() {
+                return Some(next);
+            }
+        }
+        if is_fallback(current) {
+            return None;
+        }
+        others().find(|&next| !is_fallback(next))
     }
 
     /// The source after `current` in `urls`, after `error` ruled `current`
@@ -542,8 +593,12 @@ impl ArtifactStore {
 /// Why a copy's stream stopped before its end.
 enum Interrupted {
     Broke(reqwest::Error),
-    /// It ran far below the sled's other copies ([`super::rate`]).
-    Slow(Slow),
+    /// It ran far below the sled's other copies ([`super::rate`]), and
+    /// moves to `urls[next]`.
+    Slow {
+        slow: Slow,
+        next: usize,
+    },
 }
 
 /// A copy's source, as its first request found it.
@@ -559,6 +614,21 @@ impl Source {
         let length = response.content_length();
         Source { response: Some(response), length }
     }
+
+    fn hops(&self) -> u32 {
+        self.response.as_ref().map_or(0, hops_of)
+    }
+}
+
+/// What a source said of its distance from a complete copy
+/// (`common::depot::HOPS_HEADER`): 0 for a complete copy, or a source
+/// that does not say (Nexus's depot).
+fn hops_of(response: &reqwest::Response) -> u32 {
+    response
+        .headers()
+        .get(common::depot::HOPS_HEADER)
+        .and_then(|value| value.to_str().ok()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// What a Range request found.

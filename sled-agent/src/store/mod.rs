@@ -211,6 +211,9 @@ pub struct ArtifactStore {
     /// quota accounting that depends on it agree.
     commit: Mutex<()>,
     copy_permits: Arc<Semaphore>,
+    /// Copies that may read from Nexus's depot at once because their sled
+    /// sources were slow (see [`copy`]).
+    fallback_permits: Arc<Semaphore>,
     /// Room in the queue of copies waiting for a `copy_permits` slot.
     copy_queue_permits: Arc<Semaphore>,
     put_permits: Arc<Semaphore>,
@@ -296,6 +299,7 @@ impl ArtifactStore {
         let store = ArtifactStore {
             log,
             copy_permits: Arc::new(Semaphore::new(copy.max_concurrent)),
+            fallback_permits: Arc::new(Semaphore::new(copy::FALLBACK_FOR_SPEED)),
             copy_queue_permits: Arc::new(Semaphore::new(copy.max_queued)),
             put_permits: Arc::new(Semaphore::new(limits.max_concurrent_puts)),
             depot_permits: Arc::new(Semaphore::new(limits.max_concurrent_depot_reads)),

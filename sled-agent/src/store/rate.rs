@@ -17,9 +17,17 @@
 //!   holds the sled back.
 //!
 //! So each copy measures its rate over fixed windows and publishes it here;
-//! one that is slow by both tests for [`SLOW_WINDOWS`] windows in a row
-//! resumes (Range) from its next source. A copy with fewer than
+//! one that has been slow for [`SLOW_WINDOWS`] windows in a row resumes
+//! (Range) from its next source in the first window its link has room (a
+//! copy behind a slow sled moves as soon as its faster peers are done). A copy with fewer than
 //! [`MIN_PEERS`] rates to compare with is never judged.
+//!
+//! In a chain, every sled below a slow one is slow together: without more,
+//! all of them would move at once, most onto the same few sources, where
+//! only the first needed to (the others follow it once it is fast again).
+//! So a copy whose source is more than one in-flight write away from a
+//! complete copy (its depot says how far: `common::depot::HOPS_HEADER`)
+//! waits [`HOP_GRACE_WINDOWS`] more windows with room per extra hop.
 //!
 //! The best total of the last [`REPORTED_SPAN`] is also what the sled
 //! reports to Nexus as its copy rate: what its link has shown it can do.
@@ -54,6 +62,11 @@ const REPORTED_SPAN: Duration = Duration::from_secs(300);
 /// stall that any source has now and then. With the first window unjudged,
 /// a copy behind a slow sled moves after about 1.5 s.
 const SLOW_WINDOWS: u32 = 2;
+
+/// Windows with room a copy waits, per hop of its source beyond the
+/// first, before it moves (see [`RateWatch::set_source_hops`]): time for
+/// the sled above it to move off a slow source and speed it up again.
+const HOP_GRACE_WINDOWS: u32 = 2;
 
 /// Rates (other copies', running or recent) needed before a copy is
 /// judged. One will do: the link's room is checked too.
@@ -162,11 +175,15 @@ impl CopyRates {
     }
 }
 
-/// Why a copy should move: its rate and its peers' upper quartile, bytes/s.
+/// Why a copy should move: its rate and its peers' upper quartile, with
+/// the totals that showed the link had room.
 #[derive(Debug)]
 pub(super) struct Slow {
     pub rate: f64,
     pub reference: f64,
+    /// The running copies' total, and the link's typical total, bytes/s.
+    pub total: f64,
+    pub typical_total: f64,
 }
 
 /// One copy's measurement; dropping it withdraws the copy's rate, which
@@ -184,6 +201,12 @@ pub(super) struct RateWatch {
     /// the others' judgement more lenient).
     windows: u32,
     slow_windows: u32,
+    /// Consecutive slow windows in which the link had room.
+    slow_windows_with_room: u32,
+    /// Windows with room to wait beyond the first: [`HOP_GRACE_WINDOWS`]
+    /// per in-flight write between the source and the sled that receives
+    /// from a complete copy, which moves first if its source is slow.
+    grace_windows: u32,
 }
 
 impl RateWatch {
@@ -198,7 +221,15 @@ impl RateWatch {
             window_bytes: 0,
             windows: 0,
             slow_windows: 0,
+            slow_windows_with_room: 0,
+            grace_windows: 0,
         }
+    }
+
+    /// The source is `hops` in-flight writes from a complete copy
+    /// (`common::depot::HOPS_HEADER`).
+    pub fn set_source_hops(&mut self, hops: u32) {
+        self.grace_windows = HOP_GRACE_WINDOWS * hops.saturating_sub(1);
     }
 
     pub fn window_end(&self) -> Instant {
@@ -243,12 +274,18 @@ impl RateWatch {
         }
         peers.sort_by(f64::total_cmp);
         let reference = peers[peers.len() * 3 / 4];
-        if rate >= SLOW_FRACTION * reference || total >= ROOM_FRACTION * typical_total {
-            self.slow_windows = 0;
+        if rate >= SLOW_FRACTION * reference {
+            (self.slow_windows, self.slow_windows_with_room) = (0, 0);
             return None;
         }
+        // Slow windows on a full link count too: a copy that was slow all
+        // along moves in the first window the link has room, not
+        // [`SLOW_WINDOWS`] later.
         self.slow_windows += 1;
-        (self.slow_windows >= SLOW_WINDOWS).then_some(Slow { rate, reference })
+        let room = total < ROOM_FRACTION * typical_total;
+        self.slow_windows_with_room = if room { self.slow_windows_with_room + 1 } else { 0 };
+        (self.slow_windows >= SLOW_WINDOWS && self.slow_windows_with_room > self.grace_windows)
+            .then_some(Slow { rate, reference, total, typical_total })
     }
 
     /// The copy reads from a new source now: measure it afresh (its slow
@@ -257,7 +294,7 @@ impl RateWatch {
         self.registry.inner.lock().unwrap_or_else(|e| e.into_inner()).running.remove(&self.hash);
         let now = Instant::now();
         (self.started, self.bytes, self.window_start, self.window_bytes) = (now, 0, now, 0);
-        (self.windows, self.slow_windows) = (0, 0);
+        (self.windows, self.slow_windows, self.slow_windows_with_room) = (0, 0, 0);
     }
 }
 
@@ -304,9 +341,9 @@ mod tests {
         // Its source slowed down, and the link is no longer full.
         let slowed = [100_000, 1_000_000, 1_000_000, 1_000_000];
         // The first slowed window it judges before its peers publish
-        // theirs (the link still looks full); the second is one slow
-        // window, not yet enough.
-        assert_eq!(run(&mut watches, &slowed, 2), [false; 4]);
+        // theirs (the link still looks full), which counts as one slow
+        // window, not yet enough; in the second the link has room.
+        assert_eq!(run(&mut watches, &slowed, 1), [false; 4]);
         assert_eq!(run(&mut watches, &slowed, 1), [true, false, false, false]);
         watches[0].restart();
         assert_eq!(run(&mut watches, &[1_000_000; 4], 3), [false; 4], "after a move it is measured afresh");
@@ -331,9 +368,24 @@ mod tests {
     fn a_lone_slow_copy_moves_after_its_fast_peers_finish() {
         let registry = Arc::new(CopyRates::default());
         let mut watches: Vec<RateWatch> = (0..3).map(|n| watch(&registry, n)).collect();
-        assert_eq!(run(&mut watches, &[10_000, 1_000_000, 1_000_000], 2), [false; 3], "the link is full");
+        assert_eq!(run(&mut watches, &[10_000, 1_000_000, 1_000_000], 3), [false; 3], "the link is full");
         watches.truncate(1);
-        assert_eq!(run(&mut watches, &[10_000], 2), [true], "judged against the finished copies' rates");
+        assert_eq!(
+            run(&mut watches, &[10_000], 1),
+            [true],
+            "judged against the finished copies' rates, in the first window with room: it was slow all along"
+        );
+    }
+
+    #[test]
+    fn a_copy_far_down_a_chain_gives_the_sleds_above_it_time_to_move_first() {
+        let registry = Arc::new(CopyRates::default());
+        let mut watches: Vec<RateWatch> = (0..3).map(|n| watch(&registry, n)).collect();
+        watches[0].set_source_hops(3);
+        assert_eq!(run(&mut watches, &[10_000, 1_000_000, 1_000_000], 3), [false; 3], "the link is full");
+        watches.truncate(1);
+        assert_eq!(run(&mut watches, &[10_000], 2 * HOP_GRACE_WINDOWS), [false], "two hops above it");
+        assert_eq!(run(&mut watches, &[10_000], 1), [true], "still slow: nobody above fixed it");
     }
 
     #[test]

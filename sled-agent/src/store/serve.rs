@@ -80,6 +80,9 @@ pub(super) struct Published {
     /// Bumped when the write starts over from byte 0: bytes read before are
     /// not part of the artifact.
     pub epoch: u32,
+    /// In-flight writes between these bytes and a complete copy, this one
+    /// included (see `common::depot::HOPS_HEADER`).
+    pub hops: u32,
 }
 
 /// A write's registration; dropping it ends the write's publication (a
@@ -154,6 +157,14 @@ impl DepotArtifact {
             DepotArtifact::Writing(follower) => follower.total,
         }
     }
+
+    /// In-flight writes between its bytes and a complete copy: 0 if stored.
+    pub fn hops(&self) -> u32 {
+        match self {
+            DepotArtifact::Stored { .. } => 0,
+            DepotArtifact::Writing(follower) => follower.hops,
+        }
+    }
 }
 
 /// Reads a write's temp file as far as the write has published.
@@ -164,6 +175,7 @@ pub struct Follower {
     path: Utf8PathBuf,
     epoch: u32,
     total: u64,
+    hops: u32,
     position: u64,
     end: u64,
 }
@@ -288,6 +300,7 @@ impl ArtifactStore {
             path: published.path,
             epoch: published.epoch,
             total: published.total,
+            hops: published.hops,
             position: 0,
             end: published.total,
         })

@@ -91,7 +91,8 @@ impl ArtifactStore {
             Err(error) => return Err(drain(body, error).await),
         };
         if let Some(length) = length {
-            write.serve(&self.in_flight_writes, length);
+            // Its bytes come from Nexus's complete copy.
+            write.serve(&self.in_flight_writes, length, 1);
         }
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|error| StoreError::Body {
@@ -440,15 +441,22 @@ impl PendingWrite {
     }
 
     /// Lets depot requests follow this write of an artifact of `total`
-    /// bytes (see [`super::serve`]): not before a continued copy's prefix is
-    /// verified, and not if another write of the artifact is followed.
-    pub fn serve(&mut self, registry: &Arc<InFlightWrites>, total: u64) {
+    /// bytes, `hops` in-flight writes from a complete copy (see
+    /// [`super::serve`]): not before a continued copy's prefix is verified,
+    /// and not if another write of the artifact is followed.
+    pub fn serve(&mut self, registry: &Arc<InFlightWrites>, total: u64, hops: u32) {
         if self.serving.is_some() || self.prefix_unverified {
             return;
         }
         let Some(target) = self.targets.iter().find(|t| t.file.is_some()) else { return };
-        let first =
-            Published { path: target.tmp.clone(), readable: self.bytes, total, complete: false, epoch: 0 };
+        let first = Published {
+            path: target.tmp.clone(),
+            readable: self.bytes,
+            total,
+            complete: false,
+            epoch: 0,
+            hops,
+        };
         self.serving = registry.register(self.hash, first);
     }
 

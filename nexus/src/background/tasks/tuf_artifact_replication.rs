@@ -52,7 +52,7 @@
 //! It cannot break the generation rules below: skipping a sled sends it
 //! nothing, and what is sent still carries G.
 //!
-//! # Stragglers, slow sleds and Nexus as a last source (issue #20)
+//! # Stragglers, slow sleds and Nexus as a fallback (issue #20)
 //!
 //! An activation ends when its last request has. One PUT to a slow sled
 //! (which nothing has measured yet: a rack's first upload) would hold the
@@ -71,9 +71,13 @@
 //! chain and PUTs to them only when no other sled can take it.
 //!
 //! A copy of an artifact staged here carries this Nexus's internal API as
-//! its last alternate source: it serves staged artifacts as a depot does.
-//! A copy behind a slow chain head has no better source (every sled before
-//! it is behind the head too); it moves here instead.
+//! its `fallback`: it serves staged artifacts as a depot does. A copy behind
+//! a slow tree head has no better source (every sled above it is behind the
+//! head too); it moves here instead. The sled moves a copy here for speed
+//! only when no sled source looks better, and one copy at a time (see the
+//! sled agent's `store::copy`): a slow sled's own copies all look slow now
+//! and then, and moved here they added most of a release to this Nexus's
+//! egress.
 //!
 //! # Back-off
 //!
@@ -206,7 +210,7 @@ pub struct ArtifactReplication {
     copy_rates: BTreeMap<Uuid, u64>,
     nexus_id: Uuid,
     /// This Nexus's internal API, which serves what it has staged like a
-    /// depot: the last alternate of a copy of a staged artifact. Set once
+    /// depot: the fallback of a copy of a staged artifact. Set once
     /// the API listens (unset if it listens on an unspecified address).
     depot_url: Arc<std::sync::OnceLock<String>>,
     /// Sleds the last activation left settled, which a follow-up need not
@@ -901,16 +905,16 @@ impl ArtifactReplication {
             }
             Request::Copy { hash, target, source, alternates, .. } => {
                 // Staged here, the artifact can always be read from this
-                // Nexus: last, so that it costs Nexus's link only when no
-                // sled serves it well (a slow sled that heads the chain).
-                let from_nexus = self.depot_url.get().filter(|_| self.staging.artifact_path(hash).is_file());
+                // Nexus, as the fallback: it costs Nexus's link only when no
+                // sled serves it (a slow sled that heads the tree).
+                let fallback = self.depot_url.get().filter(|_| self.staging.artifact_path(hash).is_file());
                 let body = ArtifactCopyFromDepotBody {
                     depot_base_url: sleds[source].depot_url.clone(),
                     alternates: alternates
                         .iter()
                         .filter_map(|sled| Some(sleds.get(sled)?.depot_url.clone()))
-                        .chain(from_nexus.cloned())
                         .collect(),
+                    fallback: fallback.cloned(),
                 };
                 let client = &sleds[target].client;
                 let outcome = with_busy_retries(&permits.copies, || async {
