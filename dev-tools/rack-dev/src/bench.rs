@@ -63,6 +63,11 @@ pub enum BenchCommand {
         /// sources), for reading afterwards.
         #[arg(long, requires = "netns")]
         keep_logs: Option<camino::Utf8PathBuf>,
+        /// With --netns: runs of each case, each reported, with the median
+        /// of the case's runs (one run can be off by a quarter of the
+        /// bound on a loaded machine).
+        #[arg(long, default_value_t = 1, requires = "netns")]
+        repeat: usize,
     },
     /// Background task activation latency and status query latency.
     Bgtask {
@@ -131,6 +136,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
             fanouts,
             out,
             keep_logs,
+            repeat,
         } => {
             crate::bench_fanout::replicate_on_a_network(crate::bench_fanout::FanoutOptions {
                 sled_counts: sleds,
@@ -146,6 +152,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
                 fanouts,
                 out,
                 keep_logs,
+                repeat,
             })
             .await
         }

@@ -39,6 +39,10 @@ pub struct FanoutOptions {
     /// Where each run's rack goes, its info-level logs kept for reading
     /// afterwards (a temporary directory, warnings only, if not set).
     pub keep_logs: Option<camino::Utf8PathBuf>,
+    /// Runs of each case: on a loaded machine one run can be off by a
+    /// quarter of the bound either way, so each case is reported per run
+    /// and as the median of its runs.
+    pub repeat: usize,
 }
 
 struct Measured {
@@ -50,6 +54,8 @@ struct Measured {
     /// When each sled (in rack order) first held everything.
     per_sled: Vec<f64>,
     nexus_egress: u64,
+    /// Which run of its case (0-based).
+    run: usize,
 }
 
 /// Which sleds are reported apart: an odd link (`s0`), a killed one (`s1`).
@@ -89,8 +95,9 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
     if options.artifact_counts.contains(&0)
         || options.artifact_counts.is_empty()
         || options.sled_counts.is_empty()
+        || options.repeat == 0
     {
-        bail!("--artifacts and --sleds must be at least 1");
+        bail!("--artifacts, --sleds and --repeat must be at least 1");
     }
     let odd = options.odd_sled != LinkLimits::default();
     let killed = options.kill_sled_at.is_some();
@@ -106,8 +113,9 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
         let forged = forge(artifacts, each).await?;
         let bound = bound_at(repo_bytes_of(artifacts), options.link_mbit);
         for &sleds in &options.sled_counts {
-            for fanout in &options.fanouts {
-                let measured = one_run(sleds, fanout, &options, &forged, artifacts).await?;
+            for (fanout, run) in options.fanouts.iter().flat_map(|f| (0..options.repeat).map(move |r| (f, r)))
+            {
+                let measured = one_run(sleds, fanout, run, &options, &forged, artifacts).await?;
                 let others = measured.others(apart);
                 println!(
                     "{sleds} sleds, {artifacts} artifacts, {fanout}: {:.2} s ({:.2}x the bound); sleds done \
@@ -166,10 +174,43 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
                 value += &format!(" = {:.2}x its own link's bound", result.per_sled[0] / own);
             }
         }
+        let run = if options.repeat > 1 { format!(" (run {})", result.run + 1) } else { String::new() };
         rows.push((
-            format!("{} sleds, {} artifacts, {}", result.sleds, result.artifacts, result.fanout),
+            format!("{} sleds, {} artifacts, {}{run}", result.sleds, result.artifacts, result.fanout),
             value,
         ));
+    }
+    if options.repeat > 1 {
+        for &artifacts in &options.artifact_counts {
+            let bound = bound_at(repo_bytes_of(artifacts), options.link_mbit);
+            for &sleds in &options.sled_counts {
+                for fanout in &options.fanouts {
+                    let case =
+                        |r: &&Measured| r.sleds == sleds && r.artifacts == artifacts && &r.fanout == fanout;
+                    let mut ratios: Vec<f64> =
+                        results.iter().filter(case).map(|r| r.seconds / bound).collect();
+                    let mut p99s: Vec<f64> = results
+                        .iter()
+                        .filter(case)
+                        .map(|r| quantile(&r.others(apart), 0.99) / bound)
+                        .collect();
+                    ratios.sort_by(f64::total_cmp);
+                    p99s.sort_by(f64::total_cmp);
+                    rows.push((
+                        format!("{sleds} sleds, {artifacts} artifacts, {fanout}: median of {}", ratios.len()),
+                        format!(
+                            "{:.2}x bound ({:.2}-{:.2}x); sleds done p99 {:.2}x ({:.2}-{:.2}x)",
+                            quantile(&ratios, 0.5),
+                            ratios[0],
+                            ratios[ratios.len() - 1],
+                            quantile(&p99s, 0.5),
+                            p99s[0],
+                            p99s[p99s.len() - 1]
+                        ),
+                    ));
+                }
+            }
+        }
     }
     for &artifacts in &options.artifact_counts {
         for &sleds in &options.sled_counts {
@@ -199,7 +240,7 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
                 let bound = bound_at(repo_bytes_of(r.artifacts), options.link_mbit);
                 let others = r.others(apart);
                 serde_json::json!({
-                    "sleds": r.sleds, "artifacts": r.artifacts, "fanout": r.fanout,
+                    "sleds": r.sleds, "artifacts": r.artifacts, "fanout": r.fanout, "run": r.run,
                     "lower_bound_secs": bound,
                     "convergence_secs": r.seconds, "ratio_to_bound": r.seconds / bound,
                     "sled_done_p50_secs": quantile(&others, 0.5),
@@ -223,6 +264,7 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
 async fn one_run(
     sleds: usize,
     fanout: &str,
+    run: usize,
     options: &FanoutOptions,
     forged: &Forged,
     artifacts: u64,
@@ -244,7 +286,7 @@ async fn one_run(
         dir: options
             .keep_logs
             .as_ref()
-            .map(|dir| dir.join(format!("{sleds}-sleds-{artifacts}-artifacts-{fanout}"))),
+            .map(|dir| dir.join(format!("{sleds}-sleds-{artifacts}-artifacts-{fanout}-run-{}", run + 1))),
         nexus_settings: settings,
         netns: Some(link),
     })
@@ -288,7 +330,7 @@ async fn one_run(
         })??;
         let nexus_egress = rack.host_sent_bytes("n0")? - nexus_sent_before;
         let seconds = per_sled.iter().copied().fold(0.0, f64::max);
-        Ok(Measured { sleds, artifacts, fanout: fanout.to_string(), seconds, per_sled, nexus_egress })
+        Ok(Measured { sleds, artifacts, fanout: fanout.to_string(), seconds, per_sled, nexus_egress, run })
     }
     .await;
     rack.stop();
