@@ -392,16 +392,17 @@ async fn a_sled_busy_with_copies_is_asked_again_not_backed_off() {
     let occupied = *config.artifacts.iter().next_back().unwrap();
 
     let nexus_id = rack.nexus.server.nexus().id;
-    fail::cfg("nexus::replication::before_execute", &format!("1*return({nexus_id}:1500)")).unwrap();
+    fail::cfg("nexus::replication::before_execute", &format!("1*return({nexus_id}:4000)")).unwrap();
     let fill_the_slot = async {
         wait_until("the newcomer has the config", Duration::from_secs(10), async || {
             client.artifact_config_get().await.is_ok_and(|c| c.into_inner().generation == config.generation)
         })
         .await;
-        // The listing follows the config push at once; filling the slot
-        // before it would show the slot taken, and nothing would be sent
-        // to be refused. The execute delay leaves 1.5 s for this.
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The listing follows the config push at once, but under the whole
+        // suite's load "at once" was once more than 700 ms; filling the
+        // slot before it would show the slot taken, and nothing would be
+        // sent to be refused. The execute delay leaves 4 s for this.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
         let body = common::api::sled_agent::ArtifactCopyFromDepotBody {
             depot_base_url: stalling.base_url(),
             alternates: Vec::new(),
