@@ -68,6 +68,11 @@ pub enum BenchCommand {
         /// bound on a loaded machine).
         #[arg(long, default_value_t = 1, requires = "netns")]
         repeat: usize,
+        /// With --netns: also run each case with no link limit, the
+        /// machine's own floor for it (its CPU and disk set the pace), and
+        /// report each run against the larger of that and the link bound.
+        #[arg(long, requires = "netns")]
+        machine_floor: bool,
     },
     /// Background task activation latency and status query latency.
     Bgtask {
@@ -137,6 +142,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
             out,
             keep_logs,
             repeat,
+            machine_floor,
         } => {
             crate::bench_fanout::replicate_on_a_network(crate::bench_fanout::FanoutOptions {
                 sled_counts: sleds,
@@ -153,6 +159,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
                 out,
                 keep_logs,
                 repeat,
+                machine_floor,
             })
             .await
         }

@@ -14,6 +14,13 @@
 //! long again later, also reported apart. It prints a
 //! table, a `BENCH` JSON line (per-sled completion times, p50/p99), and
 //! draws per-sled completion over time (PNG) in the output directory.
+//!
+//! `--machine-floor` also runs each case with no link limit at all: every
+//! sled agent, Nexus and the kernel's share of every link run on this one
+//! machine, and its CPU and disk, not a link, then set the pace. That time
+//! is what this machine can do for the case whatever the links; a ratio to
+//! the larger of it and the link bound says how far the schedule, not the
+//! machine, is from the limit.
 
 use crate::bench::{Forged, forge, holds_all, mib, report, upload_zip};
 use crate::netns::LinkLimits;
@@ -43,6 +50,9 @@ pub struct FanoutOptions {
     /// quarter of the bound either way, so each case is reported per run
     /// and as the median of its runs.
     pub repeat: usize,
+    /// Also run each case (each repeat) with no link limit: the machine's
+    /// own floor for it.
+    pub machine_floor: bool,
 }
 
 struct Measured {
@@ -108,6 +118,7 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
     let repo_bytes_of = |artifacts: u64| ((options.repo_mib << 20) / artifacts) * artifacts;
     let bound_at = |bytes: u64, mbit: u32| bytes as f64 * 8.0 / (f64::from(mbit) * 1e6);
     let mut results = Vec::new();
+    let mut floors: Vec<Measured> = Vec::new();
     for &artifacts in &options.artifact_counts {
         let each = (options.repo_mib << 20) / artifacts;
         let forged = forge(artifacts, each).await?;
@@ -115,7 +126,21 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
         for &sleds in &options.sled_counts {
             for (fanout, run) in options.fanouts.iter().flat_map(|f| (0..options.repeat).map(move |r| (f, r)))
             {
-                let measured = one_run(sleds, fanout, run, &options, &forged, artifacts).await?;
+                // Interleaved with the limited runs, so that both see the
+                // machine in the same state.
+                if options.machine_floor {
+                    let floor =
+                        one_run(sleds, fanout, run, &options, &forged, artifacts, Links::Unlimited).await?;
+                    println!(
+                        "{sleds} sleds, {artifacts} artifacts, {fanout}, links unlimited (machine floor): {:.2} s \
+                         ({:.2}x the link bound)",
+                        floor.seconds,
+                        floor.seconds / bound
+                    );
+                    floors.push(floor);
+                }
+                let measured =
+                    one_run(sleds, fanout, run, &options, &forged, artifacts, Links::Limited).await?;
                 let others = measured.others(apart);
                 println!(
                     "{sleds} sleds, {artifacts} artifacts, {fanout}: {:.2} s ({:.2}x the bound); sleds done \
@@ -151,6 +176,29 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
             format!("killed {at} s after the upload, restarted at {} s", 2.0 * at),
         ));
     }
+    // The median of a case's floor runs.
+    let floor_of = |result: &Measured| {
+        let mut times: Vec<f64> = floors
+            .iter()
+            .filter(|f| {
+                f.sleds == result.sleds && f.artifacts == result.artifacts && f.fanout == result.fanout
+            })
+            .map(|f| f.seconds)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        (!times.is_empty()).then(|| quantile(&times, 0.5))
+    };
+    for floor in &floors {
+        let bound = bound_at(repo_bytes_of(floor.artifacts), options.link_mbit);
+        let run = if options.repeat > 1 { format!(" (run {})", floor.run + 1) } else { String::new() };
+        rows.push((
+            format!(
+                "{} sleds, {} artifacts, {}, links unlimited (machine floor){run}",
+                floor.sleds, floor.artifacts, floor.fanout
+            ),
+            format!("{:.2} s = {:.2}x the link bound", floor.seconds, floor.seconds / bound),
+        ));
+    }
     let odd_bound = |artifacts: u64| {
         options.odd_sled.mbit.map(|mbit| bound_at(repo_bytes_of(artifacts), mbit.min(options.link_mbit)))
     };
@@ -165,6 +213,12 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
             quantile(&others, 0.99) / bound,
             result.nexus_egress as f64 / repo_bytes_of(result.artifacts) as f64
         );
+        if let Some(floor) = floor_of(result) {
+            value += &format!(
+                "; {:.2}x the larger of the bound and the machine floor",
+                result.seconds / floor.max(bound)
+            );
+        }
         if killed {
             value += &format!("; killed s1 {:.2} s", result.per_sled[1]);
         }
@@ -250,11 +304,26 @@ pub async fn replicate_on_a_network(options: FanoutOptions) -> anyhow::Result<()
                     "odd_sled_own_bound_secs": odd_bound(r.artifacts),
                     "per_sled_done_secs": r.per_sled,
                     "nexus_egress_bytes": r.nexus_egress,
+                    "machine_floor_secs": floor_of(r),
+                    "ratio_to_larger_bound": floor_of(r).map(|floor| r.seconds / floor.max(bound)),
                 })
             }).collect::<Vec<_>>(),
+            "machine_floor_runs": floors.iter().map(|f| serde_json::json!({
+                "sleds": f.sleds, "artifacts": f.artifacts, "fanout": f.fanout, "run": f.run,
+                "convergence_secs": f.seconds, "per_sled_done_secs": f.per_sled,
+                "nexus_egress_bytes": f.nexus_egress,
+            })).collect::<Vec<_>>(),
         }),
     );
     Ok(())
+}
+
+/// Whether a run's links are limited as the options say, or not at all
+/// (the machine floor: no slow, lossy or killed sled either).
+#[derive(Clone, Copy, PartialEq)]
+enum Links {
+    Limited,
+    Unlimited,
 }
 
 /// One rack, one upload: seconds from the upload's response until each
@@ -268,6 +337,7 @@ async fn one_run(
     options: &FanoutOptions,
     forged: &Forged,
     artifacts: u64,
+    links: Links,
 ) -> anyhow::Result<Measured> {
     let settings = vec![
         (
@@ -277,23 +347,27 @@ async fn one_run(
         (vec!["background_tasks", "tuf_artifact_replication", "fanout"], fanout.into()),
         (vec!["background_tasks", "tuf_artifact_replication", "followup_delay_millis"], 200.into()),
     ];
-    let link = LinkLimits { mbit: Some(options.link_mbit), delay_ms: None, loss_pct: None };
+    let limited = links == Links::Limited;
+    let link = match links {
+        Links::Limited => LinkLimits { mbit: Some(options.link_mbit), delay_ms: None, loss_pct: None },
+        Links::Unlimited => LinkLimits::default(),
+    };
     let mut rack = Rack::start(&RackOptions {
         sleds,
         nexus: 1,
         database_url: None,
         log_level: if options.keep_logs.is_some() { "info" } else { "warn" }.into(),
-        dir: options
-            .keep_logs
-            .as_ref()
-            .map(|dir| dir.join(format!("{sleds}-sleds-{artifacts}-artifacts-{fanout}-run-{}", run + 1))),
+        dir: options.keep_logs.as_ref().map(|dir| {
+            let floor = if limited { "" } else { "-unlimited" };
+            dir.join(format!("{sleds}-sleds-{artifacts}-artifacts-{fanout}{floor}-run-{}", run + 1))
+        }),
         nexus_settings: settings,
         netns: Some(link),
     })
     .await?;
     let clients: Vec<_> = rack.discovery.sleds.iter().map(|s| sled_agent::Client::new(&s.api_url)).collect();
     let outcome = async {
-        if options.odd_sled != LinkLimits::default() {
+        if limited && options.odd_sled != LinkLimits::default() {
             let odd = LinkLimits { mbit: options.odd_sled.mbit.or(link.mbit), ..options.odd_sled };
             rack.limit_host("s0", odd)?;
         }
@@ -310,7 +384,7 @@ async fn one_run(
         });
         // Killed, then restarted.
         let kill = async {
-            if let Some(at) = options.kill_sled_at {
+            if let Some(at) = options.kill_sled_at.filter(|_| limited) {
                 tokio::time::sleep_until((started + Duration::from_secs_f64(at)).into()).await;
                 rack.kill("sled-1")?;
                 tokio::time::sleep_until((started + Duration::from_secs_f64(2.0 * at)).into()).await;
