@@ -141,14 +141,9 @@ use uuid::Uuid;
 /// How long connecting to a sled may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long a PUT has been under way before pipelined copies read from its
-/// sled: long enough for the sled to have begun the write (a copy that asks
-/// too early is told to retry).
+/// How long a PUT or copy request has been under way before pipelined
+/// copies read from its sled (see [`with_head_start`]).
 const PIPELINE_HEAD_START: Duration = Duration::from_millis(100);
-
-/// The longest a pipelined copy waits for the request that fills its
-/// source to start.
-const FILLER_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a follow-up may go on from what an earlier activation learned
 /// of a settled sled instead of asking it. Nothing this Nexus does changes
@@ -763,8 +758,8 @@ impl ArtifactReplication {
     /// requests at a time, in the
     /// order the plan's dependencies allow (see the planner's module doc): a
     /// `Pipelined` copy starts once the request filling its source has
-    /// started (a PUT that has been under way for [`PIPELINE_HEAD_START`],
-    /// a copy the sled accepted), an `AfterPut` copy once every PUT has
+    /// been under way for [`PIPELINE_HEAD_START`] (or has succeeded), an
+    /// `AfterPut` copy once every PUT has
     /// finished; a copy whose source's request failed is rerouted
     /// ([`replication_plan::reroute`]), or not sent if it cannot be.
     /// Records come back in plan order.
@@ -794,21 +789,11 @@ impl ArtifactReplication {
             let (progress, fills, permits, puts) = (&progress, &fills, &permits, &puts);
             async move {
                 let waited = match request {
-                    // A filler that has not answered within `FILLER_WAIT`
-                    // of being sent is a slow sled (its link's queues hold
-                    // its answer): the copy goes anyway, and its sled moves
-                    // off a source that sends nothing. Waiting for this
-                    // Nexus's own permits is not the sled's slowness.
+                    // Not the filler's answer: a slow sled's answers wait in
+                    // its link's queues, and every hop's answer in a loaded
+                    // one's (see `with_head_start`).
                     Request::Copy { feed: Feed::Pipelined, .. } => match fills[index] {
-                        Some(filler) => {
-                            wait_for(&progress[filler], Progress::Sent).await
-                                && tokio::time::timeout(
-                                    FILLER_WAIT,
-                                    wait_for(&progress[filler], Progress::Started),
-                                )
-                                .await
-                                .unwrap_or(true)
-                        }
+                        Some(filler) => wait_for(&progress[filler], Progress::Started).await,
                         None => true,
                     },
                     Request::Copy { feed: Feed::AfterPut, .. } => {
@@ -873,16 +858,7 @@ impl ArtifactReplication {
                         .map_err(|error| Attempt::other(format!("opening staged {path}: {error}")))?;
                     let body = known_length_body(file, length, sent.clone());
                     let put = target.put_client.artifact_put(hash, generation.get(), body);
-                    // Followers may start once the sled has begun to receive.
-                    let head_start = async {
-                        tokio::time::sleep(PIPELINE_HEAD_START).await;
-                        progress.send_if_modified(|state| advance(state, Progress::Started));
-                        std::future::pending::<()>().await
-                    };
-                    let outcome = tokio::select! {
-                        outcome = put => outcome,
-                        () = head_start => unreachable!("pending forever"),
-                    };
+                    let outcome = with_head_start(progress, put).await;
                     if let Err(SledError::ErrorResponse(response)) = &outcome
                         && response.error_code.as_deref() == Some(HASH_MISMATCH)
                     {
@@ -919,17 +895,12 @@ impl ArtifactReplication {
                 let client = &sleds[target].client;
                 let outcome = with_busy_retries(&permits.copies, || async {
                     progress.send_if_modified(|state| advance(state, Progress::Sent));
-                    client
-                        .artifact_copy_from_depot(hash, generation.get(), &body)
+                    with_head_start(progress, client.artifact_copy_from_depot(hash, generation.get(), &body))
                         .await
                         .map(|_| ())
                         .map_err(Attempt::from)
                 })
                 .await;
-                if outcome.is_ok() {
-                    // Accepted: the sled is receiving, and streams to others.
-                    progress.send_replace(Progress::Started);
-                }
                 (*target, RequestOperation::Copy, *hash, Some(*source), outcome)
             }
         };
@@ -1099,6 +1070,28 @@ enum Progress {
     Started,
     Done,
     Failed,
+}
+
+/// Runs `request`, a PUT or copy request that fills a sled, and marks it
+/// started for pipelined followers once it has been under way for
+/// [`PIPELINE_HEAD_START`], without waiting for the sled's answer: on a
+/// loaded link the answer waits out that link's queue (up to 400 ms on the
+/// bench's links, each way), and a tree waiting for each hop's answer
+/// before asking the next paid that once per level (0.8 s a hop, measured).
+/// A follower asked early waits at its source's depot for the write to
+/// begin (`ARRIVAL_WAIT` there), and moves to an alternate if it never does.
+async fn with_head_start<T>(progress: &watch::Sender<Progress>, request: impl Future<Output = T>) -> T {
+    let head_start = async {
+        tokio::time::sleep(PIPELINE_HEAD_START).await;
+        progress.send_if_modified(|state| advance(state, Progress::Started));
+        std::future::pending::<()>().await
+    };
+    // Answered within the head start, the request is done or failed:
+    // followers learn which from that.
+    tokio::select! {
+        outcome = request => outcome,
+        () = head_start => unreachable!("pending forever"),
+    }
 }
 
 /// Moves `state` on to `to` if it is not there or beyond yet; whether it
@@ -1481,7 +1474,10 @@ fn describe(error: SledError<common::clients::sled_agent::types::Error>) -> Stri
 
 #[cfg(test)]
 mod tests {
-    use super::{SETTLED_MAX_AGE, Settled, known_length_body, known_sleds};
+    use super::{
+        PIPELINE_HEAD_START, Progress, SETTLED_MAX_AGE, Settled, known_length_body, known_sleds, wait_for,
+        with_head_start,
+    };
     use common::Generation;
     use common::api::sled_agent::ArtifactListResponse;
     use std::collections::{BTreeMap, BTreeSet};
@@ -1557,5 +1553,32 @@ mod tests {
         let head = server.await.unwrap();
         assert!(head.contains("content-length: 300000"), "{head}");
         assert!(!head.contains("transfer-encoding"), "{head}");
+    }
+
+    /// A request that fills a sled releases its pipelined followers
+    /// `PIPELINE_HEAD_START` after it was sent, while its answer is still
+    /// on the way (on a loaded link the answer waits out the link's
+    /// queue, once per hop of a tree); one that fails first releases none.
+    #[tokio::test(start_paused = true)]
+    async fn followers_go_a_head_start_after_their_filler_is_sent_not_when_it_is_answered() {
+        let progress = tokio::sync::watch::Sender::new(Progress::Sent);
+        let answer_after = Duration::from_secs(2);
+        let started = tokio::time::Instant::now();
+        let filler = with_head_start(&progress, tokio::time::sleep(answer_after));
+        let follower = async {
+            let released = tokio::time::timeout(answer_after, wait_for(&progress, Progress::Started)).await;
+            (released, started.elapsed())
+        };
+        let ((), (released, after)) = tokio::join!(filler, follower);
+        assert_eq!(released, Ok(true), "the follower was not released before the answer");
+        assert!(after >= PIPELINE_HEAD_START, "released after {after:?}");
+
+        let progress = tokio::sync::watch::Sender::new(Progress::Sent);
+        let failed = with_head_start(&progress, async {
+            tokio::time::sleep(PIPELINE_HEAD_START / 2).await;
+            Err::<(), _>("refused")
+        });
+        assert!(failed.await.is_err());
+        assert_eq!(*progress.borrow(), Progress::Sent, "a filler that failed first released its followers");
     }
 }
