@@ -182,9 +182,15 @@ pub struct TufArtifactReplicationConfig {
     /// release once every sled holds them.
     #[serde(default)]
     pub allow_fewer_sleds: bool,
-    /// Requests to sleds at once: control requests, and the PUTs, each of
-    /// which holds its permit for its whole transfer.
+    /// Control requests to sleds at once (config pushes, listings,
+    /// inventories).
     pub max_concurrent_requests: usize,
+    /// Artifact PUTs at once, each holding its permit for its whole
+    /// transfer. They share this Nexus's one link: fewer, each faster,
+    /// start their trees of copies sooner (16 sleds, 64 artifacts: 8 PUTs
+    /// at once 1.65-1.87x the link bound, 16 at once 1.88-2.04x).
+    #[serde(default = "default_max_concurrent_puts")]
+    pub max_concurrent_puts: usize,
     /// Copy requests at once, on top: a sled answers one at once (it
     /// queues what it cannot start), but on a loaded link each answer waits
     /// out that link's queue, so a rack's worth of copies needs more in
@@ -209,6 +215,10 @@ pub struct TufArtifactReplicationConfig {
     pub put_timeout_secs: u64,
 }
 
+fn default_max_concurrent_puts() -> usize {
+    TufArtifactReplicationConfig::default().max_concurrent_puts
+}
+
 fn default_max_concurrent_copy_requests() -> usize {
     TufArtifactReplicationConfig::default().max_concurrent_copy_requests
 }
@@ -221,6 +231,7 @@ impl Default for TufArtifactReplicationConfig {
             min_sled_replication: 3,
             allow_fewer_sleds: false,
             max_concurrent_requests: 16,
+            max_concurrent_puts: 8,
             max_concurrent_copy_requests: 64,
             ring_buffer_size: 64,
             followup_delay_millis: 1000,
@@ -301,6 +312,10 @@ impl ConfigFile for Config {
             (
                 "background_tasks.tuf_artifact_replication.max_concurrent_requests",
                 replication.max_concurrent_requests as u64,
+            ),
+            (
+                "background_tasks.tuf_artifact_replication.max_concurrent_puts",
+                replication.max_concurrent_puts as u64,
             ),
             (
                 "background_tasks.tuf_artifact_replication.max_concurrent_copy_requests",

@@ -41,6 +41,7 @@ pub fn register_all(
         min_sled_replication: replication_config.min_sled_replication,
         allow_fewer_sleds: replication_config.allow_fewer_sleds,
         max_concurrent_requests: replication_config.max_concurrent_requests,
+        max_concurrent_puts: replication_config.max_concurrent_puts,
         max_concurrent_copy_requests: replication_config.max_concurrent_copy_requests,
         ring_buffer_size: replication_config.ring_buffer_size,
         followup_delay: Duration::from_millis(replication_config.followup_delay_millis),

@@ -19,12 +19,12 @@
 //!    its staged files go once nothing else pins them.
 //! 6. Plan ([`super::replication_plan`], a pure function) and execute: PUTs
 //!    first, then copies (some copies read from a sled that a PUT or another
-//!    copy is filling), `max_concurrent_requests` at a time; a copy whose
+//!    copy is filling); a copy whose
 //!    source's own request failed goes to an alternate source, or becomes a
 //!    PUT ([`super::replication_plan::reroute`]). PUTs and copy requests
-//!    draw on separate pools of `max_concurrent_requests` permits, so that
-//!    PUTs, which hold theirs for a whole transfer, never starve the copy
-//!    requests (answered at once). The plan sends a sled no more copies
+//!    draw on separate pools of permits (`max_concurrent_puts`,
+//!    `max_concurrent_copy_requests`), so that PUTs, which hold theirs for
+//!    a whole transfer, never starve the copy requests (answered at once). The plan sends a sled no more copies
 //!    than it has free copy slots (the rest are deferred). A 503/429 with
 //!    `Retry-After` is waited out, without holding a permit, and retried a
 //!    bounded number of times; still busy after that is back-pressure, not
@@ -163,6 +163,8 @@ pub struct ReplicationSettings {
     /// release staged artifacts once every sled holds them.
     pub allow_fewer_sleds: bool,
     pub max_concurrent_requests: usize,
+    /// PUTs at once, a pool of their own.
+    pub max_concurrent_puts: usize,
     /// Copy requests at once, a pool of their own.
     pub max_concurrent_copy_requests: usize,
     pub ring_buffer_size: usize,
@@ -754,8 +756,8 @@ impl ArtifactReplication {
         futures::stream::iter(requests).buffered(self.settings.max_concurrent_requests).collect().await
     }
 
-    /// Runs the plan, at most `max_concurrent_requests` PUTs and as many copy
-    /// requests at a time, in the
+    /// Runs the plan, at most `max_concurrent_puts` PUTs and
+    /// `max_concurrent_copy_requests` copy requests at a time, in the
     /// order the plan's dependencies allow (see the planner's module doc): a
     /// `Pipelined` copy starts once the request filling its source has
     /// been under way for [`PIPELINE_HEAD_START`] (or has succeeded), an
@@ -773,9 +775,8 @@ impl ArtifactReplication {
         let progress: Vec<watch::Sender<Progress>> =
             requests.iter().map(|_| watch::Sender::new(Progress::Pending)).collect();
         let fills = fill_order(requests);
-        let limit = self.settings.max_concurrent_requests;
         let permits = RequestPermits {
-            puts: tokio::sync::Semaphore::new(limit),
+            puts: tokio::sync::Semaphore::new(self.settings.max_concurrent_puts),
             copies: tokio::sync::Semaphore::new(self.settings.max_concurrent_copy_requests),
             tracker: PutTracker::default(),
         };
