@@ -39,10 +39,13 @@ impl From<DataStoreError> for HttpError {
             | DataStoreError::CommitInDoubt { .. } => unavailable(message)
                 .with_header(http::header::RETRY_AFTER, DATABASE_RETRY_AFTER_SECS.to_string())
                 .expect("a valid header"),
+            // Contention: nothing was written, and the same request
+            // later will do.
+            DataStoreError::TooManyRetries { .. } => unavailable(message)
+                .with_header(http::header::RETRY_AFTER, DATABASE_RETRY_AFTER_SECS.to_string())
+                .expect("a valid header"),
             DataStoreError::Schema(_) | DataStoreError::Connect { .. } => unavailable(message),
-            DataStoreError::Query { .. } | DataStoreError::TooManyRetries { .. } => {
-                HttpError::for_internal_error(message)
-            }
+            DataStoreError::Query { .. } => HttpError::for_internal_error(message),
         }
     }
 }
