@@ -79,7 +79,7 @@ const TRANSACTION_ATTEMPTS: u32 = 12;
 /// from 2 ms, each a random point in its upper half, so that transactions
 /// that conflicted spread out instead of meeting again: with a few
 /// milliseconds of jitter, one of 16 concurrent uploads lost ten times in a
-/// row under the whole test suite's load. At most about 4 s in all.
+/// row under the whole test suite's load. At most about 3 s in all.
 const CONFLICT_PAUSE_MAX: Duration = Duration::from_millis(1000);
 /// How long one request to the pool waits. bb8 backs off between failed
 /// connection attempts up to half of this, so it bounds how long a promoted
