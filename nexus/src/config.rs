@@ -188,7 +188,7 @@ pub struct TufArtifactReplicationConfig {
     /// Artifact PUTs at once, each holding its permit for its whole
     /// transfer. They share this Nexus's one link: fewer, each faster,
     /// start their trees of copies sooner (16 sleds, 64 artifacts: 8 PUTs
-    /// at once 1.65-1.87x the link bound, 16 at once 1.88-2.04x).
+    /// at once 1.60-1.87x the link bound, 16 at once 1.88-2.04x).
     #[serde(default = "default_max_concurrent_puts")]
     pub max_concurrent_puts: usize,
     /// Copy requests at once, on top: a sled answers one at once (it

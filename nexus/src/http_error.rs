@@ -33,15 +33,12 @@ impl From<DataStoreError> for HttpError {
             DataStoreError::InvalidInput(_) => {
                 HttpError::for_bad_request(Some("INVALID_INPUT".into()), message)
             }
-            // Transient: a failover, or a database on its way back.
+            // Transient: a failover, a database on its way back, or
+            // contention (nothing written: the same request later will do).
             DataStoreError::Unavailable { .. }
             | DataStoreError::ConnectionLost { .. }
-            | DataStoreError::CommitInDoubt { .. } => unavailable(message)
-                .with_header(http::header::RETRY_AFTER, DATABASE_RETRY_AFTER_SECS.to_string())
-                .expect("a valid header"),
-            // Contention: nothing was written, and the same request
-            // later will do.
-            DataStoreError::TooManyRetries { .. } => unavailable(message)
+            | DataStoreError::CommitInDoubt { .. }
+            | DataStoreError::TooManyRetries { .. } => unavailable(message)
                 .with_header(http::header::RETRY_AFTER, DATABASE_RETRY_AFTER_SECS.to_string())
                 .expect("a valid header"),
             DataStoreError::Schema(_) | DataStoreError::Connect { .. } => unavailable(message),

@@ -24,8 +24,9 @@
 //!    PUT ([`super::replication_plan::reroute`]). PUTs and copy requests
 //!    draw on separate pools of permits (`max_concurrent_puts`,
 //!    `max_concurrent_copy_requests`), so that PUTs, which hold theirs for
-//!    a whole transfer, never starve the copy requests (answered at once). The plan sends a sled no more copies
-//!    than it has free copy slots (the rest are deferred). A 503/429 with
+//!    a whole transfer, never starve the copy requests (answered at once).
+//!    The plan sends a sled no more copies than it has free copy slots (the
+//!    rest are deferred). A 503/429 with
 //!    `Retry-After` is waited out, without holding a permit, and retried a
 //!    bounded number of times; still busy after that is back-pressure, not
 //!    failure: no back-off, and a follow-up asks again.
@@ -847,7 +848,6 @@ impl ArtifactReplication {
                 let wrong_bytes = std::sync::atomic::AtomicBool::new(false);
                 let (tracked, sent) = permits.tracker.register();
                 let put = with_busy_retries(&permits.puts, || async {
-                    progress.send_if_modified(|state| advance(state, Progress::Sent));
                     permits.tracker.start(tracked);
                     let opened = async {
                         let file = tokio::fs::File::open(&path).await?;
@@ -895,7 +895,6 @@ impl ArtifactReplication {
                 };
                 let client = &sleds[target].client;
                 let outcome = with_busy_retries(&permits.copies, || async {
-                    progress.send_if_modified(|state| advance(state, Progress::Sent));
                     with_head_start(progress, client.artifact_copy_from_depot(hash, generation.get(), &body))
                         .await
                         .map(|_| ())
@@ -1063,10 +1062,8 @@ impl BackgroundTask for ArtifactReplication {
 /// by any later state (`Failed` last, so waiting for `Done` ends on it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Progress {
+    /// Not sent yet, or sent for less than [`PIPELINE_HEAD_START`].
     Pending,
-    /// Holds one of this Nexus's request permits and is being sent: what
-    /// it waits for now is the sled, not this Nexus's own queue.
-    Sent,
     /// Under way far enough for pipelined followers to read from its sled.
     Started,
     Done,
@@ -1562,7 +1559,7 @@ mod tests {
     /// queue, once per hop of a tree); one that fails first releases none.
     #[tokio::test(start_paused = true)]
     async fn followers_go_a_head_start_after_their_filler_is_sent_not_when_it_is_answered() {
-        let progress = tokio::sync::watch::Sender::new(Progress::Sent);
+        let progress = tokio::sync::watch::Sender::new(Progress::Pending);
         let answer_after = Duration::from_secs(2);
         let started = tokio::time::Instant::now();
         let filler = with_head_start(&progress, tokio::time::sleep(answer_after));
@@ -1574,12 +1571,16 @@ mod tests {
         assert_eq!(released, Ok(true), "the follower was not released before the answer");
         assert!(after >= PIPELINE_HEAD_START, "released after {after:?}");
 
-        let progress = tokio::sync::watch::Sender::new(Progress::Sent);
+        let progress = tokio::sync::watch::Sender::new(Progress::Pending);
         let failed = with_head_start(&progress, async {
             tokio::time::sleep(PIPELINE_HEAD_START / 2).await;
             Err::<(), _>("refused")
         });
         assert!(failed.await.is_err());
-        assert_eq!(*progress.borrow(), Progress::Sent, "a filler that failed first released its followers");
+        assert_eq!(
+            *progress.borrow(),
+            Progress::Pending,
+            "a filler that failed first released its followers"
+        );
     }
 }

@@ -81,6 +81,7 @@ const TRANSACTION_ATTEMPTS: u32 = 12;
 /// milliseconds of jitter, one of 16 concurrent uploads lost ten times in a
 /// row under the whole test suite's load. At most about 3 s in all.
 const CONFLICT_PAUSE_MAX: Duration = Duration::from_millis(1000);
+const CONFLICT_PAUSE_FIRST: Duration = Duration::from_millis(2);
 /// How long one request to the pool waits. bb8 backs off between failed
 /// connection attempts up to half of this, so it bounds how long a promoted
 /// primary goes unnoticed; [`DataStore::connection`] asks again until its
@@ -470,6 +471,13 @@ fn classify(error: DieselError, alive: bool, during_commit: bool) -> Failure {
     }
 }
 
+/// The pause before attempt `failures + 1`: `first` doubled per earlier
+/// failure, at most `max`, at a random point in its upper half.
+fn backoff(first: Duration, max: Duration, failures: u32) -> Duration {
+    let doubling = first.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    doubling.min(max).mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
+
 /// The retry budget of one operation: serialization conflicts by count,
 /// lost connections by time.
 struct Retries {
@@ -522,9 +530,7 @@ impl Retries {
                 if self.conflicts >= TRANSACTION_ATTEMPTS {
                     return Err(DataStoreError::TooManyRetries { operation, attempts: TRANSACTION_ATTEMPTS });
                 }
-                let doubling = Duration::from_millis(2).saturating_mul(1 << (self.conflicts - 1).min(16));
-                let pause = doubling.min(CONFLICT_PAUSE_MAX).mul_f64(0.5 + rand::random::<f64>() / 2.0);
-                tokio::time::sleep(pause).await;
+                tokio::time::sleep(backoff(CONFLICT_PAUSE_FIRST, CONFLICT_PAUSE_MAX, self.conflicts)).await;
                 Ok(())
             }
             Failure::Lost { source, in_doubt: true } if matches!(self.in_doubt, InDoubt::Report) => {
@@ -538,9 +544,8 @@ impl Retries {
                     return Err(self.gave_up(source));
                 }
                 self.last_loss = Some(source);
-                let doubling = LOSS_BACKOFF_FIRST.saturating_mul(1 << (self.losses - 1).min(16));
-                let backoff = doubling.min(LOSS_BACKOFF_MAX).mul_f64(0.5 + rand::random::<f64>() / 2.0);
-                tokio::time::sleep(backoff.min(self.wait - waited)).await;
+                let pause = backoff(LOSS_BACKOFF_FIRST, LOSS_BACKOFF_MAX, self.losses);
+                tokio::time::sleep(pause.min(self.wait - waited)).await;
                 Ok(())
             }
         }
