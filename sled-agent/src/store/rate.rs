@@ -19,8 +19,9 @@
 //! So each copy measures its rate over fixed windows and publishes it here;
 //! one that has been slow for [`SLOW_WINDOWS`] windows in a row resumes
 //! (Range) from its next source in the first window its link has room (a
-//! copy behind a slow sled moves as soon as its faster peers are done). A copy with fewer than
-//! [`MIN_PEERS`] rates to compare with is never judged.
+//! copy behind a slow sled moves as soon as its faster peers are done). A
+//! copy with fewer than [`MIN_PEERS`] rates to compare with is never
+//! judged.
 //!
 //! In a chain, every sled below a slow one is slow together: without more,
 //! all of them would move at once, most onto the same few sources, where
